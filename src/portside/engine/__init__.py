@@ -1,0 +1,1 @@
+"""The only code in portside that touches sockets and readiness events."""

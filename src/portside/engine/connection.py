@@ -1,0 +1,441 @@
+"""One accepted socket: pooled reads, the write queue, backpressure and every way of closing.
+
+Theory of operation. A connection moves PENDING -> OPEN -> CLOSING -> LINGERING -> CLOSED, and
+may skip any middle state. PENDING exists only on data-first listeners: the kernel has accepted
+but no byte has arrived, and the handler has not heard of it. OPEN connections are the handler's.
+``close()`` enters CLOSING, which flushes the write queue; then our FIN goes out (``shutdown``)
+and LINGERING reads and discards until the peer's FIN, because closing a socket that still has
+unread bytes makes the kernel send RST, which can destroy replies the peer has not read yet.
+``_finalize`` is the single exit: it closes the descriptor and calls ``connection_closed``
+exactly once. A read borrows a pool buffer only for the callback; writes try ``send`` at once
+and queue only what the kernel did not take, copied, since the caller's buffer may be a loan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import itertools
+import socket
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from portside.errors import ConnectionClosedError
+from portside.statistics import ConnectionCounters
+
+if TYPE_CHECKING:
+    from portside.engine.core import EngineCore
+    from portside.engine.listener import Listener
+    from portside.engine.reactor import TimerHandle
+
+Address = Any  # a (host, port[, flowinfo, scope_id]) tuple for TCP, a path string for Unix sockets
+
+_SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
+
+
+class CloseReason(enum.Enum):
+    """Why a connection closed; passed to ``Handler.connection_closed``."""
+
+    CLOSED = "closed"  #: the handler called close(): writes flushed, then FIN
+    ABORTED = "aborted"  #: the handler called abort(): RST, unsent bytes dropped
+    RESET = "reset"  #: the peer reset the connection
+    PEER_EOF = "peer-eof"  #: the peer closed before sending anything (data-first, never made)
+    FIRST_DATA_TIMEOUT = "first-data-timeout"  #: data-first: silent past first_data_timeout
+    EVICTED = "evicted"  #: pending and stale while the listener was at max_connections
+    SHUTDOWN = "shutdown"  #: closed by the server's shutdown
+    HANDLER_ERROR = "handler-error"  #: a handler callback raised
+    SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
+
+
+class State(enum.IntEnum):
+    PENDING = 0
+    OPEN = 1
+    CLOSING = 2
+    LINGERING = 3
+    CLOSED = 4
+
+
+_LOCALLY_CLOSED = frozenset({CloseReason.CLOSED, CloseReason.ABORTED})
+_id_counter = itertools.count(1)
+
+
+class Connection:
+    """A client connection, as handlers see it. Methods must be called on the server's loop.
+
+    Connection objects are pooled: after ``connection_closed`` returns, an object nobody else
+    references may serve a later connection. Keep per-connection data in ``user_data``.
+    """
+
+    __slots__ = (
+        "_buffered",
+        "_core",
+        "_eof",
+        "_established",
+        "_fd",
+        "_flow_paused",
+        "_linger_timer",
+        "_queue",
+        "_reading",
+        "_sock",
+        "_state",
+        "_user_paused",
+        "_writing",
+        "accepted_at",
+        "bytes_in",
+        "bytes_out",
+        "close_reason",
+        "id",
+        "listener",
+        "local_address",
+        "peer_address",
+        "reads",
+        "user_data",
+        "writes",
+    )
+
+    def __init__(self) -> None:
+        self._state = State.CLOSED
+        self._queue: deque[bytes | memoryview] = deque()
+
+    # -- life cycle, called by the listener ------------------------------------------------------
+
+    def attach(self, core: EngineCore, listener: Listener, sock: socket.socket,
+               peer_address: Address, pending: bool) -> None:
+        """Take over a freshly accepted socket (resetting everything a previous life left)."""
+        self.id = next(_id_counter)
+        self.user_data: Any = None
+        self.listener = listener
+        self.peer_address = peer_address
+        try:
+            self.local_address: Address = sock.getsockname()
+        except OSError:
+            self.local_address = None
+        self.bytes_in = self.bytes_out = self.reads = self.writes = 0
+        self.accepted_at = core.reactor.time()
+        self.close_reason: CloseReason | None = None
+        self._core = core
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._state = State.PENDING if pending else State.OPEN
+        self._established = False
+        self._eof = False
+        self._queue.clear()
+        self._buffered = 0
+        self._user_paused = self._flow_paused = self._writing = False
+        self._reading = True
+        self._linger_timer: TimerHandle | None = None
+        core.reactor.register(self._fd, self, readable=True, writable=False)
+
+    def establish(self, first_data: memoryview | None) -> None:
+        """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
+        self._state = State.OPEN
+        self._established = True
+        try:
+            self._core.handler.connection_made(self, first_data)
+        except Exception as exc:
+            self._handler_failed(exc)
+
+    # -- what handlers call ----------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """True until close() or abort() is called or the connection fails."""
+        return self._state == State.OPEN
+
+    @property
+    def is_pending(self) -> bool:
+        return self._state == State.PENDING
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return self._buffered
+
+    @property
+    def eof_received(self) -> bool:
+        """True once the peer has closed its sending side."""
+        return self._eof
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._user_paused or self._flow_paused
+
+    def counters(self) -> ConnectionCounters:
+        return ConnectionCounters(
+            self.bytes_in, self.bytes_out, self.reads, self.writes, self._buffered,
+            self._core.reactor.time() - self.accepted_at,
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` to be sent in order; never blocks.
+
+        Sends at once what the kernel takes and copies the rest, so ``data`` may be the buffer a
+        callback was lent. Past ``write_high_water`` unsent bytes, reading pauses and the handler's
+        ``pause_writing`` is called. Raises ConnectionClosedError after close() or abort();
+        writes to a connection the peer or an error closed are dropped silently.
+        """
+        if self._state != State.OPEN:
+            if self.close_reason in _LOCALLY_CLOSED or self._state == State.PENDING:
+                raise ConnectionClosedError(f"connection {self.id} is closed")
+            return
+        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not size:
+            return
+        if not self._queue:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._socket_failed(exc)
+                return
+            self._count_sent(sent)
+            if sent == size:
+                return
+            self._queue.append(bytes(memoryview(data).cast("B")[sent:]))
+            self._buffered += size - sent
+            self._set_writing(True)
+        else:
+            self._queue.append(data if type(data) is bytes else bytes(data))
+            self._buffered += size
+        if not self._flow_paused and self._buffered > self.listener.config.write_high_water:
+            self._flow_paused = True
+            self._update_reading()
+            self._call("pause_writing")
+
+    def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def pause_reading(self) -> None:
+        """Stop reading until ``resume_reading``; the kernel buffers, then TCP slows the peer."""
+        self._user_paused = True
+        self._update_reading()
+
+    def resume_reading(self) -> None:
+        self._user_paused = False
+        self._update_reading()
+
+    def close(self) -> None:
+        """Graceful close: send every queued byte, then FIN; ``connection_closed`` follows."""
+        self._begin_close(CloseReason.CLOSED)
+
+    def abort(self) -> None:
+        """Abortive close: drop unsent bytes and reset the connection (RST) now."""
+        if self._state != State.CLOSED:
+            self._abort(CloseReason.ABORTED)
+
+    # -- readiness, called by the reactor --------------------------------------------------------
+
+    def handle_read(self) -> None:
+        state = self._state
+        if state >= State.CLOSING:
+            if state == State.LINGERING:
+                self._discard_until_eof()
+            return
+        pool = self._core.buffers
+        view = pool.acquire()
+        try:
+            received = self._sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            pool.release(view)
+            return
+        except OSError as exc:
+            pool.release(view)
+            self._socket_failed(exc)
+            return
+        if not received:
+            pool.release(view)
+            self._peer_eof()
+            return
+        self.bytes_in += received
+        self.reads += 1
+        self.listener.bytes_in += received
+        data = view[:received]
+        try:
+            if state == State.PENDING:
+                self.listener.became_active(self)
+                self.establish(data)
+            else:
+                self._core.handler.data_received(self, data)
+        except Exception as exc:
+            self._handler_failed(exc)
+        finally:
+            data.release()  # a handler that kept the view gets an error, not another peer's bytes
+            pool.release(view)
+
+    def handle_write(self) -> None:
+        if self._state == State.CLOSED or not self._queue:
+            return
+        queue = self._queue
+        try:
+            if len(queue) == 1:
+                sent = self._sock.send(queue[0])
+            else:
+                sent = self._sock.sendmsg(itertools.islice(queue, _SENDMSG_BATCH))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._socket_failed(exc)
+            return
+        self._count_sent(sent)
+        self._buffered -= sent
+        while sent:
+            head = queue[0]
+            size = len(head) if not isinstance(head, memoryview) else head.nbytes
+            if sent >= size:
+                queue.popleft()
+                sent -= size
+            else:
+                queue[0] = memoryview(head)[sent:]
+                sent = 0
+        if self._flow_paused and self._buffered <= self.listener.config.write_low_water:
+            self._flow_paused = False
+            self._update_reading()
+            self._call("resume_writing")
+        if not queue:
+            self._set_writing(False)
+            if self._state == State.CLOSING:
+                self._send_fin()
+            elif self._state == State.OPEN:
+                self._call("write_drained")
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close_for(self, reason: CloseReason) -> None:
+        """Graceful close on the server's behalf (shutdown, timeouts), recording ``reason``."""
+        self._begin_close(reason)
+
+    def abort_for(self, reason: CloseReason) -> None:
+        if self._state != State.CLOSED:
+            self._abort(reason)
+
+    def _begin_close(self, reason: CloseReason) -> None:
+        if self._state >= State.CLOSING:
+            return
+        self.close_reason = reason
+        self._state = State.CLOSING
+        self._update_reading()
+        if not self._queue:
+            self._send_fin()
+
+    def _send_fin(self) -> None:
+        if self._eof:  # the peer has sent its FIN already: nothing left to wait for
+            self._finalize()
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finalize()
+            return
+        self._state = State.LINGERING
+        self._reading = False
+        self._update_reading()
+        self._linger_timer = self._core.reactor.call_later(
+            self._core.config.linger_timeout, self._finalize)
+
+    def _discard_until_eof(self) -> None:
+        pool = self._core.buffers
+        view = pool.acquire()
+        try:
+            received = self._sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            received = 0
+        finally:
+            pool.release(view)
+        if not received:
+            self._finalize()
+
+    def _abort(self, reason: CloseReason) -> None:
+        if self.close_reason is None or self._state < State.CLOSING:
+            self.close_reason = reason
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        self._finalize()
+
+    def _peer_eof(self) -> None:
+        self._eof = True
+        if self._state == State.PENDING:
+            self.close_reason = CloseReason.PEER_EOF
+            self._finalize()
+            return
+        self._reading = False
+        self._update_reading()
+        self._call("eof_received")
+
+    def _socket_failed(self, exc: OSError) -> None:
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            if self._state == State.OPEN:
+                self._call("connection_reset")
+            if self._state != State.CLOSED:
+                self.close_reason = self.close_reason or CloseReason.RESET
+                self._finalize()
+            return
+        if self._state != State.CLOSED:
+            self.close_reason = self.close_reason or CloseReason.SOCKET_ERROR
+            if self._established:
+                self._core.report_error(self, exc)
+            self._finalize()
+
+    def _handler_failed(self, exc: Exception) -> None:
+        self._core.report_error(self, exc)
+        if self._state != State.CLOSED:
+            self._abort(CloseReason.HANDLER_ERROR)
+
+    def _finalize(self) -> None:
+        """The single exit: release the socket and tell the handler, exactly once."""
+        if self._state == State.CLOSED:
+            return
+        self._state = State.CLOSED
+        if self.close_reason is None:
+            self.close_reason = CloseReason.CLOSED
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        core = self._core
+        core.reactor.unregister(self._fd)
+        self._sock.close()
+        self._queue.clear()
+        self._buffered = 0
+        self.listener.connection_finished(self, was_pending=not self._established)
+        try:
+            core.handler.connection_closed(self, self.close_reason)
+        except Exception as exc:
+            core.report_error(self, exc)
+        core.connection_finished(self)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _count_sent(self, sent: int) -> None:
+        self.bytes_out += sent
+        self.writes += 1
+        self.listener.bytes_out += sent
+
+    def _set_writing(self, writing: bool) -> None:
+        if writing != self._writing:
+            self._writing = writing
+            self._core.reactor.modify(self._fd, self._wants_read(), writing)
+
+    def _wants_read(self) -> bool:
+        if self._state == State.LINGERING:
+            return True
+        return (self._reading and self._state <= State.OPEN
+                and not self._user_paused and not self._flow_paused)
+
+    def _update_reading(self) -> None:
+        if self._state != State.CLOSED:
+            self._core.reactor.modify(self._fd, self._wants_read(), self._writing)
+
+    def _call(self, callback: str) -> None:
+        try:
+            getattr(self._core.handler, callback)(self)
+        except Exception as exc:
+            self._handler_failed(exc)
+
+    def __repr__(self) -> str:
+        return (f"<Connection {getattr(self, 'id', '?')} {self._state.name.lower()} "
+                f"peer={getattr(self, 'peer_address', None)!r}>")

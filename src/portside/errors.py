@@ -1,0 +1,23 @@
+"""The exception tree: every error portside raises on purpose derives from PortsideError."""
+
+from __future__ import annotations
+
+
+class PortsideError(Exception):
+    """Base of every error portside raises deliberately."""
+
+
+class ConfigError(PortsideError, ValueError):
+    """A setting has a value portside cannot use (bad port, negative timeout, unknown engine)."""
+
+
+class ListenError(PortsideError, OSError):
+    """A listener could not be created: the address is in use, or cannot be bound."""
+
+
+class ServerStateError(PortsideError, RuntimeError):
+    """The server was asked to do something its lifecycle does not allow (run twice, say)."""
+
+
+class ConnectionClosedError(PortsideError, ConnectionError):
+    """A write or other action was attempted on a connection that is closing or closed."""

@@ -1,0 +1,1 @@
+"""Example servers built only from portside's public API."""

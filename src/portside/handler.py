@@ -1,0 +1,85 @@
+"""The class users subclass: one method per event in a server's and a connection's life.
+
+Every callback runs on the server's loop thread, one at a time, so a handler needs no locks for
+state it touches only from callbacks. A callback must not block: hand slow work elsewhere and
+write the reply later (on the loop, via ``server.call_soon_threadsafe``). If a connection
+callback raises, portside reports it to ``error`` once and aborts that connection only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portside.engine.connection import CloseReason, Connection
+    from portside.server import Server
+
+logger = logging.getLogger("portside")
+
+
+class Handler:
+    """Override the callbacks your protocol needs; the defaults do the sensible minimum."""
+
+    # -- server life cycle -----------------------------------------------------------------------
+
+    def server_started(self, server: Server) -> None:
+        """Every listener is bound and accepting. Called once, before any connection callback."""
+
+    def shutdown_started(self, server: Server) -> None:
+        """Graceful shutdown began: accepting has stopped, live connections may still finish.
+
+        A handler may tell its clients goodbye here (``server.connections()``) or close them.
+        """
+
+    def server_stopped(self, server: Server) -> None:
+        """Every connection has closed (``connection_closed`` came for each). Called once, last."""
+
+    # -- connection life cycle -------------------------------------------------------------------
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        """A connection is yours. On a data-first listener ``first_data`` holds its first bytes
+        (like ``data_received``, valid only during this call); on an immediate one it is None.
+
+        Called once per connection. The default passes ``first_data`` to ``data_received``.
+        """
+        if first_data is not None:
+            self.data_received(conn, first_data)
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        """Bytes arrived, in order. ``data`` is a view of a pooled buffer that is reused once this
+        returns: ``conn.write(data)`` is safe (unsent bytes are copied); to keep bytes for later,
+        copy them (``bytes(data)``)."""
+
+    def eof_received(self, conn: Connection) -> None:
+        """The peer closed its sending side (half-close). Reading stops; writing still works.
+
+        The default closes gracefully: pending writes are sent, then FIN. Override to keep
+        writing and call ``conn.close()`` when done.
+        """
+        conn.close()
+
+    def write_drained(self, conn: Connection) -> None:
+        """Every byte that had to be queued has been handed to the kernel (writes the kernel took
+        at once never queue, so they do not trigger this)."""
+
+    def pause_writing(self, conn: Connection) -> None:
+        """The write queue passed ``write_high_water``: portside has paused reading from this
+        connection. Stop producing data for it until ``resume_writing``."""
+
+    def resume_writing(self, conn: Connection) -> None:
+        """The write queue fell to ``write_low_water``; reading has resumed."""
+
+    def connection_reset(self, conn: Connection) -> None:
+        """The peer reset the connection (RST). ``connection_closed`` follows at once."""
+
+    def connection_closed(self, conn: Connection, reason: CloseReason) -> None:
+        """The connection is gone. Called exactly once for every connection the kernel handed
+        portside, pending data-first ones included (those never saw ``connection_made``:
+        check ``reason``). The object may be reused afterwards: drop references to it."""
+
+    def error(self, conn: Connection | None, exc: BaseException) -> None:
+        """A callback raised, or a socket failed unexpectedly. Called once per failure; the
+        connection (if any) is then aborted. The default logs the traceback."""
+        where = f"connection {conn.id} from {conn.peer_address!r}" if conn is not None else "server"
+        logger.error("error on %s: %r", where, exc, exc_info=exc)

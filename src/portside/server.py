@@ -1,0 +1,302 @@
+"""Server: binds the listeners, runs an engine over all of them, and ends cleanly.
+
+Life cycle: new -> started (sockets bound, so "port in use" surfaces before anything runs) ->
+running -> draining (graceful shutdown) -> stopped. Shutdown stops accepting, closes pending
+connections, lets active ones finish their conversation until ``drain_timeout``, then closes
+what is left with FIN, and after ``linger_timeout`` more resets whatever still remains. Every
+connection gets ``connection_closed``; the handler's ``server_stopped`` comes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
+
+from portside.config import Engine, ListenerConfig, ServerConfig
+from portside.engine.buffers import PoolStatistics
+from portside.engine.connection import CloseReason, Connection
+from portside.engine.core import EngineCore
+from portside.engine.epoll import EpollReactor
+from portside.engine.listener import Listener, bind_listener
+from portside.engine.reactor import Reactor, TimerHandle
+from portside.errors import ConfigError, ServerStateError
+from portside.handler import Handler
+from portside.statistics import ServerStatistics
+
+logger = logging.getLogger("portside")
+
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class ServerState(enum.Enum):
+    NEW = "new"
+    STARTED = "started"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Server:
+    """One handler, any number of listeners, one engine: the seed's socket server class.
+
+    Resource handling: ``start()`` binds every listener (or none: a failure closes the ones
+    already bound). ``run()`` serves until shutdown and then releases every socket it made.
+    Error handling: bind failures raise ``ListenError`` with a one-line message; exceptions from
+    handler callbacks are reported to ``Handler.error`` and close only their connection.
+    """
+
+    def __init__(self, handler: Handler, listeners: Iterable[ListenerConfig],
+                 config: ServerConfig | None = None) -> None:
+        self.handler = handler
+        self.listener_configs = tuple(listeners)
+        if not self.listener_configs:
+            raise ConfigError("a server needs at least one listener")
+        self.config = config or ServerConfig()
+        self.state = ServerState.NEW
+        #: Set once every listener accepts; other threads may wait on it.
+        self.started = threading.Event()
+        #: Set once the server has stopped and released its sockets.
+        self.stopped = threading.Event()
+        self._listeners: list[Listener] = []
+        self._core: EngineCore | None = None
+        self._reactor: Reactor | None = None
+        self._accepting_paused = False
+        self._drain_timer: TimerHandle | None = None
+        self._signals_seen = 0
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every listener now, so that address errors surface before serving begins."""
+        if self.state is not ServerState.NEW:
+            return
+        try:
+            for listener_config in self.listener_configs:
+                sock = bind_listener(listener_config)
+                self._listeners.append(Listener(listener_config, sock))
+        except BaseException:
+            for listener in self._listeners:
+                listener.close()
+            self._listeners.clear()
+            raise
+        self.state = ServerState.STARTED
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The bound listeners (after ``start()``), in the order they were configured."""
+        return tuple(self._listeners)
+
+    def run(self, install_signal_handlers: bool = True) -> None:
+        """Serve on the configured engine until shutdown; blocks the calling thread.
+
+        With ``install_signal_handlers`` (and on the main thread), SIGINT and SIGTERM start a
+        graceful shutdown, and a second one forces it.
+        """
+        self.start()
+        engine = self.config.engine
+        if engine is Engine.EPOLL:
+            self._run_epoll(install_signal_handlers)
+        elif engine is Engine.ASYNCIO:
+            with asyncio.Runner() as runner:
+                runner.run(self._serve(install_signal_handlers))
+        else:
+            try:
+                import uvloop
+            except ImportError:
+                raise ConfigError("the uvloop engine needs the uvloop package "
+                                  "(pip install 'portside[uvloop]')") from None
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(self._serve(install_signal_handlers))
+
+    async def serve(self) -> None:
+        """Serve from the running asyncio (or uvloop) loop until shutdown completes."""
+        await self._serve(install_signal_handlers=False)
+
+    def _run_epoll(self, install_signal_handlers: bool) -> None:
+        reactor = EpollReactor()
+        previous: dict[signal.Signals, object] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                reactor.call_soon_threadsafe(lambda: self._on_shutdown_signal(signum))
+            for signum in _SHUTDOWN_SIGNALS:
+                previous[signum] = signal.signal(signum, on_signal)
+        try:
+            self._begin(reactor)
+            reactor.run()
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)  # type: ignore[arg-type]
+            reactor.close()
+            self._release()
+
+    async def _serve(self, install_signal_handlers: bool) -> None:
+        from portside.engine.asyncio_loop import AsyncioReactor
+
+        self.start()
+        loop = asyncio.get_running_loop()
+        reactor = AsyncioReactor(loop)
+        handled: list[signal.Signals] = []
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for signum in _SHUTDOWN_SIGNALS:
+                loop.add_signal_handler(signum, self._on_shutdown_signal, signum)
+                handled.append(signum)
+        try:
+            self._begin(reactor)
+            await reactor.stopped.wait()
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            self._release()
+
+    def _begin(self, reactor: Reactor) -> None:
+        if self.state is not ServerState.STARTED:
+            raise ServerStateError(f"cannot run a server that is {self.state.value}")
+        self._reactor = reactor
+        self._core = EngineCore(reactor, self.handler, self.config, on_idle=self._on_idle)
+        for listener in self._listeners:
+            if self._accepting_paused:
+                listener.paused = True
+            listener.attach(self._core)
+        self.state = ServerState.RUNNING
+        for listener in self._listeners:
+            logger.info("listening on %s (%s)", listener.address, listener.config.policy.value)
+        self._call_handler(self.handler.server_started)
+        self.started.set()
+
+    def _release(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        if self.state is not ServerState.STOPPED:
+            self.state = ServerState.STOPPED
+        self.stopped.set()
+
+    # -- control (thread-safe) -------------------------------------------------------------------
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the server's loop; the way other threads touch connections."""
+        if self._reactor is None:
+            raise ServerStateError("the server is not running")
+        self._reactor.call_soon_threadsafe(callback)
+
+    def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Begin a graceful shutdown (from any thread); ``drain_timeout`` overrides the config."""
+        self._on_loop(lambda: self._shutdown(drain_timeout))
+
+    def pause_accepting(self) -> None:
+        """Stop accepting on every listener; live connections go on being served."""
+        self._accepting_paused = True
+        self._on_loop(lambda: self._each_listener(Listener.pause))
+
+    def resume_accepting(self) -> None:
+        """Accept again; connections that waited in the kernel's backlog are then served."""
+        self._accepting_paused = False
+        self._on_loop(lambda: self._each_listener(Listener.resume))
+
+    def _each_listener(self, action: Callable[[Listener], None]) -> None:
+        for listener in self._listeners:
+            action(listener)
+
+    def _on_loop(self, action: Callable[[], object]) -> None:
+        reactor = self._reactor
+        if reactor is None or self.state is ServerState.STOPPED:
+            return  # not running: the flags set by the caller take effect when it runs
+        if reactor.in_loop_thread():
+            action()
+        else:
+            reactor.call_soon_threadsafe(action)
+
+    def connections(self) -> list[Connection]:
+        """Live connections, pending ones included (call on the loop thread)."""
+        return list(self._core.live) if self._core is not None else []
+
+    def statistics(self) -> ServerStatistics:
+        """A frozen snapshot of every listener's counters and the pools."""
+        empty = PoolStatistics(0, 0, 0, 0, 0, 0, 0)
+        core = self._core
+        return ServerStatistics(
+            state=self.state.value,
+            engine=self.config.engine.value,
+            accepting_paused=self._accepting_paused,
+            listeners=tuple(listener.statistics() for listener in self._listeners),
+            buffer_pool=core.buffers.statistics() if core else empty,
+            connection_pool=core.connections.statistics() if core else empty,
+        )
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def _on_shutdown_signal(self, signum: int) -> None:
+        self._signals_seen += 1
+        name = signal.Signals(signum).name
+        if self._signals_seen == 1:
+            logger.info("%s: shutting down gracefully (again to force)", name)
+            self._shutdown(None)
+        else:
+            logger.info("%s: forcing shutdown", name)
+            self._force_close()
+
+    def _shutdown(self, drain_timeout: float | None) -> None:
+        if self.state is not ServerState.RUNNING:
+            return
+        core = self._core
+        reactor = self._reactor
+        assert core is not None and reactor is not None
+        self.state = ServerState.DRAINING
+        self._call_handler(self.handler.shutdown_started)
+        for listener in self._listeners:
+            listener.close()  # connections it takes from the backlog join core.live as pending
+        for conn in list(core.live):
+            if conn.is_pending:
+                conn.close_for(CloseReason.SHUTDOWN)
+        if not core.live:
+            self._finish()
+        if self.state is not ServerState.DRAINING:
+            return
+        drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        logger.info("draining %d connection(s) for up to %g s", len(core.live), drain)
+        self._drain_timer = reactor.call_later(drain, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        core, reactor = self._core, self._reactor
+        assert core is not None and reactor is not None
+        for conn in list(core.live):
+            conn.close_for(CloseReason.SHUTDOWN)
+        if self.state is ServerState.DRAINING:
+            self._drain_timer = reactor.call_later(self.config.linger_timeout, self._force_close)
+
+    def _force_close(self) -> None:
+        core = self._core
+        if core is None:
+            return
+        if self.state is ServerState.RUNNING:
+            self._shutdown(0.0)
+        for conn in list(core.live):
+            conn.abort_for(CloseReason.SHUTDOWN)
+        if self.state is ServerState.DRAINING and not core.live:
+            self._finish()
+
+    def _on_idle(self) -> None:
+        if self.state is ServerState.DRAINING:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.state is not ServerState.DRAINING:
+            return
+        self.state = ServerState.STOPPED
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        self._call_handler(self.handler.server_stopped)
+        assert self._reactor is not None
+        self._reactor.stop()
+
+    def _call_handler(self, callback: Callable[[Server], None]) -> None:
+        try:
+            callback(self)
+        except Exception as exc:
+            assert self._core is not None
+            self._core.report_error(None, exc)
