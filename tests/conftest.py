@@ -1,0 +1,251 @@
+"""The behaviour-suite harness: real servers on loopback, in a thread, under every engine.
+
+Waiting is always on a condition (a callback recorded, a byte received), never on a sleep. Every
+test that starts a server through ``serve`` fails if a handler reported an unexpected error or
+if the process holds more file descriptors after the server stopped than before it started.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from portside import (
+    CloseReason,
+    Connection,
+    Engine,
+    ListenerConfig,
+    Server,
+    ServerConfig,
+)
+from portside.examples.echo import EchoHandler
+
+ENGINES = ["epoll", "asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+def _warm_up_uvloop() -> None:
+    """libuv opens two process-wide descriptors with its first loop and keeps them; open them
+    before any test counts descriptors, so the leak check sees only what portside leaks."""
+    if "uvloop" in ENGINES:
+        import asyncio
+
+        import uvloop
+
+        async def nothing() -> None:
+            pass
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(nothing())
+
+
+_warm_up_uvloop()
+WAIT = 10.0  # seconds a condition may take before the test fails; generous for a loaded CI box
+
+
+@dataclass
+class Event:
+    name: str
+    conn_id: int | None
+    detail: Any = None
+
+
+class RecordingHandler(EchoHandler):
+    """Echoes, and records every callback so tests can wait on and assert about them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.errors: list[BaseException] = []
+        self.closed: dict[int, list[CloseReason]] = {}
+        self.made: dict[int, bytes | None] = {}
+        self.received: dict[int, bytearray] = {}
+        self.expect_errors = False
+        self._cond = threading.Condition()
+
+    def record(self, name: str, conn: Connection | None, detail: Any = None) -> None:
+        with self._cond:
+            self.events.append(Event(name, conn.id if conn is not None else None, detail))
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        with self._cond:
+            if not self._cond.wait_for(predicate, timeout):
+                raise AssertionError(f"timed out waiting for {what}; events: {self.events[-20:]}")
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return [event.name for event in self.events]
+
+    def server_started(self, server: Server) -> None:
+        self.record("server_started", None)
+
+    def shutdown_started(self, server: Server) -> None:
+        self.record("shutdown_started", None)
+
+    def server_stopped(self, server: Server) -> None:
+        self.record("server_stopped", None)
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        self.made[conn.id] = bytes(first_data) if first_data is not None else None
+        self.record("connection_made", conn, self.made[conn.id])
+        super().connection_made(conn, first_data)
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        self.received.setdefault(conn.id, bytearray()).extend(data)
+        super().data_received(conn, data)
+        self.record("data_received", conn, len(data))
+
+    def eof_received(self, conn: Connection) -> None:
+        self.record("eof_received", conn)
+        super().eof_received(conn)
+
+    def write_drained(self, conn: Connection) -> None:
+        self.record("write_drained", conn)
+
+    def pause_writing(self, conn: Connection) -> None:
+        self.record("pause_writing", conn, conn.write_buffer_size)
+
+    def resume_writing(self, conn: Connection) -> None:
+        self.record("resume_writing", conn, conn.write_buffer_size)
+
+    def connection_reset(self, conn: Connection) -> None:
+        self.record("connection_reset", conn)
+
+    def connection_closed(self, conn: Connection, reason: CloseReason) -> None:
+        with self._cond:
+            self.closed.setdefault(conn.id, []).append(reason)
+        self.record("connection_closed", conn, reason)
+
+    def error(self, conn: Connection | None, exc: BaseException) -> None:
+        with self._cond:
+            self.errors.append(exc)
+        self.record("error", conn, exc)
+
+    def closed_count(self) -> int:
+        with self._cond:
+            return len(self.closed)
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    handler: RecordingHandler
+    thread: threading.Thread
+    failure: list[BaseException] = field(default_factory=list)
+
+    def address(self, index: int = 0) -> Any:
+        listener = self.server.listeners[index]
+        if listener.config.path is not None:
+            return listener.config.path
+        return (listener.config.host, listener.port)
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown(drain_timeout)
+            self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "server did not stop"
+        assert not self.failure, f"server thread raised: {self.failure!r}"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Clients:
+    """Blocking client sockets that the fixture closes, so the leak check sees only the server."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+
+    def connect(self, address: Any, timeout: float = WAIT) -> socket.socket:
+        family = socket.AF_UNIX if isinstance(address, str) else (
+            socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+
+    def close_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    pool = Clients()
+    yield pool
+    pool.close_all()
+
+
+ServeFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def serve(engine: str, clients: Clients) -> Iterator[ServeFactory]:
+    """Start servers: ``serve(ListenerConfig(...), ..., handler=..., **server_config)``."""
+    running: list[RunningServer] = []
+    gc.collect()
+    fds_before = open_fds()
+
+    def start(*listeners: ListenerConfig, handler: RecordingHandler | None = None,
+              **settings: Any) -> RunningServer:
+        handler = handler or RecordingHandler()
+        config = ServerConfig(engine=Engine(engine), **settings)
+        server = Server(handler, listeners or [ListenerConfig()], config)
+        server.start()
+        failure: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                server.run(install_signal_handlers=False)
+            except BaseException as exc:  # surfaced by RunningServer.stop
+                failure.append(exc)
+
+        thread = threading.Thread(target=body, name="portside-test-server", daemon=True)
+        thread.start()
+        assert server.started.wait(WAIT), "server did not start"
+        rs = RunningServer(server, handler, thread, failure)
+        running.append(rs)
+        return rs
+
+    yield start
+    clients.close_all()
+    for rs in running:
+        rs.stop()
+        if not rs.handler.expect_errors:
+            assert not rs.handler.errors, f"unexpected handler errors: {rs.handler.errors!r}"
+        for conn_id, reasons in rs.handler.closed.items():
+            assert len(reasons) == 1, f"connection {conn_id} closed {len(reasons)} times"
+    gc.collect()
+    assert open_fds() <= fds_before, "file descriptors leaked"
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(chunks)} of {size} bytes")
+        chunks.extend(chunk)
+    return bytes(chunks)
+
+
+def recv_until_eof(sock: socket.socket) -> bytes:
+    chunks = bytearray()
+    while chunk := sock.recv(65536):
+        chunks.extend(chunk)
+    return bytes(chunks)
