@@ -79,28 +79,30 @@ class _Option:
     owner: type[Any]
     field: str
     parse: Callable[[str], Any]
+    metavar: str
     help: str
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         default = default_of(self.owner, self.field)
         shown = default.value if isinstance(default, Engine) else default
         parser.add_argument(self.flag, dest=self.field, type=self.parse, default=default,
-                            help=f"{self.help} (default: {shown})")
+                            metavar=self.metavar, help=f"{self.help} (default: {shown})")
 
 
 LISTENER_OPTIONS = (
-    _Option("--first-data-timeout", ListenerConfig, "first_data_timeout", _seconds,
+    _Option("--first-data-timeout", ListenerConfig, "first_data_timeout", _seconds, "SECONDS",
             "close data-first connections silent this many seconds after accept"),
-    _Option("--max-connections", ListenerConfig, "max_connections", _count(1),
+    _Option("--max-connections", ListenerConfig, "max_connections", _count(1), "N",
             "per listener: stop accepting at this many open connections"),
-    _Option("--accept-batch", ListenerConfig, "accept_batch", _count(1),
+    _Option("--accept-batch", ListenerConfig, "accept_batch", _count(1), "N",
             "connections accepted per wake-up"),
-    _Option("--defer-accept", ListenerConfig, "defer_accept", _count(0),
+    _Option("--defer-accept", ListenerConfig, "defer_accept", _count(0), "SECONDS",
             "seconds of Linux TCP_DEFER_ACCEPT on data-first listeners (0: off)"),
 )
 SERVER_OPTIONS = (
-    _Option("--engine", ServerConfig, "engine", _engine, "epoll, asyncio or uvloop"),
-    _Option("--drain-timeout", ServerConfig, "drain_timeout", _seconds,
+    _Option("--engine", ServerConfig, "engine", _engine, "{epoll,asyncio,uvloop}",
+            "the event loop"),
+    _Option("--drain-timeout", ServerConfig, "drain_timeout", _seconds, "SECONDS",
             "graceful shutdown waits this long for connections to finish"),
 )
 
@@ -117,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Echo server: a data-first listener and an immediate one, as in the seed.")
     echo.add_argument("--host", default=default_of(ListenerConfig, "host"),
                       help="address to listen on (default: %(default)s)")
-    echo.add_argument("--data-first-port", type=_port, default=ECHO_DATA_FIRST_PORT,
+    echo.add_argument("--data-first-port", type=_port, metavar="PORT", default=ECHO_DATA_FIRST_PORT,
                       help="port of the data-first listener (default: %(default)s)")
-    echo.add_argument("--immediate-port", type=_port, default=ECHO_IMMEDIATE_PORT,
+    echo.add_argument("--immediate-port", type=_port, metavar="PORT", default=ECHO_IMMEDIATE_PORT,
                       help="port of the immediate listener (default: %(default)s)")
     for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
         option.add_to(echo)
