@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 from conftest import Clients, ServeFactory, recv_exactly, recv_until_eof
 
@@ -55,9 +56,12 @@ def test_large_transfer_is_intact(serve: ServeFactory, clients: Clients) -> None
     rs = serve(ListenerConfig())
     sock = clients.connect(rs.address())
     payload = bytes(range(256)) * 8192  # 2 MiB: far past the socket buffers and high water
-    import threading
 
-    sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+    def send_all() -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send_all)
     sender.start()
     assert recv_until_eof(sock) == payload
     sender.join()
