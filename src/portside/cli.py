@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import json
 import logging
 import math
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,8 +22,12 @@ from portside.config import (
     ServerConfig,
     default_of,
     parse_engine,
+    parse_policy,
 )
+from portside.control import protocol
+from portside.control.server import default_control_path
 from portside.errors import ConfigError, PortsideError
+from portside.handler import Handler
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ECHO_DATA_FIRST_PORT = 5001  # the seed's example ports
@@ -113,7 +122,7 @@ def _pick(args: argparse.Namespace, options: Sequence[_Option]) -> dict[str, Any
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="portside", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
     echo = commands.add_parser(
         "echo", help="run the echo example (data-first and immediate listeners)",
         description="Echo server: a data-first listener and an immediate one, as in the seed.")
@@ -125,14 +134,67 @@ def build_parser() -> argparse.ArgumentParser:
                       help="port of the immediate listener (default: %(default)s)")
     for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
         option.add_to(echo)
-    echo.add_argument("--log-level", choices=LOG_LEVELS, default="info",
-                      help="(default: %(default)s)")
+    _add_process_options(echo)
+
+    serve = commands.add_parser(
+        "serve", help="run your handler class: portside serve MODULE:CLASS --listen ...",
+        description="Serve a Handler subclass on any number of listeners.")
+    serve.add_argument("handler", metavar="MODULE:CLASS",
+                       help="the Handler subclass to serve, e.g. myapp.proto:MyHandler")
+    serve.add_argument("--listen", action="append", type=_listen_spec, required=True,
+                       metavar="[POLICY@]ADDRESS",
+                       help="a listener, repeatable: immediate@127.0.0.1:7000, "
+                            "data-first@[::1]:7001, unix:/run/app.sock")
+    for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
+        option.add_to(serve)
+    _add_process_options(serve)
+
+    ctl = commands.add_parser("ctl", help="control a running server",
+                              description="Send one command to a running server.")
+    ctl.add_argument("--control", metavar="PATH", default=default_control_path(),
+                     help="its control socket (default: %(default)s)")
+    ctl.add_argument("command", choices=protocol.COMMANDS)
+    ctl.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                     help="how long to wait for the reply (default: %(default)s)")
     return parser
+
+
+def _add_process_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                        help="run N worker processes under a supervisor (auto: one per CPU); "
+                             "without it, one process serves")
+    parser.add_argument("--control", metavar="PATH", default=None,
+                        help=f"control socket for portside ctl (default: {default_control_path()})")
+    parser.add_argument("--heartbeat-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="replace a worker whose loop has not answered for this long "
+                             "(default: %(default)s)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                        help="(default: %(default)s)")
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    return _count(1)(text)
+
+
+def _listen_spec(text: str) -> ListenerConfig:
+    """``[POLICY@]HOST:PORT``, ``[POLICY@][V6]:PORT`` or ``[POLICY@]unix:PATH``."""
+    policy_text, _, address = text.rpartition("@")
+    try:
+        policy = parse_policy(policy_text) if policy_text else AcceptPolicy.IMMEDIATE
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if address.startswith("unix:"):
+        return ListenerConfig(path=address[5:], policy=policy)
+    host, colon, port_text = address.rpartition(":")
+    if not colon or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or unix:PATH, got {address!r}")
+    return ListenerConfig(host=host.strip("[]"), port=_port(port_text), policy=policy)
 
 
 def run_echo(args: argparse.Namespace) -> int:
     from portside.examples.echo import EchoHandler
-    from portside.server import Server
 
     listener_settings = _pick(args, LISTENER_OPTIONS)
     listeners = [
@@ -141,19 +203,96 @@ def run_echo(args: argparse.Namespace) -> int:
         ListenerConfig(host=args.host, port=args.immediate_port,
                        policy=AcceptPolicy.IMMEDIATE, name="immediate", **listener_settings),
     ]
-    server = Server(EchoHandler(), listeners, ServerConfig(**_pick(args, SERVER_OPTIONS)))
+    return _serve(EchoHandler, listeners, args)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    handler_class = _load_handler(args.handler)
+    listener_settings = _pick(args, LISTENER_OPTIONS)
+    listeners = [dataclasses.replace(spec, **listener_settings) for spec in args.listen]
+    return _serve(handler_class, listeners, args)
+
+
+def _load_handler(spec: str) -> Callable[[], Handler]:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError(f"expected MODULE:CLASS, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+    handler_class = getattr(module, class_name, None)
+    if not (isinstance(handler_class, type) and issubclass(handler_class, Handler)):
+        raise ConfigError(f"{spec!r} is not a portside Handler subclass")
+    return handler_class
+
+
+def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
+           args: argparse.Namespace) -> int:
+    from portside.control.server import ControlServer
+    from portside.control.target import ServerTarget
+    from portside.server import Server
+    from portside.workers.supervisor import Supervisor
+
+    config = ServerConfig(**_pick(args, SERVER_OPTIONS))
+    control_path = args.control or default_control_path()
+    if args.workers is not None:
+        supervisor = Supervisor(handler_factory, listeners, config, args.workers,
+                                _claim_control(control_path, explicit=bool(args.control)),
+                                heartbeat_timeout=args.heartbeat_timeout)
+        supervisor.start()
+        return supervisor.run()
+    server = Server(handler_factory(), listeners, config)
     server.start()
+    path = _claim_control(control_path, explicit=bool(args.control))
+    if path is not None:
+        server.add_service(ControlServer(path, ServerTarget(server)))
     server.run()
+    return 0
+
+
+def _claim_control(path: str, explicit: bool) -> str | None:
+    """The control path to use: an explicit one must be free (binding says so); a default one
+    that another server already answers on is skipped with a warning."""
+    if explicit:
+        return path
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return path
+    finally:
+        probe.close()
+    logging.getLogger("portside").warning(
+        "control socket %s is in use by another server; running without one "
+        "(pass --control PATH)", path)
+    return None
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    from portside.control.client import ControlError, send_command
+
+    try:
+        result = send_command(args.control, args.command, timeout=args.timeout)
+    except ControlError as exc:
+        print(f"portside ctl: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "echo":
+        if args.subcommand == "echo":
             return run_echo(args)
+        if args.subcommand == "serve":
+            return run_serve(args)
+        if args.subcommand == "ctl":
+            return run_ctl(args)
     except PortsideError as exc:
         print(f"portside: {exc}", file=sys.stderr)
         return 2

@@ -13,9 +13,11 @@ import asyncio
 import enum
 import logging
 import signal
+import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
+from typing import Protocol
 
 from portside.config import Engine, ListenerConfig, ServerConfig
 from portside.engine.buffers import PoolStatistics
@@ -31,6 +33,14 @@ from portside.statistics import ServerStatistics
 logger = logging.getLogger("portside")
 
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Service(Protocol):
+    """Something else that runs on the server's loop, like the control socket."""
+
+    def attach(self, reactor: Reactor) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ServerState(enum.Enum):
@@ -51,11 +61,18 @@ class Server:
     """
 
     def __init__(self, handler: Handler, listeners: Iterable[ListenerConfig],
-                 config: ServerConfig | None = None) -> None:
+                 config: ServerConfig | None = None,
+                 sockets: Sequence[socket.socket] | None = None) -> None:
+        """``sockets``, if given, are already listening (one per listener, in order), shared
+        with other processes: the server serves them instead of binding its own."""
         self.handler = handler
         self.listener_configs = tuple(listeners)
         if not self.listener_configs:
             raise ConfigError("a server needs at least one listener")
+        if sockets is not None and len(sockets) != len(self.listener_configs):
+            raise ConfigError("give exactly one listening socket per listener")
+        self._given_sockets = tuple(sockets) if sockets is not None else None
+        self._services: list[Service] = []
         self.config = config or ServerConfig()
         self.state = ServerState.NEW
         #: Set once every listener accepts; other threads may wait on it.
@@ -75,6 +92,13 @@ class Server:
         """Bind every listener now, so that address errors surface before serving begins."""
         if self.state is not ServerState.NEW:
             return
+        if self._given_sockets is not None:
+            for listener_config, sock in zip(self.listener_configs, self._given_sockets,
+                                             strict=True):
+                sock.setblocking(False)
+                self._listeners.append(Listener(listener_config, sock, owned=False))
+            self.state = ServerState.STARTED
+            return
         try:
             for listener_config in self.listener_configs:
                 sock = bind_listener(listener_config)
@@ -85,6 +109,12 @@ class Server:
             self._listeners.clear()
             raise
         self.state = ServerState.STARTED
+
+    def add_service(self, service: Service) -> None:
+        """Run ``service`` on this server's loop while it runs (the control socket, say)."""
+        self._services.append(service)
+        if self._reactor is not None and self.state is ServerState.RUNNING:
+            service.attach(self._reactor)
 
     @property
     def listeners(self) -> tuple[Listener, ...]:
@@ -123,7 +153,7 @@ class Server:
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             def on_signal(signum: int, frame: FrameType | None) -> None:
                 reactor.call_soon_threadsafe(lambda: self._on_shutdown_signal(signum))
-            for signum in _SHUTDOWN_SIGNALS:
+            for signum in (*_SHUTDOWN_SIGNALS, signal.SIGHUP):
                 previous[signum] = signal.signal(signum, on_signal)
         try:
             self._begin(reactor)
@@ -131,8 +161,8 @@ class Server:
         finally:
             for signum, old in previous.items():
                 signal.signal(signum, old)  # type: ignore[arg-type]
+            self._release()  # before the loop closes: services unregister from it
             reactor.close()
-            self._release()
 
     async def _serve(self, install_signal_handlers: bool) -> None:
         from portside.engine.asyncio_loop import AsyncioReactor
@@ -142,7 +172,7 @@ class Server:
         reactor = AsyncioReactor(loop)
         handled: list[signal.Signals] = []
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for signum in _SHUTDOWN_SIGNALS:
+            for signum in (*_SHUTDOWN_SIGNALS, signal.SIGHUP):
                 loop.add_signal_handler(signum, self._on_shutdown_signal, signum)
                 handled.append(signum)
         try:
@@ -163,6 +193,8 @@ class Server:
                 listener.paused = True
             listener.attach(self._core)
         self.state = ServerState.RUNNING
+        for service in self._services:
+            service.attach(reactor)
         for listener in self._listeners:
             logger.info("listening on %s (%s)", listener.address, listener.config.policy.value)
         self._call_handler(self.handler.server_started)
@@ -171,6 +203,11 @@ class Server:
     def _release(self) -> None:
         for listener in self._listeners:
             listener.close()
+        for service in self._services:
+            try:
+                service.close()
+            except Exception:
+                logger.exception("closing %r failed", service)
         if self.state is not ServerState.STOPPED:
             self.state = ServerState.STOPPED
         self.stopped.set()
@@ -230,8 +267,12 @@ class Server:
     # -- shutdown --------------------------------------------------------------------------------
 
     def _on_shutdown_signal(self, signum: int) -> None:
-        self._signals_seen += 1
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            logger.warning("SIGHUP ignored: a graceful restart needs worker processes "
+                           "(--workers N)")
+            return
+        self._signals_seen += 1
         if self._signals_seen == 1:
             logger.info("%s: shutting down gracefully (again to force)", name)
             self._shutdown(None)

@@ -59,6 +59,11 @@ class BufferPool:
         else:
             self._discarded += 1
 
+    def lost(self) -> None:
+        """A lent buffer cannot come back (someone still exports it): forget it."""
+        self._in_use -= 1
+        self._discarded += 1
+
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
             self.buffer_size, len(self._free), self._in_use, self.max_free,

@@ -263,8 +263,14 @@ class Connection:
         except Exception as exc:
             self._handler_failed(exc)
         finally:
-            data.release()  # a handler that kept the view gets an error, not another peer's bytes
-            pool.release(view)
+            # A handler that kept the view gets an error, not another peer's bytes. If it still
+            # exports the buffer (numpy, say), the release is refused and the buffer is dropped.
+            try:
+                data.release()
+            except BufferError:
+                pool.lost()
+            else:
+                pool.release(view)
 
     def handle_write(self) -> None:
         if self._state == State.CLOSED or not self._queue:

@@ -103,9 +103,12 @@ def _describe(exc: OSError) -> str:
 class Listener:
     """Accepts connections for one ``ListenerConfig`` and counts what happens to them."""
 
-    def __init__(self, config: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, config: ListenerConfig, sock: socket.socket, owned: bool = True) -> None:
         self.config = config
         self.sock = sock
+        #: False when other processes share this socket (workers): closing it then neither
+        #: takes their backlog nor removes a Unix socket's file.
+        self.owned = owned
         self.fd = sock.fileno()
         self.is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.data_first = config.policy is AcceptPolicy.DATA_FIRST
@@ -275,7 +278,7 @@ class Listener:
         core = self._core
         taken: list[Connection] = []
         if core is not None:
-            for _ in range(_SHUTDOWN_ACCEPT_LIMIT):
+            for _ in range(_SHUTDOWN_ACCEPT_LIMIT if self.owned else 0):
                 try:
                     sock, peer = self.sock.accept()
                 except OSError:
@@ -293,7 +296,7 @@ class Listener:
         self._closed = True
         self._watching = False
         self.sock.close()
-        if self.config.path is not None:
+        if self.config.path is not None and self.owned:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.path)
         return taken

@@ -1,0 +1,177 @@
+"""The server side of the control socket: a Unix socket, mode 0600, served on a Reactor.
+
+It knows nothing of what the commands do: each parsed command goes to a ``ControlTarget``
+(a single Server, or the supervisor of many workers), which answers when it can, possibly
+later (the supervisor first asks its workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from portside.control import protocol
+from portside.engine.reactor import Reactor
+from portside.errors import ListenError
+
+logger = logging.getLogger("portside.control")
+
+MAX_CLIENTS = 16  # control clients are people and scripts: a few at a time
+
+
+class ControlTarget(Protocol):
+    def control(self, command: str, respond: Callable[[bytes], None]) -> None:
+        """Carry out ``command`` and call ``respond`` once with an encoded reply."""
+        ...
+
+
+def default_control_path() -> str:
+    """Where the control socket lives when ``--control`` is not given."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, f"portside-{os.getuid()}.ctl")
+
+
+def bind_control_socket(path: str) -> socket.socket:
+    """Bind ``path`` with mode 0600; a stale socket file is replaced, a live one is an error."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            raise ListenError(f"control socket {path} is in use by another server")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # no window in which the socket is open to others
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(MAX_CLIENTS)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot create control socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlChannel:
+    """One connected control peer: decodes its requests, hands them to ``target``, and sends
+    the replies in order. Also the worker's end of its link to the supervisor."""
+
+    def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
+                 on_close: Callable[[ControlChannel], None]) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.target = target
+        self.reactor = reactor
+        self.on_close = on_close
+        self.decoder = protocol.LineDecoder()
+        self.outgoing = bytearray()
+        self.closed = False
+
+    def handle_read(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            lines = self.decoder.feed(data)
+        except protocol.ProtocolError as exc:
+            self.send(protocol.reply_error(str(exc)))
+            return
+        for line in lines:
+            try:
+                command = protocol.parse_request(line)
+            except protocol.ProtocolError as exc:
+                self.send(protocol.reply_error(str(exc)))
+                continue
+            try:
+                self.target.control(command, self.send)
+            except Exception as exc:  # the target's bug must not take the server down
+                logger.exception("control command %r failed", command)
+                self.send(protocol.reply_error(f"{command} failed: {exc}"))
+
+    def send(self, reply: bytes) -> None:
+        if self.closed:
+            return
+        self.outgoing += reply
+        self.handle_write()
+
+    def handle_write(self) -> None:
+        if self.closed:
+            return
+        try:
+            sent = self.sock.send(self.outgoing) if self.outgoing else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        del self.outgoing[:sent]
+        self.reactor.modify(self.fd, readable=True, writable=bool(self.outgoing))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.reactor.unregister(self.fd)
+            self.sock.close()
+            self.on_close(self)
+
+
+class ControlServer:
+    """Accepts control clients on a Unix socket and hands their commands to ``target``."""
+
+    def __init__(self, path: str, target: ControlTarget) -> None:
+        self.path = path
+        self.target = target
+        self.sock = bind_control_socket(path)
+        self._reactor: Reactor | None = None
+        self._clients: dict[int, ControlChannel] = {}
+
+    def attach(self, reactor: Reactor) -> None:
+        self._reactor = reactor
+        reactor.register(self.sock.fileno(), self, readable=True, writable=False)
+
+    def handle_read(self) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except OSError:
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        assert self._reactor is not None
+        client = ControlChannel(sock, self.target, self._reactor, self._forget)
+        self._clients[client.fd] = client
+        self._reactor.register(client.fd, client, readable=True, writable=False)
+
+    def handle_write(self) -> None:
+        pass
+
+    def _forget(self, client: ControlChannel) -> None:
+        self._clients.pop(client.fd, None)
+
+    def close(self) -> None:
+        for client in list(self._clients.values()):
+            client.close()
+        if self._reactor is not None:
+            self._reactor.unregister(self.sock.fileno())
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+

@@ -1,0 +1,1 @@
+"""Several worker processes serving the same listening sockets, under one supervisor."""
