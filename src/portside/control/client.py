@@ -32,10 +32,11 @@ def send_command(path: str, command: str, timeout: float = 30.0) -> Any:
                 raise ControlError(f"no reply from {path} within {timeout:g} s") from None
             if not data:
                 raise ControlError(f"{path} closed the connection without a reply")
-            lines = decoder.feed(data)
-            if lines:
+            for line in decoder.feed(data):
                 try:
-                    return protocol.parse_reply(lines[0])
+                    if isinstance(line, protocol.ProtocolError):
+                        raise line
+                    return protocol.parse_reply(line)
                 except protocol.ProtocolError as exc:
                     raise ControlError(str(exc)) from None
     finally:

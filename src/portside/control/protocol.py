@@ -21,29 +21,42 @@ class ProtocolError(ValueError):
 
 
 class LineDecoder:
-    """Splits a byte stream into lines of at most ``max_line`` bytes (without the newline)."""
+    """Splits a byte stream into lines of at most ``max_line`` bytes (without the newline).
+
+    An overlong line comes out as a ProtocolError in its place (once), the rest of it up to
+    its newline is skipped, and the lines after it decode normally.
+    """
 
     def __init__(self, max_line: int = MAX_MESSAGE) -> None:
         self.max_line = max_line
         self._buffer = bytearray()
+        self._skipping = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Add bytes; return the complete lines they finish. Raises on an overlong line."""
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | ProtocolError]:
+        """Add bytes; return the lines they complete, in order, an error for each overlong one."""
         buffer = self._buffer
         buffer += data
-        lines = []
+        lines: list[bytes | ProtocolError] = []
         start = 0
         while (end := buffer.find(b"\n", start)) >= 0:
-            if end - start > self.max_line:
-                break
-            lines.append(bytes(buffer[start:end]))
+            if self._skipping:
+                self._skipping = False
+            elif end - start > self.max_line:
+                lines.append(self._overlong())
+            else:
+                lines.append(bytes(buffer[start:end]))
             start = end + 1
         del buffer[:start]
-        if buffer.find(b"\n") > self.max_line or (b"\n" not in buffer and
-                                                  len(buffer) > self.max_line):
+        if self._skipping:
             buffer.clear()
-            raise ProtocolError(f"message longer than {self.max_line} bytes")
+        elif len(buffer) > self.max_line:
+            buffer.clear()
+            self._skipping = True
+            lines.append(self._overlong())
         return lines
+
+    def _overlong(self) -> ProtocolError:
+        return ProtocolError(f"message longer than {self.max_line} bytes")
 
 
 def encode(message: dict[str, Any]) -> bytes:

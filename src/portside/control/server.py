@@ -88,13 +88,10 @@ class ControlChannel:
         if not data:
             self.close()
             return
-        try:
-            lines = self.decoder.feed(data)
-        except protocol.ProtocolError as exc:
-            self.send(protocol.reply_error(str(exc)))
-            return
-        for line in lines:
+        for line in self.decoder.feed(data):
             try:
+                if isinstance(line, protocol.ProtocolError):
+                    raise line
                 command = protocol.parse_request(line)
             except protocol.ProtocolError as exc:
                 self.send(protocol.reply_error(str(exc)))

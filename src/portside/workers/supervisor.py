@@ -72,16 +72,13 @@ class WorkerLink:
         if not data:
             self.fail_all()
             return
-        try:
-            lines = self.decoder.feed(data)
-        except protocol.ProtocolError:
-            self.fail_all()
-            return
-        for line in lines:
+        for line in self.decoder.feed(data):
             if not self.waiting:
                 continue
             on_reply = self.waiting.popleft()
             try:
+                if isinstance(line, protocol.ProtocolError):
+                    raise line
                 on_reply(protocol.parse_reply(line))
             except protocol.ProtocolError:
                 on_reply(None)

@@ -1,0 +1,264 @@
+"""Worker processes, the control command and signals, with real processes and real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from proc import PortsideProcess
+
+WAIT = 20.0
+
+
+def ctl(control: Path, command: str) -> Any:
+    done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--control", str(control),
+                           command], capture_output=True, text=True, timeout=WAIT, check=True)
+    return json.loads(done.stdout)
+
+
+def echo_once(port: int, payload: bytes = b"ping") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = b""
+        while data := sock.recv(4096):
+            chunks += data
+        return chunks
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Path:
+    return tmp_path / "ctl.sock"
+
+
+@pytest.fixture
+def supervised(control: Path) -> Iterator[PortsideProcess]:
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--defer-accept", "0", "--workers", "2", "--control", str(control),
+                            "--drain-timeout", "5"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def wait_workers(proc: PortsideProcess, count: int) -> list[int]:
+    return [int(proc.wait_for(r"started worker (\d+)").group(1)) for _ in range(count)]
+
+
+def test_workers_share_every_listener_and_spread_connections(
+        supervised: PortsideProcess, control: Path) -> None:
+    ports = supervised.ports()
+    workers = set(wait_workers(supervised, 2))
+    # Hold many connections open at once so that both workers must take some.
+    socks = []
+    for i in range(60):
+        port = ports["immediate"] if i % 2 else ports["data-first"]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        socks.append(sock)
+    stats = ctl(control, "stats")
+    assert {worker["pid"] for worker in stats["workers"]} == workers
+    assert stats["totals"]["active"] == 60
+    busy = [worker for worker in stats["workers"] if worker["connections"] > 0]
+    assert len(busy) == 2, f"connections did not spread: {stats['workers']}"
+    assert {listener["name"]: listener["accepted"] for listener in stats["listeners"]} == \
+        {"data-first": 30, "immediate": 30}
+    for sock in socks:
+        sock.close()
+    assert ctl(control, "shutdown") == {"shutting_down": True}
+    assert supervised.wait_exit() == 0
+    assert not control.exists()
+
+
+def test_killed_worker_is_replaced_while_the_other_serves(
+        supervised: PortsideProcess, control: Path) -> None:
+    ports = supervised.ports()
+    first, second = wait_workers(supervised, 2)
+    os.kill(first, signal.SIGKILL)
+    supervised.wait_for(rf"worker {first} died .*killed by SIGKILL")
+    replacement = wait_workers(supervised, 1)[0]
+    for _ in range(20):
+        assert echo_once(ports["immediate"]) == b"ping"
+    stats = ctl(control, "stats")
+    assert {worker["pid"] for worker in stats["workers"]} == {second, replacement}
+    assert stats["restarts"] == 1
+
+
+def test_pause_resume_and_stats_through_ctl(supervised: PortsideProcess, control: Path) -> None:
+    ports = supervised.ports()
+    wait_workers(supervised, 2)
+    live = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+    live.sendall(b"a")
+    assert live.recv(1) == b"a"
+    assert ctl(control, "pause")["accepting_paused"] is True
+    waiting = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=0.5)
+    waiting.sendall(b"queued")
+    with pytest.raises(TimeoutError):  # in the backlog: nobody accepts it while paused
+        waiting.recv(6)
+    live.sendall(b"b")  # live connections go on being served
+    assert live.recv(1) == b"b"
+    assert ctl(control, "stats")["accepting_paused"] is True
+    assert ctl(control, "resume")["accepting_paused"] is False
+    waiting.settimeout(WAIT)
+    assert waiting.recv(6) == b"queued"
+    stats = ctl(control, "stats")
+    assert stats["totals"]["accepted"] == 2 and stats["totals"]["active"] == 2
+    live.close()
+    waiting.close()
+
+
+def test_sigterm_drains_clients_then_exits_zero(supervised: PortsideProcess) -> None:
+    ports = supervised.ports()
+    wait_workers(supervised, 2)
+    sock = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+    sock.sendall(b"before")
+    assert sock.recv(6) == b"before"
+    supervised.signal(signal.SIGTERM)
+    supervised.wait_for(r"SIGTERM: shutting down gracefully")
+    supervised.wait_for(r"draining 1 connection")
+    sock.sendall(b"during")  # the conversation goes on while the server drains
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    while data := sock.recv(4096):
+        received += data
+    assert received == b"during"  # every byte, then a clean EOF
+    sock.close()
+    assert supervised.wait_exit() == 0
+
+
+def test_sighup_restarts_workers_without_breaking_a_live_echo(
+        supervised: PortsideProcess, control: Path) -> None:
+    ports = supervised.ports()
+    old = set(wait_workers(supervised, 2))
+    sock = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    rounds = [0]
+
+    def chat() -> None:
+        try:
+            while not stop.is_set() and rounds[0] < 100_000:
+                message = f"round {rounds[0]};".encode()
+                sock.sendall(message)
+                got = b""
+                while len(got) < len(message):
+                    data = sock.recv(len(message) - len(got))
+                    if not data:
+                        raise ConnectionError("EOF mid-echo")
+                    got += data
+                assert got == message
+                rounds[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    talker = threading.Thread(target=chat)
+    talker.start()
+    supervised.signal(signal.SIGHUP)
+    new = set(wait_workers(supervised, 2))
+    for _ in old:
+        supervised.wait_for(r"worker \d+ stopped|draining")  # the old ones retire gracefully
+    assert not new & old
+    # New connections are served by the new workers while the old one still drains ours.
+    for _ in range(10):
+        assert echo_once(ports["immediate"]) == b"ping"
+    stop.set()
+    talker.join(WAIT)
+    assert not errors, errors
+    assert rounds[0] > 0
+    sock.shutdown(socket.SHUT_WR)
+    assert sock.recv(10) == b""
+    sock.close()
+    stats = ctl(control, "stats")
+    assert {worker["pid"] for worker in stats["workers"]} == new
+
+
+def test_ctl_without_a_server_says_so(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--control",
+                           str(tmp_path / "nobody.sock"), "stats"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0
+    assert "no portside server is listening" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_single_process_control_and_bad_requests(control: Path) -> None:
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--control", str(control)])
+    try:
+        ports = proc.ports()
+        assert oct(control.stat().st_mode & 0o777) == "0o600"
+        assert echo_once(ports["immediate"]) == b"ping"
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(WAIT)
+            raw.connect(str(control))
+            for bad in (b"{nope\n", b'{"v":1,"command":"explode"}\n', b'{"v":9}\n', b"[1]\n",
+                        b"x" * 70_000 + b"\n"):
+                raw.sendall(bad)
+                reply = json.loads(raw.makefile().readline())
+                assert reply["ok"] is False and reply["error"]
+        stats = ctl(control, "stats")
+        assert stats["totals"]["accepted"] == 1 and len(stats["workers"]) == 1
+        assert ctl(control, "shutdown")["shutting_down"] is True
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()
+
+
+def _serve(handler: str, control: Path, *extra: str) -> PortsideProcess:
+    tests_dir = str(Path(__file__).parent)
+    return PortsideProcess(["serve", f"handlers:{handler}", "--listen", "immediate@127.0.0.1:0",
+                            "--control", str(control), *extra],
+                           env={"PYTHONPATH": tests_dir})
+
+
+def test_stuck_worker_is_replaced(control: Path) -> None:
+    proc = _serve("StuckHandler", control, "--workers", "1", "--heartbeat-timeout", "1")
+    try:
+        port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        stuck = int(proc.wait_for(r"started worker (\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(b"hang")
+            proc.wait_for(rf"worker {stuck} has not answered")
+            proc.wait_for(rf"worker {stuck} died .*SIGKILL")
+        proc.wait_for(r"started worker (\d+)")
+        assert echo_once(port) == b"ping"
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()
+
+
+def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
+    proc = _serve("CrashingHandler", control, "--workers", "1")
+    try:
+        deaths = []
+        for _ in range(4):
+            deaths.append(proc.wait_for(r"^(\S+ \S+) WARNING .*worker \d+ died .*exit status 3"))
+        stamps = [_seconds_of(match.group(1)) for match in deaths]
+        gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:], strict=False)]
+        # Back-off doubles from 0.1 s: a tight fork loop would show gaps of a few milliseconds.
+        assert gaps[-1] >= 0.15, gaps
+        assert gaps[-1] > gaps[0], gaps
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()
+
+
+def _seconds_of(stamp: str) -> float:
+    clock = stamp.split()[1]
+    hours, minutes, rest = clock.split(":")
+    seconds, millis = rest.split(",")
+    return int(hours) * 3600 + int(minutes) * 60 + int(seconds) + int(millis) / 1000
