@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -247,7 +248,7 @@ def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
         for _ in range(4):
             deaths.append(proc.wait_for(r"^(\S+ \S+) WARNING .*worker \d+ died .*exit status 3"))
         stamps = [_seconds_of(match.group(1)) for match in deaths]
-        gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:], strict=False)]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         # Back-off doubles from 0.1 s: a tight fork loop would show gaps of a few milliseconds.
         assert gaps[-1] >= 0.15, gaps
         assert gaps[-1] > gaps[0], gaps
