@@ -83,11 +83,19 @@ class ListenerConfig:
     @property
     def label(self) -> str:
         """The name used in logs and statistics: ``name``, else the address."""
-        if self.name:
-            return self.name
+        return self.name or self.address
+
+    @property
+    def address(self) -> str:
+        """The configured address, as ``host:port``, ``[v6]:port`` or ``unix:path``."""
         if self.path is not None:
             return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def description(self) -> str:
+        """The address, with the name when there is one: for error messages."""
+        return f"{self.address} ({self.name})" if self.name else self.address
 
 
 @dataclass(frozen=True, slots=True)

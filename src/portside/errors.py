@@ -21,3 +21,10 @@ class ServerStateError(PortsideError, RuntimeError):
 
 class ConnectionClosedError(PortsideError, ConnectionError):
     """A write or other action was attempted on a connection that is closing or closed."""
+
+
+class ProtocolError(PortsideError, ValueError):
+    """A peer broke the wire protocol: an oversized or malformed frame, a bad header.
+
+    Raised by the sans-IO parsers; the server closes the offending connection with a log line.
+    """

@@ -29,40 +29,45 @@ class PoolStatistics:
 
 
 class BufferPool:
-    """Fixed-size ``bytearray`` buffers with a memoryview each, lent per read."""
+    """Fixed-size ``bytearray`` buffers, lent for one read each."""
 
     def __init__(self, buffer_size: int, max_free: int, preallocate: int = 1) -> None:
         self.buffer_size = buffer_size
         self.max_free = max_free
-        self._free: list[memoryview] = [
-            memoryview(bytearray(buffer_size)) for _ in range(min(preallocate, max_free))
+        self._free: list[bytearray] = [
+            bytearray(buffer_size) for _ in range(min(preallocate, max_free))
         ]
         self._in_use = 0
         self._hits = 0
         self._misses = 0
         self._discarded = 0
 
-    def acquire(self) -> memoryview:
-        """A writable view of a whole buffer, from the free list when one is there."""
+    def acquire(self) -> bytearray:
+        """A whole buffer, from the free list when one is there."""
         self._in_use += 1
         if self._free:
             self._hits += 1
             return self._free.pop()
         self._misses += 1
-        return memoryview(bytearray(self.buffer_size))
+        return bytearray(self.buffer_size)
 
-    def release(self, view: memoryview) -> None:
-        """Give a buffer back; its contents may be overwritten by the next read."""
+    def release(self, buffer: bytearray) -> None:
+        """Give a buffer back; its contents may be overwritten by the next read.
+
+        A buffer something still has a view of (a handler kept a slice of what it was lent)
+        is dropped instead, so that view never shows another connection's bytes.
+        """
         self._in_use -= 1
+        try:
+            buffer.append(0)  # resizing fails while any memoryview of the buffer is alive
+        except BufferError:
+            self._discarded += 1
+            return
+        del buffer[-1]
         if len(self._free) < self.max_free:
-            self._free.append(view)
+            self._free.append(buffer)
         else:
             self._discarded += 1
-
-    def lost(self) -> None:
-        """A lent buffer cannot come back (someone still exports it): forget it."""
-        self._in_use -= 1
-        self._discarded += 1
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(

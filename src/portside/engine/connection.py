@@ -236,24 +236,24 @@ class Connection:
                 self._discard_until_eof()
             return
         pool = self._core.buffers
-        view = pool.acquire()
+        buffer = pool.acquire()
         try:
-            received = self._sock.recv_into(view)
+            received = self._sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
-            pool.release(view)
+            pool.release(buffer)
             return
         except OSError as exc:
-            pool.release(view)
+            pool.release(buffer)
             self._socket_failed(exc)
             return
         if not received:
-            pool.release(view)
+            pool.release(buffer)
             self._peer_eof()
             return
         self.bytes_in += received
         self.reads += 1
         self.listener.bytes_in += received
-        data = view[:received]
+        data = memoryview(buffer)[:received]
         try:
             if state == State.PENDING:
                 self.listener.became_active(self)
@@ -263,14 +263,12 @@ class Connection:
         except Exception as exc:
             self._handler_failed(exc)
         finally:
-            # A handler that kept the view gets an error, not another peer's bytes. If it still
-            # exports the buffer (numpy, say), the release is refused and the buffer is dropped.
-            try:
+            # A handler that kept ``data`` gets an error, not another peer's bytes; if it kept
+            # a slice or an export of it, the pool sees the buffer is still in use and drops it.
+            with contextlib.suppress(BufferError):
                 data.release()
-            except BufferError:
-                pool.lost()
-            else:
-                pool.release(view)
+            del data
+            pool.release(buffer)
 
     def handle_write(self) -> None:
         if self._state == State.CLOSED or not self._queue:
@@ -344,15 +342,15 @@ class Connection:
 
     def _discard_until_eof(self) -> None:
         pool = self._core.buffers
-        view = pool.acquire()
+        buffer = pool.acquire()
         try:
-            received = self._sock.recv_into(view)
+            received = self._sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             received = 0
         finally:
-            pool.release(view)
+            pool.release(buffer)
         if not received:
             self._finalize()
 

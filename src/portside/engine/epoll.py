@@ -38,6 +38,13 @@ def _guarded(callback: Callable[[], object]) -> None:
         logger.exception("internal error in scheduled callback %r", callback)
 
 
+def _run_timer(timer: _Timer) -> None:
+    # A function, not inline in the loop, so no local outlives the call and keeps the timer's
+    # callback (say, a connection's method) referenced.
+    if not timer.cancelled:
+        _guarded(timer.callback)
+
+
 class _Timer:
     """One scheduled callback; ordered by due time, then by creation for stable ties."""
 
@@ -173,12 +180,13 @@ class EpollReactor:
                             target.handle_write()
                     except Exception:  # a bug in portside itself: keep serving everyone else
                         logger.exception("internal error handling fd %d", fd)
+                # Drop the last target: a reference left in this frame would keep a closed
+                # connection from being recycled (the pool only takes back unshared objects).
+                target = None
                 if timers:
                     now = _monotonic()
                     while timers and timers[0].when <= now:
-                        timer = heapq.heappop(timers)
-                        if not timer.cancelled:
-                            _guarded(timer.callback)
+                        _run_timer(heapq.heappop(timers))
                 for _ in range(len(ready)):
                     _guarded(ready.popleft())
         finally:

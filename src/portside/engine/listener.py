@@ -50,7 +50,7 @@ def bind_listener(config: ListenerConfig) -> socket.socket:
         infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {config.label}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {config.description}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -66,7 +66,7 @@ def bind_listener(config: ListenerConfig) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ListenError(f"cannot listen on {config.label}: {_describe(exc)}") from None
+        raise ListenError(f"cannot listen on {config.description}: {_describe(exc)}") from None
     return sock
 
 
@@ -124,6 +124,7 @@ class Listener:
         self._closed = False
         self._watching = False
         self._sweep_timer: TimerHandle | None = None
+        self._pressure_timer: TimerHandle | None = None
         #: The port the kernel bound (the chosen one when 0 was asked for); 0 for Unix sockets.
         self.port = int(sock.getsockname()[1]) if self.is_tcp else 0
         #: Where it listens, as logs and statistics show it.
@@ -160,7 +161,8 @@ class Listener:
         for _ in range(self.config.accept_batch):
             if self.pending_count + self.active_count >= limit:
                 self._reach_ceiling()
-                return
+                if self._at_ceiling:
+                    return
             if not self._accept_one():
                 return
 
@@ -215,18 +217,35 @@ class Listener:
         core.reactor.call_later(core.config.accept_backoff, retry)
 
     def _reach_ceiling(self) -> None:
+        """At the ceiling with a client waiting: make room from stale pending connections, or
+        stop accepting until a connection closes or the oldest pending one turns stale."""
         core = self._core
         assert core is not None
-        if not self._at_ceiling:
-            self.limited += 1
-            logger.info("%s reached max_connections=%d; accepting paused",
-                        self.address, self.config.max_connections)
-        stale = self.pending.pop_older_than(self.config.stale_pending_age, core.reactor.time())
+        now = core.reactor.time()
+        stale = self.pending.pop_older_than(self.config.stale_pending_age, now)
         for conn in stale:
             self.evicted += 1
             conn.abort_for(CloseReason.EVICTED)
-        self._at_ceiling = self.pending_count + self.active_count >= self.config.max_connections
+        at_ceiling = self.pending_count + self.active_count >= self.config.max_connections
+        if at_ceiling and not self._at_ceiling and not stale:
+            self.limited += 1
+            logger.info("%s reached max_connections=%d; accepting paused",
+                        self.address, self.config.max_connections)
+        self._at_ceiling = at_ceiling
+        due = self.pending.next_due()
+        if at_ceiling and due is not None and self._pressure_timer is None:
+            # Look at the backlog again once the oldest pending connection has been silent
+            # for stale_pending_age: a client waiting there then makes us evict it (the seed's
+            # FD_ACCEPT check); with nobody waiting, the silent connection may stay.
+            stale_at = due - self.pending.timeout + self.config.stale_pending_age
+            self._pressure_timer = core.reactor.call_later(stale_at - now, self._recheck_ceiling)
         self._update_watch()
+
+    def _recheck_ceiling(self) -> None:
+        self._pressure_timer = None
+        if self._at_ceiling:
+            self._at_ceiling = False  # watch the socket: readable means a client is waiting
+            self._update_watch()
 
     # -- connection bookkeeping ------------------------------------------------------------------
 
@@ -290,9 +309,10 @@ class Listener:
                 self.pending_count += 1
                 taken.append(conn)
             core.reactor.unregister(self.fd)
-            if self._sweep_timer is not None:
-                self._sweep_timer.cancel()
-                self._sweep_timer = None
+            for timer in (self._sweep_timer, self._pressure_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._sweep_timer = self._pressure_timer = None
         self._closed = True
         self._watching = False
         self.sock.close()

@@ -1,0 +1,1 @@
+"""Sans-IO protocol code: pure functions of bytes, tested without sockets."""
