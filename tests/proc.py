@@ -33,9 +33,15 @@ class PortsideProcess:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        """The first log line from now on that matches ``pattern``."""
+    def wait_for(self, pattern: str, timeout: float = WAIT,
+                 seen_too: bool = False) -> re.Match[str]:
+        """The first log line from now on that matches ``pattern`` (with ``seen_too``, also
+        among the lines earlier waits already read past)."""
         regex = re.compile(pattern)
+        if seen_too:
+            for line in self.lines:
+                if match := regex.search(line):
+                    return match
         while True:
             try:
                 line = self._queue.get(timeout=timeout)
