@@ -39,8 +39,8 @@ class PortsideProcess:
         among the lines earlier waits already read past)."""
         regex = re.compile(pattern)
         if seen_too:
-            for line in self.lines:
-                if match := regex.search(line):
+            for seen in self.lines:
+                if match := regex.search(seen):
                     return match
         while True:
             try:
