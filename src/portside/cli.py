@@ -32,6 +32,7 @@ from portside.handler import Handler
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ECHO_DATA_FIRST_PORT = 5001  # the seed's example ports
 ECHO_IMMEDIATE_PORT = 5002
+RESP_PORT = 6380  # beside, not on, a real Redis's 6379
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
         option.add_to(serve)
     _add_process_options(serve)
 
+    resp = commands.add_parser(
+        "resp", help="run the Redis-protocol example (PING ECHO GET SET DEL INCR)",
+        description="A small RESP2 server: redis-cli and redis-benchmark work against it.")
+    resp.add_argument("--host", default=default_of(ListenerConfig, "host"),
+                      help="address to listen on (default: %(default)s)")
+    resp.add_argument("--port", type=_port, default=RESP_PORT, metavar="PORT",
+                      help="(default: %(default)s)")
+    for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
+        option.add_to(resp)
+    _add_process_options(resp)
+
     ctl = commands.add_parser("ctl", help="control a running server",
                               description="Send one command to a running server.")
     ctl.add_argument("--control", metavar="PATH", default=default_control_path(),
@@ -204,6 +216,14 @@ def run_echo(args: argparse.Namespace) -> int:
                        policy=AcceptPolicy.IMMEDIATE, name="immediate", **listener_settings),
     ]
     return _serve(EchoHandler, listeners, args)
+
+
+def run_resp(args: argparse.Namespace) -> int:
+    from portside.examples.resp import RespHandler
+
+    listener = ListenerConfig(host=args.host, port=args.port, name="resp",
+                              **_pick(args, LISTENER_OPTIONS))
+    return _serve(RespHandler, [listener], args)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -291,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_echo(args)
         if args.subcommand == "serve":
             return run_serve(args)
+        if args.subcommand == "resp":
+            return run_resp(args)
         if args.subcommand == "ctl":
             return run_ctl(args)
     except PortsideError as exc:

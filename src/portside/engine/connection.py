@@ -19,6 +19,7 @@ import itertools
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from portside.errors import ConnectionClosedError
@@ -46,6 +47,7 @@ class CloseReason(enum.Enum):
     EVICTED = "evicted"  #: pending and stale while the listener was at max_connections
     SHUTDOWN = "shutdown"  #: closed by the server's shutdown
     HANDLER_ERROR = "handler-error"  #: a handler callback raised
+    PROTOCOL_ERROR = "protocol-error"  #: the peer broke the wire protocol (a framing error)
     SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
 
 
@@ -75,6 +77,7 @@ class Connection:
         "_established",
         "_fd",
         "_flow_paused",
+        "_held",
         "_linger_timer",
         "_queue",
         "_reading",
@@ -86,11 +89,13 @@ class Connection:
         "bytes_in",
         "bytes_out",
         "close_reason",
+        "framer",
         "id",
         "listener",
         "local_address",
         "peer_address",
         "reads",
+        "sequencer",
         "user_data",
         "writes",
     )
@@ -123,8 +128,11 @@ class Connection:
         self._eof = False
         self._queue.clear()
         self._buffered = 0
-        self._user_paused = self._flow_paused = self._writing = False
+        self._user_paused = self._flow_paused = self._held = self._writing = False
         self._reading = True
+        #: Per-connection state of the message layer (MessageHandler): framer and reply order.
+        self.framer: Any = None
+        self.sequencer: Any = None
         self._linger_timer: TimerHandle | None = None
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
@@ -160,7 +168,7 @@ class Connection:
 
     @property
     def reading_paused(self) -> bool:
-        return self._user_paused or self._flow_paused
+        return self._user_paused or self._flow_paused or self._held
 
     def counters(self) -> ConnectionCounters:
         return ConnectionCounters(
@@ -217,6 +225,16 @@ class Connection:
     def resume_reading(self) -> None:
         self._user_paused = False
         self._update_reading()
+
+    def hold_reading(self, held: bool) -> None:
+        """Pause (True) or resume reading on behalf of a layer such as ordered offload; kept
+        apart from ``pause_reading`` so that neither undoes the other."""
+        self._held = held
+        self._update_reading()
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on this connection's loop: the way other threads reach it."""
+        self._core.reactor.call_soon_threadsafe(callback)
 
     def close(self) -> None:
         """Graceful close: send every queued byte, then FIN; ``connection_closed`` follows."""
@@ -428,7 +446,7 @@ class Connection:
         if self._state == State.LINGERING:
             return True
         return (self._reading and self._state <= State.OPEN
-                and not self._user_paused and not self._flow_paused)
+                and not self._user_paused and not self._flow_paused and not self._held)
 
     def _update_reading(self) -> None:
         if self._state != State.CLOSED:

@@ -13,21 +13,22 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from portside.errors import ProtocolError
 
 Message = bytes | memoryview
 Buffer = bytes | bytearray | memoryview
+M = TypeVar("M")
 
 
-class Framer(ABC):
-    """Base class of framers; subclass it for your own wire format."""
+class Framer(ABC, Generic[M]):
+    """Base class of framers; subclass it for your own wire format (``M``: a message)."""
 
     def __init__(self) -> None:
         self._pending = bytearray()
 
-    def feed(self, data: Buffer) -> list[Message]:
+    def feed(self, data: Buffer) -> list[M]:
         """The messages that ``data`` completes, in order."""
         if self._pending:
             self._pending += data
@@ -35,7 +36,7 @@ class Framer(ABC):
             try:
                 messages, used = self.split(view)
                 # Copy out: the pending buffer is about to shrink under these views.
-                messages = [bytes(message) for message in messages]
+                messages = [self.detach(message) for message in messages]
             finally:
                 view.release()
             del self._pending[:used]
@@ -58,8 +59,13 @@ class Framer(ABC):
         return len(self._pending)
 
     @abstractmethod
-    def split(self, data: memoryview) -> tuple[list[Message], int]:
+    def split(self, data: memoryview) -> tuple[list[M], int]:
         """The whole messages at the start of ``data`` and how many bytes they used."""
+
+    def detach(self, message: M) -> M:
+        """``message`` as a copy that no longer refers to ``split``'s input (override when
+        messages are views)."""
+        return message
 
     @abstractmethod
     def check_pending(self, size: int) -> None:
@@ -73,7 +79,14 @@ class Framer(ABC):
         return [chunk for message in messages for chunk in self.encode(message)]
 
 
-class LineFramer(Framer):
+class ByteFramer(Framer[Message]):
+    """A framer whose messages are byte strings, returned as views where possible."""
+
+    def detach(self, message: Message) -> Message:
+        return bytes(message)
+
+
+class LineFramer(ByteFramer):
     """Messages separated by ``delimiter`` (newline by default); the delimiter is removed."""
 
     def __init__(self, delimiter: bytes = b"\n", max_length: int = 64 * 1024) -> None:
@@ -109,7 +122,7 @@ class LineFramer(Framer):
         return [message, self.delimiter]
 
 
-class LengthPrefixFramer(Framer):
+class LengthPrefixFramer(ByteFramer):
     """Messages preceded by their length in 1, 2, 4 or 8 bytes, big- or little-endian.
 
     With ``inclusive`` the length counts the prefix itself (as some protocols define it).
