@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portside.errors import ProtocolError
-from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
+from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer, Message
 
 
-def decode_in_pieces(framer: Framer, stream: bytes, cuts: list[int]) -> list[bytes]:
+def decode_in_pieces(framer: Framer[Message], stream: bytes, cuts: list[int]) -> list[bytes]:
     out: list[bytes] = []
     bounds = [0, *sorted(cuts), len(stream)]
     for start, end in itertools.pairwise(bounds):
@@ -95,3 +95,13 @@ def test_encode_refuses_what_cannot_be_framed() -> None:
         LineFramer().encode(b"two\nlines")
     with pytest.raises(ProtocolError):
         LengthPrefixFramer(1).encode(b"x" * 300)
+
+
+def test_messages_before_a_bad_frame_are_kept() -> None:
+    framer = LengthPrefixFramer(1, max_size=10)
+    assert [bytes(m) for m in framer.feed(b"\x02ok\xff")] == [b"ok"]
+    assert framer.error is not None
+    with pytest.raises(ProtocolError):
+        framer.feed(b"more")
+    with pytest.raises(ProtocolError):
+        framer.eof()

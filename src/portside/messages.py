@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -91,8 +91,6 @@ class MessageHandler(Handler, Generic[M]):
         sequencer: ReplySequencer = conn.sequencer
         seq = sequencer.issue()
         conn_id = conn.id
-        if sequencer.outstanding >= self.max_outstanding:
-            conn.hold_reading(True)
         executor = self.executor or shared_executor(self.offload_workers)
         future = executor.submit(work, *args)
 
@@ -108,7 +106,9 @@ class MessageHandler(Handler, Generic[M]):
         outcome = Outcome(error=error) if error is not None else Outcome(done.result())
         sequencer: ReplySequencer = conn.sequencer
         self._release(conn, sequencer.complete(seq, outcome))
-        if conn.reading_paused and sequencer.outstanding <= self.max_outstanding // 2:
+        if sequencer.held and sequencer.outstanding <= self.max_outstanding // 2:
+            self._dispatch(conn, sequencer, ())  # start the held requests first, in order
+        if not sequencer.held and conn.is_open:
             conn.hold_reading(False)
 
     def _release(self, conn: Connection, ready: list[Outcome]) -> None:
@@ -124,7 +124,8 @@ class MessageHandler(Handler, Generic[M]):
                     conn.abort()
                 return
             conn.writelines(self.encode_reply(conn, outcome.value))
-        if sequencer.close_when_drained and sequencer.outstanding == 0 and conn.is_open:
+        if (sequencer.close_when_drained and sequencer.outstanding == 0 and not sequencer.held
+                and conn.is_open):
             conn.close()
 
     # -- the stream side -------------------------------------------------------------------------
@@ -141,10 +142,25 @@ class MessageHandler(Handler, Generic[M]):
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
+        self._dispatch(conn, conn.sequencer, messages)
+        if framer.error is not None and conn.is_open:  # after the messages before the bad one
+            self.protocol_error(conn, framer.error)
+
+    def _dispatch(self, conn: Connection, sequencer: ReplySequencer,
+                  messages: Iterable[M]) -> None:
+        """Hand messages to ``message_received`` until too many are outstanding; hold the rest
+        (copied: they may be views of a lent buffer) and stop reading until replies catch up."""
+        framer: Framer[M] = conn.framer
+        held = sequencer.held
         for message in messages:
-            if not conn.is_open:
-                break
-            self.message_received(conn, message)
+            if held or sequencer.outstanding >= self.max_outstanding:
+                held.append(framer.detach(message))  # behind any held before it: order kept
+            elif conn.is_open:
+                self.message_received(conn, message)
+        while held and conn.is_open and sequencer.outstanding < self.max_outstanding:
+            self.message_received(conn, held.popleft())
+        if held and conn.is_open:
+            conn.hold_reading(True)
 
     def eof_received(self, conn: Connection) -> None:
         """The peer finished sending: answer what is in flight, then close."""
@@ -155,7 +171,7 @@ class MessageHandler(Handler, Generic[M]):
             self.protocol_error(conn, exc)
             return
         sequencer: ReplySequencer = conn.sequencer
-        if sequencer.outstanding:
+        if sequencer.outstanding or sequencer.held:
             sequencer.close_when_drained = True
         else:
             conn.close()

@@ -8,6 +8,7 @@ message layer bounds by pausing reads.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +24,14 @@ class Outcome:
 class ReplySequencer:
     """Issues sequence numbers and releases outcomes strictly in that order."""
 
-    __slots__ = ("_done", "close_when_drained", "next_issue", "next_release")
+    __slots__ = ("_done", "close_when_drained", "held", "next_issue", "next_release")
 
     def __init__(self) -> None:
         self.next_issue = 0
         self.next_release = 0
         self._done: dict[int, Outcome] = {}
+        #: Requests decoded while the limit on outstanding ones was reached, not yet started.
+        self.held: deque[Any] = deque()
         #: The peer has finished sending: close once every outstanding reply is out.
         self.close_when_drained = False
 

@@ -27,14 +27,23 @@ class Framer(ABC, Generic[M]):
 
     def __init__(self) -> None:
         self._pending = bytearray()
+        #: The first protocol error; once set, the stream is broken and feed() raises it.
+        self.error: ProtocolError | None = None
 
     def feed(self, data: Buffer) -> list[M]:
-        """The messages that ``data`` completes, in order."""
+        """The messages that ``data`` completes, in order.
+
+        Messages before a malformed frame are still returned, with ``error`` set; the call
+        after raises it (so does a call on a stream that begins with the bad frame).
+        """
+        if self.error is not None:
+            raise self.error
+        messages: list[M] = []
         if self._pending:
             self._pending += data
             view = memoryview(self._pending)
             try:
-                messages, used = self.split(view)
+                used = self._split_into(view, messages)
                 # Copy out: the pending buffer is about to shrink under these views.
                 messages = [self.detach(message) for message in messages]
             finally:
@@ -42,14 +51,34 @@ class Framer(ABC, Generic[M]):
             del self._pending[:used]
         else:
             view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-            messages, used = self.split(view)
-            if used < len(view):
+            used = self._split_into(view, messages)
+            if used < len(view) and self.error is None:
                 self._pending += view[used:]
-        self.check_pending(len(self._pending))
+        if self.error is None:
+            try:
+                self.check_pending(len(self._pending))
+            except ProtocolError as exc:
+                self._fail(exc)
+        if self.error is not None:
+            self._pending.clear()  # nothing after a bad frame can be trusted
+            if not messages:
+                raise self.error
         return messages
 
+    def _split_into(self, data: memoryview, messages: list[M]) -> int:
+        try:
+            return self.split(data, messages)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return len(data)
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self.error = exc
+
     def eof(self) -> None:
-        """The stream ended: an unfinished message is an error."""
+        """The stream ended: an unfinished message, or an earlier bad frame, is an error."""
+        if self.error is not None:
+            raise self.error
         if self._pending:
             raise ProtocolError(f"stream ended inside a message ({len(self._pending)} bytes)")
 
@@ -59,8 +88,10 @@ class Framer(ABC, Generic[M]):
         return len(self._pending)
 
     @abstractmethod
-    def split(self, data: memoryview) -> tuple[list[M], int]:
-        """The whole messages at the start of ``data`` and how many bytes they used."""
+    def split(self, data: memoryview, messages: list[M]) -> int:
+        """Append the whole messages at the start of ``data`` to ``messages``; return how many
+        bytes they used. Raise ProtocolError at a malformed frame (after appending those
+        before it)."""
 
     def detach(self, message: M) -> M:
         """``message`` as a copy that no longer refers to ``split``'s input (override when
@@ -97,8 +128,7 @@ class LineFramer(ByteFramer):
         self.max_length = max_length
         self._pattern = re.compile(re.escape(delimiter))
 
-    def split(self, data: memoryview) -> tuple[list[Message], int]:
-        messages: list[Message] = []
+    def split(self, data: memoryview, messages: list[Message]) -> int:
         start = 0
         size = len(self.delimiter)
         # A compiled pattern searches any buffer in place; bytes.find would need a copy.
@@ -109,7 +139,7 @@ class LineFramer(ByteFramer):
                 raise ProtocolError(f"line longer than {self.max_length} bytes")
             messages.append(data[start:end])
             start = end + size
-        return messages, start
+        return start
 
     def check_pending(self, size: int) -> None:
         # A delimiter may still be arriving, so allow its length on top of the maximum.
@@ -149,8 +179,7 @@ class LengthPrefixFramer(ByteFramer):
             raise ProtocolError(f"message of {length} bytes exceeds the maximum {self.max_size}")
         return length
 
-    def split(self, data: memoryview) -> tuple[list[Message], int]:
-        messages: list[Message] = []
+    def split(self, data: memoryview, messages: list[Message]) -> int:
         at = 0
         total = len(data)
         prefix = self.prefix_size
@@ -161,7 +190,7 @@ class LengthPrefixFramer(ByteFramer):
                 break
             messages.append(data[at + prefix:end])
             at = end
-        return messages, at
+        return at
 
     def check_pending(self, size: int) -> None:
         pass  # split() already rejected an oversized length, so a partial one is bounded

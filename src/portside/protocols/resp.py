@@ -28,9 +28,8 @@ class RespFramer(Framer[Command]):
         self.max_bulk = min(max_bulk, MAX_BULK)
         self.max_arguments = min(max_arguments, MAX_ARGUMENTS)
 
-    def split(self, data: memoryview) -> tuple[list[Command], int]:
+    def split(self, data: memoryview, messages: list[Command]) -> int:
         raw = data.tobytes()
-        commands: list[Command] = []
         at = 0
         while at < len(raw):
             parsed = self._parse_one(raw, at)
@@ -38,8 +37,8 @@ class RespFramer(Framer[Command]):
                 break
             command, at = parsed
             if command:
-                commands.append(command)
-        return commands, at
+                messages.append(command)
+        return at
 
     def _parse_one(self, raw: bytes, at: int) -> tuple[Command, int] | None:
         if raw[at] != 0x2A:  # not '*': an inline command
