@@ -104,9 +104,11 @@ def test_bad_server_settings_are_config_errors() -> None:
 def test_public_api_is_exactly_what_init_exports() -> None:
     assert sorted(portside.__all__) == sorted([
         "KIB", "SECONDS", "AcceptPolicy", "CloseReason", "ConfigError", "Connection",
-        "ConnectionClosedError", "ConnectionCounters", "Engine", "Handler", "ListenError",
-        "ListenerConfig", "ListenerStatistics", "PoolStatistics", "PortsideError", "Server",
-        "ServerConfig", "ServerState", "ServerStateError", "ServerStatistics",
+        "ConnectionClosedError", "ConnectionCounters", "Engine", "Framer", "Handler",
+        "LengthPrefixFramer", "LineFramer", "ListenError", "ListenerConfig",
+        "ListenerStatistics", "MessageHandler", "PoolStatistics", "PortsideError",
+        "ProtocolError", "Server", "ServerConfig", "ServerState", "ServerStateError",
+        "ServerStatistics", "StreamHandler", "StreamReader", "StreamWriter",
     ])
     for name in portside.__all__:
         assert getattr(portside, name) is not None

@@ -8,11 +8,15 @@ from portside.errors import (
     ConnectionClosedError,
     ListenError,
     PortsideError,
+    ProtocolError,
     ServerStateError,
 )
 from portside.handler import Handler
+from portside.messages import MessageHandler
+from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
 from portside.server import Server, ServerState
 from portside.statistics import ConnectionCounters, ListenerStatistics, ServerStatistics
+from portside.streams import StreamHandler, StreamReader, StreamWriter
 
 __all__ = [
     "KIB",
@@ -24,15 +28,23 @@ __all__ = [
     "ConnectionClosedError",
     "ConnectionCounters",
     "Engine",
+    "Framer",
     "Handler",
+    "LengthPrefixFramer",
+    "LineFramer",
     "ListenError",
     "ListenerConfig",
     "ListenerStatistics",
+    "MessageHandler",
     "PoolStatistics",
     "PortsideError",
+    "ProtocolError",
     "Server",
     "ServerConfig",
     "ServerState",
     "ServerStateError",
     "ServerStatistics",
+    "StreamHandler",
+    "StreamReader",
+    "StreamWriter",
 ]

@@ -129,6 +129,9 @@ class Server:
         """
         self.start()
         engine = self.config.engine
+        if engine is Engine.EPOLL and getattr(self.handler, "requires_asyncio", False):
+            raise ConfigError(f"{type(self.handler).__name__} runs coroutines: use the asyncio "
+                              "or uvloop engine")
         if engine is Engine.EPOLL:
             self._run_epoll(install_signal_handlers)
         elif engine is Engine.ASYNCIO:

@@ -1,0 +1,251 @@
+"""The async style: each connection is a coroutine with a reader and a writer.
+
+``StreamHandler.handle(reader, writer)`` runs as an asyncio task per connection. ``StreamReader``
+and ``StreamWriter`` follow asyncio's streams (``read``, ``readexactly``, ``readline``,
+``readuntil``, ``write``, ``drain``, ``close``, ``wait_closed``, ``get_extra_info``), so code
+written for ``asyncio.start_server`` moves over with little change, while accepting, policies,
+pools, limits and statistics are portside's. It needs a running asyncio loop: the ``asyncio``
+or ``uvloop`` engine, or ``Server.serve()``. The callback style stays the fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from portside.engine.connection import CloseReason, Connection
+from portside.handler import Handler
+from portside.protocols.framing import Framer
+
+M = TypeVar("M")
+
+
+class StreamReader:
+    """Bytes a peer sent, buffered up to ``limit`` (past it, reading from the socket pauses)."""
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self._conn = conn
+        self._limit = limit
+        self._buffer = bytearray()
+        self._eof = False
+        self._exception: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- fed by the handler's callbacks, on the loop ---------------------------------------------
+
+    def feed_data(self, data: bytes | memoryview) -> None:
+        self._buffer += data
+        if len(self._buffer) > self._limit:
+            self._conn.hold_reading(True)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    async def _wait(self) -> None:
+        if self._exception is not None:
+            raise self._exception
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        if len(self._buffer) <= self._limit // 2 and self._conn.is_open:
+            self._conn.hold_reading(False)
+        return data
+
+    # -- the asyncio.StreamReader interface ------------------------------------------------------
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all until EOF when ``n`` < 0); b"" at EOF."""
+        if n == 0:
+            return b""
+        if n < 0:
+            while not self._eof:
+                await self._wait()
+            return self._take(len(self._buffer))
+        while not self._buffer and not self._eof:
+            await self._wait()
+        return self._take(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if self._eof:
+                partial = self._take(len(self._buffer))
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait()
+        return self._take(n)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        while (index := self._buffer.find(separator)) < 0:
+            if len(self._buffer) > self._limit:
+                raise asyncio.LimitOverrunError("separator not found within the limit",
+                                                len(self._buffer))
+            if self._eof:
+                partial = self._take(len(self._buffer))
+                raise asyncio.IncompleteReadError(partial, None)
+            await self._wait()
+        return self._take(index + len(separator))
+
+    async def readline(self) -> bytes:
+        """A line with its newline; at EOF, what is left (maybe b"")."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    def __aiter__(self) -> StreamReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+    async def messages(self, framer: Framer[M]) -> AsyncIterator[M]:
+        """Whole messages through ``framer`` until EOF (``async for m in reader.messages(f)``)."""
+        while True:
+            while not self._buffer and not self._eof:
+                await self._wait()
+            if not self._buffer and self._eof:
+                framer.eof()
+                return
+            for message in framer.feed(self._take(len(self._buffer))):
+                yield message
+
+
+class StreamWriter:
+    """Writes to a connection; ``drain()`` waits while its write buffer is over high water."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._conn.write(data)
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self._conn.writelines(list(chunks))
+
+    async def drain(self) -> None:
+        if self._closed.done():
+            raise ConnectionResetError("connection lost")
+        if self._paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def is_closing(self) -> bool:
+        return not self._conn.is_open
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": self._conn.peer_address, "sockname": self._conn.local_address,
+                "connection": self._conn}.get(name, default)
+
+    # -- fed by the handler's callbacks ----------------------------------------------------------
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def lost(self, exc: BaseException | None) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+class StreamHandler(Handler):
+    """Override ``handle``; it runs as a task per connection, and the connection closes
+    gracefully when it returns. An exception in it is reported once and aborts that
+    connection only."""
+
+    requires_asyncio = True
+    #: Bytes a reader buffers before reading from the socket pauses.
+    reader_limit = 64 * 1024
+
+    def __init__(self) -> None:
+        self._streams: dict[Connection, tuple[StreamReader, StreamWriter]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: StreamReader, writer: StreamWriter) -> None:
+        """Serve one connection."""
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        reader = StreamReader(conn, self.reader_limit)
+        writer = StreamWriter(conn)
+        self._streams[conn] = (reader, writer)
+        if first_data is not None:
+            reader.feed_data(first_data)
+        task = asyncio.get_running_loop().create_task(self._run(conn, reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conn: Connection, reader: StreamReader, writer: StreamWriter) -> None:
+        conn_id = conn.id
+        try:
+            await self.handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the peer went away: connection_closed has or will come
+        except Exception as exc:
+            if conn.id == conn_id and conn.is_open:
+                self.error(conn, exc)
+                conn.abort_for(CloseReason.HANDLER_ERROR)
+            return
+        if conn.id == conn_id and conn.is_open:
+            conn.close()
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        self._streams[conn][0].feed_data(data)
+
+    def eof_received(self, conn: Connection) -> None:
+        self._streams[conn][0].feed_eof()  # the coroutine decides when to close
+
+    def pause_writing(self, conn: Connection) -> None:
+        self._streams[conn][1].pause()
+
+    def resume_writing(self, conn: Connection) -> None:
+        self._streams[conn][1].resume()
+
+    def connection_closed(self, conn: Connection, reason: CloseReason) -> None:
+        streams = self._streams.pop(conn, None)
+        if streams is None:
+            return
+        reader, writer = streams
+        if not reader.at_eof():
+            reader.set_exception(ConnectionResetError(f"connection closed ({reason.value})"))
+        writer.lost(None)
