@@ -1,0 +1,147 @@
+"""Runs the plan: every round, every server in turn, each in fresh processes per session.
+
+A session is one server process: started pinned to the server CPU, warmed up with unmeasured
+connection churn, then measured. Scenarios a, b and c share a session; each idle count (d) gets
+its own fresh server, so RSS "before" is not inflated by what earlier scenarios left in the
+allocator; the slowloris scenario (e) runs portside servers with a data-first listener added.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from bench import scenarios
+from bench.build import BUILD_DIR, BuildError
+from bench.loadgen import Loadgen, LoadgenError
+from bench.plan import Plan
+from bench.results import Failure, Measurement, RunResult
+from bench.serverproc import RunningServer, ServerStartError, running
+from bench.servers import SERVERS, ServerSpec
+
+Scenario = Callable[[RunningServer], scenarios.Figures]
+MEASURE_ERRORS = (LoadgenError, ServerStartError, BuildError, OSError, ValueError)
+
+
+@dataclass(frozen=True)
+class Session:
+    """Scenarios measured on one server process, and the extra server options they need."""
+
+    scenarios: tuple[tuple[str, Scenario], ...]
+    server_args: tuple[str, ...] = ()
+
+
+class Harness:
+    def __init__(self, plan: Plan, stamp: str, progress: TextIO = sys.stderr) -> None:
+        self.plan = plan
+        self.progress = progress
+        self.log_dir = BUILD_DIR / "logs" / stamp
+        self.loadgen = Loadgen.build(plan.loadgen_cpu, plan.connect_timeout,
+                                     plan.source_addresses)
+        self.result = RunResult(plan.servers, plan.scenarios, plan.rounds)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.progress, flush=True)
+
+    def sessions(self, spec: ServerSpec) -> list[Session]:
+        plan, lg = self.plan, self.loadgen
+        load: list[tuple[str, Scenario]] = []
+        if "a" in plan.scenarios:
+            load.append(("a", lambda s: scenarios.persistent(plan, lg, s, plan.small_size)))
+        if "b" in plan.scenarios:
+            load.append(("b", lambda s: scenarios.persistent(plan, lg, s, plan.large_size)))
+        if "c" in plan.scenarios:
+            load.append(("c", lambda s: scenarios.short_lived(plan, lg, s)))
+        out = [Session(tuple(load))] if load else []
+        ceiling = max((*plan.idle_counts(), plan.slowloris_conns)) * 2
+        portside_args = ("--max-connections", str(ceiling)) if spec.is_portside else ()
+        for count in plan.idle_counts():
+            def measure(s: RunningServer, n: int = count) -> scenarios.Figures:
+                return scenarios.idle(plan, lg, s, n)
+            out.append(Session(((f"d{count}", measure),), portside_args))
+        if "e" in plan.scenarios and spec.is_portside:
+            out.append(Session((("e", lambda s: scenarios.slowloris(plan, lg, s)),),
+                               (*portside_args, "--data-first",
+                                "--defer-accept", str(plan.defer_accept))))
+        return out
+
+    def nofile(self) -> int:
+        """Descriptors a server or load generator needs: the most connections, and room."""
+        return max((*self.plan.idle_counts(), self.plan.slowloris_conns)) + 4096
+
+    def session_budget(self) -> float:
+        """An upper bound on one session's time: the server's own lifetime limit."""
+        plan = self.plan
+        return plan.warmup + 4 * (plan.seconds + plan.connect_timeout) + 180
+
+    def run(self) -> RunResult:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        for round_no in range(1, self.plan.rounds + 1):
+            for name in self.plan.servers:
+                spec = SERVERS[name]
+                for session in self.sessions(spec):
+                    self._run_session(spec, session, round_no)
+        self.say(f"done in {time.monotonic() - started:.1f} s")
+        return self.result
+
+    def _run_session(self, spec: ServerSpec, session: Session, round_no: int) -> None:
+        plan = self.plan
+        names = ",".join(name for name, _ in session.scenarios)
+        log_path = self.log_dir / f"{spec.name}-r{round_no}-{names}.log"
+        try:
+            with log_path.open("w") as log, running(
+                    spec, cpu=plan.server_cpu, nofile=self.nofile(),
+                    max_seconds=self.session_budget(), log=log,
+                    extra=session.server_args) as server:
+                warm = scenarios.warm_up(plan, self.loadgen, server)
+                if warm.completed == 0:
+                    raise LoadgenError(f"warm-up completed no connection "
+                                       f"({warm.failures} failures)")
+                for scenario, measure in session.scenarios:
+                    self._measure(spec.name, scenario, round_no, server, measure)
+        except MEASURE_ERRORS as exc:
+            for scenario, _ in session.scenarios:
+                if not any(m.server == spec.name and m.scenario == scenario
+                           and m.round == round_no for m in self.result.measurements):
+                    self._fail(spec.name, scenario, round_no, f"{exc} (log: {log_path})")
+
+    def _measure(self, server_name: str, scenario: str, round_no: int, server: RunningServer,
+                 measure: Scenario) -> None:
+        try:
+            figures = measure(server)
+        except MEASURE_ERRORS as exc:
+            self._fail(server_name, scenario, round_no, str(exc))
+            return
+        self.result.measurements.append(Measurement(server_name, scenario, round_no, figures))
+        self.say(f"round {round_no}/{self.plan.rounds} {server_name:<17} {scenario:<6} "
+                 f"{_headline(scenario, figures)}")
+
+    def _fail(self, server: str, scenario: str, round_no: int, reason: str) -> None:
+        self.result.failures.append(Failure(server, scenario, round_no, reason))
+        self.say(f"round {round_no}/{self.plan.rounds} {server:<17} {scenario:<6} "
+                 f"FAILED: {reason}")
+
+
+def _headline(scenario: str, figures: scenarios.Figures) -> str:
+    """One progress line's worth of a measurement."""
+    def get(name: str, fmt: str) -> str:
+        return format(figures[name], fmt) if name in figures else "-"
+    if scenario in ("a", "b"):
+        return (f"{get('req_s', ',.0f')} req/s  p99 {get('p99_us', ',.0f')} µs  "
+                f"srv {get('srv_cpu', '.0%')} lg {get('lg_cpu', '.0%')}  "
+                f"failures {get('failures', '.0f')}")
+    if scenario == "c":
+        return (f"{get('conn_s', ',.0f')} conn/s  p99 {get('p99_us', ',.0f')} µs  "
+                f"srv {get('srv_cpu', '.0%')} lg {get('lg_cpu', '.0%')}  "
+                f"failures {get('failures', '.0f')}")
+    if scenario.startswith("d"):
+        return (f"{get('rss_per_conn_b', ',.0f')} B/conn  held {get('held', '.0f')}  "
+                f"closed by server {get('closed_by_server', '.0f')}")
+    return (f"{get('base_req_s', ',.0f')} -> {get('attack_req_s', ',.0f')} req/s "
+            f"({get('throughput_ratio', '.2f')}x)  p99 {get('base_p99_us', ',.0f')} -> "
+            f"{get('attack_p99_us', ',.0f')} µs  silent {get('silent_connected', '.0f')}")
+

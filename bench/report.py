@@ -1,0 +1,183 @@
+"""Writes a run's results: the markdown table, the JSON file, and the ``latest`` copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.figures import Figure, figures_for
+from bench.plan import Plan
+from bench.results import REFERENCES, RunResult
+from bench.servers import C_REFERENCE, SERVERS, UVLOOP_REFERENCE
+
+LOADGEN_BOUND = 0.9  # loadgen CPU share at which the client may have set the figure
+NOISY = 0.25  # CPU share other processes took during a window that makes its figure suspect
+SHORT = {UVLOOP_REFERENCE: "vs uvloop", C_REFERENCE: "vs C"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a report says besides the figures."""
+
+    stamp: str
+    plan: Plan
+    machine: dict[str, Any]
+    commit: dict[str, Any]
+    chart: str | None  # file name of the chart beside the markdown, if one was drawn
+    chart_note: str = ""
+
+
+def _fmt(value: float | None, decimals: int = 0) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{decimals}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
+           align_left: int = 1) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < align_left else "---:" for i in range(len(header)))
+             + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _scenario_section(result: RunResult, plan: Plan, scenario: str) -> list[str]:
+    figures = figures_for(scenario)
+    title = f"## ({scenario[0]}) {plan.describe(scenario)}"
+    out = [title, ""]
+    main = figures[0]
+    servers = [s for s in result.servers
+               if scenario != "e" or SERVERS[s].is_portside]
+    lg_figure = next((f for f in figures if f.name == "lg_cpu"), None)
+    other_figure = next((f for f in figures if f.name == "other_cpu"), None)
+    header = ["server", *(f.label for f in figures), f"{main.label} per round"]
+    rows: list[list[str]] = []
+    bound = noisy = False
+    for server in servers:
+        row = [server]
+        for figure in figures:
+            cell = _fmt(result.median(server, figure), figure.decimals)
+            if figure is main:
+                lg = result.median(server, lg_figure) if lg_figure else None
+                other = result.median(server, other_figure) if other_figure else None
+                if lg is not None and lg >= LOADGEN_BOUND:
+                    cell += " †"
+                    bound = True
+                if other is not None and other >= NOISY:
+                    cell += " ‡"
+                    noisy = True
+            row.append(cell)
+        row.append(", ".join(_fmt(v, main.decimals) for v in result.values(server, main)))
+        rows.append(row)
+    out += _table(header, rows)
+    if bound:
+        out += ["", f"† the load generator used >= {LOADGEN_BOUND:.0%} of its CPU: the client, "
+                "not the server, may have set this figure."]
+    if noisy:
+        out += ["", f"‡ other processes used >= {NOISY:.0%} of a core during the window: "
+                "this figure is noisy; rerun on a quiet machine."]
+    compared = [f for f in figures if f.compared]
+    if compared:
+        out += ["", "Ratios (per-round ratio to the reference in the same round, median):", ""]
+        header = ["server", *(f"{f.label} {SHORT[ref]}" for f in compared for ref in REFERENCES)]
+        rows = [[server, *(_ratio(result.ratio(server, f, ref))
+                           for f in compared for ref in REFERENCES)] for server in servers]
+        out += _table(header, rows)
+    return [*out, ""]
+
+
+def _targets_section(result: RunResult) -> list[str]:
+    rows = [[t.target.figure, t.target.requirement(), t.server, _ratio(t.ratio), t.verdict]
+            for t in result.target_results()]
+    if not rows:
+        return []
+    return ["## Targets (issue 4)", "",
+            *_table(["figure", "target", "server", "measured", "PASS/MISS"], rows,
+                    align_left=3), "",
+            "Ratios are medians of per-round ratios. Only `portside_epoll` is held to the targets; "
+            "the other engines are shown for comparison.", ""]
+
+
+def markdown(result: RunResult, ctx: Context) -> str:
+    plan, machine, commit = ctx.plan, ctx.machine, ctx.commit
+    dirty = commit["dirty"]
+    pin = machine["pinning"]
+    lines = [
+        f"# Echo benchmark, {ctx.stamp}{' (quick smoke run)' if plan.quick else ''}", "",
+        f"Commit `{commit['short']}` ({commit['subject']})"
+        + (f", with {len(dirty)} uncommitted change(s) measured too" if dirty else "") + ".",
+        f"Machine: {machine['cores']} cores ({machine['cpu_model']}), "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}; Python {machine['python']}, "
+        f"uvloop {machine['loop']['uvloop']}; {machine['compiler']}.",
+        f"Server pinned to CPU {pin['server_cpu']}, load generator to CPU {pin['loadgen_cpu']}. "
+        f"{plan.rounds} round(s), medians; {plan.seconds:g} s measured per figure after "
+        f"{plan.warmup:g} s of unmeasured connection churn per server process. "
+        f"Load average at start: {machine['loadavg_at_start']}.", "",
+    ]
+    if ctx.chart:
+        lines += [f"![echo benchmark chart]({ctx.chart})", ""]
+    elif ctx.chart_note:
+        lines += [f"(No chart: {ctx.chart_note}.)", ""]
+    lines += _targets_section(result)
+    for scenario in plan.scenarios:
+        lines += _scenario_section(result, plan, scenario)
+    lines += ["## Method", "",
+              "- Load generator: bench/loadgen.c (epoll, one thread), checks every echoed byte. "
+              "`loadgen CPU` is its own utime+stime over the window (1.00 = one core); "
+              "`server CPU` the server's utime+stime from /proc/PID/stat; `other CPU` the rest "
+              "of the host's busy time (noise: 2 cores = 2.00).",
+              "- req/CPU-s and conn/CPU-s: requests (connections) per second of server CPU.",
+              "- (d) RSS B/conn = (VmRSS held - VmRSS before) / connections the server holds, "
+              "on a fresh server process after its warm-up.",
+              f"- (e) uses portside's default TCP_DEFER_ACCEPT ({plan.defer_accept} s) on the "
+              "data-first port unless --defer-accept says otherwise; silent connections the "
+              "server closes are reopened at once. 'No attack' pools two windows in the same "
+              "server process, one just before the attack and one just after (p99: their mean).",
+              "- portside's worker processes (`--workers`; issue 4 asks for them 'where the "
+              "machine has spare cores') are not measured: on a 2-core machine the load "
+              "generator takes the only core the server does not use.", ""]
+    if result.failures:
+        lines += ["## Failures", ""]
+        lines += [f"- round {f.round} {f.server} ({f.scenario}): {f.reason}"
+                  for f in result.failures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def document(result: RunResult, ctx: Context) -> dict[str, Any]:
+    return {"format": 1, "stamp": ctx.stamp, "commit": ctx.commit, "machine": ctx.machine,
+            "plan": ctx.plan.as_dict(),
+            "scenarios": {s: ctx.plan.describe(s) for s in ctx.plan.scenarios},
+            "figures": {f.key: _figure_meta(f) for f in result.figures()},
+            **result.to_json()}
+
+
+def _figure_meta(figure: Figure) -> dict[str, Any]:
+    return {"label": figure.label, "higher_is_better": figure.higher_is_better}
+
+
+def write(result: RunResult, ctx: Context, results_dir: Path) -> list[Path]:
+    """Write <stamp>.md and .json (the chart is already there) and the ``latest`` copies."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    md = results_dir / f"{ctx.stamp}.md"
+    js = results_dir / f"{ctx.stamp}.json"
+    md.write_text(markdown(result, ctx))
+    js.write_text(json.dumps(document(result, ctx), indent=1, allow_nan=False) + "\n")
+    written = [md, js]
+    latest_chart = "latest.png" if ctx.chart else None
+    if ctx.chart:
+        shutil.copyfile(results_dir / ctx.chart, results_dir / "latest.png")
+        written += [results_dir / ctx.chart, results_dir / "latest.png"]
+    latest = Context(ctx.stamp, ctx.plan, ctx.machine, ctx.commit, latest_chart, ctx.chart_note)
+    (results_dir / "latest.md").write_text(markdown(result, latest))
+    shutil.copyfile(js, results_dir / "latest.json")
+    return [*written, results_dir / "latest.md", results_dir / "latest.json"]

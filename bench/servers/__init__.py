@@ -1,0 +1,60 @@
+"""The echo servers the harness compares, each a minimal server written for it.
+
+A ``ServerSpec`` says how to start one; every server listens on 127.0.0.1 only, prints
+``{"port": N, "data_first_port": M}`` on stdout once it listens, and stops on SIGTERM or by
+itself after ``--max-seconds``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    description: str
+    #: ``python -m MODULE ARGS`` for a Python server ...
+    module: str | None = None
+    args: tuple[str, ...] = ()
+    #: ... or a C source file the harness compiles.
+    c_source: Path | None = None
+    #: portside servers also run the slowloris scenario (they have a data-first listener).
+    is_portside: bool = False
+
+
+def _aio(name: str, loop: str, style: str, description: str) -> ServerSpec:
+    return ServerSpec(name, description, module="bench.servers.aio_echo",
+                      args=("--loop", loop, "--style", style))
+
+
+def _portside(engine: str) -> ServerSpec:
+    return ServerSpec(f"portside_{engine}", f"portside EchoHandler, {engine} engine",
+                      module="bench.servers.portside_echo", args=("--engine", engine),
+                      is_portside=True)
+
+
+SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
+    ServerSpec("c_epoll", "minimal C epoll echo server (the practical limit)",
+               c_source=HERE / "c_epoll.c"),
+    _aio("uvloop_proto", "uvloop", "protocol", "uvloop, asyncio.Protocol"),
+    _aio("uvloop_buffered", "uvloop", "buffered", "uvloop, asyncio.BufferedProtocol"),
+    _aio("asyncio_proto", "asyncio", "protocol", "stdlib asyncio, asyncio.Protocol"),
+    _aio("asyncio_streams", "asyncio", "streams", "stdlib asyncio, streams"),
+    _portside("epoll"),
+    _portside("asyncio"),
+    _portside("uvloop"),
+    # not in the default set, selectable with --servers
+    _aio("uvloop_streams", "uvloop", "streams", "uvloop, streams"),
+    _aio("asyncio_buffered", "asyncio", "buffered", "stdlib asyncio, asyncio.BufferedProtocol"),
+)}
+
+DEFAULT_SERVERS = ("c_epoll", "uvloop_proto", "uvloop_buffered", "asyncio_proto",
+                   "asyncio_streams", "portside_epoll", "portside_asyncio", "portside_uvloop")
+QUICK_SERVERS = ("c_epoll", "uvloop_proto", "portside_epoll")
+#: The references every ratio is taken against.
+UVLOOP_REFERENCE = "uvloop_proto"
+C_REFERENCE = "c_epoll"

@@ -1,0 +1,79 @@
+"""Smoke test of the benchmark harness: ``python -m bench --quick`` runs end to end.
+
+It checks that the harness works (files written, every figure measured and non-zero, every
+echoed byte correct), never how fast anything is: a benchmark is not a timed test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the harness needs Linux"),
+    pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                       reason="the harness compiles its load generator with gcc"),
+    pytest.mark.timeout(360),  # the module's quick run (about 10-30 s) included
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    results = tmp_path_factory.mktemp("bench-results")
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--results-dir",
+                           str(results)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    document: dict[str, Any] = json.loads((results / "latest.json").read_text())
+    return results, document
+
+
+def test_writes_markdown_json_and_latest_copies(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    results, document = quick_run
+    stamp = document["stamp"]
+    for name in (f"{stamp}.md", f"{stamp}.json", "latest.md", "latest.json"):
+        assert (results / name).stat().st_size > 0, name
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in (f"{stamp}.png", "latest.png"):
+            assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    markdown = (results / "latest.md").read_text()
+    assert "PASS/MISS" in markdown
+    assert document["machine"]["cores"] >= 1
+    assert document["commit"]["commit"]
+
+
+def test_every_figure_measured_without_failures(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, document = quick_run
+    assert document["failures"] == []
+    servers: list[str] = document["plan"]["servers"]
+    scenarios: list[str] = document["plan"]["scenarios"]
+    medians: dict[str, dict[str, float]] = document["medians"]
+    assert servers and scenarios
+    for server in servers:
+        figures = medians[server]
+        for key in ("a.req_s", "a.req_cpu_s", "a.p99_us", "b.req_s", "c.conn_s", "c.p99_us"):
+            if key.split(".")[0] in scenarios:
+                assert figures[key] > 0, (server, key)
+        for scenario in ("a", "b", "c"):
+            if scenario in scenarios:
+                assert figures[f"{scenario}.failures"] == 0, (server, scenario)
+        for scenario in (s for s in scenarios if s.startswith("d")):
+            assert figures[f"{scenario}.held"] == int(scenario[1:]), (server, scenario)
+            assert f"{scenario}.rss_per_conn_b" in figures
+            if not server.startswith("c_"):  # a C server's idle connections cost no RSS
+                assert figures[f"{scenario}.rss_per_conn_b"] > 0, (server, scenario)
+        if "e" in scenarios and server.startswith("portside_"):
+            assert figures["e.base_req_s"] > 0 and figures["e.attack_req_s"] > 0, server
+            assert figures["e.failures"] == 0, server
+    verdicts = {target["verdict"] for target in document["targets"]}
+    assert verdicts <= {"PASS", "MISS", "n/a"}
+    assert "n/a" not in verdicts  # every target had both its figures
