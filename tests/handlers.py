@@ -23,3 +23,12 @@ class CrashingHandler(EchoHandler):
 
     def server_started(self, server: Server) -> None:
         os._exit(3)
+
+
+class PeerEcho(EchoHandler):
+    """Says who it thinks the client is (the PROXY header's source), then echoes."""
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        host, port = conn.peer_address[:2]
+        conn.write(f"peer {host} {port} pid {os.getpid()}\n".encode())
+        super().connection_made(conn, first_data)

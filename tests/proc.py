@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 WAIT = 20.0
 
@@ -17,11 +18,12 @@ WAIT = 20.0
 class PortsideProcess:
     """``python -m portside ARGS`` with stderr read line by line in a thread."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None,
+                 wrapper: Sequence[str] = (), **popen: Any) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "portside", *args], stdin=subprocess.DEVNULL,
+            [*wrapper, sys.executable, "-m", "portside", *args], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(env or {})}, **popen)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

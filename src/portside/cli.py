@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import importlib
 import json
 import logging
 import math
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from portside.config import (
     default_of,
     parse_engine,
     parse_policy,
+    parse_proxy_version,
 )
 from portside.control import protocol
 from portside.control.server import default_control_path
@@ -74,6 +77,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _proxy_version(text: str) -> Any:
+    try:
+        return parse_proxy_version(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _engine(text: str) -> Engine:
     try:
         return parse_engine(text)
@@ -94,7 +104,7 @@ class _Option:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         default = default_of(self.owner, self.field)
-        shown = default.value if isinstance(default, Engine) else default
+        shown = default.value if isinstance(default, enum.Enum) else default
         parser.add_argument(self.flag, dest=self.field, type=self.parse, default=default,
                             metavar=self.metavar, help=f"{self.help} (default: {shown})")
 
@@ -106,6 +116,14 @@ LISTENER_OPTIONS = (
             "per listener: stop accepting at this many open connections"),
     _Option("--accept-batch", ListenerConfig, "accept_batch", _count(1), "N",
             "connections accepted per wake-up"),
+    _Option("--idle-timeout", ListenerConfig, "idle_timeout", _seconds, "SECONDS",
+            "close connections with no traffic either way for this long (0: off)"),
+    _Option("--read-timeout", ListenerConfig, "read_timeout", _seconds, "SECONDS",
+            "close connections that leave a message unfinished this long (0: off)"),
+    _Option("--write-timeout", ListenerConfig, "write_timeout", _seconds, "SECONDS",
+            "reset connections whose peer takes none of our bytes this long (0: off)"),
+    _Option("--proxy-protocol", ListenerConfig, "proxy_protocol", _proxy_version,
+            "{off,v1,v2,any}", "expect a PROXY protocol header from a load balancer first"),
     _Option("--defer-accept", ListenerConfig, "defer_accept", _count(0), "SECONDS",
             "seconds of Linux TCP_DEFER_ACCEPT on data-first listeners (0: off)"),
 )
@@ -168,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("command", choices=protocol.COMMANDS)
     ctl.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                      help="how long to wait for the reply (default: %(default)s)")
+    top = commands.add_parser("top", help="a live view of a running server",
+                              description="Listeners and workers of a running server, "
+                                          "refreshed every second from its control socket.")
+    top.add_argument("--control", metavar="PATH", default=default_control_path(),
+                     help="its control socket (default: %(default)s)")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+                     help="refresh period (default: %(default)s)")
+    top.add_argument("--iterations", type=_count(1), default=None, metavar="N",
+                     help="stop after N refreshes (default: until Ctrl-C)")
     return parser
 
 
@@ -177,6 +205,14 @@ def _add_process_options(parser: argparse.ArgumentParser) -> None:
                              "without it, one process serves")
     parser.add_argument("--control", metavar="PATH", default=None,
                         help=f"control socket for portside ctl (default: {default_control_path()})")
+    parser.add_argument("--tls-cert", metavar="FILE", default=None,
+                        help="serve TLS on every listener with this certificate (PEM chain)")
+    parser.add_argument("--tls-key", metavar="FILE", default=None,
+                        help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-alpn", metavar="PROTOCOLS", default=None,
+                        help="ALPN protocols to offer, comma-separated (e.g. h2,http/1.1)")
+    parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--heartbeat-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                         help="replace a worker whose loop has not answered for this long "
                              "(default: %(default)s)")
@@ -251,24 +287,83 @@ def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfi
            args: argparse.Namespace) -> int:
     from portside.control.server import ControlServer
     from portside.control.target import ServerTarget
+    from portside.metrics import MetricsServer
     from portside.server import Server
     from portside.workers.supervisor import Supervisor
 
     config = ServerConfig(**_pick(args, SERVER_OPTIONS))
+    tls = _tls_context(args)
+    if tls is not None:
+        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
     control_path = args.control or default_control_path()
+    listeners, sockets = _socket_activation(listeners)
     if args.workers is not None:
         supervisor = Supervisor(handler_factory, listeners, config, args.workers,
                                 _claim_control(control_path, explicit=bool(args.control)),
-                                heartbeat_timeout=args.heartbeat_timeout)
+                                heartbeat_timeout=args.heartbeat_timeout, sockets=sockets)
         supervisor.start()
+        if args.metrics:
+            supervisor.serve_metrics(args.metrics)
         return supervisor.run()
-    server = Server(handler_factory(), listeners, config)
+    server = Server(handler_factory(), listeners, config, sockets=sockets)
     server.start()
     path = _claim_control(control_path, explicit=bool(args.control))
     if path is not None:
         server.add_service(ControlServer(path, ServerTarget(server)))
+    if args.metrics:
+        server.add_service(MetricsServer(args.metrics, ServerTarget(server)))
     server.run()
     return 0
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server context from --tls-cert/--tls-key, or None; bad files are a ConfigError."""
+    if not args.tls_cert and not args.tls_key:
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError(f"cannot load TLS certificate {args.tls_cert!r} and key "
+                          f"{args.tls_key!r}: {reason}") from None
+    if args.tls_alpn:
+        context.set_alpn_protocols([p.strip() for p in args.tls_alpn.split(",") if p.strip()])
+    return context
+
+
+def _socket_activation(listeners: list[ListenerConfig]
+                       ) -> tuple[list[ListenerConfig], list[socket.socket] | None]:
+    """With systemd socket activation, serve the sockets it passed instead of binding.
+
+    Sockets named (LISTEN_FDNAMES) like a listener ("data-first", "immediate", "resp") take
+    that listener's settings; the others pair with the listeners in order.
+    """
+    from portside.engine.activation import activated_sockets
+
+    handed = activated_sockets()
+    if not handed:
+        return listeners, None
+    by_name = {listener.name: listener for listener in listeners if listener.name}
+    unnamed = [listener for listener in listeners if listener.name not in
+               {entry.name for entry in handed}]
+    configs = []
+    for entry in handed:
+        base = by_name.get(entry.name) or (unnamed.pop(0) if unnamed else listeners[-1])
+        if entry.sock.family == socket.AF_UNIX:
+            config = dataclasses.replace(base, path=str(entry.sock.getsockname()),
+                                         name=entry.name or base.name)
+        else:
+            host, port = entry.sock.getsockname()[:2]
+            config = dataclasses.replace(base, host=host, port=port,
+                                         name=entry.name or base.name)
+        configs.append(config)
+    logging.getLogger("portside").info("serving %d socket(s) from systemd socket activation",
+                                       len(handed))
+    return configs, [entry.sock for entry in handed]
 
 
 def _claim_control(path: str, explicit: bool) -> str | None:
@@ -315,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_resp(args)
         if args.subcommand == "ctl":
             return run_ctl(args)
+        if args.subcommand == "top":
+            from portside.top import run_top
+
+            return run_top(args.control, args.interval, args.once, args.iterations)
     except PortsideError as exc:
         print(f"portside: {exc}", file=sys.stderr)
         return 2

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import enum
 import math
+import ssl
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from portside.errors import ConfigError
+from portside.protocols.proxy import Version as ProxyVersion
 
 SECONDS = 1.0
 KIB = 1024
@@ -62,14 +64,29 @@ class ListenerConfig:
     #: Unsent bytes above which reading pauses; below ``write_low_water`` it resumes.
     write_high_water: int = 64 * KIB
     write_low_water: int = 16 * KIB
+    #: Close a connection with no bytes in either direction for this long (0: off).
+    idle_timeout: float = 0
+    #: Close a connection that owes us the rest of a message for this long (0: off).
+    read_timeout: float = 0
+    #: Reset a connection whose peer takes none of our queued bytes for this long (0: off).
+    write_timeout: float = 0
+    #: Serve TLS with this server-side context (None: plain TCP). See README.
+    tls: ssl.SSLContext | None = None
+    #: Expect a PROXY protocol header (from a load balancer) first: off, v1, v2 or any.
+    proxy_protocol: ProxyVersion = ProxyVersion.OFF
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, AcceptPolicy):
             object.__setattr__(self, "policy", parse_policy(str(self.policy)))
+        if not isinstance(self.proxy_protocol, ProxyVersion):
+            object.__setattr__(self, "proxy_protocol", parse_proxy_version(
+                str(self.proxy_protocol)))
         if self.path is None:
             _check(0 <= self.port <= 65535, "port", self.port, "must be 0-65535")
         _check_duration("first_data_timeout", self.first_data_timeout)
         _check_duration("stale_pending_age", self.stale_pending_age)
+        for name in ("idle_timeout", "read_timeout", "write_timeout"):
+            _check_duration(name, getattr(self, name))
         _check(self.defer_accept >= 0, "defer_accept", self.defer_accept, "must be >= 0")
         _check(self.max_connections >= 1, "max_connections", self.max_connections, "must be >= 1")
         _check(self.accept_batch >= 1, "accept_batch", self.accept_batch, "must be >= 1")
@@ -140,6 +157,15 @@ def parse_policy(text: str) -> AcceptPolicy:
     except ValueError:
         choices = ", ".join(p.value for p in AcceptPolicy)
         raise ConfigError(f"unknown accept policy {text!r} (choose from {choices})") from None
+
+
+def parse_proxy_version(text: str) -> ProxyVersion:
+    try:
+        return ProxyVersion(text.lower())
+    except ValueError:
+        choices = ", ".join(v.value for v in ProxyVersion)
+        raise ConfigError(f"unknown PROXY protocol setting {text!r} (choose from {choices})"
+                          ) from None
 
 
 def parse_engine(text: str) -> Engine:

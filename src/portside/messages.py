@@ -145,6 +145,8 @@ class MessageHandler(Handler, Generic[M]):
         self._dispatch(conn, conn.sequencer, messages)
         if framer.error is not None and conn.is_open:  # after the messages before the bad one
             self.protocol_error(conn, framer.error)
+            return
+        conn.awaiting_data(framer.buffered > 0)  # a message begun: read_timeout runs
 
     def _dispatch(self, conn: Connection, sequencer: ReplySequencer,
                   messages: Iterable[M]) -> None:

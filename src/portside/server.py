@@ -33,6 +33,7 @@ from portside.statistics import ServerStatistics
 logger = logging.getLogger("portside")
 
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_LAG_PROBE_INTERVAL = 0.5  # seconds between loop-lag probes
 
 
 class Service(Protocol):
@@ -85,6 +86,7 @@ class Server:
         self._accepting_paused = False
         self._drain_timer: TimerHandle | None = None
         self._signals_seen = 0
+        self.loop_lag = self.loop_lag_max = 0.0
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -196,12 +198,23 @@ class Server:
                 listener.paused = True
             listener.attach(self._core)
         self.state = ServerState.RUNNING
+        self._probe_loop_lag(reactor.time() + _LAG_PROBE_INTERVAL)
         for service in self._services:
             service.attach(reactor)
         for listener in self._listeners:
             logger.info("listening on %s (%s)", listener.address, listener.config.policy.value)
         self._call_handler(self.handler.server_started)
         self.started.set()
+
+    def _probe_loop_lag(self, expected: float) -> None:
+        """A timer that notes how late it runs: the loop's lag, for statistics and metrics."""
+        reactor = self._reactor
+        if reactor is None or self.state is ServerState.STOPPED:
+            return
+        self.loop_lag = max(0.0, reactor.time() - expected)
+        self.loop_lag_max = max(self.loop_lag_max, self.loop_lag)
+        due = reactor.time() + _LAG_PROBE_INTERVAL
+        reactor.call_later(_LAG_PROBE_INTERVAL, lambda: self._probe_loop_lag(due))
 
     def _release(self) -> None:
         for listener in self._listeners:
@@ -262,6 +275,8 @@ class Server:
             state=self.state.value,
             engine=self.config.engine.value,
             accepting_paused=self._accepting_paused,
+            loop_lag=self.loop_lag,
+            loop_lag_max=self.loop_lag_max,
             listeners=tuple(listener.statistics() for listener in self._listeners),
             buffer_pool=core.buffers.statistics() if core else empty,
             connection_pool=core.connections.statistics() if core else empty,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from portside.engine.buffers import PoolStatistics
 
+TTFB_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
+
 
 @dataclass(frozen=True, slots=True)
 class ListenerStatistics:
@@ -23,8 +25,18 @@ class ListenerStatistics:
     evicted: int
     limited: int
     accept_errors: int
+    proxy_errors: int
+    tls_failures: int
+    idle_timeouts: int
+    read_timeouts: int
+    write_timeouts: int
     bytes_in: int
     bytes_out: int
+    #: Time from accept to a connection's first byte: counts per ``TTFB_BUCKETS`` upper bound
+    #: (the last is +Inf), their sum in seconds, and how many.
+    ttfb_buckets: tuple[int, ...]
+    ttfb_sum: float
+    ttfb_count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +46,9 @@ class ServerStatistics:
     state: str
     engine: str
     accepting_paused: bool
+    #: How late the loop ran a timer, last and worst, in seconds: a busy or blocked loop.
+    loop_lag: float
+    loop_lag_max: float
     listeners: tuple[ListenerStatistics, ...]
     buffer_pool: PoolStatistics
     connection_pool: PoolStatistics

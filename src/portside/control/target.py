@@ -12,7 +12,8 @@ from portside.control import protocol
 from portside.server import Server
 
 TOTALLED = ("accepted", "pending", "active", "closed", "first_data_timeouts", "evicted",
-            "limited", "accept_errors", "bytes_in", "bytes_out")
+            "limited", "accept_errors", "proxy_errors", "tls_failures", "idle_timeouts",
+            "read_timeouts", "write_timeouts", "bytes_in", "bytes_out", "ttfb_count")
 
 
 def worker_document(server: Server, started_at: float) -> dict[str, Any]:
@@ -25,6 +26,8 @@ def worker_document(server: Server, started_at: float) -> dict[str, Any]:
         "engine": stats.engine,
         "accepting_paused": stats.accepting_paused,
         "connections": stats.active + stats.pending,
+        "loop_lag": round(stats.loop_lag, 6),
+        "loop_lag_max": round(stats.loop_lag_max, 6),
         "listeners": [dataclasses.asdict(listener) for listener in stats.listeners],
         "pools": {"buffers": dataclasses.asdict(stats.buffer_pool),
                   "connections": dataclasses.asdict(stats.connection_pool)},
@@ -39,9 +42,13 @@ def combine(workers: list[dict[str, Any]], pid: int, uptime: float) -> dict[str,
         for entry in worker["listeners"]:
             merged = listeners.setdefault(entry["name"], {
                 "name": entry["name"], "address": entry["address"], "policy": entry["policy"],
-                **{key: 0 for key in TOTALLED}})
+                **{key: 0 for key in TOTALLED}, "ttfb_buckets": [0] * len(entry["ttfb_buckets"]),
+                "ttfb_sum": 0.0})
             for key in TOTALLED:
                 merged[key] += entry[key]
+            merged["ttfb_buckets"] = [a + b for a, b in zip(merged["ttfb_buckets"],
+                                                            entry["ttfb_buckets"], strict=True)]
+            merged["ttfb_sum"] += entry["ttfb_sum"]
         for pool_name, figures in worker["pools"].items():
             summed = pools.setdefault(pool_name, {})
             for key, value in figures.items():
@@ -56,7 +63,8 @@ def combine(workers: list[dict[str, Any]], pid: int, uptime: float) -> dict[str,
         "accepting_paused": any(worker["accepting_paused"] for worker in workers),
         "totals": totals,
         "listeners": list(listeners.values()),
-        "workers": [{key: worker[key] for key in ("pid", "uptime", "state", "connections")}
+        "workers": [{key: worker[key] for key in ("pid", "uptime", "state", "connections",
+                                                  "loop_lag", "loop_lag_max")}
                     for worker in workers],
         "pools": pools,
     }

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import logging
 import socket
 import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from portside.errors import ConnectionClosedError
+from portside.errors import ConnectionClosedError, ProtocolError
+from portside.protocols.proxy import ProxyHeader, parse_proxy_header
 from portside.statistics import ConnectionCounters
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from portside.engine.reactor import TimerHandle
 
 Address = Any  # a (host, port[, flowinfo, scope_id]) tuple for TCP, a path string for Unix sockets
+
+logger = logging.getLogger("portside")
 
 _SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
@@ -48,6 +52,10 @@ class CloseReason(enum.Enum):
     SHUTDOWN = "shutdown"  #: closed by the server's shutdown
     HANDLER_ERROR = "handler-error"  #: a handler callback raised
     PROTOCOL_ERROR = "protocol-error"  #: the peer broke the wire protocol (a framing error)
+    IDLE_TIMEOUT = "idle-timeout"  #: no bytes either way for idle_timeout
+    READ_TIMEOUT = "read-timeout"  #: the rest of a message did not come within read_timeout
+    WRITE_TIMEOUT = "write-timeout"  #: the peer took none of our bytes for write_timeout
+    TLS_ERROR = "tls-error"  #: the TLS handshake failed, or a TLS record was bad
     SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
 
 
@@ -79,6 +87,7 @@ class Connection:
         "_flow_paused",
         "_held",
         "_linger_timer",
+        "_preamble",
         "_queue",
         "_reading",
         "_sock",
@@ -86,6 +95,7 @@ class Connection:
         "_user_paused",
         "_writing",
         "accepted_at",
+        "balancer_address",
         "bytes_in",
         "bytes_out",
         "close_reason",
@@ -94,6 +104,7 @@ class Connection:
         "listener",
         "local_address",
         "peer_address",
+        "proxy",
         "reads",
         "sequencer",
         "user_data",
@@ -133,6 +144,11 @@ class Connection:
         #: Per-connection state of the message layer (MessageHandler): framer and reply order.
         self.framer: Any = None
         self.sequencer: Any = None
+        #: Behind a PROXY-protocol balancer: its header, and the balancer's own address
+        #: (``peer_address`` is then the original client's).
+        self.proxy: ProxyHeader | None = None
+        self.balancer_address: Address = None
+        self._preamble: bytearray | None = None
         self._linger_timer: TimerHandle | None = None
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
@@ -188,8 +204,12 @@ class Connection:
             if self.close_reason in _LOCALLY_CLOSED or self._state == State.PENDING:
                 raise ConnectionClosedError(f"connection {self.id} is closed")
             return
+        self._send_bytes(data)
+
+    def _send_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes for the socket, in order: sent at once where possible, else queued."""
         size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if not size:
+        if not size or self._state == State.CLOSED:
             return
         if not self._queue:
             try:
@@ -232,6 +252,18 @@ class Connection:
         self._held = held
         self._update_reading()
 
+    def awaiting_data(self, owed: bool) -> None:
+        """Say whether the peer owes us bytes (a message begun but not finished): while it
+        does, the listener's ``read_timeout`` runs from the moment it began. The message layer
+        calls this from its framer; a plain handler may call it itself."""
+        tracker = self.listener.read
+        if tracker is None or self._state != State.OPEN:
+            return
+        if not owed:
+            tracker.stop(self)
+        elif self not in tracker.queue:
+            tracker.start(self)
+
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` on this connection's loop: the way other threads reach it."""
         self._core.reactor.call_soon_threadsafe(callback)
@@ -268,18 +300,17 @@ class Connection:
             pool.release(buffer)
             self._peer_eof()
             return
+        listener = self.listener
+        if not self.bytes_in:
+            listener.record_first_byte(self._core.reactor.time() - self.accepted_at)
         self.bytes_in += received
         self.reads += 1
-        self.listener.bytes_in += received
+        listener.bytes_in += received
+        if listener.idle is not None:
+            listener.idle.start(self)
         data = memoryview(buffer)[:received]
         try:
-            if state == State.PENDING:
-                self.listener.became_active(self)
-                self.establish(data)
-            else:
-                self._core.handler.data_received(self, data)
-        except Exception as exc:
-            self._handler_failed(exc)
+            self._deliver(data, state)
         finally:
             # A handler that kept ``data`` gets an error, not another peer's bytes; if it kept
             # a slice or an export of it, the pool sees the buffer is still in use and drops it.
@@ -287,6 +318,66 @@ class Connection:
                 data.release()
             del data
             pool.release(buffer)
+
+    def _deliver(self, data: memoryview, state: State) -> None:
+        """Bytes from the peer, to the handler (or to the PROXY header, or to establish)."""
+        try:
+            if state != State.PENDING:
+                self._core.handler.data_received(self, data)
+            elif self.listener.proxy_protocol is None:
+                self.listener.became_active(self)
+                self.establish(data)
+            else:
+                self._read_proxy_header(data)
+        except Exception as exc:
+            self._handler_failed(exc)
+
+    def _read_proxy_header(self, data: memoryview) -> None:
+        """PENDING on a PROXY-protocol listener: the balancer's header comes first. Once it is
+        whole, the connection is handed over like any other, with the client's address."""
+        rest = self._take_proxy_header(data) if self.proxy is None else data
+        if rest is None:
+            return
+        listener = self.listener
+        try:
+            if listener.data_first:
+                if rest:
+                    listener.became_active(self)
+                    self.establish(rest)
+            else:
+                listener.became_active(self)
+                self.establish(None)
+                if rest and self._state == State.OPEN:
+                    self._core.handler.data_received(self, rest)
+        finally:
+            if rest is not data:
+                rest.release()
+
+    def _take_proxy_header(self, data: memoryview) -> memoryview | None:
+        """Collect and parse the PROXY header; the bytes after it once it is whole, else None
+        (incomplete, or malformed: then the connection is closed and counted)."""
+        listener = self.listener
+        accept = listener.proxy_protocol
+        assert accept is not None
+        preamble = self._preamble
+        if preamble is None:
+            preamble = self._preamble = bytearray()
+        preamble += data
+        try:
+            header = parse_proxy_header(preamble, accept)
+        except ProtocolError as exc:
+            listener.proxy_errors += 1
+            logger.info("closed %r on %s: %s", self.peer_address, listener.address, exc)
+            self._abort(CloseReason.PROTOCOL_ERROR)
+            return None
+        if not isinstance(header, ProxyHeader):
+            return None  # not complete yet: still pending
+        self.proxy = header
+        self.balancer_address = self.peer_address
+        if header.source is not None:
+            self.peer_address = header.source
+        self._preamble = None
+        return memoryview(bytes(preamble[header.length:]))
 
     def handle_write(self) -> None:
         if self._state == State.CLOSED or not self._queue:
@@ -304,6 +395,8 @@ class Connection:
             return
         self._count_sent(sent)
         self._buffered -= sent
+        if sent and self.listener.write is not None:
+            self.listener.write.start(self)  # progress: the peer is reading
         while sent:
             head = queue[0]
             size = len(head) if not isinstance(head, memoryview) else head.nbytes
@@ -435,12 +528,22 @@ class Connection:
     def _count_sent(self, sent: int) -> None:
         self.bytes_out += sent
         self.writes += 1
-        self.listener.bytes_out += sent
+        listener = self.listener
+        listener.bytes_out += sent
+        if sent and listener.idle is not None:
+            listener.idle.start(self)
 
     def _set_writing(self, writing: bool) -> None:
         if writing != self._writing:
             self._writing = writing
             self._core.reactor.modify(self._fd, self._wants_read(), writing)
+            # The write timeout runs while bytes wait for the peer to take them.
+            tracker = self.listener.write
+            if tracker is not None:
+                if writing:
+                    tracker.start(self)
+                else:
+                    tracker.stop(self)
 
     def _wants_read(self) -> bool:
         if self._state == State.LINGERING:

@@ -9,6 +9,7 @@ from portside.config import ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
 from portside.engine.reactor import Reactor
+from portside.engine.tls import TlsConnection
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,17 +34,20 @@ class EngineCore:
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
 
-    def new_connection(self) -> Connection:
-        conn = self.connections.acquire()
+    def new_connection(self, tls: bool = False) -> Connection:
+        """A connection object: pooled for plain TCP; a fresh TLS one otherwise (its handshake
+        costs far more than the object, and its SSL state is not reusable)."""
+        conn = TlsConnection() if tls else self.connections.acquire()
         self.live.add(conn)
         return conn
 
     def connection_finished(self, conn: Connection) -> None:
         self.live.discard(conn)
-        # Recycle on the next iteration: now, the closing call chain still references the object.
-        if not self._to_recycle:
-            self.reactor.call_soon(self._recycle)
-        self._to_recycle.append(conn)
+        if not isinstance(conn, TlsConnection):
+            # Recycle on the next iteration: now, the closing call chain still references it.
+            if not self._to_recycle:
+                self.reactor.call_soon(self._recycle)
+            self._to_recycle.append(conn)
         if not self.live:
             self._on_idle()
 

@@ -13,6 +13,7 @@ cannot hold every slot against real clients (the seed's reaction to FD_ACCEPT).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -23,9 +24,11 @@ from typing import TYPE_CHECKING
 
 from portside.config import AcceptPolicy, ListenerConfig
 from portside.engine.connection import CloseReason, Connection
-from portside.engine.deadlines import DeadlineQueue
+from portside.engine.timeouts import TimeoutTracker
+from portside.engine.tls import remember_server_names
 from portside.errors import ListenError
-from portside.statistics import ListenerStatistics
+from portside.protocols.proxy import Version as ProxyVersion
+from portside.statistics import TTFB_BUCKETS, ListenerStatistics
 
 if TYPE_CHECKING:
     from portside.engine.core import EngineCore
@@ -112,10 +115,27 @@ class Listener:
         self.fd = sock.fileno()
         self.is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.data_first = config.policy is AcceptPolicy.DATA_FIRST
-        self.pending: DeadlineQueue[Connection] = DeadlineQueue(config.first_data_timeout)
-        self.accepted = self.closed = self.first_data_timeouts = 0
-        self.evicted = self.limited = self.accept_errors = 0
+        #: The PROXY header versions expected first, or None when the listener takes none.
+        self.proxy_protocol = (config.proxy_protocol
+                               if config.proxy_protocol is not ProxyVersion.OFF else None)
+        # Connections wait as pending until their first bytes (data-first) or their PROXY
+        # header has arrived, under the same first-data deadline.
+        self.starts_pending = (self.data_first or self.proxy_protocol is not None
+                               or config.tls is not None)
+        self.first_data = TimeoutTracker(config.first_data_timeout, self._first_data_expired)
+        self.pending = self.first_data.queue
+        # The optional timeouts: None when off, so the hot path pays one attribute test.
+        self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
+        self.read = self._optional(config.read_timeout, CloseReason.READ_TIMEOUT, abort=False)
+        self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
+        self.accepted = self.closed = 0
+        self.evicted = self.limited = self.accept_errors = self.proxy_errors = 0
+        self.tls_failures = 0
+        if config.tls is not None:
+            remember_server_names(config.tls)
         self.bytes_in = self.bytes_out = 0
+        self.ttfb_buckets = [0] * len(TTFB_BUCKETS)
+        self.ttfb_sum = 0.0
         self.pending_count = self.active_count = 0
         self.paused = False
         self._core: EngineCore | None = None
@@ -123,7 +143,6 @@ class Listener:
         self._at_ceiling = False
         self._closed = False
         self._watching = False
-        self._sweep_timer: TimerHandle | None = None
         self._pressure_timer: TimerHandle | None = None
         #: The port the kernel bound (the chosen one when 0 was asked for); 0 for Unix sockets.
         self.port = int(sock.getsockname()[1]) if self.is_tcp else 0
@@ -133,8 +152,33 @@ class Listener:
 
     # -- wiring ----------------------------------------------------------------------------------
 
+    def _optional(self, timeout: float, reason: CloseReason,
+                  abort: bool) -> TimeoutTracker | None:
+        if not timeout:
+            return None
+
+        def expire(conn: Connection) -> None:
+            logger.info("closed %s on %s: %s after %g s", _peer_label(conn.peer_address),
+                        self.address, reason.value, timeout)
+            if abort:  # the peer is not reading: a graceful close would wait on it forever
+                conn.abort_for(reason)
+            else:
+                conn.close_for(reason)
+
+        return TimeoutTracker(timeout, expire)
+
+    @property
+    def trackers(self) -> list[TimeoutTracker]:
+        return [t for t in (self.first_data, self.idle, self.read, self.write) if t is not None]
+
+    @property
+    def first_data_timeouts(self) -> int:
+        return self.first_data.expired
+
     def attach(self, core: EngineCore) -> None:
         self._core = core
+        for tracker in self.trackers:
+            tracker.attach(core.reactor)
         core.reactor.register(self.fd, self, readable=False, writable=False)
         self._update_watch()
 
@@ -192,12 +236,13 @@ class Listener:
             # Request/response protocols must not wait 40 ms for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
-        conn = core.new_connection()
-        conn.attach(core, self, sock, peer, pending=self.data_first)
-        if self.data_first:
+        conn = core.new_connection(tls=self.config.tls is not None)
+        conn.attach(core, self, sock, peer, pending=self.starts_pending)
+        if self.idle is not None:
+            self.idle.start(conn)
+        if self.starts_pending:
             self.pending_count += 1
-            self.pending.add(conn, core.reactor.time())
-            self._arm_sweep()
+            self.first_data.start(conn)
         else:
             self.active_count += 1
             conn.establish(None)
@@ -249,15 +294,21 @@ class Listener:
 
     # -- connection bookkeeping ------------------------------------------------------------------
 
+    def record_first_byte(self, seconds: float) -> None:
+        """A connection's first byte came ``seconds`` after its accept (a histogram)."""
+        self.ttfb_sum += seconds
+        self.ttfb_buckets[bisect.bisect_left(TTFB_BUCKETS, seconds)] += 1
+
     def became_active(self, conn: Connection) -> None:
         """A pending data-first connection sent its first bytes."""
-        self.pending.discard(conn)
+        self.first_data.stop(conn)
         self.pending_count -= 1
         self.active_count += 1
 
     def connection_finished(self, conn: Connection, was_pending: bool) -> None:
+        for tracker in self.trackers:
+            tracker.stop(conn)
         if was_pending:
-            self.pending.discard(conn)
             self.pending_count -= 1
         else:
             self.active_count -= 1
@@ -267,25 +318,10 @@ class Listener:
             self._at_ceiling = False
             self._update_watch()
 
-    def _arm_sweep(self) -> None:
-        core = self._core
-        if self._sweep_timer is not None or core is None:
-            return
-        due = self.pending.next_due()
-        if due is not None:
-            self._sweep_timer = core.reactor.call_later(due - core.reactor.time(), self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweep_timer = None
-        core = self._core
-        assert core is not None
-        timeout = self.config.first_data_timeout
-        for conn in self.pending.pop_expired(core.reactor.time()):
-            self.first_data_timeouts += 1
-            logger.info("closed %s on %s: no data within %g s",
-                        _peer_label(conn.peer_address), self.address, timeout)
-            conn.abort_for(CloseReason.FIRST_DATA_TIMEOUT)
-        self._arm_sweep()
+    def _first_data_expired(self, conn: Connection) -> None:
+        logger.info("closed %s on %s: no data within %g s", _peer_label(conn.peer_address),
+                    self.address, self.config.first_data_timeout)
+        conn.abort_for(CloseReason.FIRST_DATA_TIMEOUT)
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -309,10 +345,9 @@ class Listener:
                 self.pending_count += 1
                 taken.append(conn)
             core.reactor.unregister(self.fd)
-            for timer in (self._sweep_timer, self._pressure_timer):
-                if timer is not None:
-                    timer.cancel()
-            self._sweep_timer = self._pressure_timer = None
+            if self._pressure_timer is not None:
+                self._pressure_timer.cancel()
+                self._pressure_timer = None
         self._closed = True
         self._watching = False
         self.sock.close()
@@ -328,6 +363,12 @@ class Listener:
             accepted=self.accepted, pending=self.pending_count, active=self.active_count,
             closed=self.closed, first_data_timeouts=self.first_data_timeouts,
             evicted=self.evicted, limited=self.limited, accept_errors=self.accept_errors,
+            proxy_errors=self.proxy_errors, tls_failures=self.tls_failures,
+            idle_timeouts=self.idle.expired if self.idle else 0,
+            read_timeouts=self.read.expired if self.read else 0,
+            write_timeouts=self.write.expired if self.write else 0,
+            ttfb_buckets=tuple(self.ttfb_buckets), ttfb_sum=self.ttfb_sum,
+            ttfb_count=sum(self.ttfb_buckets),
             bytes_in=self.bytes_in, bytes_out=self.bytes_out,
         )
 

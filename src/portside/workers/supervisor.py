@@ -33,6 +33,7 @@ from portside.engine.epoll import EpollReactor
 from portside.engine.listener import bind_listener
 from portside.engine.reactor import TimerHandle
 from portside.handler import Handler
+from portside.metrics import MetricsServer
 from portside.workers.worker import run_worker
 
 logger = logging.getLogger("portside.supervisor")
@@ -120,7 +121,10 @@ class Supervisor:
     def __init__(self, handler_factory: Callable[[], Handler],
                  listeners: Sequence[ListenerConfig], config: ServerConfig, workers: int,
                  control_path: str | None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 10.0) -> None:
+                 heartbeat_timeout: float = 10.0,
+                 sockets: Sequence[socket.socket] | None = None) -> None:
+        """``sockets``: listening sockets handed over (systemd socket activation), one per
+        listener, served instead of binding."""
         self.handler_factory = handler_factory
         self.listener_configs = tuple(listeners)
         self.config = config
@@ -128,7 +132,9 @@ class Supervisor:
         self.control_path = control_path
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.sockets: list[socket.socket] = []
+        self.sockets: list[socket.socket] = list(sockets or [])
+        self.metrics: MetricsServer | None = None
+        self._bind = sockets is None
         self.control_server: ControlServer | None = None
         self.workers: dict[int, Worker] = {}
         self.reactor = EpollReactor()
@@ -142,10 +148,14 @@ class Supervisor:
 
     # -- start-up --------------------------------------------------------------------------------
 
+    def serve_metrics(self, address: str) -> None:
+        """Serve Prometheus metrics, summed over every worker, on ``HOST:PORT``."""
+        self.metrics = MetricsServer(address, self)
+
     def start(self) -> None:
         """Bind every listener and the control socket; errors surface before any fork."""
         try:
-            for listener_config in self.listener_configs:
+            for listener_config in self.listener_configs if self._bind else ():
                 self.sockets.append(bind_listener(listener_config))
             if self.control_path is not None:
                 self.control_server = ControlServer(self.control_path, self)
@@ -155,7 +165,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until shutdown; returns the exit status (0 after a graceful shutdown)."""
-        if not self.sockets:
+        if self._bind and not self.sockets:
             self.start()
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -163,6 +173,8 @@ class Supervisor:
         try:
             if self.control_server is not None:
                 self.control_server.attach(self.reactor)
+            if self.metrics is not None:
+                self.metrics.attach(self.reactor)
             for listener_config, sock in zip(self.listener_configs, self.sockets, strict=True):
                 logger.info("listening on %s (%s)", _address(sock, listener_config),
                             listener_config.policy.value)
@@ -181,13 +193,16 @@ class Supervisor:
     def _close_sockets(self) -> None:
         for sock in self.sockets:
             sock.close()
-        for listener_config in self.listener_configs:
-            if listener_config.path is not None:
+        for listener_config in self.listener_configs if self._bind else ():
+            if listener_config.path is not None:  # ours to remove only if we made it
                 with contextlib.suppress(OSError):
                     os.unlink(listener_config.path)
         if self.control_server is not None:
             self.control_server.close()
             self.control_server = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -225,6 +240,8 @@ class Supervisor:
             os.close(worker.pidfd)
         if self.control_server is not None:
             self.control_server.sock.close()
+        if self.metrics is not None:
+            self.metrics.sock.close()
         self.reactor.close()
 
     def _first_reply(self, worker: Worker, result: Any) -> None:

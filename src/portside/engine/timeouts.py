@@ -1,0 +1,59 @@
+"""Per-listener timeouts on one structure: a DeadlineQueue and a single timer per kind.
+
+Every kind of timeout (first data, idle, read, write) has one fixed length per listener, so
+its deadlines expire in the order they were set: starting, refreshing or stopping one is O(1)
+(a dict insert or delete), and one timer, armed for the oldest deadline, sweeps only what has
+expired. Ten thousand idle connections cost no Python call per tick, just their dict entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from portside.engine.deadlines import DeadlineQueue
+
+if TYPE_CHECKING:
+    from portside.engine.connection import Connection
+    from portside.engine.reactor import Reactor, TimerHandle
+
+
+class TimeoutTracker:
+    """Deadlines of one kind for one listener's connections; ``expire`` is called for each
+    connection whose deadline passes, and ``expired`` counts them."""
+
+    def __init__(self, timeout: float, expire: Callable[[Connection], None]) -> None:
+        self.queue: DeadlineQueue[Connection] = DeadlineQueue(timeout)
+        self.expired = 0
+        self._expire = expire
+        self._reactor: Reactor | None = None
+        self._timer: TimerHandle | None = None
+
+    def attach(self, reactor: Reactor) -> None:
+        self._reactor = reactor
+
+    def start(self, conn: Connection) -> None:
+        """Start, or restart, ``conn``'s countdown."""
+        reactor = self._reactor
+        assert reactor is not None
+        self.queue.add(conn, reactor.time())
+        if self._timer is None:
+            self._arm()
+
+    def stop(self, conn: Connection) -> None:
+        self.queue.discard(conn)
+
+    def _arm(self) -> None:
+        due = self.queue.next_due()
+        reactor = self._reactor
+        if due is not None and reactor is not None:
+            self._timer = reactor.call_later(due - reactor.time(), self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        reactor = self._reactor
+        assert reactor is not None
+        for conn in self.queue.pop_expired(reactor.time()):
+            self.expired += 1
+            self._expire(conn)
+        self._arm()

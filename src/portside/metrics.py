@@ -1,0 +1,259 @@
+"""Prometheus metrics: the ``stats`` document rendered with prometheus_client, served over HTTP.
+
+The exporter reads the same statistics as ``portside ctl stats`` (summed over the workers by
+the supervisor), so metrics and the control command never disagree. ``MetricsServer`` is a
+tiny HTTP endpoint that runs on the supervisor's (or the single server's) own loop, with no
+thread: a thread in the supervisor would be copied, mid-whatever, into every forked worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from portside.control import protocol
+from portside.control.server import ControlTarget
+from portside.engine.reactor import Reactor
+from portside.errors import ListenError
+from portside.statistics import TTFB_BUCKETS
+
+logger = logging.getLogger("portside.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_REQUEST = 8 * 1024
+
+_COUNTERS = (  # stats key, metric name, help
+    ("accepted", "connections_accepted", "Connections accepted from the kernel."),
+    ("closed", "connections_closed", "Connections closed, for any reason."),
+    ("first_data_timeouts", "first_data_timeouts",
+     "Data-first connections closed for sending nothing in time."),
+    ("evicted", "evicted", "Silent pending connections closed to make room at the ceiling."),
+    ("limited", "limited", "Times the listener reached max_connections and stopped accepting."),
+    ("accept_errors", "accept_errors", "accept() failures (EMFILE and the like)."),
+    ("proxy_errors", "proxy_protocol_errors", "Connections refused for a bad PROXY header."),
+    ("tls_failures", "tls_failures", "TLS handshakes that failed and bad TLS records."),
+    ("bytes_in", "received_bytes", "Bytes read from clients."),
+    ("bytes_out", "sent_bytes", "Bytes written to clients."),
+)
+
+
+class StatsCollector(Collector):
+    """Metric families from one ``stats`` document."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+    def collect(self) -> Iterator[Metric]:
+        listeners = self.document["listeners"]
+        for key, name, text in _COUNTERS:
+            family = CounterMetricFamily(f"portside_{name}", text, labels=["listener"])
+            for entry in listeners:
+                family.add_metric([entry["name"]], entry[key])
+            yield family
+        timeouts = CounterMetricFamily("portside_timeouts", "Connections closed by a timeout.",
+                                       labels=["listener", "kind"])
+        for entry in listeners:
+            for kind in ("idle", "read", "write"):
+                timeouts.add_metric([entry["name"], kind], entry[f"{kind}_timeouts"])
+        yield timeouts
+        for key, text in (("active", "Connections handed to the handler."),
+                          ("pending", "Accepted connections waiting for first data.")):
+            gauge = GaugeMetricFamily(f"portside_connections_{key}", text, labels=["listener"])
+            for entry in listeners:
+                gauge.add_metric([entry["name"]], entry[key])
+            yield gauge
+        histogram = HistogramMetricFamily(
+            "portside_time_to_first_byte_seconds", "From accept to a connection's first byte.",
+            labels=["listener"])
+        for entry in listeners:
+            cumulative, buckets = 0, []
+            for bound, count in zip(TTFB_BUCKETS, entry["ttfb_buckets"], strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            histogram.add_metric([entry["name"]], buckets, entry["ttfb_sum"])
+        yield histogram
+        workers = self.document["workers"]
+        for key, name, text in (
+                ("connections", "worker_connections", "Open connections per worker process."),
+                ("loop_lag", "worker_loop_lag_seconds", "How late the worker's loop ran a timer."),
+                ("uptime", "worker_uptime_seconds", "Seconds since the worker started.")):
+            gauge = GaugeMetricFamily(f"portside_{name}", text, labels=["pid"])
+            for worker in workers:
+                gauge.add_metric([str(worker["pid"])], worker[key])
+            yield gauge
+        for key, text in (("free", "Pooled objects ready for reuse."),
+                          ("in_use", "Pooled objects lent out."),
+                          ("hits", "Requests met from the pool."),
+                          ("misses", "Requests that had to allocate.")):
+            pool_family: CounterMetricFamily | GaugeMetricFamily = (
+                CounterMetricFamily if key in ("hits", "misses") else GaugeMetricFamily
+            )(f"portside_pool_{key}", text, labels=["pool"])
+            for pool, figures in self.document["pools"].items():
+                pool_family.add_metric([pool], figures[key])
+            yield pool_family
+        yield GaugeMetricFamily("portside_accepting_paused", "1 while accepting is paused.",
+                                value=int(bool(self.document["accepting_paused"])))
+
+
+def exposition(document: dict[str, Any]) -> bytes:
+    """The Prometheus text format of a ``stats`` document."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(document))
+    return generate_latest(registry)
+
+
+def bind_metrics(address: str) -> socket.socket:
+    """Listen on ``HOST:PORT`` for scrapes; a clear ListenError when that cannot be done."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], info[1], info[2])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(16)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot serve metrics on {address}: {exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class _Scrape:
+    """One HTTP request for /metrics: read the request head, answer once, close."""
+
+    def __init__(self, owner: MetricsServer, sock: socket.socket) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.request = bytearray()
+        self.reply = b""
+        self.answered = False
+
+    def handle_read(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.request += data
+        if self.answered:
+            return
+        if b"\r\n\r\n" not in self.request:
+            if len(self.request) > MAX_REQUEST:
+                self.respond(431, b"request too large\n")
+            return
+        self.answered = True
+        method, _, rest = bytes(self.request).partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method != b"GET":
+            self.respond(405, b"only GET\n")
+        elif path not in (b"/metrics", b"/"):
+            self.respond(404, b"try /metrics\n")
+        else:
+            self.owner.target.control("stats", self._got_stats)
+
+    def _got_stats(self, reply: bytes) -> None:
+        try:
+            document = protocol.parse_reply(reply.rstrip(b"\n"))
+            body = exposition(document)
+        except Exception as exc:  # never take the server down for a scrape
+            logger.exception("metrics scrape failed")
+            self.respond(500, f"stats unavailable: {exc}\n".encode())
+            return
+        self.respond(200, body, CONTENT_TYPE)
+
+    def respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large", 500: "Internal Server Error"}[status]
+        self.answered = True
+        self.reply = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                      ).encode() + body
+        self.handle_write()
+
+    def handle_write(self) -> None:
+        if not self.reply:
+            return
+        try:
+            sent = self.sock.send(self.reply)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        self.reply = self.reply[sent:]
+        if self.reply:
+            self.owner.reactor_modify(self.fd, writable=True)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.owner.forget(self)
+        self.sock.close()
+
+
+class MetricsServer:
+    """Serves ``/metrics`` from a control target's ``stats``, on the owner's loop."""
+
+    def __init__(self, address: str, target: ControlTarget) -> None:
+        self.address = address
+        self.target = target
+        self.sock = bind_metrics(address)
+        self._reactor: Reactor | None = None
+        self._scrapes: dict[int, _Scrape] = {}
+
+    def attach(self, reactor: Reactor) -> None:
+        self._reactor = reactor
+        reactor.register(self.sock.fileno(), self, readable=True, writable=False)
+        host, port = self.sock.getsockname()[:2]
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        logger.info("metrics on http://%s/metrics", shown)
+
+    def handle_read(self) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except OSError:
+            return
+        if len(self._scrapes) >= 64:  # scrapers are few; more is someone misbehaving
+            sock.close()
+            return
+        sock.setblocking(False)
+        scrape = _Scrape(self, sock)
+        self._scrapes[scrape.fd] = scrape
+        assert self._reactor is not None
+        self._reactor.register(scrape.fd, scrape, readable=True, writable=False)
+
+    def handle_write(self) -> None:
+        pass
+
+    def reactor_modify(self, fd: int, writable: bool) -> None:
+        if self._reactor is not None and fd in self._scrapes:
+            self._reactor.modify(fd, readable=True, writable=writable)
+
+    def forget(self, scrape: _Scrape) -> None:
+        if self._scrapes.pop(scrape.fd, None) is not None and self._reactor is not None:
+            self._reactor.unregister(scrape.fd)
+
+    def close(self) -> None:
+        for scrape in list(self._scrapes.values()):
+            scrape.close()
+        if self._reactor is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._reactor.unregister(self.sock.fileno())
+        self.sock.close()
