@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from bench.machine import commit, machine
 from bench.procfs import child_setup, usable_cpus
