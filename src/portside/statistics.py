@@ -68,7 +68,5 @@ class ConnectionCounters:
 
     bytes_in: int
     bytes_out: int
-    reads: int
-    writes: int
     write_buffer_size: int
     age: float

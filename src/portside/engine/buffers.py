@@ -29,50 +29,64 @@ class PoolStatistics:
 
 
 class BufferPool:
-    """Fixed-size ``bytearray`` buffers, lent for one read each."""
+    """Fixed-size ``bytearray`` buffers, lent for one read each.
+
+    The connection's read path takes from ``free`` directly (it runs once per read of every
+    connection) and calls ``allocate`` only when the list is empty; ``give_back`` returns a
+    buffer. Hits are derived, not counted per read: every buffer taken is given back or still
+    in use, so hits = given back + in use - allocated.
+    """
 
     def __init__(self, buffer_size: int, max_free: int, preallocate: int = 1) -> None:
         self.buffer_size = buffer_size
         self.max_free = max_free
-        self._free: list[bytearray] = [
+        self.free: list[bytearray] = [
             bytearray(buffer_size) for _ in range(min(preallocate, max_free))
         ]
-        self._in_use = 0
-        self._hits = 0
+        self._created = len(self.free)
         self._misses = 0
+        self._returned = 0
         self._discarded = 0
+
+    def allocate(self) -> bytearray:
+        """A new buffer, when ``free`` is empty (a miss)."""
+        self._misses += 1
+        self._created += 1
+        return bytearray(self.buffer_size)
 
     def acquire(self) -> bytearray:
         """A whole buffer, from the free list when one is there."""
-        self._in_use += 1
-        if self._free:
-            self._hits += 1
-            return self._free.pop()
-        self._misses += 1
-        return bytearray(self.buffer_size)
+        return self.free.pop() if self.free else self.allocate()
 
-    def release(self, buffer: bytearray) -> None:
-        """Give a buffer back; its contents may be overwritten by the next read.
+    def give_back(self, buffer: bytearray) -> None:
+        """Return a buffer; its contents may be overwritten by the next read.
 
         A buffer something still has a view of (a handler kept a slice of what it was lent)
         is dropped instead, so that view never shows another connection's bytes.
         """
-        self._in_use -= 1
+        self._returned += 1
         try:
             buffer.append(0)  # resizing fails while any memoryview of the buffer is alive
         except BufferError:
-            self._discarded += 1
+            self._discard()
             return
         del buffer[-1]
-        if len(self._free) < self.max_free:
-            self._free.append(buffer)
+        if len(self.free) < self.max_free:
+            self.free.append(buffer)
         else:
-            self._discarded += 1
+            self._discard()
+
+    release = give_back
+
+    def _discard(self) -> None:
+        self._discarded += 1
+        self._created -= 1
 
     def statistics(self) -> PoolStatistics:
+        in_use = self._created - len(self.free)
         return PoolStatistics(
-            self.buffer_size, len(self._free), self._in_use, self.max_free,
-            self._hits, self._misses, self._discarded,
+            self.buffer_size, len(self.free), in_use, self.max_free,
+            self._returned + in_use - self._misses, self._misses, self._discarded,
         )
 
 

@@ -158,6 +158,8 @@ class EpollReactor:
         masks = self._masks
         ready = self._ready
         timers = self._timers
+        # Locals, not globals: these are read for every event.
+        readable, writable, trouble = _READ, _WRITE, _TROUBLE
         try:
             while not self._stopping:
                 if ready:
@@ -171,12 +173,13 @@ class EpollReactor:
                     if target is None:
                         continue
                     try:
-                        wanted = masks.get(fd, 0)
-                        if events & _READ or (events & _TROUBLE and wanted & _READ):
+                        if events & readable:
                             target.handle_read()
-                            if events & _WRITE and targets.get(fd) is target:
+                            if events & writable and targets.get(fd) is target:
                                 target.handle_write()
-                        elif events & (_WRITE | _TROUBLE):
+                        elif events & trouble and masks.get(fd, 0) & readable:
+                            target.handle_read()  # a read reports the error or the EOF
+                        elif events & (writable | trouble):
                             target.handle_write()
                     except Exception:  # a bug in portside itself: keep serving everyone else
                         logger.exception("internal error handling fd %d", fd)

@@ -306,6 +306,10 @@ class Listener:
         self.active_count += 1
 
     def connection_finished(self, conn: Connection, was_pending: bool) -> None:
+        # Byte counts live on the connections while they are open (one add per read, not two)
+        # and are folded into the listener's when they close.
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
         for tracker in self.trackers:
             tracker.stop(conn)
         if was_pending:
@@ -357,6 +361,8 @@ class Listener:
         return taken
 
     def statistics(self) -> ListenerStatistics:
+        core = self._core
+        live = [conn for conn in core.live if conn.listener is self] if core is not None else []
         return ListenerStatistics(
             name=self.config.label, address=self.address,
             policy=self.config.policy.value, accepting=self._watching,
@@ -369,7 +375,8 @@ class Listener:
             write_timeouts=self.write.expired if self.write else 0,
             ttfb_buckets=tuple(self.ttfb_buckets), ttfb_sum=self.ttfb_sum,
             ttfb_count=sum(self.ttfb_buckets),
-            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            bytes_in=self.bytes_in + sum(conn.bytes_in for conn in live),
+            bytes_out=self.bytes_out + sum(conn.bytes_out for conn in live),
         )
 
 

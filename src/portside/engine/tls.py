@@ -89,10 +89,8 @@ class TlsConnection(Connection):
         if not self.bytes_in:
             listener.record_first_byte(self._core.reactor.time() - self.accepted_at)
         self.bytes_in += received
-        self.reads += 1
-        listener.bytes_in += received
-        if listener.idle is not None:
-            listener.idle.start(self)
+        if self._idle is not None:
+            self._idle.start(self)
         view = memoryview(buffer)[:received]
         try:
             if (state == State.PENDING and listener.proxy_protocol is not None
