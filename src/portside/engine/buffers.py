@@ -32,9 +32,10 @@ class BufferPool:
     """Fixed-size ``bytearray`` buffers, lent for one read each.
 
     The connection's read path takes from ``free`` directly (it runs once per read of every
-    connection) and calls ``allocate`` only when the list is empty; ``give_back`` returns a
-    buffer. Hits are derived, not counted per read: every buffer taken is given back or still
-    in use, so hits = given back + in use - allocated.
+    connection), calls ``allocate`` only when the list is empty, and inlines ``give_back``.
+    The free list cannot outgrow the number of buffers lent at once (one per nested read), so
+    only ``give_back`` checks ``max_free``. Hits are derived, not counted per read: every
+    buffer taken is given back or still in use, so hits = given back + in use - allocated.
     """
 
     def __init__(self, buffer_size: int, max_free: int, preallocate: int = 1) -> None:
@@ -45,7 +46,7 @@ class BufferPool:
         ]
         self._created = len(self.free)
         self._misses = 0
-        self._returned = 0
+        self.returned = 0  # counted by the read path too, which inlines give_back
         self._discarded = 0
 
     def allocate(self) -> bytearray:
@@ -64,21 +65,22 @@ class BufferPool:
         A buffer something still has a view of (a handler kept a slice of what it was lent)
         is dropped instead, so that view never shows another connection's bytes.
         """
-        self._returned += 1
+        self.returned += 1
         try:
             buffer.append(0)  # resizing fails while any memoryview of the buffer is alive
         except BufferError:
-            self._discard()
+            self.discard()
             return
         del buffer[-1]
         if len(self.free) < self.max_free:
             self.free.append(buffer)
         else:
-            self._discard()
+            self.discard()
 
     release = give_back
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Forget a lent buffer that cannot be reused."""
         self._discarded += 1
         self._created -= 1
 
@@ -86,7 +88,7 @@ class BufferPool:
         in_use = self._created - len(self.free)
         return PoolStatistics(
             self.buffer_size, len(self.free), in_use, self.max_free,
-            self._returned + in_use - self._misses, self._misses, self._discarded,
+            self.returned + in_use - self._misses, self._misses, self._discarded,
         )
 
 

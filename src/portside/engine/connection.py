@@ -92,6 +92,7 @@ class Connection:
         "_held",
         "_idle",
         "_linger_timer",
+        "_pool",
         "_preamble",
         "_queue",
         "_reading",
@@ -133,6 +134,7 @@ class Connection:
         self.close_reason: CloseReason | None = None
         self._core = core
         self._handler = core.handler
+        self._pool = core.buffers
         self._idle = listener.idle
         self._sock = sock
         self._fd = sock.fileno()
@@ -324,7 +326,7 @@ class Connection:
                 self._discard_until_eof()
             return
         # The buffer pool, inlined: this runs once per read of every connection.
-        pool = self._core.buffers
+        pool = self._pool
         free = pool.free
         buffer = free.pop() if free else pool.allocate()
         try:
@@ -361,7 +363,15 @@ class Connection:
             except BufferError:
                 pass
             del data
-            pool.give_back(buffer)
+            # Back to the pool, unless a view of it is still alive: resizing fails then.
+            pool.returned += 1
+            try:
+                buffer.append(0)
+            except BufferError:
+                pool.discard()
+            else:
+                del buffer[-1]
+                free.append(buffer)
 
     def _deliver(self, data: memoryview, state: State) -> None:
         """Bytes from the peer, to the handler (or to the PROXY header, or to establish)."""
