@@ -43,7 +43,7 @@ class AsyncioReactor:
                 self.loop.remove_writer(fd)
         self._interest[fd] = (target, readable, writable)
 
-    def unregister(self, fd: int) -> None:
+    def unregister(self, fd: int, closing: bool = False) -> None:
         entry = self._interest.pop(fd, None)
         if entry is None:
             return

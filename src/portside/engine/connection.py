@@ -566,7 +566,7 @@ class Connection:
             self._linger_timer.cancel()
             self._linger_timer = None
         core = self._core
-        core.reactor.unregister(self._fd)
+        core.reactor.unregister(self._fd, closing=True)
         self._sock.close()
         if self._queue is not None:
             self._queue.clear()

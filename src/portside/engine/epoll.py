@@ -108,9 +108,11 @@ class EpollReactor:
     def modify(self, fd: int, readable: bool, writable: bool) -> None:
         self._set_mask(fd, (_READ if readable else 0) | (_WRITE if writable else 0))
 
-    def unregister(self, fd: int) -> None:
+    def unregister(self, fd: int, closing: bool = False) -> None:
         self._targets.pop(fd, None)
-        if self._masks.pop(fd, None) is not None:
+        # Closing the last descriptor of a socket removes it from every epoll set: one
+        # epoll_ctl fewer per connection (accepted sockets are never duplicated here).
+        if self._masks.pop(fd, None) is not None and not closing:
             self._epoll.unregister(fd)
 
     def _set_mask(self, fd: int, mask: int) -> None:

@@ -42,8 +42,12 @@ class Reactor(Protocol):
         """Change which events ``fd`` is watched for (both False keeps it registered, idle)."""
         ...
 
-    def unregister(self, fd: int) -> None:
-        """Stop watching ``fd``; must be called before the descriptor is closed."""
+    def unregister(self, fd: int, closing: bool = False) -> None:
+        """Stop watching ``fd``; must be called before the descriptor is closed.
+
+        ``closing`` says the caller closes ``fd`` next and holds its only copy, so a loop
+        whose kernel drops closed descriptors itself (epoll) may skip the system call.
+        """
         ...
 
     def call_soon(self, callback: Callable[[], object]) -> None:
