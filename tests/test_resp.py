@@ -135,3 +135,12 @@ def test_redis_benchmark_runs_clean(resp_port: int, extra: list[str]) -> None:
                if "requests per second" in line]
     assert len(results) == 4, done.stdout  # PING_INLINE, PING_MBULK, SET, GET
     assert "ERR" not in done.stdout
+
+
+def test_pipelined_batch_then_quit_sends_every_reply(resp_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", resp_port), timeout=WAIT) as sock:
+        sock.sendall(b"PING\r\n" * 50 + b"QUIT\r\nPING\r\n")  # one read, replies corked
+        got = b""
+        while data := sock.recv(4096):
+            got += data
+        assert got == b"+PONG\r\n" * 50 + b"+OK\r\n"  # nothing after QUIT, nothing lost

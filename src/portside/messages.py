@@ -142,7 +142,15 @@ class MessageHandler(Handler, Generic[M]):
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
-        self._dispatch(conn, conn.sequencer, messages)
+        if len(messages) > 1:
+            # A pipelined batch: its replies leave in one send, not one send per reply.
+            conn.cork()
+            try:
+                self._dispatch(conn, conn.sequencer, messages)
+            finally:
+                conn.uncork()
+        else:
+            self._dispatch(conn, conn.sequencer, messages)
         if framer.error is not None and conn.is_open:  # after the messages before the bad one
             self.protocol_error(conn, framer.error)
             return

@@ -84,6 +84,7 @@ class Connection:
     __slots__ = (
         "_buffered",
         "_core",
+        "_corked",
         "_eof",
         "_established",
         "_fd",
@@ -144,6 +145,7 @@ class Connection:
         if self._queue is not None:
             self._queue.clear()
         self._buffered = 0
+        self._corked: list[bytes] | None = None
         self._user_paused = self._flow_paused = self._held = self._writing = False
         self._reading = True
         #: Per-connection state of the message layer (MessageHandler): framer and reply order.
@@ -220,6 +222,9 @@ class Connection:
         if self._queue:
             self._send_bytes(data)
             return
+        if self._corked is not None:
+            self._corked.append(bytes(data))  # copied: ``data`` may be a lent buffer
+            return
         # The fast path: nothing queued, and the kernel usually takes it all at once.
         try:
             sent = self._sock.send(data)
@@ -276,6 +281,18 @@ class Connection:
     def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         for chunk in chunks:
             self.write(chunk)
+
+    def cork(self) -> None:
+        """Hold writes back until ``uncork``, which sends them in one go (as TCP_CORK does, in
+        user space): many small replies to one read then cost one send, not one each."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Send what was written since ``cork`` (``close`` uncorks by itself)."""
+        corked, self._corked = self._corked, None
+        if corked and self._state == _OPEN:
+            self.write(b"".join(corked))
 
     def pause_reading(self) -> None:
         """Stop reading until ``resume_reading``; the kernel buffers, then TCP slows the peer."""
@@ -484,6 +501,8 @@ class Connection:
     def _begin_close(self, reason: CloseReason) -> None:
         if self._state >= State.CLOSING:
             return
+        if self._corked is not None:
+            self.uncork()  # what was written before close() is still sent
         self.close_reason = reason
         self._state = State.CLOSING
         self._update_reading()

@@ -184,12 +184,16 @@ class TlsConnection(Connection):
                     or self._state == State.PENDING):
                 raise ConnectionClosedError(f"connection {self.id} is closed")
             return
-        if data:
+        if self._corked is not None:
+            self._corked.append(bytes(data))
+        elif data:
             self.tls.write(data)
             self._flush_tls()
 
     def close(self) -> None:
         """Send TLS close_notify, then close as a plain connection does (flush, FIN)."""
+        if self._corked is not None:
+            self.uncork()
         if self._state == State.OPEN and self._handshaken:
             # SSLWantReadError just means the peer's close_notify has not come: not waited for.
             with contextlib.suppress(ssl.SSLError, OSError):
