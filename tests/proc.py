@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,3 +79,14 @@ class PortsideProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(WAIT)
+
+
+def echo_once(port: int, payload: bytes = b"ping", host: str = "127.0.0.1") -> bytes:
+    """One conversation: send ``payload``, half-close, return everything until EOF."""
+    with socket.create_connection((host, port), timeout=WAIT) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while data := sock.recv(4096):
+            received += data
+        return received

@@ -7,7 +7,7 @@ import signal
 import socket
 from pathlib import Path
 
-from proc import PortsideProcess
+from proc import PortsideProcess, echo_once
 
 from portside.engine.activation import activated_sockets
 
@@ -32,14 +32,6 @@ def listening(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-def echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while data := sock.recv(4096):
-            received += data
-        return received
 
 
 def test_echo_serves_the_handed_sockets(tmp_path: Path) -> None:
@@ -51,9 +43,9 @@ def test_echo_serves_the_handed_sockets(tmp_path: Path) -> None:
         proc.wait_for(r"serving 2 socket\(s\) from systemd socket activation")
         proc.wait_for(rf"listening on 127.0.0.1:{data_first.getsockname()[1]} \(data-first\)",
                       seen_too=True)
-        assert echo(immediate.getsockname()[1], b"to the immediate one") == \
+        assert echo_once(immediate.getsockname()[1], b"to the immediate one") == \
             b"to the immediate one"
-        assert echo(data_first.getsockname()[1], b"first data") == b"first data"
+        assert echo_once(data_first.getsockname()[1], b"first data") == b"first data"
         proc.signal(signal.SIGTERM)
         assert proc.wait_exit() == 0
     finally:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from proc import PortsideProcess
+from proc import PortsideProcess, echo_once
 from prometheus_client.parser import text_string_to_metric_families
 
 WAIT = 20.0
@@ -53,22 +52,14 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
-def echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while data := sock.recv(4096):
-            received += data
-        return received
 
 
 def test_metrics_count_what_happened(
         observed: tuple[PortsideProcess, Path, dict[str, int], int]) -> None:
     _, _, ports, metrics_port = observed
     for i in range(7):
-        assert echo(ports["immediate"], b"x" * (i + 1)) == b"x" * (i + 1)
-    assert echo(ports["data-first"], b"first") == b"first"
+        assert echo_once(ports["immediate"], b"x" * (i + 1)) == b"x" * (i + 1)
+    assert echo_once(ports["data-first"], b"first") == b"first"
     status, text = scrape(metrics_port)
     assert status == 200
     found = samples(text)
@@ -87,7 +78,7 @@ def test_metrics_count_what_happened(
 def test_top_once_shows_listeners_and_workers(
         observed: tuple[PortsideProcess, Path, dict[str, int], int]) -> None:
     _, control, ports, _ = observed
-    assert echo(ports["immediate"], b"hello") == b"hello"
+    assert echo_once(ports["immediate"], b"hello") == b"hello"
     done = subprocess.run([sys.executable, "-m", "portside", "top", "--control", str(control),
                            "--once"], capture_output=True, text=True, timeout=WAIT,
                           env={**os.environ, "COLUMNS": "200"}, check=True)

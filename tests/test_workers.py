@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proc import PortsideProcess
+from proc import PortsideProcess, echo_once
 
 WAIT = 20.0
 
@@ -26,14 +26,6 @@ def ctl(control: Path, command: str) -> Any:
     return json.loads(done.stdout)
 
 
-def echo_once(port: int, payload: bytes = b"ping") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = b""
-        while data := sock.recv(4096):
-            chunks += data
-        return chunks
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ thread: a thread in the supervisor would be copied, mid-whatever, into every for
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector
 from portside.control import protocol
 from portside.control.server import ControlTarget
 from portside.engine.reactor import Reactor
+from portside.engine.service import ServiceClient, SideListener
 from portside.errors import ListenError
 from portside.statistics import TTFB_BUCKETS
 
@@ -133,13 +133,17 @@ def bind_metrics(address: str) -> socket.socket:
 class _Scrape:
     """One HTTP request for /metrics: read the request head, answer once, close."""
 
-    def __init__(self, owner: MetricsServer, sock: socket.socket) -> None:
-        self.owner = owner
+    def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
+                 on_close: Callable[[_Scrape], None]) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.target = target
+        self.reactor = reactor
+        self.on_close = on_close
         self.request = bytearray()
         self.reply = b""
         self.answered = False
+        self.closed = False
 
     def handle_read(self) -> None:
         try:
@@ -166,7 +170,7 @@ class _Scrape:
         elif path not in (b"/metrics", b"/"):
             self.respond(404, b"try /metrics\n")
         else:
-            self.owner.target.control("stats", self._got_stats)
+            self.target.control("stats", self._got_stats)
 
     def _got_stats(self, reply: bytes) -> None:
         try:
@@ -188,7 +192,7 @@ class _Scrape:
         self.handle_write()
 
     def handle_write(self) -> None:
-        if not self.reply:
+        if not self.reply or self.closed:
             return
         try:
             sent = self.sock.send(self.reply)
@@ -199,61 +203,32 @@ class _Scrape:
             return
         self.reply = self.reply[sent:]
         if self.reply:
-            self.owner.reactor_modify(self.fd, writable=True)
+            self.reactor.modify(self.fd, readable=True, writable=True)
         else:
             self.close()
 
     def close(self) -> None:
-        self.owner.forget(self)
-        self.sock.close()
+        if not self.closed:
+            self.closed = True
+            self.reactor.unregister(self.fd)
+            self.sock.close()
+            self.on_close(self)
 
 
-class MetricsServer:
+class MetricsServer(SideListener):
     """Serves ``/metrics`` from a control target's ``stats``, on the owner's loop."""
 
     def __init__(self, address: str, target: ControlTarget) -> None:
         self.address = address
         self.target = target
-        self.sock = bind_metrics(address)
-        self._reactor: Reactor | None = None
-        self._scrapes: dict[int, _Scrape] = {}
+        super().__init__(bind_metrics(address), self._client, max_clients=64)
+
+    def _client(self, sock: socket.socket, reactor: Reactor,
+                on_close: Callable[[ServiceClient], None]) -> _Scrape:
+        return _Scrape(sock, self.target, reactor, on_close)
 
     def attach(self, reactor: Reactor) -> None:
-        self._reactor = reactor
-        reactor.register(self.sock.fileno(), self, readable=True, writable=False)
+        super().attach(reactor)
         host, port = self.sock.getsockname()[:2]
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         logger.info("metrics on http://%s/metrics", shown)
-
-    def handle_read(self) -> None:
-        try:
-            sock, _ = self.sock.accept()
-        except OSError:
-            return
-        if len(self._scrapes) >= 64:  # scrapers are few; more is someone misbehaving
-            sock.close()
-            return
-        sock.setblocking(False)
-        scrape = _Scrape(self, sock)
-        self._scrapes[scrape.fd] = scrape
-        assert self._reactor is not None
-        self._reactor.register(scrape.fd, scrape, readable=True, writable=False)
-
-    def handle_write(self) -> None:
-        pass
-
-    def reactor_modify(self, fd: int, writable: bool) -> None:
-        if self._reactor is not None and fd in self._scrapes:
-            self._reactor.modify(fd, readable=True, writable=writable)
-
-    def forget(self, scrape: _Scrape) -> None:
-        if self._scrapes.pop(scrape.fd, None) is not None and self._reactor is not None:
-            self._reactor.unregister(scrape.fd)
-
-    def close(self) -> None:
-        for scrape in list(self._scrapes.values()):
-            scrape.close()
-        if self._reactor is not None:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._reactor.unregister(self.sock.fileno())
-        self.sock.close()

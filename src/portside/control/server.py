@@ -16,6 +16,7 @@ from typing import Protocol
 
 from portside.control import protocol
 from portside.engine.reactor import Reactor
+from portside.engine.service import ServiceClient, SideListener
 from portside.errors import ListenError
 
 logger = logging.getLogger("portside.control")
@@ -129,46 +130,19 @@ class ControlChannel:
             self.on_close(self)
 
 
-class ControlServer:
+class ControlServer(SideListener):
     """Accepts control clients on a Unix socket and hands their commands to ``target``."""
 
     def __init__(self, path: str, target: ControlTarget) -> None:
         self.path = path
         self.target = target
-        self.sock = bind_control_socket(path)
-        self._reactor: Reactor | None = None
-        self._clients: dict[int, ControlChannel] = {}
+        super().__init__(bind_control_socket(path), self._client, MAX_CLIENTS)
 
-    def attach(self, reactor: Reactor) -> None:
-        self._reactor = reactor
-        reactor.register(self.sock.fileno(), self, readable=True, writable=False)
-
-    def handle_read(self) -> None:
-        try:
-            sock, _ = self.sock.accept()
-        except OSError:
-            return
-        if len(self._clients) >= MAX_CLIENTS:
-            sock.close()
-            return
-        sock.setblocking(False)
-        assert self._reactor is not None
-        client = ControlChannel(sock, self.target, self._reactor, self._forget)
-        self._clients[client.fd] = client
-        self._reactor.register(client.fd, client, readable=True, writable=False)
-
-    def handle_write(self) -> None:
-        pass
-
-    def _forget(self, client: ControlChannel) -> None:
-        self._clients.pop(client.fd, None)
+    def _client(self, sock: socket.socket, reactor: Reactor,
+                on_close: Callable[[ServiceClient], None]) -> ControlChannel:
+        return ControlChannel(sock, self.target, reactor, on_close)
 
     def close(self) -> None:
-        for client in list(self._clients.values()):
-            client.close()
-        if self._reactor is not None:
-            self._reactor.unregister(self.sock.fileno())
-        self.sock.close()
+        super().close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-

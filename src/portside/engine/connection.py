@@ -225,7 +225,8 @@ class Connection:
         if self._corked is not None:
             self._corked.append(bytes(data))  # copied: ``data`` may be a lent buffer
             return
-        # The fast path: nothing queued, and the kernel usually takes it all at once.
+        # The fast path: nothing queued, and the kernel usually takes it all at once. It
+        # repeats _send_bytes on purpose: one Python call less on every write (bench/NOTES.md).
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):

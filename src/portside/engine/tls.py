@@ -65,6 +65,8 @@ class TlsConnection(Connection):
         super().attach(core, listener, sock, peer_address, pending=True)
 
     def handle_read(self) -> None:
+        # The plain read path, up to the handler, as in Connection.handle_read (which keeps
+        # it inline for speed); then the bytes go to TLS instead of to the handler.
         state = self._state
         if state >= State.CLOSING:
             if state == State.LINGERING:
