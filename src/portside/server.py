@@ -265,7 +265,7 @@ class Server:
 
     def connections(self) -> list[Connection]:
         """Live connections, pending ones included (call on the loop thread)."""
-        return list(self._core.live) if self._core is not None else []
+        return self._core.live() if self._core is not None else []
 
     def statistics(self) -> ServerStatistics:
         """A frozen snapshot of every listener's counters and the pools."""
@@ -307,22 +307,22 @@ class Server:
         self.state = ServerState.DRAINING
         self._call_handler(self.handler.shutdown_started)
         for listener in self._listeners:
-            listener.close()  # connections it takes from the backlog join core.live as pending
-        for conn in list(core.live):
+            listener.close()  # connections it takes from the backlog are live, and pending
+        for conn in core.live():
             if conn.is_pending:
                 conn.close_for(CloseReason.SHUTDOWN)
-        if not core.live:
+        if not core.open:
             self._finish()
         if self.state is not ServerState.DRAINING:
             return
         drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
-        logger.info("draining %d connection(s) for up to %g s", len(core.live), drain)
+        logger.info("draining %d connection(s) for up to %g s", core.open, drain)
         self._drain_timer = reactor.call_later(drain, self._drain_expired)
 
     def _drain_expired(self) -> None:
         core, reactor = self._core, self._reactor
         assert core is not None and reactor is not None
-        for conn in list(core.live):
+        for conn in core.live():
             conn.close_for(CloseReason.SHUTDOWN)
         if self.state is ServerState.DRAINING:
             self._drain_timer = reactor.call_later(self.config.linger_timeout, self._force_close)
@@ -333,9 +333,9 @@ class Server:
             return
         if self.state is ServerState.RUNNING:
             self._shutdown(0.0)
-        for conn in list(core.live):
+        for conn in core.live():
             conn.abort_for(CloseReason.SHUTDOWN)
-        if self.state is ServerState.DRAINING and not core.live:
+        if self.state is ServerState.DRAINING and not core.open:
             self._finish()
 
     def _on_idle(self) -> None:

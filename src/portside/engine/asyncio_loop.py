@@ -52,6 +52,9 @@ class AsyncioReactor:
         if entry[2]:
             self.loop.remove_writer(fd)
 
+    def targets(self) -> list[IOTarget]:
+        return [entry[0] for entry in self._interest.values()]
+
     def call_soon(self, callback: Callable[[], object]) -> None:
         self.loop.call_soon(callback)
 

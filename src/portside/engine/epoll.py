@@ -88,7 +88,7 @@ class EpollReactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._targets: dict[int, IOTarget] = {}
-        self._masks: dict[int, int] = {}  # fd -> mask in the epoll set (absent: not in it)
+        self._masks: dict[int, int] = {}  # fd -> its mask when not just _READ (0: not in epoll)
         self._timers: list[_Timer] = []
         self._timer_seq = 0
         self._ready: deque[Callable[[], object]] = deque()
@@ -103,32 +103,42 @@ class EpollReactor:
 
     def register(self, fd: int, target: IOTarget, readable: bool, writable: bool) -> None:
         self._targets[fd] = target
-        self._set_mask(fd, (_READ if readable else 0) | (_WRITE if writable else 0))
+        mask = (_READ if readable else 0) | (_WRITE if writable else 0)
+        if mask:
+            self._epoll.register(fd, mask)
+        self._store_mask(fd, mask)
 
     def modify(self, fd: int, readable: bool, writable: bool) -> None:
-        self._set_mask(fd, (_READ if readable else 0) | (_WRITE if writable else 0))
-
-    def unregister(self, fd: int, closing: bool = False) -> None:
-        self._targets.pop(fd, None)
-        # Closing the last descriptor of a socket removes it from every epoll set: one
-        # epoll_ctl fewer per connection (accepted sockets are never duplicated here).
-        if self._masks.pop(fd, None) is not None and not closing:
-            self._epoll.unregister(fd)
-
-    def _set_mask(self, fd: int, mask: int) -> None:
-        current = self._masks.get(fd)
+        mask = (_READ if readable else 0) | (_WRITE if writable else 0)
+        current = self._masks.get(fd, _READ)
         if current == mask:
             return
-        if mask == 0:
-            if current is not None:
-                del self._masks[fd]
-                self._epoll.unregister(fd)
-        elif current is None:
-            self._masks[fd] = mask
+        if not mask:
+            self._epoll.unregister(fd)
+        elif not current:
             self._epoll.register(fd, mask)
         else:
-            self._masks[fd] = mask
             self._epoll.modify(fd, mask)
+        self._store_mask(fd, mask)
+
+    def _store_mask(self, fd: int, mask: int) -> None:
+        # Only masks other than "readable" are stored: that is what nearly every descriptor
+        # is watched for, and a second table entry per idle connection is memory for nothing.
+        if mask == _READ:
+            self._masks.pop(fd, None)
+        else:
+            self._masks[fd] = mask
+
+    def unregister(self, fd: int, closing: bool = False) -> None:
+        if self._targets.pop(fd, None) is None:
+            return  # not registered (or already unregistered)
+        # Closing the last descriptor of a socket removes it from every epoll set: one
+        # epoll_ctl fewer per connection (accepted sockets are never duplicated here).
+        if self._masks.pop(fd, _READ) and not closing:
+            self._epoll.unregister(fd)
+
+    def targets(self) -> list[IOTarget]:
+        return list(self._targets.values())
 
     def call_soon(self, callback: Callable[[], object]) -> None:
         self._ready.append(callback)
@@ -179,7 +189,7 @@ class EpollReactor:
                             target.handle_read()
                             if events & writable and targets.get(fd) is target:
                                 target.handle_write()
-                        elif events & trouble and masks.get(fd, 0) & readable:
+                        elif events & trouble and masks.get(fd, readable) & readable:
                             target.handle_read()  # a read reports the error or the EOF
                         elif events & (writable | trouble):
                             target.handle_write()

@@ -362,7 +362,7 @@ class Listener:
 
     def statistics(self) -> ListenerStatistics:
         core = self._core
-        live = [conn for conn in core.live if conn.listener is self] if core is not None else []
+        live = [conn for conn in core.live() if conn.listener is self] if core else []
         return ListenerStatistics(
             name=self.config.label, address=self.address,
             policy=self.config.policy.value, accepting=self._watching,

@@ -50,6 +50,10 @@ class Reactor(Protocol):
         """
         ...
 
+    def targets(self) -> list[IOTarget]:
+        """Everything registered now."""
+        ...
+
     def call_soon(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` on the loop's thread at the next iteration."""
         ...
