@@ -13,6 +13,7 @@ and queue only what the kernel did not take, copied, since the caller's buffer m
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import enum
 import itertools
@@ -123,7 +124,7 @@ class Connection:
 
     # -- life cycle, called by the listener ------------------------------------------------------
 
-    def attach(self, core: EngineCore, listener: Listener, sock: socket.socket,
+    def attach(self, core: EngineCore, listener: Listener, sock: _socket.socket,
                peer_address: Address, pending: bool) -> None:
         """Take over a freshly accepted socket (resetting everything a previous life left)."""
         self.id = next(_id_counter)
