@@ -55,6 +55,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _count(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -110,7 +117,8 @@ class _Option:
 
 
 LISTENER_OPTIONS = (
-    _Option("--first-data-timeout", ListenerConfig, "first_data_timeout", _seconds, "SECONDS",
+    _Option("--first-data-timeout", ListenerConfig, "first_data_timeout", _positive_seconds,
+            "SECONDS",
             "close data-first connections silent this many seconds after accept"),
     _Option("--max-connections", ListenerConfig, "max_connections", _count(1), "N",
             "per listener: stop accepting at this many open connections"),

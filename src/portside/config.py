@@ -84,6 +84,9 @@ class ListenerConfig:
         if self.path is None:
             _check(0 <= self.port <= 65535, "port", self.port, "must be 0-65535")
         _check_duration("first_data_timeout", self.first_data_timeout)
+        # Unlike the optional timeouts, this one cannot be off: it is the DoS defence.
+        _check(self.first_data_timeout > 0, "first_data_timeout", self.first_data_timeout,
+               "must be > 0")
         _check_duration("stale_pending_age", self.stale_pending_age)
         for name in ("idle_timeout", "read_timeout", "write_timeout"):
             _check_duration(name, getattr(self, name))

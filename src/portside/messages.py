@@ -110,6 +110,8 @@ class MessageHandler(Handler, Generic[M]):
             self._dispatch(conn, sequencer, ())  # start the held requests first, in order
         if not sequencer.held and conn.is_open:
             conn.hold_reading(False)
+            if sequencer.close_when_drained and sequencer.outstanding == 0:
+                conn.close()  # the peer had finished, and the last held request is answered
 
     def _release(self, conn: Connection, ready: list[Outcome]) -> None:
         sequencer: ReplySequencer = conn.sequencer

@@ -86,6 +86,7 @@ class Server:
         self._accepting_paused = False
         self._drain_timer: TimerHandle | None = None
         self._signals_seen = 0
+        self._shutdown_requested: tuple[float | None] | None = None
         self.loop_lag = self.loop_lag_max = 0.0
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -205,6 +206,8 @@ class Server:
             logger.info("listening on %s (%s)", listener.address, listener.config.policy.value)
         self._call_handler(self.handler.server_started)
         self.started.set()
+        if self._shutdown_requested is not None:  # asked for before the loop existed
+            reactor.call_soon(lambda: self._shutdown(*self._shutdown_requested or (None,)))
 
     def _probe_loop_lag(self, expected: float) -> None:
         """A timer that notes how late it runs: the loop's lag, for statistics and metrics."""
@@ -237,7 +240,10 @@ class Server:
         self._reactor.call_soon_threadsafe(callback)
 
     def shutdown(self, drain_timeout: float | None = None) -> None:
-        """Begin a graceful shutdown (from any thread); ``drain_timeout`` overrides the config."""
+        """Begin a graceful shutdown (from any thread); ``drain_timeout`` overrides the config.
+
+        Asked before the server runs, it takes effect as soon as it starts."""
+        self._shutdown_requested = (drain_timeout,)
         self._on_loop(lambda: self._shutdown(drain_timeout))
 
     def pause_accepting(self) -> None:
@@ -305,9 +311,12 @@ class Server:
         reactor = self._reactor
         assert core is not None and reactor is not None
         self.state = ServerState.DRAINING
-        self._call_handler(self.handler.shutdown_started)
         for listener in self._listeners:
             listener.close()  # connections it takes from the backlog are live, and pending
+        # Accepting has stopped (as the callback's contract says); it may close connections.
+        self._call_handler(self.handler.shutdown_started)
+        if self.state is not ServerState.DRAINING:
+            return  # the handler closed everything: the server has already stopped
         for conn in core.live():
             if conn.is_pending:
                 conn.close_for(CloseReason.SHUTDOWN)

@@ -56,6 +56,10 @@ class StreamReader:
     async def _wait(self) -> None:
         if self._exception is not None:
             raise self._exception
+        if self._conn.is_open:
+            # Someone wants more than is buffered: read again, even past the limit (else a
+            # read() to EOF or a readexactly() over the limit would wait forever).
+            self._conn.hold_reading(False)
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
 
@@ -136,7 +140,7 @@ class StreamWriter:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = asyncio.get_running_loop().create_future()
 
     @property
@@ -153,8 +157,9 @@ class StreamWriter:
         if self._closed.done():
             raise ConnectionResetError("connection lost")
         if self._paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
     def can_write_eof(self) -> bool:
         return False
@@ -179,12 +184,16 @@ class StreamWriter:
 
     def resume(self) -> None:
         self._paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def lost(self, exc: BaseException | None) -> None:
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(exc or ConnectionResetError("connection lost"))
         if not self._closed.done():
             self._closed.set_result(None)
 

@@ -559,11 +559,13 @@ class Connection:
 
     def _socket_failed(self, exc: OSError) -> None:
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            if self._state == State.OPEN:
-                self._call("connection_reset")
+            first = self.close_reason is None
             if self._state != State.CLOSED:
                 self.close_reason = self.close_reason or CloseReason.RESET
-                self._finalize()
+            if first and self._state == State.OPEN:
+                # Reason set first: a write inside the callback fails again, quietly.
+                self._call("connection_reset")
+            self._finalize()
             return
         if self._state != State.CLOSED:
             self.close_reason = self.close_reason or CloseReason.SOCKET_ERROR

@@ -205,6 +205,8 @@ class Listener:
     def handle_read(self) -> None:
         limit = self.config.max_connections
         for _ in range(self.config.accept_batch):
+            if self._closed:
+                return  # a handler shut the server down from connection_made
             if self.pending_count + self.active_count >= limit:
                 self._reach_ceiling()
                 if self._at_ceiling:

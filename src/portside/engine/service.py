@@ -16,6 +16,7 @@ from portside.engine.reactor import Reactor
 
 class ServiceClient(Protocol):
     fd: int
+    sock: socket.socket
 
     def handle_read(self) -> None: ...
 
@@ -60,6 +61,12 @@ class SideListener:
 
     def _forget(self, client: ServiceClient) -> None:
         self._clients.pop(client.fd, None)
+
+    def close_in_child(self) -> None:
+        """In a forked worker: close the copies of its descriptors, touching no loop."""
+        for client in self._clients.values():
+            client.sock.close()
+        self.sock.close()
 
     def close(self) -> None:
         for client in list(self._clients.values()):

@@ -122,8 +122,8 @@ class TlsConnection(Connection):
         except (ssl.SSLError, OSError) as exc:
             self.listener.tls_failures += 1
             logger.debug("TLS handshake with %r failed: %s", self.peer_address, exc)
-            self._flush_tls()  # the alert, if any, so the client learns why
-            self._abort(CloseReason.TLS_ERROR)
+            self._flush_tls()  # the alert, if any, so the client learns why...
+            self.close_for(CloseReason.TLS_ERROR)  # ...sent before the FIN, not lost to a RST
             return False
         self._handshaken = True
         self.tls_server_name = getattr(self.tls, _SNI_ATTRIBUTE, None)
@@ -192,8 +192,11 @@ class TlsConnection(Connection):
             self.tls.write(data)
             self._flush_tls()
 
-    def close(self) -> None:
-        """Send TLS close_notify, then close as a plain connection does (flush, FIN)."""
+    def _begin_close(self, reason: CloseReason) -> None:
+        """Every graceful close (the handler's, a timeout's, shutdown's) sends close_notify
+        before the FIN, so the peer can tell the end from a truncation."""
+        if self._state >= State.CLOSING:
+            return
         if self._corked is not None:
             self.uncork()
         if self._state == State.OPEN and self._handshaken:
@@ -201,4 +204,4 @@ class TlsConnection(Connection):
             with contextlib.suppress(ssl.SSLError, OSError):
                 self.tls.unwrap()
             self._flush_tls()
-        super().close()
+        super()._begin_close(reason)

@@ -51,6 +51,7 @@ class WorkerLink:
         self.decoder = protocol.LineDecoder()
         self.waiting: deque[Reply] = deque()
         self.closed = False
+        self.on_eof: Callable[[], None] | None = None
 
     def request(self, command: str, on_reply: Reply) -> None:
         if self.closed:
@@ -72,6 +73,8 @@ class WorkerLink:
             data = b""
         if not data:
             self.fail_all()
+            if self.on_eof is not None:
+                self.on_eof()  # stop watching it: level-triggered, EOF would wake us forever
             return
         for line in self.decoder.feed(data):
             if not self.waiting:
@@ -142,6 +145,7 @@ class Supervisor:
         self.shutting_down = False
         self.paused = False
         self.restarts = 0
+        self._restarting = False
         self._quick_failures = 0
         self._signals: dict[int, int] = {}
         self._deadline: TimerHandle | None = None
@@ -224,6 +228,7 @@ class Supervisor:
         link = WorkerLink(parent_end)
         worker = Worker(pid, os.pidfd_open(pid), link, now, now)
         worker.exited = lambda: self._reap(worker)
+        link.on_eof = lambda: self.reactor.unregister(link.fd)
         self.workers[pid] = worker
         self.reactor.register(worker.pidfd, worker, readable=True, writable=False)
         self.reactor.register(link.fd, link, readable=True, writable=False)
@@ -238,10 +243,9 @@ class Supervisor:
         for worker in self.workers.values():
             worker.link.sock.close()
             os.close(worker.pidfd)
-        if self.control_server is not None:
-            self.control_server.sock.close()
-        if self.metrics is not None:
-            self.metrics.sock.close()
+        for service in (self.control_server, self.metrics):
+            if service is not None:
+                service.close_in_child()
         self.reactor.close()
 
     def _first_reply(self, worker: Worker, result: Any) -> None:
@@ -314,6 +318,9 @@ class Supervisor:
     def _handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
+            if self._restarting:
+                logger.info("SIGHUP: a restart is already under way; ignored")
+                return
             logger.info("SIGHUP: replacing workers one by one")
             self.restart_workers()
             return
@@ -329,7 +336,8 @@ class Supervisor:
         if self.shutting_down:
             return
         self.shutting_down = True
-        self._kill_all(signal.SIGTERM)
+        # Retiring workers were told already: a second SIGTERM would force them.
+        self._kill_all(signal.SIGTERM, skip_retiring=True)
         if not self.workers:
             self.reactor.stop()
             return
@@ -339,25 +347,33 @@ class Supervisor:
     def restart_workers(self) -> None:
         """Graceful restart: start a new worker, and once it answers retire one old one."""
         old = [worker for worker in self.workers.values() if not worker.retiring]
+        self._restarting = True
 
         def replace(remaining: list[Worker]) -> None:
             if not remaining or self.shutting_down:
+                self._restarting = False
                 return
             retiree = remaining[0]
             fresh = self._spawn()
 
             def retire() -> None:
-                retiree.retiring = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(retiree.pid, signal.SIGTERM)
+                # The retiree may have died meanwhile (its pid could even be reused), or a
+                # shutdown may have told it already: a second SIGTERM would force it.
+                if not self.shutting_down and not retiree.retiring \
+                        and self.workers.get(retiree.pid) is retiree:
+                    retiree.retiring = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(retiree.pid, signal.SIGTERM)
                 replace(remaining[1:])
 
             fresh.on_ready.append(retire)
 
         replace(old)
 
-    def _kill_all(self, signum: int) -> None:
+    def _kill_all(self, signum: int, skip_retiring: bool = False) -> None:
         for worker in self.workers.values():
+            if skip_retiring and worker.retiring:
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
 
