@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from portside.control import protocol
 from portside.control.server import ControlTarget
 from portside.engine.reactor import Reactor
-from portside.engine.service import ServiceClient, SideListener
+from portside.engine.service import ServiceClient, SideClient, SideListener
 from portside.errors import ListenError
 from portside.statistics import TTFB_BUCKETS
 
@@ -130,31 +130,19 @@ def bind_metrics(address: str) -> socket.socket:
     return sock
 
 
-class _Scrape:
+class _Scrape(SideClient):
     """One HTTP request for /metrics: read the request head, answer once, close."""
 
-    def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
-                 on_close: Callable[[_Scrape], None]) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.target = target
-        self.reactor = reactor
-        self.on_close = on_close
-        self.request = bytearray()
-        self.reply = b""
-        self.answered = False
-        self.closed = False
+    close_when_sent = True
 
-    def handle_read(self) -> None:
-        try:
-            data = self.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
+    def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
+                 on_close: Callable[[ServiceClient], None]) -> None:
+        super().__init__(sock, reactor, on_close)
+        self.target = target
+        self.request = bytearray()
+        self.answered = False
+
+    def received(self, data: bytes) -> None:
         self.request += data
         if self.answered:
             return
@@ -186,33 +174,9 @@ class _Scrape:
         reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
                   431: "Request Header Fields Too Large", 500: "Internal Server Error"}[status]
         self.answered = True
-        self.reply = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                      ).encode() + body
-        self.handle_write()
-
-    def handle_write(self) -> None:
-        if not self.reply or self.closed:
-            return
-        try:
-            sent = self.sock.send(self.reply)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        self.reply = self.reply[sent:]
-        if self.reply:
-            self.reactor.modify(self.fd, readable=True, writable=True)
-        else:
-            self.close()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.reactor.unregister(self.fd)
-            self.sock.close()
-            self.on_close(self)
+        self.send((f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                   ).encode() + body)
 
 
 class MetricsServer(SideListener):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from portside.control import protocol
 from portside.engine.reactor import Reactor
-from portside.engine.service import ServiceClient, SideListener
+from portside.engine.service import ServiceClient, SideClient, SideListener
 from portside.errors import ListenError
 
 logger = logging.getLogger("portside.control")
@@ -64,31 +64,17 @@ def bind_control_socket(path: str) -> socket.socket:
     return sock
 
 
-class ControlChannel:
+class ControlChannel(SideClient):
     """One connected control peer: decodes its requests, hands them to ``target``, and sends
     the replies in order. Also the worker's end of its link to the supervisor."""
 
     def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
                  on_close: Callable[[ControlChannel], None]) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+        super().__init__(sock, reactor, on_close)  # type: ignore[arg-type]
         self.target = target
-        self.reactor = reactor
-        self.on_close = on_close
         self.decoder = protocol.LineDecoder()
-        self.outgoing = bytearray()
-        self.closed = False
 
-    def handle_read(self) -> None:
-        try:
-            data = self.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
+    def received(self, data: bytes) -> None:
         for line in self.decoder.feed(data):
             try:
                 if isinstance(line, protocol.ProtocolError):
@@ -102,32 +88,6 @@ class ControlChannel:
             except Exception as exc:  # the target's bug must not take the server down
                 logger.exception("control command %r failed", command)
                 self.send(protocol.reply_error(f"{command} failed: {exc}"))
-
-    def send(self, reply: bytes) -> None:
-        if self.closed:
-            return
-        self.outgoing += reply
-        self.handle_write()
-
-    def handle_write(self) -> None:
-        if self.closed:
-            return
-        try:
-            sent = self.sock.send(self.outgoing) if self.outgoing else 0
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        del self.outgoing[:sent]
-        self.reactor.modify(self.fd, readable=True, writable=bool(self.outgoing))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.reactor.unregister(self.fd)
-            self.sock.close()
-            self.on_close(self)
 
 
 class ControlServer(SideListener):

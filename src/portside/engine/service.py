@@ -25,6 +25,66 @@ class ServiceClient(Protocol):
     def close(self) -> None: ...
 
 
+class SideClient:
+    """A client of a side service: reads through ``received``, writes through ``send``,
+    closes once (unregistering itself and telling its listener)."""
+
+    #: Close once everything queued has been sent (a one-reply protocol such as HTTP/1.0).
+    close_when_sent = False
+
+    def __init__(self, sock: socket.socket, reactor: Reactor,
+                 on_close: Callable[[ServiceClient], None]) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reactor = reactor
+        self.on_close = on_close
+        self.outgoing = bytearray()
+        self.closed = False
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the client (override)."""
+
+    def handle_read(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.received(data)
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.outgoing += data
+            self.handle_write()
+
+    def handle_write(self) -> None:
+        if self.closed:
+            return
+        try:
+            sent = self.sock.send(self.outgoing) if self.outgoing else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        del self.outgoing[:sent]
+        if not self.outgoing and self.close_when_sent:
+            self.close()
+        else:
+            self.reactor.modify(self.fd, readable=True, writable=bool(self.outgoing))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.reactor.unregister(self.fd)
+            self.sock.close()
+            self.on_close(self)
+
+
 ClientFactory = Callable[[socket.socket, Reactor, Callable[[ServiceClient], None]],
                          ServiceClient]
 
