@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ENGINES, WAIT, recv_exactly, recv_until_eof
+from proc import PortsideProcess
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -40,60 +39,6 @@ def env(tmp_path: Path) -> Env:
 def run_cli(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "portside", *args], capture_output=True,
                           text=True, timeout=WAIT, env=env, stdin=subprocess.DEVNULL)
-
-
-class RunningCli:
-    """A long-running ``portside`` process whose stderr is read, line by line, in a thread."""
-
-    def __init__(self, env: Env, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "portside", *args], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        """The first line (not seen by an earlier call) that matches ``pattern``."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r}; got {self.lines}") from None
-            if line is None:
-                self._queue.put(None)
-                raise AssertionError(f"stderr ended without {pattern!r}; got {self.lines}")
-            self.lines.append(line)
-            match = regex.search(line)
-            if match:
-                return match
-
-    def wait(self, timeout: float = WAIT) -> int:
-        """The exit status, once the process ended; the rest of stderr joins ``lines``."""
-        code = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        while not self._queue.empty():
-            line = self._queue.get_nowait()
-            if line is not None:
-                self.lines.append(line)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(WAIT)
-        if self.proc.stderr is not None:
-            self._reader.join(WAIT)
-            self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -173,12 +118,13 @@ def test_echo_help(env: Env) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None:
-    cli = RunningCli(env, "echo", "--data-first-port", "0", "--immediate-port", "0",
-                     "--defer-accept", "0", "--first-data-timeout", "0.5", "--engine", engine)
+    cli = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                           "--defer-accept", "0", "--first-data-timeout", "0.5", "--engine",
+                           engine], env=env)
     try:
-        data_first = int(cli.wait_for_line(
+        data_first = int(cli.wait_for(
             r"listening on 127\.0\.0\.1:(\d+) \(data-first\)$").group(1))
-        immediate = int(cli.wait_for_line(
+        immediate = int(cli.wait_for(
             r"listening on 127\.0\.0\.1:(\d+) \(immediate\)$").group(1))
         assert data_first > 0 and immediate > 0 and data_first != immediate
 
@@ -194,7 +140,7 @@ def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None
         # A silent data-first connection is closed after the first-data timeout, with a log line.
         with socket.create_connection(("127.0.0.1", data_first), timeout=WAIT) as silent:
             silent_port = silent.getsockname()[1]
-            line = cli.wait_for_line(r"no data within")
+            line = cli.wait_for(r"no data within")
             assert re.search(r"\bINFO\b", line.string), line.string
             assert f"127.0.0.1:{silent_port}" in line.string
             assert f"127.0.0.1:{data_first}" in line.string
@@ -208,7 +154,7 @@ def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None
             talker.sendall(b"before the signal")
             assert recv_exactly(talker, 17) == b"before the signal"
             os.kill(cli.proc.pid, signal.SIGTERM)
-            cli.wait_for_line(r"SIGTERM: shutting down gracefully")
+            cli.wait_for(r"SIGTERM: shutting down gracefully")
             payload = bytes(range(256)) * 1024  # 256 KiB: more than the socket buffers hold
             errors: list[BaseException] = []
 
@@ -225,7 +171,7 @@ def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None
             sender.join(WAIT)
             assert not errors, errors
 
-        assert cli.wait() == 0, cli.lines
+        assert cli.wait_exit() == 0, cli.lines
         assert not any("Traceback" in line for line in cli.lines), cli.lines
         assert not any(" ERROR " in line or " WARNING " in line for line in cli.lines), cli.lines
     finally:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
 from conftest import (
     WAIT,
@@ -30,6 +28,7 @@ from conftest import (
     recv_exactly,
     recv_until_eof,
 )
+from proc import PortsideProcess
 
 from portside import (
     KIB,
@@ -320,48 +319,6 @@ def test_stale_pending_connections_are_evicted_for_a_real_client(
 # -- 6. EMFILE: a real process with a low descriptor limit -----------------------------------------
 
 
-class LogReader:
-    """Reads a process's stderr in a thread (so the pipe never fills) and waits on its lines."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._stream = stream
-        self.thread = threading.Thread(target=self._read, name="limits-test-log", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self._stream:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def count(self, text: str) -> int:
-        with self._cond:
-            return sum(text in line for line in self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        regex = re.compile(pattern)
-        found: list[re.Match[str]] = []
-
-        def seen() -> bool:
-            for line in self.lines:
-                match = regex.search(line)
-                if match:
-                    found.append(match)
-                    return True
-            return False
-
-        with self._cond:
-            if not self._cond.wait_for(seen, timeout):
-                raise AssertionError(f"no log line matching {pattern!r}; log: {self.lines[-20:]}")
-        return found[0]
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-
 FD_LIMIT = 40
 
 
@@ -370,14 +327,11 @@ def _limit_descriptors() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
 
 
-def test_echo_process_survives_running_out_of_descriptors() -> None:
-    command = [sys.executable, "-m", "portside", "echo", "--host", "127.0.0.1",
-               "--data-first-port", "0", "--immediate-port", "0", "--log-level", "info",
-               "--defer-accept", "0"]
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_limit_descriptors)
-    assert proc.stderr is not None
-    log = LogReader(proc.stderr)
+def test_echo_process_survives_running_out_of_descriptors(tmp_path: Path) -> None:
+    log = PortsideProcess(["echo", "--host", "127.0.0.1", "--data-first-port", "0",
+                           "--immediate-port", "0", "--log-level", "info", "--defer-accept", "0",
+                           "--control", str(tmp_path / "ctl")],
+                          preexec_fn=_limit_descriptors)
     socks: list[socket.socket] = []
 
     def connect(port: int) -> socket.socket:
@@ -390,7 +344,7 @@ def test_echo_process_survives_running_out_of_descriptors() -> None:
         started = time.monotonic()
         crowd = [connect(port) for _ in range(60)]  # more than FD_LIMIT: the rest wait in backlog
         log.wait_for(r"accept on .* failed .*; pausing accepts for")
-        assert proc.poll() is None, "the server died at EMFILE"
+        assert log.proc.poll() is None, "the server died at EMFILE"
 
         # Accepted connections keep being served while accepting is backing off; the last
         # client is still in the backlog and is not.
@@ -399,7 +353,7 @@ def test_echo_process_survives_running_out_of_descriptors() -> None:
         echo_round_trip(crowd[0], b"still alive at EMFILE")
         echo_round_trip(crowd[1], b"me too")
         assert_no_data(last)
-        assert proc.poll() is None
+        assert log.proc.poll() is None
 
         for sock in crowd[5:-1]:
             sock.close()
@@ -417,18 +371,12 @@ def test_echo_process_survives_running_out_of_descriptors() -> None:
         for sock in socks:
             sock.close()
         socks.clear()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(WAIT) == 0, log.text()
+        log.signal(signal.SIGTERM)
+        assert log.wait_exit() == 0, log.text()
     finally:
         for sock in socks:
             sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
-        log.thread.join(WAIT)
-        with contextlib.suppress(OSError):
-            proc.stderr.close()
+        log.kill()
     text = log.text()
     assert "Traceback" not in text, text
     assert "internal error" not in text, text
-
