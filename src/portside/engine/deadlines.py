@@ -9,7 +9,7 @@ Pure code: the caller passes the time in, so tests need no clock or sleep.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -56,6 +56,3 @@ class DeadlineQueue(Generic[K]):
     def pop_older_than(self, age: float, now: float) -> list[K]:
         """Remove and return items added over ``age`` seconds before ``now`` (pressure sweep)."""
         return self.pop_expired(now + self.timeout - age)
-
-    def __iter__(self) -> Iterator[K]:
-        return iter(list(self._due))

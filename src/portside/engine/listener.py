@@ -130,6 +130,9 @@ class Listener:
         self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
         self.read = self._optional(config.read_timeout, CloseReason.READ_TIMEOUT, abort=False)
         self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
+        #: The timeouts in force, made once: every closing connection is taken out of each.
+        self.trackers = tuple(tracker for tracker in (self.first_data, self.idle, self.read,
+                                                      self.write) if tracker is not None)
         self.accepted = self.closed = 0
         self.evicted = self.limited = self.accept_errors = self.proxy_errors = 0
         self.tls_failures = 0
@@ -169,9 +172,6 @@ class Listener:
 
         return TimeoutTracker(timeout, expire)
 
-    @property
-    def trackers(self) -> list[TimeoutTracker]:
-        return [t for t in (self.first_data, self.idle, self.read, self.write) if t is not None]
 
     @property
     def first_data_timeouts(self) -> int:

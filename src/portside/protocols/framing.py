@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from typing import Generic, Literal, TypeVar
 
 from portside.errors import ProtocolError
@@ -105,9 +104,6 @@ class Framer(ABC, Generic[M]):
     @abstractmethod
     def encode(self, message: Buffer) -> list[Buffer]:
         """The chunks to write for ``message`` (a list, so payloads are never copied)."""
-
-    def encode_all(self, messages: Iterable[Buffer]) -> list[Buffer]:
-        return [chunk for message in messages for chunk in self.encode(message)]
 
 
 class ByteFramer(Framer[Message]):
