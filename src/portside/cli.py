@@ -136,7 +136,7 @@ LISTENER_OPTIONS = (
             "seconds of Linux TCP_DEFER_ACCEPT on data-first listeners (0: off)"),
 )
 SERVER_OPTIONS = (
-    _Option("--engine", ServerConfig, "engine", _engine, "{epoll,asyncio,uvloop}",
+    _Option("--engine", ServerConfig, "engine", _engine, "{auto,compiled,epoll,asyncio,uvloop}",
             "the event loop"),
     _Option("--drain-timeout", ServerConfig, "drain_timeout", _seconds, "SECONDS",
             "graceful shutdown waits this long for connections to finish"),

@@ -9,6 +9,7 @@ a default is written in exactly one place.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import ssl
 from dataclasses import MISSING, dataclass, fields
@@ -19,6 +20,7 @@ from portside.protocols.proxy import Version as ProxyVersion
 
 SECONDS = 1.0
 KIB = 1024
+MIB = 1024 * KIB
 
 
 class AcceptPolicy(enum.Enum):
@@ -33,7 +35,9 @@ class AcceptPolicy(enum.Enum):
 class Engine(enum.Enum):
     """Which event loop drives the connections."""
 
-    EPOLL = "epoll"  #: portside's own loop on select.epoll (Linux; the default there)
+    AUTO = "auto"  #: the fastest engine that imports: compiled, else epoll (asyncio off Linux)
+    COMPILED = "compiled"  #: portside's loop and connections in compiled code (Linux)
+    EPOLL = "epoll"  #: portside's own loop on select.epoll, in pure Python (the reference)
     ASYNCIO = "asyncio"  #: a stdlib asyncio loop (or the running loop, with Server.serve())
     UVLOOP = "uvloop"  #: the asyncio engine on a uvloop loop
 
@@ -64,6 +68,9 @@ class ListenerConfig:
     #: Unsent bytes above which reading pauses; below ``write_low_water`` it resumes.
     write_high_water: int = 64 * KIB
     write_low_water: int = 16 * KIB
+    #: Queued output past which a connection is reset: a peer that reads nothing while its
+    #: handler keeps writing (Redis's client-output-buffer-limit). Must be >= write_high_water.
+    write_limit: int = 64 * MIB
     #: Close a connection with no bytes in either direction for this long (0: off).
     idle_timeout: float = 0
     #: Close a connection that owes us the rest of a message for this long (0: off).
@@ -74,6 +81,9 @@ class ListenerConfig:
     tls: ssl.SSLContext | None = None
     #: Expect a PROXY protocol header (from a load balancer) first: off, v1, v2 or any.
     proxy_protocol: ProxyVersion = ProxyVersion.OFF
+    #: Networks (CIDR) allowed to send a PROXY header; anyone else is refused. Empty (the
+    #: default) trusts no TCP source; Unix-socket peers are always trusted.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, AcceptPolicy):
@@ -99,6 +109,17 @@ class ListenerConfig:
             self.write_high_water >= self.write_low_water, "write_high_water",
             self.write_high_water, "must be >= write_low_water",
         )
+        _check(self.write_limit >= self.write_high_water, "write_limit", self.write_limit,
+               "must be >= write_high_water")
+        if isinstance(self.trusted_proxies, str):
+            object.__setattr__(self, "trusted_proxies", tuple(
+                part.strip() for part in self.trusted_proxies.split(",") if part.strip()))
+        for network in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies: {network!r} is not an address or network "
+                                  "(CIDR)") from None
 
     @property
     def label(self) -> str:
@@ -122,7 +143,7 @@ class ListenerConfig:
 class ServerConfig:
     """Settings shared by every listener of one engine."""
 
-    engine: Engine = Engine.EPOLL
+    engine: Engine = Engine.AUTO
     #: Graceful shutdown waits this long for live connections to finish before closing them.
     drain_timeout: float = 10 * SECONDS
     #: After our FIN, how long to read and discard until the peer's FIN, before closing anyway.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import select
 import signal
 import socket
 import threading
@@ -34,6 +35,13 @@ logger = logging.getLogger("portside")
 
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _LAG_PROBE_INTERVAL = 0.5  # seconds between loop-lag probes
+
+
+def resolve_engine(engine: Engine) -> Engine:
+    """``auto``: portside's own epoll loop on Linux, asyncio elsewhere."""
+    if engine is not Engine.AUTO:
+        return engine
+    return Engine.EPOLL if hasattr(select, "epoll") else Engine.ASYNCIO
 
 
 class Service(Protocol):
@@ -131,10 +139,12 @@ class Server:
         graceful shutdown, and a second one forces it.
         """
         self.start()
-        engine = self.config.engine
+        engine = self.engine
         if engine is Engine.EPOLL and getattr(self.handler, "requires_asyncio", False):
             raise ConfigError(f"{type(self.handler).__name__} runs coroutines: use the asyncio "
                               "or uvloop engine")
+        if engine is Engine.COMPILED:
+            raise ConfigError("the compiled engine is not built yet: use --engine epoll")
         if engine is Engine.EPOLL:
             self._run_epoll(install_signal_handlers)
         elif engine is Engine.ASYNCIO:
@@ -148,6 +158,11 @@ class Server:
                                   "(pip install 'portside[uvloop]')") from None
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(self._serve(install_signal_handlers))
+
+    @property
+    def engine(self) -> Engine:
+        """The engine ``run()`` uses: the configured one, with ``auto`` resolved."""
+        return resolve_engine(self.config.engine)
 
     async def serve(self) -> None:
         """Serve from the running asyncio (or uvloop) loop until shutdown completes."""
@@ -279,7 +294,7 @@ class Server:
         core = self._core
         return ServerStatistics(
             state=self.state.value,
-            engine=self.config.engine.value,
+            engine=self.engine.value,
             accepting_paused=self._accepting_paused,
             loop_lag=self.loop_lag,
             loop_lag_max=self.loop_lag_max,

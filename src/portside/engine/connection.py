@@ -58,6 +58,8 @@ class CloseReason(enum.Enum):
     WRITE_TIMEOUT = "write-timeout"  #: the peer took none of our bytes for write_timeout
     TLS_ERROR = "tls-error"  #: the TLS handshake failed, or a TLS record was bad
     SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
+    OUTPUT_LIMIT = "output-limit"  #: queued output passed the listener's write_limit
+    REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
 
 
 class State(enum.IntEnum):
