@@ -32,6 +32,9 @@ class ListenerStatistics:
     write_timeouts: int
     bytes_in: int
     bytes_out: int
+    #: Closed connections by close reason (``CloseReason`` values, such as "closed", "reset",
+    #: "first-data-timeout"); only reasons seen so far appear.
+    closed_by_reason: dict[str, int]
     #: Time from accept to a connection's first byte: counts per ``TTFB_BUCKETS`` upper bound
     #: (the last is +Inf), their sum in seconds, and how many.
     ttfb_buckets: tuple[int, ...]

@@ -49,6 +49,9 @@ def combine(workers: list[dict[str, Any]], pid: int, uptime: float) -> dict[str,
             merged["ttfb_buckets"] = [a + b for a, b in zip(merged["ttfb_buckets"],
                                                             entry["ttfb_buckets"], strict=True)]
             merged["ttfb_sum"] += entry["ttfb_sum"]
+            by_reason = merged.setdefault("closed_by_reason", {})
+            for reason, count in entry.get("closed_by_reason", {}).items():
+                by_reason[reason] = by_reason.get(reason, 0) + count
         for pool_name, figures in worker["pools"].items():
             summed = pools.setdefault(pool_name, {})
             for key, value in figures.items():

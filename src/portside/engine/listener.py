@@ -136,6 +136,7 @@ class Listener:
         self.accepted = self.closed = 0
         self.evicted = self.limited = self.accept_errors = self.proxy_errors = 0
         self.tls_failures = 0
+        self.closed_by_reason: dict[str, int] = {}
         if config.tls is not None:
             remember_server_names(config.tls)
         self.bytes_in = self.bytes_out = 0
@@ -332,6 +333,8 @@ class Listener:
         else:
             self.active_count -= 1
         self.closed += 1
+        reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
         open_now = self.pending_count + self.active_count
         if self._at_ceiling and open_now < self.config.max_connections:
             self._at_ceiling = False
@@ -392,6 +395,7 @@ class Listener:
             ttfb_count=sum(self.ttfb_buckets),
             bytes_in=self.bytes_in + sum(conn.bytes_in for conn in live),
             bytes_out=self.bytes_out + sum(conn.bytes_out for conn in live),
+            closed_by_reason=dict(self.closed_by_reason),
         )
 
 
