@@ -29,7 +29,8 @@ from portside import (
 )
 from portside.examples.echo import EchoHandler
 
-ENGINES = ["epoll", "asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+ENGINES = ["compiled", "epoll", "asyncio"] + (
+    ["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
 
 def _warm_up_uvloop() -> None:

@@ -24,7 +24,7 @@ from portside import (
 from portside.protocols.framing import LineFramer
 from portside.streams import StreamHandler, StreamReader, StreamWriter
 
-ASYNC_ENGINES = [engine for engine in ENGINES if engine != "epoll"]
+ASYNC_ENGINES = [engine for engine in ENGINES if engine in ("asyncio", "uvloop")]
 
 
 class AsyncEcho(StreamHandler):

@@ -2,8 +2,8 @@
 
 Life cycle: new -> started (sockets bound, so "port in use" surfaces before anything runs) ->
 running -> draining (graceful shutdown) -> stopped. Shutdown stops accepting, closes pending
-connections, lets active ones finish their conversation until ``drain_timeout``, then closes
-what is left with FIN, and after ``linger_timeout`` more resets whatever still remains. Every
+data-first connections, lets the others finish their conversation until ``drain_timeout``, then
+closes what is left with FIN, and after ``linger_timeout`` more resets whatever still remains. Every
 connection gets ``connection_closed``; the handler's ``server_stopped`` comes last.
 """
 
@@ -38,10 +38,32 @@ _LAG_PROBE_INTERVAL = 0.5  # seconds between loop-lag probes
 
 
 def resolve_engine(engine: Engine) -> Engine:
-    """``auto``: portside's own epoll loop on Linux, asyncio elsewhere."""
+    """``auto``: the compiled engine where it imports, else portside's own epoll loop in pure
+    Python on Linux, else asyncio. Falling back is said once, in one log line."""
+    if engine is Engine.COMPILED:
+        from portside.engine import compiled
+
+        if not compiled.available():
+            raise ConfigError("the compiled engine is not available "
+                              f"({compiled.reason_unavailable()}): use --engine epoll")
+        return engine
     if engine is not Engine.AUTO:
         return engine
-    return Engine.EPOLL if hasattr(select, "epoll") else Engine.ASYNCIO
+    if not hasattr(select, "epoll"):
+        return Engine.ASYNCIO
+    from portside.engine import compiled
+
+    if compiled.available():
+        return Engine.COMPILED
+    global _fallback_reported
+    if not _fallback_reported:
+        _fallback_reported = True
+        logger.warning("compiled engine unavailable (%s); using the pure-Python epoll engine",
+                       compiled.reason_unavailable())
+    return Engine.EPOLL
+
+
+_fallback_reported = False
 
 
 class Service(Protocol):
@@ -107,13 +129,13 @@ class Server:
             for listener_config, sock in zip(self.listener_configs, self._given_sockets,
                                              strict=True):
                 sock.setblocking(False)
-                self._listeners.append(Listener(listener_config, sock, owned=False))
+                self._listeners.append(self._listener_class(listener_config, sock, owned=False))
             self.state = ServerState.STARTED
             return
         try:
             for listener_config in self.listener_configs:
                 sock = bind_listener(listener_config)
-                self._listeners.append(Listener(listener_config, sock))
+                self._listeners.append(self._listener_class(listener_config, sock))
         except BaseException:
             for listener in self._listeners:
                 listener.close()
@@ -143,9 +165,7 @@ class Server:
         if engine is Engine.EPOLL and getattr(self.handler, "requires_asyncio", False):
             raise ConfigError(f"{type(self.handler).__name__} runs coroutines: use the asyncio "
                               "or uvloop engine")
-        if engine is Engine.COMPILED:
-            raise ConfigError("the compiled engine is not built yet: use --engine epoll")
-        if engine is Engine.EPOLL:
+        if engine in (Engine.EPOLL, Engine.COMPILED):
             self._run_epoll(install_signal_handlers)
         elif engine is Engine.ASYNCIO:
             with asyncio.Runner() as runner:
@@ -164,12 +184,26 @@ class Server:
         """The engine ``run()`` uses: the configured one, with ``auto`` resolved."""
         return resolve_engine(self.config.engine)
 
+    @property
+    def _listener_class(self) -> type[Listener]:
+        if self.engine is Engine.COMPILED:
+            from portside.engine import compiled
+
+            return compiled.CompiledListener
+        return Listener
+
     async def serve(self) -> None:
         """Serve from the running asyncio (or uvloop) loop until shutdown completes."""
         await self._serve(install_signal_handlers=False)
 
     def _run_epoll(self, install_signal_handlers: bool) -> None:
-        reactor = EpollReactor()
+        reactor: EpollReactor
+        if self.engine is Engine.COMPILED:
+            from portside.engine import compiled
+
+            reactor = compiled.Loop()
+        else:
+            reactor = EpollReactor()
         previous: dict[signal.Signals, object] = {}
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -208,7 +242,8 @@ class Server:
         if self.state is not ServerState.STARTED:
             raise ServerStateError(f"cannot run a server that is {self.state.value}")
         self._reactor = reactor
-        self._core = EngineCore(reactor, self.handler, self.config, on_idle=self._on_idle)
+        self._core = EngineCore(reactor, self.handler, self.config, on_idle=self._on_idle,
+                                compiled=self.engine is Engine.COMPILED)
         for listener in self._listeners:
             if self._accepting_paused:
                 listener.paused = True
@@ -333,7 +368,10 @@ class Server:
         if self.state is not ServerState.DRAINING:
             return  # the handler closed everything: the server has already stopped
         for conn in core.live():
-            if conn.is_pending:
+            # A data-first connection is not accepted until it speaks: close it now. One that
+            # is pending only while its PROXY header or TLS handshake arrives was accepted
+            # (immediate policy): it drains like the others, its first-data deadline running.
+            if conn.is_pending and conn.listener.data_first:
                 conn.close_for(CloseReason.SHUTDOWN)
         if not core.open:
             self._finish()

@@ -639,5 +639,5 @@ class Connection:
             self._handler_failed(exc)
 
     def __repr__(self) -> str:
-        return (f"<Connection {getattr(self, 'id', '?')} {self._state.name.lower()} "
+        return (f"<Connection {getattr(self, 'id', '?')} {State(self._state).name.lower()} "
                 f"peer={getattr(self, 'peer_address', None)!r}>")

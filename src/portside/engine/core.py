@@ -25,13 +25,24 @@ class EngineCore:
     """Owns the pools and counts live connections; recycles connection objects."""
 
     def __init__(self, reactor: Reactor, handler: Handler, config: ServerConfig,
-                 on_idle: Callable[[], None]) -> None:
+                 on_idle: Callable[[], None], compiled: bool = False) -> None:
         self.reactor = reactor
         self.handler = handler
         self.config = config
-        self.buffers = BufferPool(config.buffer_size, config.buffer_pool_max_free)
+        connection_class: type[Connection] = Connection
+        self._tls_class: type[Connection] = TlsConnection
+        if compiled:  # the same pools and classes, with compiled hot paths
+            from portside.engine import compiled as native
+
+            connection_class, self._tls_class = (native.CompiledConnection,
+                                                 native.CompiledTlsConnection)
+            self.buffers: BufferPool = native.BufferPool(config.buffer_size,
+                                                         config.buffer_pool_max_free)
+        else:
+            self.buffers = BufferPool(config.buffer_size, config.buffer_pool_max_free)
         self.connections: ObjectPool[Connection] = ObjectPool(
-            Connection, config.connection_pool_max_free, config.connection_pool_size)
+            connection_class, config.connection_pool_max_free, config.connection_pool_size)
+        self._connection_classes = (connection_class, self._tls_class)
         self.open = 0  # connections between attach and close
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
@@ -39,13 +50,13 @@ class EngineCore:
     def new_connection(self, tls: bool = False) -> Connection:
         """A connection object: pooled for plain TCP; a fresh TLS one otherwise (its handshake
         costs far more than the object, and its SSL state is not reusable)."""
-        conn = TlsConnection() if tls else self.connections.acquire()
+        conn = self._tls_class() if tls else self.connections.acquire()
         self.open += 1
         return conn
 
     def connection_finished(self, conn: Connection) -> None:
         self.open -= 1
-        if not isinstance(conn, TlsConnection):
+        if type(conn) is not self._tls_class:
             # Recycle on the next iteration: now, the closing call chain still references it.
             if not self._to_recycle:
                 self.reactor.call_soon(self._recycle)
@@ -56,7 +67,8 @@ class EngineCore:
     def live(self) -> list[Connection]:
         """The open connections, pending ones included: every connection is registered with
         the loop from accept to close."""
-        return [target for target in self.reactor.targets() if isinstance(target, Connection)]
+        classes = self._connection_classes
+        return [target for target in self.reactor.targets() if isinstance(target, classes)]
 
     def _recycle(self) -> None:
         pending, self._to_recycle = self._to_recycle, []

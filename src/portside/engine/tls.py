@@ -61,8 +61,9 @@ class TlsConnection(Connection):
         self.tls_server_name: str | None = None
         self._handshaken = False
         # TLS is always pending at first: its handshake must finish before anything is handed
-        # over, and the first-data deadline covers it.
-        super().attach(core, listener, sock, peer_address, pending=True)
+        # over, and the first-data deadline covers it. (Connection.attach, not super(): the
+        # compiled engine borrows these methods for a class that does not derive from this one.)
+        Connection.attach(self, core, listener, sock, peer_address, pending=True)
 
     def handle_read(self) -> None:
         # The plain read path, up to the handler, as in Connection.handle_read (which keeps
@@ -204,4 +205,4 @@ class TlsConnection(Connection):
             with contextlib.suppress(ssl.SSLError, OSError):
                 self.tls.unwrap()
             self._flush_tls()
-        super()._begin_close(reason)
+        Connection._begin_close(self, reason)

@@ -1,0 +1,107 @@
+"""The engines themselves: the compiled one is built and chosen by default, and is the same
+connection class as the reference in everything a handler can reach."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
+
+from portside import Engine, ListenerConfig, ServerConfig
+from portside.engine import compiled
+from portside.engine.connection import Connection
+from portside.engine.tls import TlsConnection
+from portside.protocols.proxy import Version as ProxyVersion
+from portside.server import resolve_engine
+
+
+def test_the_compiled_engine_is_built() -> None:
+    # CI fails here, rather than quietly testing only the pure-Python engine.
+    assert compiled.available(), \
+        f"the compiled engine did not build: {compiled.reason_unavailable()}"
+    assert resolve_engine(Engine.AUTO) is Engine.COMPILED
+    assert resolve_engine(ServerConfig().engine) is Engine.COMPILED
+
+
+@pytest.mark.parametrize(("reference", "twin_name"), [
+    (Connection, "CompiledConnection"), (TlsConnection, "CompiledTlsConnection")])
+def test_compiled_connections_offer_everything_the_reference_does(
+        reference: type, twin_name: str) -> None:
+    twin = getattr(compiled, twin_name)
+    missing = {name for klass in reference.__mro__[:-1] for name in vars(klass)
+               if not name.startswith("__") and not hasattr(twin, name)}
+    assert not missing, f"{twin_name} lacks {sorted(missing)}"
+
+
+def test_compiled_connections_hold_no_dict() -> None:
+    conn = compiled.CompiledConnection()
+    assert not hasattr(conn, "__dict__")  # an idle connection costs its fields, nothing more
+
+
+def test_fallback_is_said_in_one_line() -> None:
+    """Where the extension cannot be imported, ``auto`` runs the pure engine and says so."""
+    script = (
+        "import sys, logging\n"
+        "sys.modules['portside.engine._compiled'] = None  # as if it were not built\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from portside import Engine\n"
+        "from portside.server import resolve_engine\n"
+        "print(resolve_engine(Engine.AUTO).value)\n"
+        "print(resolve_engine(Engine.AUTO).value)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=WAIT, check=True)
+    assert run.stdout.split() == ["epoll", "epoll"]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pure-Python epoll engine" in lines[0], run.stderr
+    forced = subprocess.run(
+        [sys.executable, "-c", script.replace("Engine.AUTO", "Engine.COMPILED", 1)],
+        capture_output=True, text=True, timeout=WAIT)
+    assert forced.returncode != 0 and "compiled engine is not available" in forced.stderr
+
+
+def test_a_lent_buffer_kept_by_a_handler_is_never_reused(serve: ServeFactory,
+                                                         clients: Clients) -> None:
+    """A handler that keeps a slice of what it was lent sees its own bytes forever."""
+    from portside import Handler
+
+    kept: list[memoryview] = []
+
+    class Keeper(Handler):
+        def data_received(self, conn: Connection, data: memoryview) -> None:
+            kept.append(data[:4])  # a slice outlives the callback
+            conn.write(b"ok")
+
+    rs = serve(ListenerConfig(), handler=Keeper())
+    first = clients.connect(rs.address())
+    first.sendall(b"AAAA")
+    assert recv_exactly(first, 2) == b"ok"
+    second = clients.connect(rs.address())
+    second.sendall(b"BBBB")
+    assert recv_exactly(second, 2) == b"ok"
+    assert [bytes(view) for view in kept] == [b"AAAA", b"BBBB"]
+    # The first buffer was dropped from the pool (the second may still be on its way out).
+    assert rs.server.statistics().buffer_pool.discarded >= 1
+    kept.clear()
+
+
+def test_a_connection_pending_on_its_proxy_header_is_drained_at_shutdown(
+        serve: ServeFactory, clients: Clients) -> None:
+    """Immediate listener behind a balancer: the connection was accepted when it connected, so
+    a shutdown that starts before its PROXY header arrives still serves it."""
+    rs = serve(ListenerConfig(proxy_protocol=ProxyVersion.V1, first_data_timeout=30,
+                              trusted_proxies=("127.0.0.1",)))
+    sock = clients.connect(rs.address())  # accepted now, or from the backlog at shutdown
+    rs.server.shutdown(drain_timeout=WAIT)
+    rs.handler.wait(lambda: "shutdown_started" in rs.handler.names(), "shutdown_started")
+    with pytest.raises(ConnectionRefusedError):
+        clients.connect(rs.address())
+    sock.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 1234 80\r\nhello")
+    assert recv_exactly(sock, 5) == b"hello"
+    sock.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(sock) == b""
+    rs.thread.join(WAIT)
+    assert not rs.thread.is_alive()
