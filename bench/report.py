@@ -12,7 +12,7 @@ from typing import Any
 from bench.figures import Figure, figures_for
 from bench.plan import Plan
 from bench.results import REFERENCES, RunResult
-from bench.servers import C_REFERENCE, SERVERS, UVLOOP_REFERENCE
+from bench.servers import C_REFERENCE, HELD_TO_TARGETS, SERVERS, UVLOOP_REFERENCE
 
 LOADGEN_BOUND = 0.9  # loadgen CPU share at which the client may have set the figure
 NOISY = 0.25  # CPU share other processes took during a window that makes its figure suspect
@@ -100,11 +100,12 @@ def _targets_section(result: RunResult) -> list[str]:
             for t in result.target_results()]
     if not rows:
         return []
-    return ["## Targets (issue 4)", "",
+    return ["## Targets", "",
             *_table(["figure", "target", "server", "measured", "PASS/MISS"], rows,
                     align_left=3), "",
-            "Ratios are medians of per-round ratios. Only `portside_epoll` is held to the targets; "
-            "the other engines are shown for comparison.", ""]
+            "Ratios are medians of per-round ratios, per server CPU-second where the figure "
+            f"says /CPU-s. Only `{HELD_TO_TARGETS}` (portside's default engine) is held to the "
+            "targets; the other engines are shown for comparison.", ""]
 
 
 def markdown(result: RunResult, ctx: Context) -> str:

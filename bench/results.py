@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.figures import Figure, Target, figures_for, targets_for
-from bench.servers import C_REFERENCE, SERVERS, UVLOOP_REFERENCE
+from bench.servers import C_REFERENCE, HELD_TO_TARGETS, SERVERS, UVLOOP_REFERENCE
 
 REFERENCES = (UVLOOP_REFERENCE, C_REFERENCE)
 
@@ -91,6 +91,8 @@ class RunResult:
         for target in targets_for(self.scenarios):
             figure = by_key[target.figure]
             for server in self.portside_servers():
+                if server != HELD_TO_TARGETS and HELD_TO_TARGETS in self.servers:
+                    continue  # the targets hold to the default engine when it ran
                 if target.reference is None:
                     ratio = self.median(server, figure)
                 else:

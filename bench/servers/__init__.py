@@ -44,6 +44,7 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
     _aio("uvloop_buffered", "uvloop", "buffered", "uvloop, asyncio.BufferedProtocol"),
     _aio("asyncio_proto", "asyncio", "protocol", "stdlib asyncio, asyncio.Protocol"),
     _aio("asyncio_streams", "asyncio", "streams", "stdlib asyncio, streams"),
+    _portside("compiled"),
     _portside("epoll"),
     _portside("asyncio"),
     _portside("uvloop"),
@@ -53,8 +54,11 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
 )}
 
 DEFAULT_SERVERS = ("c_epoll", "uvloop_proto", "uvloop_buffered", "asyncio_proto",
-                   "asyncio_streams", "portside_epoll", "portside_asyncio", "portside_uvloop")
-QUICK_SERVERS = ("c_epoll", "uvloop_proto", "portside_epoll")
+                   "asyncio_streams", "portside_compiled", "portside_epoll", "portside_asyncio",
+                   "portside_uvloop")
+QUICK_SERVERS = ("c_epoll", "uvloop_proto", "portside_compiled", "portside_epoll")
+#: The server the targets hold to: portside's default engine. The others are for comparison.
+HELD_TO_TARGETS = "portside_compiled"
 #: The references every ratio is taken against.
 UVLOOP_REFERENCE = "uvloop_proto"
 C_REFERENCE = "c_epoll"

@@ -23,7 +23,21 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.ref cimport Py_INCREF, PyObject
-from libc.errno cimport EAGAIN, EINTR, errno  # EWOULDBLOCK is EAGAIN on Linux
+from libc.errno cimport (  # EWOULDBLOCK is EAGAIN on Linux
+    EAGAIN,
+    ECONNABORTED,
+    EHOSTDOWN,
+    EHOSTUNREACH,
+    EINTR,
+    ENETDOWN,
+    ENETUNREACH,
+    ENONET,
+    ENOPROTOOPT,
+    EOPNOTSUPP,
+    EPERM,
+    EPROTO,
+    errno,
+)
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport strerror
@@ -33,8 +47,21 @@ import logging
 import threading
 from collections import deque
 
+import socket as _socket_module
+
 from portside.engine.connection import CloseReason
+from portside.engine.connection import _id_counter as id_counter
 from portside.errors import ConnectionClosedError
+from portside.handler import Handler
+
+cdef object CLOSED_REASON = CloseReason.CLOSED
+cdef object ABORTED_REASON = CloseReason.ABORTED
+cdef object RESET_REASON = CloseReason.RESET
+cdef object PEER_EOF_REASON = CloseReason.PEER_EOF
+cdef object HANDLER_ERROR_REASON = CloseReason.HANDLER_ERROR
+cdef object SOCKET_ERROR_REASON = CloseReason.SOCKET_ERROR
+cdef object RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+cdef bytes LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close sends RST
 
 cdef extern from "<sys/epoll.h>" nogil:
     cdef union epoll_data_t "epoll_data":
@@ -61,10 +88,57 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    cdef struct sockaddr:
+        sa_family_t sa_family
+    cdef struct sockaddr_storage:
+        sa_family_t ss_family
     ssize_t c_recv "recv"(int fd, void *buf, size_t n, int flags)
     ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int c_setsockopt "setsockopt"(int fd, int level, int name, const void *value, socklen_t len)
+    int c_shutdown "shutdown"(int fd, int how)
+    int c_getsockname "getsockname"(int fd, sockaddr *addr, socklen_t *addrlen)
+    int c_getpeername "getpeername"(int fd, sockaddr *addr, socklen_t *addrlen)
     enum:
         MSG_NOSIGNAL
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        AF_INET
+        AF_INET6
+        AF_UNIX
+        IPPROTO_TCP_ "IPPROTO_TCP"
+
+cdef extern from "<netinet/in.h>" nogil:
+    cdef struct in_addr:
+        uint32_t s_addr
+    cdef struct in6_addr:
+        unsigned char s6_addr[16]
+    cdef struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    cdef struct sockaddr_in6:
+        sa_family_t sin6_family
+        unsigned short sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    unsigned short ntohs(unsigned short)
+    uint32_t ntohl(uint32_t)
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<sys/un.h>" nogil:
+    cdef struct sockaddr_un:
+        sa_family_t sun_family
+        char sun_path[108]
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -235,6 +309,16 @@ cdef class Loop:
             self._count += 1
         self._targets[fd] = target
         self._masks[fd] = KNOWN | interest
+
+    cdef int _register_reader(self, int fd, target) except -1:
+        """``register(fd, target, True, False)``, for the accept path."""
+        self._grow(fd)
+        self._ctl(EPOLL_CTL_ADD, fd, WANT_READ)
+        if self._targets[fd] is None:
+            self._count += 1
+        self._targets[fd] = target
+        self._masks[fd] = KNOWN | WANT_READ
+        return 0
 
     def modify(self, int fd, bint readable, bint writable):
         self._modify(fd, readable, writable)
@@ -518,11 +602,176 @@ cdef class BufferPool:
                               self._discarded)
 
 
-# -- the connection's hot paths (connection.py) ------------------------------------------------
+# -- sockets without socket objects -------------------------------------------------------------
+
+
+cdef object address_from(const sockaddr *addr, socklen_t length):
+    """What ``socket.accept`` says of a peer: (host, port) for IPv4, (host, port, flowinfo,
+    scope_id) for IPv6, the path (or b"" for an abstract one) for a Unix socket."""
+    cdef char text[64]
+    cdef const sockaddr_in *v4
+    cdef const sockaddr_in6 *v6
+    cdef const sockaddr_un *unix
+    if addr.sa_family == AF_INET:
+        v4 = <const sockaddr_in *>addr
+        inet_ntop(AF_INET, &v4.sin_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(v4.sin_port))
+    if addr.sa_family == AF_INET6:
+        v6 = <const sockaddr_in6 *>addr
+        inet_ntop(AF_INET6, &v6.sin6_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(v6.sin6_port), ntohl(v6.sin6_flowinfo),
+                v6.sin6_scope_id)
+    if addr.sa_family == AF_UNIX:
+        unix = <const sockaddr_un *>addr
+        if length <= sizeof(sa_family_t):
+            return ""  # an unnamed client socket, as socket.accept says
+        if unix.sun_path[0] == 0:  # the abstract namespace: bytes, as CPython gives them
+            return (<char *>unix.sun_path)[:length - sizeof(sa_family_t)]
+        return (<char *>unix.sun_path).decode("utf-8", "surrogateescape")
+    return None
+
+
+@cython.final
+@cython.no_gc
+cdef class FdSocket:
+    """The few socket calls the connection's colder paths make (shutdown, options, close,
+    addresses, reads for TLS and lingering), on a bare descriptor: an accepted connection
+    needs no ``socket.socket`` object, and only gets this one when such a path runs."""
+
+    cdef int fd
+    cdef int family
+
+    def __cinit__(self, int fd, int family):
+        self.fd = fd
+        self.family = family
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def detach(self):
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def shutdown(self, int how):
+        if c_shutdown(self.fd, how) < 0:
+            raise os_error(errno)
+
+    def setsockopt(self, int level, int name, value):
+        cdef int number
+        cdef Py_buffer view
+        cdef int result
+        if isinstance(value, int):
+            number = value
+            result = c_setsockopt(self.fd, level, name, &number, sizeof(int))
+        else:
+            PyObject_GetBuffer(value, &view, PyBUF_SIMPLE)
+            result = c_setsockopt(self.fd, level, name, view.buf, <socklen_t>view.len)
+            PyBuffer_Release(&view)
+        if result < 0:
+            raise os_error(errno)
+
+    def getsockopt(self, int level, int name, int size=0):
+        with _socket_module.socket(fileno=os_dup(self.fd)) as sock:
+            return sock.getsockopt(level, name) if not size else sock.getsockopt(level, name,
+                                                                                 size)
+
+    def getsockname(self):
+        cdef sockaddr_storage addr
+        cdef socklen_t length = sizeof(addr)
+        if c_getsockname(self.fd, <sockaddr *>&addr, &length) < 0:
+            raise os_error(errno)
+        return address_from(<sockaddr *>&addr, length)
+
+    def getpeername(self):
+        cdef sockaddr_storage addr
+        cdef socklen_t length = sizeof(addr)
+        if c_getpeername(self.fd, <sockaddr *>&addr, &length) < 0:
+            raise os_error(errno)
+        return address_from(<sockaddr *>&addr, length)
+
+    def setblocking(self, bint flag):
+        import os
+
+        os.set_blocking(self.fd, flag)
+
+    def recv_into(self, buffer, Py_ssize_t nbytes=0, int flags=0):
+        cdef Py_buffer view
+        cdef ssize_t received
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | 0x0001)  # PyBUF_WRITABLE
+        try:
+            received = c_recv(self.fd, view.buf, <size_t>(nbytes or view.len), flags)
+        finally:
+            PyBuffer_Release(&view)
+        if received < 0:
+            raise os_error(errno)
+        return received
+
+    def recv(self, Py_ssize_t size, int flags=0):
+        buffer = bytearray(size)
+        return bytes(buffer[:self.recv_into(buffer, size, flags)])
+
+    def send(self, data, int flags=0):
+        cdef Py_buffer view
+        cdef ssize_t sent
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        sent = c_send(self.fd, view.buf, <size_t>view.len, flags | MSG_NOSIGNAL)
+        PyBuffer_Release(&view)
+        if sent < 0:
+            raise os_error(errno)
+        return sent
+
+    def sendall(self, data):
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self.send(view):]
+
+
+cdef int os_dup(int fd) except -1:
+    import os
+
+    return os.dup(fd)
+
+
+# Which of a handler's callbacks are Handler's own defaults: those the compiled paths do
+# inline instead of calling (Handler.connection_made passes first_data on, eof_received
+# closes, the others do nothing), so an echo costs one Python call per read and no more.
+DEF DEFAULT_MADE = 1
+DEF DEFAULT_EOF = 2
+DEF DEFAULT_CLOSED = 4
+DEF DEFAULT_RESET = 8
+DEF DEFAULT_DRAINED = 16
+DEF DEFAULT_PAUSE = 32
+DEF DEFAULT_RESUME = 64
+
+cdef dict CALLBACK_DEFAULTS = {
+    "connection_made": DEFAULT_MADE, "eof_received": DEFAULT_EOF,
+    "connection_closed": DEFAULT_CLOSED, "connection_reset": DEFAULT_RESET,
+    "write_drained": DEFAULT_DRAINED, "pause_writing": DEFAULT_PAUSE,
+    "resume_writing": DEFAULT_RESUME,
+}
+
+
+cdef int handler_defaults(handler):
+    """The DEFAULT_* bits of the callbacks ``handler`` leaves as Handler defines them."""
+    cdef int bits = 0
+    kind = type(handler)
+    for name, bit in CALLBACK_DEFAULTS.items():
+        if getattr(kind, name, None) is getattr(Handler, name) and name not in vars(handler):
+            bits |= bit
+    return bits
+
+
+# -- the connection (connection.py) --------------------------------------------------------------
 
 
 cdef class ConnectionBase:
-    """Every field of ``connection.Connection``, and its per-read and per-write methods."""
+    """Every field of ``connection.Connection``, its read, write and flush paths, and its life
+    cycle from accept to ``connection_closed``; ``compiled.py`` adds the rest."""
 
     cdef public Py_ssize_t _buffered
     cdef public object _core
@@ -539,7 +788,6 @@ cdef class ConnectionBase:
     cdef public object _preamble
     cdef public object _queue
     cdef public bint _reading
-    cdef public object _sock
     cdef public int _state
     cdef public bint _user_paused
     cdef public bint _writing
@@ -551,21 +799,139 @@ cdef class ConnectionBase:
     cdef public object framer
     cdef public object id
     cdef public object listener
-    cdef public object peer_address
     cdef public object proxy
     cdef public object sequencer
     cdef public object user_data
+    # Not the reference's: the socket object, made only when a cold path wants one; the peer's
+    # address, kept as the kernel gave it until someone asks; which callbacks are defaults.
+    cdef object _sock_obj
+    cdef object _peer
+    cdef unsigned short _peer_family
+    cdef unsigned short _peer_port
+    cdef uint32_t _peer_flow
+    cdef uint32_t _peer_scope
+    cdef unsigned char _peer_ip[16]
+    cdef int _defaults
+    cdef bint _fast  # exactly the engine's plain class: no Python override to respect
 
     def __cinit__(self):
         self._state = CLOSED
         self._fd = -1
+        self._fast = type(self) is fast_connection_type
 
-    cdef int _write_refused(self) except -1:
-        # Writes after close() or abort() are the handler's bug; after the peer or an error
-        # closed the connection they are dropped silently (as in Connection.write).
-        if (self._state == PENDING or self.close_reason is CloseReason.CLOSED
-                or self.close_reason is CloseReason.ABORTED):
-            raise ConnectionClosedError(f"connection {self.id} is closed")
+    # -- fields the reference keeps plainly --------------------------------------------------
+
+    @property
+    def _sock(self):
+        if self._sock_obj is None and self._fd >= 0:
+            family = AF_UNIX if self._peer_family == AF_UNIX else (
+                AF_INET6 if self._peer_family == AF_INET6 else AF_INET)
+            self._sock_obj = FdSocket(self._fd, family)
+        return self._sock_obj
+
+    @_sock.setter
+    def _sock(self, sock):
+        self._sock_obj = sock
+
+    @property
+    def peer_address(self):
+        if self._peer is None and self._peer_family:
+            self._peer = self._peer_tuple()
+        return self._peer
+
+    @peer_address.setter
+    def peer_address(self, address):
+        self._peer = address
+        self._peer_family = 0
+
+    cdef object _peer_tuple(self):
+        cdef char text[64]
+        if self._peer_family == AF_INET:
+            inet_ntop(AF_INET, self._peer_ip, text, sizeof(text))
+            return (text.decode("ascii"), self._peer_port)
+        if self._peer_family == AF_INET6:
+            inet_ntop(AF_INET6, self._peer_ip, text, sizeof(text))
+            return (text.decode("ascii"), self._peer_port, self._peer_flow, self._peer_scope)
+        return ""
+
+    cdef void _keep_peer(self, const sockaddr *addr, socklen_t length):
+        cdef const sockaddr_in *v4
+        cdef const sockaddr_in6 *v6
+        self._peer = None
+        self._peer_family = 0
+        if addr.sa_family == AF_INET:
+            v4 = <const sockaddr_in *>addr
+            self._peer_family = AF_INET
+            self._peer_port = ntohs(v4.sin_port)
+            (<uint32_t *>self._peer_ip)[0] = v4.sin_addr.s_addr
+        elif addr.sa_family == AF_INET6:
+            v6 = <const sockaddr_in6 *>addr
+            self._peer_family = AF_INET6
+            self._peer_port = ntohs(v6.sin6_port)
+            self._peer_flow = ntohl(v6.sin6_flowinfo)
+            self._peer_scope = v6.sin6_scope_id
+            for i in range(16):
+                self._peer_ip[i] = v6.sin6_addr.s6_addr[i]
+        else:  # Unix sockets (and anything else): as Python would say it
+            self._peer = address_from(addr, length)
+
+    # -- life cycle, from the accept loop ------------------------------------------------------
+
+    cdef int _attach_accepted(self, ListenerBase listener, int fd, const sockaddr *addr,
+                              socklen_t length, bint pending) except -1:
+        """``Connection.attach`` for a descriptor the compiled accept loop took."""
+        core = listener._core
+        self.id = next(id_counter)
+        self.user_data = None
+        self.listener = listener
+        self._keep_peer(addr, length)
+        self.bytes_in = self.bytes_out = 0
+        self.accepted_at = monotonic()
+        self.close_reason = None
+        self._core = core
+        self._handler = core.handler
+        self._defaults = listener._handler_defaults
+        self._pool = core.buffers
+        self._idle = listener.idle
+        self._sock_obj = None
+        self._fd = fd
+        self._state = PENDING if pending else OPEN
+        self._established = False
+        self._eof = False
+        if self._queue is not None:
+            self._queue.clear()
+        self._buffered = 0
+        self._corked = None
+        self._user_paused = self._flow_paused = self._held = self._writing = False
+        self._reading = True
+        self.framer = None
+        self.sequencer = None
+        self.proxy = None
+        self.balancer_address = None
+        self._preamble = None
+        self._linger_timer = None
+        reactor = core.reactor
+        if type(reactor) is Loop:
+            (<Loop>reactor)._register_reader(fd, self)
+        else:
+            reactor.register(fd, self, True, False)
+        return 0
+
+    def establish(self, first_data):
+        """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
+        self._establish(first_data)
+
+    cdef int _establish(self, first_data) except -1:
+        self._state = OPEN
+        self._established = True
+        try:
+            if self._defaults & DEFAULT_MADE:
+                if first_data is not None:
+                    self._handler.data_received(self, first_data)
+            else:
+                self._handler.connection_made(self, first_data)
+        except Exception as exc:
+            self._handler_failed(exc)
         return 0
 
     # -- reading ---------------------------------------------------------------------------------
@@ -590,7 +956,7 @@ cdef class ConnectionBase:
             code = errno
             pool._give_back(buffer)
             if code != EAGAIN and code != EINTR:
-                self._socket_failed(os_error(code))
+                self._failed(os_error(code))
             return 0
         if received == 0:
             pool._give_back(buffer)
@@ -606,8 +972,11 @@ cdef class ConnectionBase:
         try:
             if state == OPEN:
                 self._handler.data_received(self, data)
+            elif (<ListenerBase>self.listener).proxy_protocol is None:
+                (<ListenerBase>self.listener)._became_active(self)
+                self._establish(data)
             else:
-                self._deliver(data, state)
+                self._deliver(data, state)  # the PROXY header comes first
         except Exception as exc:
             self._handler_failed(exc)
         finally:
@@ -621,7 +990,28 @@ cdef class ConnectionBase:
             pool._give_back(buffer)
         return 0
 
+    def _peer_eof(self):
+        self._eof = True
+        if self._state == PENDING:
+            self.close_reason = PEER_EOF_REASON
+            self._finalize()
+            return
+        self._reading = False
+        self._update_reading()
+        if self._defaults & DEFAULT_EOF:
+            self.close()
+        else:
+            self._call("eof_received")
+
     # -- writing ---------------------------------------------------------------------------------
+
+    cdef int _write_refused(self) except -1:
+        # Writes after close() or abort() are the handler's bug; after the peer or an error
+        # closed the connection they are dropped silently (as in Connection.write).
+        if (self._state == PENDING or self.close_reason is CLOSED_REASON
+                or self.close_reason is ABORTED_REASON):
+            raise ConnectionClosedError(f"connection {self.id} is closed")
+        return 0
 
     def write(self, data):
         """Queue ``data`` to be sent in order; never blocks (see ``Connection.write``)."""
@@ -645,7 +1035,7 @@ cdef class ConnectionBase:
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
-                self._socket_failed(os_error(code))
+                self._failed(os_error(code))
                 return
             sent = 0
         if sent:
@@ -683,7 +1073,7 @@ cdef class ConnectionBase:
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
-                self._socket_failed(os_error(code))
+                self._failed(os_error(code))
                 return
             sent = 0
         self._count_sent(sent)
@@ -726,7 +1116,7 @@ cdef class ConnectionBase:
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
-                self._socket_failed(os_error(code))
+                self._failed(os_error(code))
             return 0
         self._count_sent(sent)
         self._buffered -= sent
@@ -788,25 +1178,184 @@ cdef class ConnectionBase:
             reactor.modify(self._fd, readable, writable)
         return 0
 
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self):
+        """Graceful close: send every queued byte, then FIN; ``connection_closed`` follows."""
+        if self._fast:
+            self._begin_close(CLOSED_REASON)
+        else:
+            (<object>self)._begin_close(CLOSED_REASON)  # TLS sends close_notify first
+
+    def close_for(self, reason):
+        """Graceful close on the server's behalf (shutdown, timeouts), recording ``reason``."""
+        if self._fast:
+            self._begin_close(reason)
+        else:
+            (<object>self)._begin_close(reason)
+
+    def abort(self):
+        """Abortive close: drop unsent bytes and reset the connection (RST) now."""
+        if self._state != CLOSED:
+            self._abort(ABORTED_REASON)
+
+    def abort_for(self, reason):
+        if self._state != CLOSED:
+            self._abort(reason)
+
+    def _begin_close(self, reason):
+        if self._state >= CLOSING:
+            return
+        if self._corked is not None:
+            self.uncork()  # what was written before close() is still sent
+        self.close_reason = reason
+        self._state = CLOSING
+        self._update_reading()
+        if not self._queue:
+            self._send_fin()
+
+    def _send_fin(self):
+        if self._eof:  # the peer has sent its FIN already: nothing left to wait for
+            self._finalize()
+            return
+        if c_shutdown(self._fd, 1) < 0:  # SHUT_WR
+            self._finalize()
+            return
+        self._state = LINGERING
+        self._reading = False
+        self._update_reading()
+        self._linger_timer = self._core.reactor.call_later(
+            self._core.config.linger_timeout, self._finalize)
+
+    def _abort(self, reason):
+        cdef Py_buffer view
+        if self.close_reason is None or self._state < CLOSING:
+            self.close_reason = reason
+        if self._fd >= 0 and self._state != CLOSED:
+            c_setsockopt(self._fd, 1, 13, PyBytes_AS_STRING(LINGER_RST), 8)  # SO_LINGER
+        self._finalize()
+
+    def _socket_failed(self, exc):
+        self._failed(exc)
+
+    cdef int _failed(self, exc) except -1:
+        if isinstance(exc, RESET_ERRORS):
+            first = self.close_reason is None
+            if self._state != CLOSED:
+                self.close_reason = self.close_reason or RESET_REASON
+            if first and self._state == OPEN:
+                # Reason set first: a write inside the callback fails again, quietly.
+                self._call("connection_reset")
+            self._finalize()
+            return 0
+        if self._state != CLOSED:
+            self.close_reason = self.close_reason or SOCKET_ERROR_REASON
+            if self._established:
+                self._core.report_error(self, exc)
+            self._finalize()
+        return 0
+
+    def _handler_failed(self, exc):
+        self._core.report_error(self, exc)
+        if self._state != CLOSED:
+            self._abort(HANDLER_ERROR_REASON)
+
+    def _finalize(self):
+        """The single exit: release the socket and tell the handler, exactly once."""
+        if self._state == CLOSED:
+            return
+        self._state = CLOSED
+        if self.close_reason is None:
+            self.close_reason = CLOSED_REASON
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        core = self._core
+        reactor = core.reactor
+        if type(reactor) is Loop:
+            (<Loop>reactor)._unregister(self._fd, True)
+        else:
+            reactor.unregister(self._fd, closing=True)
+        if self._sock_obj is not None:
+            self._sock_obj.close()
+            self._sock_obj = None
+        else:
+            c_close(self._fd)
+        if self._queue is not None:
+            self._queue.clear()
+        self._buffered = 0
+        listener = self.listener
+        if isinstance(listener, ListenerBase):
+            (<ListenerBase>listener)._connection_finished(self, not self._established)
+        else:
+            listener.connection_finished(self, was_pending=not self._established)
+        if not self._defaults & DEFAULT_CLOSED:
+            try:
+                self._handler.connection_closed(self, self.close_reason)
+            except Exception as exc:
+                core.report_error(self, exc)
+        core.connection_finished(self)
+
+    def _call(self, str callback):
+        cdef int bit = CALLBACK_DEFAULTS.get(callback, 0)
+        if self._defaults & bit:
+            if bit == DEFAULT_EOF:
+                self.close()
+            return
+        try:
+            getattr(self._handler, callback)(self)
+        except Exception as exc:
+            self._handler_failed(exc)
+
 
 # -- the accept loop (listener.py) -------------------------------------------------------------
 
 
+cdef inline bint skip_errno(int code) noexcept:
+    """Errors about one connection that died in the backlog: skip it and accept the next."""
+    return (code == ECONNABORTED or code == EPROTO or code == EPERM or code == ENETDOWN
+            or code == ENOPROTOOPT or code == EHOSTDOWN or code == ENONET
+            or code == EHOSTUNREACH or code == EOPNOTSUPP or code == ENETUNREACH)
+
+
 cdef class ListenerBase:
-    """The accept loop of ``listener.Listener``: the batch, the ceiling check and admission."""
+    """The accept loop of ``listener.Listener``, and its per-connection bookkeeping."""
 
     cdef public object _core
     cdef public bint _closed
     cdef public Py_ssize_t pending_count
     cdef public Py_ssize_t active_count
     cdef public Py_ssize_t accepted
+    cdef public Py_ssize_t accept_errors
+    cdef public Py_ssize_t closed
+    cdef public long long bytes_in
+    cdef public long long bytes_out
     cdef public bint _at_ceiling
     cdef public object config
+    cdef public int fd
+    cdef public bint is_tcp
+    cdef public bint starts_pending
+    cdef public bint data_first
+    cdef public object proxy_protocol
+    cdef public object idle
+    cdef public object first_data
+    cdef public object trackers
+    cdef public dict closed_by_reason
+    cdef public int _family
+    cdef int _handler_defaults
+
+    def __cinit__(self):
+        self._handler_defaults = -1
 
     def handle_read(self):
         cdef Py_ssize_t limit = self.config.max_connections
         cdef Py_ssize_t batch = self.config.accept_batch
         cdef Py_ssize_t i
+        cdef int fd, code
+        cdef sockaddr_storage addr
+        cdef socklen_t length
+        if self._handler_defaults < 0:
+            self._handler_defaults = handler_defaults(self._core.handler)
         for i in range(batch):
             if self._closed:
                 return  # a handler shut the server down from connection_made
@@ -814,8 +1363,76 @@ cdef class ListenerBase:
                 self._reach_ceiling()
                 if self._at_ceiling:
                     return
-            if not self._accept_one():
+            length = sizeof(addr)
+            fd = accept4(self.fd, <sockaddr *>&addr, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                code = errno
+                if code == EAGAIN or code == EINTR:
+                    return
+                self.accept_errors += 1
+                if skip_errno(code):
+                    continue
+                self._back_off(os_error(code))
                 return
+            self._admit_fd(fd, <sockaddr *>&addr, length)
 
     def handle_write(self):  # listeners are never watched for writing
         pass
+
+    cdef int _admit_fd(self, int fd, const sockaddr *addr, socklen_t length) except -1:
+        cdef int one = 1
+        cdef ConnectionBase conn
+        core = self._core
+        if self.is_tcp:
+            # Request/response protocols must not wait 40 ms for Nagle's algorithm.
+            c_setsockopt(fd, IPPROTO_TCP_, TCP_NODELAY, &one, sizeof(int))
+        self.accepted += 1
+        if self.config.tls is not None:  # the reference's path: TLS runs in Python anyway
+            conn = core.new_connection(tls=True)
+            conn.attach(core, self, FdSocket(fd, self._family), address_from(addr, length),
+                        pending=True)
+        else:
+            conn = core.new_connection(False)
+            conn._attach_accepted(self, fd, addr, length, self.starts_pending)
+        if self.idle is not None:
+            self.idle.start(conn)
+        if self.starts_pending:
+            self.pending_count += 1
+            self.first_data.start(conn)
+        else:
+            self.active_count += 1
+            conn._establish(None)
+        return 0
+
+    cdef int _became_active(self, conn) except -1:
+        """A pending data-first connection sent its first bytes."""
+        self.first_data.stop(conn)
+        self.pending_count -= 1
+        self.active_count += 1
+        return 0
+
+    def became_active(self, conn):
+        self._became_active(conn)
+
+    def connection_finished(self, conn, bint was_pending):
+        self._connection_finished(conn, was_pending)
+
+    cdef int _connection_finished(self, conn, bint was_pending) except -1:
+        # Byte counts live on the connections while they are open (one add per read, not two)
+        # and are folded into the listener's when they close.
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
+        for tracker in self.trackers:
+            tracker.stop(conn)
+        if was_pending:
+            self.pending_count -= 1
+        else:
+            self.active_count -= 1
+        self.closed += 1
+        reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        if self._at_ceiling and (self.pending_count + self.active_count
+                                 < self.config.max_connections):
+            self._at_ceiling = False
+            self._update_watch()
+        return 0
