@@ -768,6 +768,28 @@ cdef int handler_defaults(handler):
 
 # -- the connection (connection.py) --------------------------------------------------------------
 
+# ConnectionBase._flags
+DEF F_EOF = 1
+DEF F_ESTABLISHED = 2
+DEF F_FLOW_PAUSED = 4
+DEF F_HELD = 8
+DEF F_READING = 16
+DEF F_USER_PAUSED = 32
+DEF F_WRITING = 64
+DEF F_FAST = 128  # exactly the engine's plain class: no Python override to respect
+
+
+@cython.final
+cdef class Extras:
+    """What only some connections need: made on first use, dropped at the next accept."""
+
+    cdef object linger_timer
+    cdef object preamble
+    cdef object balancer_address
+    cdef object proxy
+    cdef object sock
+    cdef object peer
+
 
 cdef class ConnectionBase:
     """Every field of ``connection.Connection``, its read, write and flush paths, and its life
@@ -776,72 +798,176 @@ cdef class ConnectionBase:
     cdef public Py_ssize_t _buffered
     cdef public object _core
     cdef public object _corked
-    cdef public bint _eof
-    cdef public bint _established
     cdef public int _fd
-    cdef public bint _flow_paused
     cdef public object _handler
-    cdef public bint _held
     cdef public object _idle
-    cdef public object _linger_timer
     cdef public object _pool
-    cdef public object _preamble
     cdef public object _queue
-    cdef public bint _reading
     cdef public int _state
-    cdef public bint _user_paused
-    cdef public bint _writing
     cdef public double accepted_at
-    cdef public object balancer_address
     cdef public long long bytes_in
     cdef public long long bytes_out
     cdef public object close_reason
     cdef public object framer
-    cdef public object id
+    cdef public long long id
     cdef public object listener
-    cdef public object proxy
     cdef public object sequencer
     cdef public object user_data
-    # Not the reference's: the socket object, made only when a cold path wants one; the peer's
-    # address, kept as the kernel gave it until someone asks; which callbacks are defaults.
-    cdef object _sock_obj
-    cdef object _peer
+    # Laid out for an idle connection's sake (10,000 of them are 10,000 of these): the flags
+    # in one word, what only some connections need (PROXY, lingering, a socket object for a
+    # cold path, a peer address asked for) in one object made when first needed, and the
+    # peer's address as the kernel gave it until someone asks.
+    cdef unsigned int _flags
+    cdef Extras _extras
     cdef unsigned short _peer_family
     cdef unsigned short _peer_port
     cdef uint32_t _peer_flow
     cdef uint32_t _peer_scope
     cdef unsigned char _peer_ip[16]
     cdef int _defaults
-    cdef bint _fast  # exactly the engine's plain class: no Python override to respect
 
     def __cinit__(self):
         self._state = CLOSED
         self._fd = -1
-        self._fast = type(self) is fast_connection_type
+        if type(self) is fast_connection_type:
+            self._flags = F_FAST
 
-    # -- fields the reference keeps plainly --------------------------------------------------
+    # -- fields the reference keeps plainly, as it sees them ---------------------------------
+
+    cdef inline bint _has(self, unsigned int flag) noexcept:
+        return self._flags & flag != 0
+
+    cdef inline void _put(self, unsigned int flag, bint on) noexcept:
+        if on:
+            self._flags |= flag
+        else:
+            self._flags &= ~flag
+
+    @property
+    def _eof(self):
+        return self._has(F_EOF)
+
+    @_eof.setter
+    def _eof(self, bint on):
+        self._put(F_EOF, on)
+
+    @property
+    def _established(self):
+        return self._has(F_ESTABLISHED)
+
+    @_established.setter
+    def _established(self, bint on):
+        self._put(F_ESTABLISHED, on)
+
+    @property
+    def _flow_paused(self):
+        return self._has(F_FLOW_PAUSED)
+
+    @_flow_paused.setter
+    def _flow_paused(self, bint on):
+        self._put(F_FLOW_PAUSED, on)
+
+    @property
+    def _held(self):
+        return self._has(F_HELD)
+
+    @_held.setter
+    def _held(self, bint on):
+        self._put(F_HELD, on)
+
+    @property
+    def _reading(self):
+        return self._has(F_READING)
+
+    @_reading.setter
+    def _reading(self, bint on):
+        self._put(F_READING, on)
+
+    @property
+    def _user_paused(self):
+        return self._has(F_USER_PAUSED)
+
+    @_user_paused.setter
+    def _user_paused(self, bint on):
+        self._put(F_USER_PAUSED, on)
+
+    @property
+    def _writing(self):
+        return self._has(F_WRITING)
+
+    @_writing.setter
+    def _writing(self, bint on):
+        self._put(F_WRITING, on)
+
+    cdef inline Extras _more(self):
+        if self._extras is None:
+            self._extras = Extras.__new__(Extras)
+        return self._extras
+
+    @property
+    def _linger_timer(self):
+        return self._extras.linger_timer if self._extras is not None else None
+
+    @_linger_timer.setter
+    def _linger_timer(self, timer):
+        if timer is not None or self._extras is not None:
+            self._more().linger_timer = timer
+
+    @property
+    def _preamble(self):
+        return self._extras.preamble if self._extras is not None else None
+
+    @_preamble.setter
+    def _preamble(self, preamble):
+        if preamble is not None or self._extras is not None:
+            self._more().preamble = preamble
+
+    @property
+    def balancer_address(self):
+        return self._extras.balancer_address if self._extras is not None else None
+
+    @balancer_address.setter
+    def balancer_address(self, address):
+        if address is not None or self._extras is not None:
+            self._more().balancer_address = address
+
+    @property
+    def proxy(self):
+        return self._extras.proxy if self._extras is not None else None
+
+    @proxy.setter
+    def proxy(self, header):
+        if header is not None or self._extras is not None:
+            self._more().proxy = header
 
     @property
     def _sock(self):
-        if self._sock_obj is None and self._fd >= 0:
+        cdef Extras more = self._more()
+        if more.sock is None and self._fd >= 0:
             family = AF_UNIX if self._peer_family == AF_UNIX else (
                 AF_INET6 if self._peer_family == AF_INET6 else AF_INET)
-            self._sock_obj = FdSocket(self._fd, family)
-        return self._sock_obj
+            more.sock = FdSocket(self._fd, family)
+        return more.sock
 
     @_sock.setter
     def _sock(self, sock):
-        self._sock_obj = sock
+        if sock is not None or self._extras is not None:
+            self._more().sock = sock
 
     @property
     def peer_address(self):
-        if self._peer is None and self._peer_family:
-            self._peer = self._peer_tuple()
-        return self._peer
+        cdef Extras more
+        if self._extras is not None and self._extras.peer is not None:
+            return self._extras.peer
+        if not self._peer_family:
+            return None
+        more = self._more()
+        more.peer = self._peer_tuple()
+        return more.peer
 
     @peer_address.setter
     def peer_address(self, address):
-        self._peer = address
+        self._more().peer = address
         self._peer_family = 0
 
     cdef object _peer_tuple(self):
@@ -857,7 +983,6 @@ cdef class ConnectionBase:
     cdef void _keep_peer(self, const sockaddr *addr, socklen_t length):
         cdef const sockaddr_in *v4
         cdef const sockaddr_in6 *v6
-        self._peer = None
         self._peer_family = 0
         if addr.sa_family == AF_INET:
             v4 = <const sockaddr_in *>addr
@@ -873,7 +998,7 @@ cdef class ConnectionBase:
             for i in range(16):
                 self._peer_ip[i] = v6.sin6_addr.s6_addr[i]
         else:  # Unix sockets (and anything else): as Python would say it
-            self._peer = address_from(addr, length)
+            self._more().peer = address_from(addr, length)
 
     # -- life cycle, from the accept loop ------------------------------------------------------
 
@@ -884,6 +1009,7 @@ cdef class ConnectionBase:
         self.id = next(id_counter)
         self.user_data = None
         self.listener = listener
+        self._extras = None
         self._keep_peer(addr, length)
         self.bytes_in = self.bytes_out = 0
         self.accepted_at = monotonic()
@@ -893,23 +1019,15 @@ cdef class ConnectionBase:
         self._defaults = listener._handler_defaults
         self._pool = core.buffers
         self._idle = listener.idle
-        self._sock_obj = None
         self._fd = fd
         self._state = PENDING if pending else OPEN
-        self._established = False
-        self._eof = False
+        self._flags = (self._flags & F_FAST) | F_READING
         if self._queue is not None:
             self._queue.clear()
         self._buffered = 0
         self._corked = None
-        self._user_paused = self._flow_paused = self._held = self._writing = False
-        self._reading = True
         self.framer = None
         self.sequencer = None
-        self.proxy = None
-        self.balancer_address = None
-        self._preamble = None
-        self._linger_timer = None
         reactor = core.reactor
         if type(reactor) is Loop:
             (<Loop>reactor)._register_reader(fd, self)
@@ -923,7 +1041,7 @@ cdef class ConnectionBase:
 
     cdef int _establish(self, first_data) except -1:
         self._state = OPEN
-        self._established = True
+        self._flags |= F_ESTABLISHED
         try:
             if self._defaults & DEFAULT_MADE:
                 if first_data is not None:
@@ -991,12 +1109,12 @@ cdef class ConnectionBase:
         return 0
 
     def _peer_eof(self):
-        self._eof = True
+        self._flags |= F_EOF
         if self._state == PENDING:
             self.close_reason = PEER_EOF_REASON
             self._finalize()
             return
-        self._reading = False
+        self._flags &= ~F_READING
         self._update_reading()
         if self._defaults & DEFAULT_EOF:
             self.close()
@@ -1131,8 +1249,9 @@ cdef class ConnectionBase:
             else:
                 queue[0] = head[sent:]
                 sent = 0
-        if self._flow_paused and self._buffered <= self.listener.config.write_low_water:
-            self._flow_paused = False
+        if self._has(F_FLOW_PAUSED) and (self._buffered
+                                         <= self.listener.config.write_low_water):
+            self._flags &= ~F_FLOW_PAUSED
             self._update_reading()
             self._call("resume_writing")
         if not queue:
@@ -1149,8 +1268,8 @@ cdef class ConnectionBase:
             self._idle.start(self)
 
     def _set_writing(self, bint writing):
-        if writing != self._writing:
-            self._writing = writing
+        if writing != self._has(F_WRITING):
+            self._put(F_WRITING, writing)
             self._reactor_modify(self._wants_read(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
             tracker = self.listener.write
@@ -1163,12 +1282,12 @@ cdef class ConnectionBase:
     def _wants_read(self):
         if self._state == LINGERING:
             return True
-        return (self._reading and self._state <= OPEN
-                and not self._user_paused and not self._flow_paused and not self._held)
+        return (self._state <= OPEN and self._flags & (
+            F_READING | F_USER_PAUSED | F_FLOW_PAUSED | F_HELD) == F_READING)
 
     def _update_reading(self):
         if self._state != CLOSED:
-            self._reactor_modify(self._wants_read(), self._writing)
+            self._reactor_modify(self._wants_read(), self._has(F_WRITING))
 
     cdef int _reactor_modify(self, bint readable, bint writable) except -1:
         reactor = self._core.reactor
@@ -1182,14 +1301,14 @@ cdef class ConnectionBase:
 
     def close(self):
         """Graceful close: send every queued byte, then FIN; ``connection_closed`` follows."""
-        if self._fast:
+        if self._flags & F_FAST:
             self._begin_close(CLOSED_REASON)
         else:
             (<object>self)._begin_close(CLOSED_REASON)  # TLS sends close_notify first
 
     def close_for(self, reason):
         """Graceful close on the server's behalf (shutdown, timeouts), recording ``reason``."""
-        if self._fast:
+        if self._flags & F_FAST:
             self._begin_close(reason)
         else:
             (<object>self)._begin_close(reason)
@@ -1215,16 +1334,16 @@ cdef class ConnectionBase:
             self._send_fin()
 
     def _send_fin(self):
-        if self._eof:  # the peer has sent its FIN already: nothing left to wait for
+        if self._flags & F_EOF:  # the peer has sent its FIN already: nothing left to wait for
             self._finalize()
             return
         if c_shutdown(self._fd, 1) < 0:  # SHUT_WR
             self._finalize()
             return
         self._state = LINGERING
-        self._reading = False
+        self._flags &= ~F_READING
         self._update_reading()
-        self._linger_timer = self._core.reactor.call_later(
+        self._more().linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
 
     def _abort(self, reason):
@@ -1250,7 +1369,7 @@ cdef class ConnectionBase:
             return 0
         if self._state != CLOSED:
             self.close_reason = self.close_reason or SOCKET_ERROR_REASON
-            if self._established:
+            if self._flags & F_ESTABLISHED:
                 self._core.report_error(self, exc)
             self._finalize()
         return 0
@@ -1267,18 +1386,18 @@ cdef class ConnectionBase:
         self._state = CLOSED
         if self.close_reason is None:
             self.close_reason = CLOSED_REASON
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
+        if self._extras is not None and self._extras.linger_timer is not None:
+            self._extras.linger_timer.cancel()
+            self._extras.linger_timer = None
         core = self._core
         reactor = core.reactor
         if type(reactor) is Loop:
             (<Loop>reactor)._unregister(self._fd, True)
         else:
             reactor.unregister(self._fd, closing=True)
-        if self._sock_obj is not None:
-            self._sock_obj.close()
-            self._sock_obj = None
+        if self._extras is not None and self._extras.sock is not None:
+            self._extras.sock.close()
+            self._extras.sock = None
         else:
             c_close(self._fd)
         if self._queue is not None:
@@ -1286,9 +1405,9 @@ cdef class ConnectionBase:
         self._buffered = 0
         listener = self.listener
         if isinstance(listener, ListenerBase):
-            (<ListenerBase>listener)._connection_finished(self, not self._established)
+            (<ListenerBase>listener)._connection_finished(self, not self._has(F_ESTABLISHED))
         else:
-            listener.connection_finished(self, was_pending=not self._established)
+            listener.connection_finished(self, was_pending=not self._has(F_ESTABLISHED))
         if not self._defaults & DEFAULT_CLOSED:
             try:
                 self._handler.connection_closed(self, self.close_reason)
