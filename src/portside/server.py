@@ -242,7 +242,12 @@ class Server:
         if self.state is not ServerState.STARTED:
             raise ServerStateError(f"cannot run a server that is {self.state.value}")
         self._reactor = reactor
-        self._core = EngineCore(reactor, self.handler, self.config, on_idle=self._on_idle,
+        core_class: type[EngineCore] = EngineCore
+        if self.engine is Engine.COMPILED:
+            from portside.engine import compiled
+
+            core_class = compiled.CompiledCore
+        self._core = core_class(reactor, self.handler, self.config, on_idle=self._on_idle,
                                 compiled=self.engine is Engine.COMPILED)
         for listener in self._listeners:
             if self._accepting_paused:

@@ -22,7 +22,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromObject
-from cpython.ref cimport Py_INCREF, PyObject
+from cpython.ref cimport Py_REFCNT
 from libc.errno cimport (  # EWOULDBLOCK is EAGAIN on Linux
     EAGAIN,
     ECONNABORTED,
@@ -53,6 +53,7 @@ from portside.engine.connection import CloseReason
 from portside.engine.connection import _id_counter as id_counter
 from portside.errors import ConnectionClosedError
 from portside.handler import Handler
+from portside.statistics import TTFB_BUCKETS
 
 cdef object CLOSED_REASON = CloseReason.CLOSED
 cdef object ABORTED_REASON = CloseReason.ABORTED
@@ -535,11 +536,16 @@ cdef class IOBuffer:
 
 @cython.final
 cdef class BufferPool:
-    """The twin of buffers.BufferPool, over ``IOBuffer``s: same interface, same statistics."""
+    """The twin of buffers.BufferPool, over ``IOBuffer``s: same interface, same statistics.
+
+    The free buffers are the first ``_free_count`` slots of ``_slots``, a stack that never
+    shrinks: popping and appending a list on every read made the list resize (realloc) twice
+    per read."""
 
     cdef public Py_ssize_t buffer_size
     cdef public Py_ssize_t max_free
-    cdef public list free
+    cdef list _slots
+    cdef Py_ssize_t _free_count
     cdef Py_ssize_t _created
     cdef Py_ssize_t _misses
     cdef public Py_ssize_t returned
@@ -548,16 +554,19 @@ cdef class BufferPool:
     def __init__(self, Py_ssize_t buffer_size, Py_ssize_t max_free, Py_ssize_t preallocate=1):
         self.buffer_size = buffer_size
         self.max_free = max_free
-        self.free = [IOBuffer(buffer_size) for _ in range(min(preallocate, max_free))]
-        self._created = len(self.free)
+        self._slots = [IOBuffer(buffer_size) for _ in range(min(preallocate, max_free))]
+        self._free_count = len(self._slots)
+        self._created = self._free_count
         self._misses = 0
         self.returned = 0
         self._discarded = 0
 
     cdef inline IOBuffer _acquire(self):
         cdef IOBuffer buffer
-        if self.free:
-            buffer = <IOBuffer>self.free.pop()
+        if self._free_count:
+            self._free_count -= 1
+            buffer = <IOBuffer>self._slots[self._free_count]
+            self._slots[self._free_count] = None
         else:
             self._misses += 1
             self._created += 1
@@ -570,8 +579,12 @@ cdef class BufferPool:
         if buffer.exports:  # a view of it outlived its loan: never reuse it
             self._discarded += 1
             self._created -= 1
-        elif len(self.free) < self.max_free:
-            self.free.append(buffer)
+        elif self._free_count < self.max_free:
+            if self._free_count < len(self._slots):
+                self._slots[self._free_count] = buffer
+            else:
+                self._slots.append(buffer)
+            self._free_count += 1
         else:
             self._discarded += 1
             self._created -= 1
@@ -596,11 +609,134 @@ cdef class BufferPool:
     def statistics(self):
         from portside.engine.buffers import PoolStatistics
 
-        in_use = self._created - len(self.free)
-        return PoolStatistics(self.buffer_size, len(self.free), in_use, self.max_free,
+        in_use = self._created - self._free_count
+        return PoolStatistics(self.buffer_size, self._free_count, in_use, self.max_free,
                               self.returned + in_use - self._misses, self._misses,
                               self._discarded)
 
+
+
+# -- the engine's shared state and the connection pool (core.py, buffers.py) --------------------
+
+
+@cython.final
+cdef class ObjectPool:
+    """The twin of buffers.ObjectPool: reuses objects nobody outside portside references.
+
+    Free objects are the first ``_free_count`` slots of a stack that never shrinks."""
+
+    cdef object _factory
+    cdef public Py_ssize_t max_free
+    cdef list _slots
+    cdef Py_ssize_t _free_count
+    cdef Py_ssize_t _in_use
+    cdef Py_ssize_t _hits
+    cdef Py_ssize_t _misses
+    cdef Py_ssize_t _discarded
+
+    def __init__(self, factory, Py_ssize_t max_free, Py_ssize_t preallocate):
+        self._factory = factory
+        self.max_free = max_free
+        self._slots = [factory() for _ in range(min(preallocate, max_free))]
+        self._free_count = len(self._slots)
+        self._in_use = self._hits = self._misses = self._discarded = 0
+
+    cdef inline object _acquire(self):
+        self._in_use += 1
+        if self._free_count:
+            self._hits += 1
+            self._free_count -= 1
+            item = self._slots[self._free_count]
+            self._slots[self._free_count] = None
+            return item
+        self._misses += 1
+        return self._factory()
+
+    def acquire(self):
+        return self._acquire()
+
+    cdef bint _take_back(self, item, Py_ssize_t refcount):
+        """``refcount`` as the caller saw it, holding ``item`` in one local only."""
+        self._in_use -= 1
+        if self._free_count < self.max_free and refcount <= UNSHARED_REFCOUNT:
+            if self._free_count < len(self._slots):
+                self._slots[self._free_count] = item
+            else:
+                self._slots.append(item)
+            self._free_count += 1
+            return True
+        self._discarded += 1
+        return False
+
+    def recycle(self, item):
+        return self._take_back(item, Py_REFCNT(item) - 1)  # less this call's own argument
+
+    def statistics(self):
+        from portside.engine.buffers import PoolStatistics
+
+        return PoolStatistics(0, self._free_count, self._in_use, self.max_free, self._hits,
+                              self._misses, self._discarded)
+
+
+cdef Py_ssize_t unshared_refcount():
+    """What Py_REFCNT says of an object held in one local only, measured the way
+    ``CoreBase._recycle`` takes it (a list pop into a local)."""
+    cdef list items = [object()]
+    item = items.pop()
+    return Py_REFCNT(item)
+
+
+cdef Py_ssize_t UNSHARED_REFCOUNT = unshared_refcount()
+
+
+cdef class CoreBase:
+    """``core.EngineCore``'s fields, and its per-connection methods."""
+
+    cdef public object reactor
+    cdef public object handler
+    cdef public object config
+    cdef public object buffers
+    cdef public object connections
+    cdef public Py_ssize_t open
+    cdef public list _to_recycle
+    cdef public object _on_idle
+    cdef public object _tls_class
+    cdef public object _connection_classes
+
+    def new_connection(self, bint tls=False):
+        """A connection object: pooled for plain TCP; a fresh TLS one otherwise."""
+        return self._new_connection(tls)
+
+    cdef object _new_connection(self, bint tls):
+        if tls:
+            conn = self._tls_class()
+        else:
+            conn = (<ObjectPool>self.connections)._acquire()
+        self.open += 1
+        return conn
+
+    def connection_finished(self, conn):
+        self._connection_finished(conn)
+
+    cdef int _connection_finished(self, conn) except -1:
+        self.open -= 1
+        if type(conn) is not self._tls_class:
+            # Recycle on the next iteration: now, the closing call chain still references it.
+            if not self._to_recycle:
+                self.reactor.call_soon(self._recycle)
+            self._to_recycle.append(conn)
+        if not self.open:
+            self._on_idle()
+        return 0
+
+    def _recycle(self):
+        cdef list pending = self._to_recycle
+        cdef ObjectPool pool = <ObjectPool>self.connections
+        self._to_recycle = []
+        while pending:
+            conn = pending.pop()
+            pool._take_back(conn, Py_REFCNT(conn))
+            conn = None
 
 # -- sockets without socket objects -------------------------------------------------------------
 
@@ -1078,10 +1214,10 @@ cdef class ConnectionBase:
             return 0
         if received == 0:
             pool._give_back(buffer)
-            self._peer_eof()
+            self._peer_eof_c()
             return 0
         if not self.bytes_in:
-            self.listener.record_first_byte(monotonic() - self.accepted_at)
+            (<ListenerBase>self.listener)._record_first_byte(monotonic() - self.accepted_at)
         self.bytes_in += received
         if self._idle is not None:
             self._idle.start(self)
@@ -1109,17 +1245,20 @@ cdef class ConnectionBase:
         return 0
 
     def _peer_eof(self):
+        self._peer_eof_c()
+
+    cdef int _peer_eof_c(self) except -1:
         self._flags |= F_EOF
         if self._state == PENDING:
             self.close_reason = PEER_EOF_REASON
-            self._finalize()
-            return
+            self._finalize_c()
+            return 0
         self._flags &= ~F_READING
-        self._update_reading()
-        if self._defaults & DEFAULT_EOF:
-            self.close()
-        else:
-            self._call("eof_received")
+        self._call_c(DEFAULT_EOF, "eof_received")
+        # Reading stops now, unless the callback closed the connection already: a close
+        # right after the peer's FIN then costs no epoll_ctl at all.
+        self._update_reading_c()
+        return 0
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -1209,7 +1348,7 @@ cdef class ConnectionBase:
         finally:
             PyBuffer_Release(&view)
         self._buffered += size - sent
-        self._set_writing(True)
+        self._set_writing_c(True)
         self._check_high_water()
 
     def handle_write(self):
@@ -1252,14 +1391,14 @@ cdef class ConnectionBase:
         if self._has(F_FLOW_PAUSED) and (self._buffered
                                          <= self.listener.config.write_low_water):
             self._flags &= ~F_FLOW_PAUSED
-            self._update_reading()
-            self._call("resume_writing")
+            self._update_reading_c()
+            self._call_c(DEFAULT_RESUME, "resume_writing")
         if not queue:
-            self._set_writing(False)
+            self._set_writing_c(False)
             if self._state == CLOSING:
-                self._send_fin()
+                self._send_fin_c()
             elif self._state == OPEN:
-                self._call("write_drained")
+                self._call_c(DEFAULT_DRAINED, "write_drained")
         return 0
 
     cdef inline void _count_sent(self, Py_ssize_t sent):
@@ -1268,9 +1407,12 @@ cdef class ConnectionBase:
             self._idle.start(self)
 
     def _set_writing(self, bint writing):
+        self._set_writing_c(writing)
+
+    cdef int _set_writing_c(self, bint writing) except -1:
         if writing != self._has(F_WRITING):
             self._put(F_WRITING, writing)
-            self._reactor_modify(self._wants_read(), writing)
+            self._reactor_modify(self._wants_read_c(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
             tracker = self.listener.write
             if tracker is not None:
@@ -1278,16 +1420,24 @@ cdef class ConnectionBase:
                     tracker.start(self)
                 else:
                     tracker.stop(self)
+        return 0
 
     def _wants_read(self):
+        return self._wants_read_c()
+
+    cdef inline bint _wants_read_c(self) noexcept:
         if self._state == LINGERING:
             return True
         return (self._state <= OPEN and self._flags & (
             F_READING | F_USER_PAUSED | F_FLOW_PAUSED | F_HELD) == F_READING)
 
     def _update_reading(self):
+        self._update_reading_c()
+
+    cdef int _update_reading_c(self) except -1:
         if self._state != CLOSED:
-            self._reactor_modify(self._wants_read(), self._has(F_WRITING))
+            self._reactor_modify(self._wants_read_c(), self._has(F_WRITING))
+        return 0
 
     cdef int _reactor_modify(self, bint readable, bint writable) except -1:
         reactor = self._core.reactor
@@ -1301,58 +1451,71 @@ cdef class ConnectionBase:
 
     def close(self):
         """Graceful close: send every queued byte, then FIN; ``connection_closed`` follows."""
-        if self._flags & F_FAST:
-            self._begin_close(CLOSED_REASON)
-        else:
-            (<object>self)._begin_close(CLOSED_REASON)  # TLS sends close_notify first
+        self._close_c(CLOSED_REASON)
 
     def close_for(self, reason):
         """Graceful close on the server's behalf (shutdown, timeouts), recording ``reason``."""
+        self._close_c(reason)
+
+    cdef int _close_c(self, reason) except -1:
         if self._flags & F_FAST:
-            self._begin_close(reason)
+            self._begin_close_c(reason)
         else:
-            (<object>self)._begin_close(reason)
+            (<object>self)._begin_close(reason)  # TLS sends close_notify first
+        return 0
 
     def abort(self):
         """Abortive close: drop unsent bytes and reset the connection (RST) now."""
         if self._state != CLOSED:
-            self._abort(ABORTED_REASON)
+            self._abort_c(ABORTED_REASON)
 
     def abort_for(self, reason):
         if self._state != CLOSED:
-            self._abort(reason)
+            self._abort_c(reason)
 
     def _begin_close(self, reason):
+        self._begin_close_c(reason)
+
+    cdef int _begin_close_c(self, reason) except -1:
         if self._state >= CLOSING:
-            return
+            return 0
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
         self.close_reason = reason
         self._state = CLOSING
-        self._update_reading()
-        if not self._queue:
-            self._send_fin()
+        if self._queue:
+            self._update_reading_c()  # stop reading while the queue drains
+        else:
+            self._send_fin_c()
+        return 0
 
     def _send_fin(self):
+        self._send_fin_c()
+
+    cdef int _send_fin_c(self) except -1:
         if self._flags & F_EOF:  # the peer has sent its FIN already: nothing left to wait for
-            self._finalize()
-            return
+            self._finalize_c()
+            return 0
         if c_shutdown(self._fd, 1) < 0:  # SHUT_WR
-            self._finalize()
-            return
+            self._finalize_c()
+            return 0
         self._state = LINGERING
         self._flags &= ~F_READING
-        self._update_reading()
+        self._update_reading_c()
         self._more().linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
+        return 0
 
     def _abort(self, reason):
-        cdef Py_buffer view
+        self._abort_c(reason)
+
+    cdef int _abort_c(self, reason) except -1:
         if self.close_reason is None or self._state < CLOSING:
             self.close_reason = reason
         if self._fd >= 0 and self._state != CLOSED:
             c_setsockopt(self._fd, 1, 13, PyBytes_AS_STRING(LINGER_RST), 8)  # SO_LINGER
-        self._finalize()
+        self._finalize_c()
+        return 0
 
     def _socket_failed(self, exc):
         self._failed(exc)
@@ -1364,25 +1527,28 @@ cdef class ConnectionBase:
                 self.close_reason = self.close_reason or RESET_REASON
             if first and self._state == OPEN:
                 # Reason set first: a write inside the callback fails again, quietly.
-                self._call("connection_reset")
-            self._finalize()
+                self._call_c(DEFAULT_RESET, "connection_reset")
+            self._finalize_c()
             return 0
         if self._state != CLOSED:
             self.close_reason = self.close_reason or SOCKET_ERROR_REASON
             if self._flags & F_ESTABLISHED:
                 self._core.report_error(self, exc)
-            self._finalize()
+            self._finalize_c()
         return 0
 
     def _handler_failed(self, exc):
         self._core.report_error(self, exc)
         if self._state != CLOSED:
-            self._abort(HANDLER_ERROR_REASON)
+            self._abort_c(HANDLER_ERROR_REASON)
 
     def _finalize(self):
         """The single exit: release the socket and tell the handler, exactly once."""
+        self._finalize_c()
+
+    cdef int _finalize_c(self) except -1:
         if self._state == CLOSED:
-            return
+            return 0
         self._state = CLOSED
         if self.close_reason is None:
             self.close_reason = CLOSED_REASON
@@ -1413,18 +1579,26 @@ cdef class ConnectionBase:
                 self._handler.connection_closed(self, self.close_reason)
             except Exception as exc:
                 core.report_error(self, exc)
-        core.connection_finished(self)
+        if isinstance(core, CoreBase):
+            (<CoreBase>core)._connection_finished(self)
+        else:
+            core.connection_finished(self)
+        return 0
 
     def _call(self, str callback):
-        cdef int bit = CALLBACK_DEFAULTS.get(callback, 0)
-        if self._defaults & bit:
-            if bit == DEFAULT_EOF:
-                self.close()
-            return
+        self._call_c(CALLBACK_DEFAULTS.get(callback, 0), callback)
+
+    cdef int _call_c(self, int default_bit, str callback) except -1:
+        """Run a handler callback, or what Handler's default would do, inline."""
+        if self._defaults & default_bit:
+            if default_bit == DEFAULT_EOF:
+                self._close_c(CLOSED_REASON)
+            return 0
         try:
             getattr(self._handler, callback)(self)
         except Exception as exc:
             self._handler_failed(exc)
+        return 0
 
 
 # -- the accept loop (listener.py) -------------------------------------------------------------
@@ -1460,6 +1634,8 @@ cdef class ListenerBase:
     cdef public object first_data
     cdef public object trackers
     cdef public dict closed_by_reason
+    cdef public list ttfb_buckets
+    cdef public double ttfb_sum
     cdef public int _family
     cdef int _handler_defaults
 
@@ -1507,11 +1683,11 @@ cdef class ListenerBase:
             c_setsockopt(fd, IPPROTO_TCP_, TCP_NODELAY, &one, sizeof(int))
         self.accepted += 1
         if self.config.tls is not None:  # the reference's path: TLS runs in Python anyway
-            conn = core.new_connection(tls=True)
+            conn = (<CoreBase>core)._new_connection(True)
             conn.attach(core, self, FdSocket(fd, self._family), address_from(addr, length),
                         pending=True)
         else:
-            conn = core.new_connection(False)
+            conn = (<CoreBase>core)._new_connection(False)
             conn._attach_accepted(self, fd, addr, length, self.starts_pending)
         if self.idle is not None:
             self.idle.start(conn)
@@ -1521,6 +1697,19 @@ cdef class ListenerBase:
         else:
             self.active_count += 1
             conn._establish(None)
+        return 0
+
+    def record_first_byte(self, double seconds):
+        """A connection's first byte came ``seconds`` after its accept (a histogram)."""
+        self._record_first_byte(seconds)
+
+    cdef int _record_first_byte(self, double seconds) except -1:
+        cdef Py_ssize_t bucket = 0
+        cdef tuple bounds = TTFB_BUCKETS
+        while bucket < len(bounds) - 1 and seconds > <double>bounds[bucket]:
+            bucket += 1  # bisect_left over a dozen bounds
+        self.ttfb_sum += seconds
+        self.ttfb_buckets[bucket] += 1
         return 0
 
     cdef int _became_active(self, conn) except -1:

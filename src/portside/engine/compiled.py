@@ -16,6 +16,7 @@ import types
 from typing import Any
 
 from portside.engine.connection import Connection
+from portside.engine.core import EngineCore
 from portside.engine.listener import Listener
 from portside.engine.tls import TlsConnection
 
@@ -51,7 +52,7 @@ def _borrow(target: type, reference: type, compiled: frozenset[str] = frozenset(
         setattr(target, name, value)
 
 
-def _build() -> tuple[type[Any], type[Any], type[Any]]:
+def _build() -> tuple[type[Any], type[Any], type[Any], type[Any]]:
     assert _compiled is not None
 
     class CompiledConnection(_compiled.ConnectionBase):  # type: ignore[misc]
@@ -67,15 +68,20 @@ def _build() -> tuple[type[Any], type[Any], type[Any]]:
     class CompiledListener(_compiled.ListenerBase):  # type: ignore[misc]
         """``Listener`` with a compiled accept loop."""
 
+    class CompiledCore(_compiled.CoreBase):  # type: ignore[misc]
+        """``EngineCore`` with compiled per-connection methods and pools."""
+
     _borrow(CompiledConnection, Connection, frozenset(vars(_compiled.ConnectionBase)))
     # TLS reads and writes go through the SSL object: its Python overrides win here.
     _borrow(CompiledTlsConnection, TlsConnection)
     _borrow(CompiledListener, Listener, frozenset(vars(_compiled.ListenerBase)))
+    _borrow(CompiledCore, EngineCore, frozenset(vars(_compiled.CoreBase)))
     _compiled.set_connection_type(CompiledConnection)
-    return CompiledConnection, CompiledTlsConnection, CompiledListener
+    return CompiledConnection, CompiledTlsConnection, CompiledListener, CompiledCore
 
 
 if _compiled is not None:
-    CompiledConnection, CompiledTlsConnection, CompiledListener = _build()
+    CompiledConnection, CompiledTlsConnection, CompiledListener, CompiledCore = _build()
     Loop = _compiled.Loop
     BufferPool = _compiled.BufferPool
+    ObjectPool = _compiled.ObjectPool

@@ -5,7 +5,7 @@ of them too would cost some 50 bytes per idle connection at 10,000)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from portside.config import ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
@@ -31,16 +31,15 @@ class EngineCore:
         self.config = config
         connection_class: type[Connection] = Connection
         self._tls_class: type[Connection] = TlsConnection
+        pools: tuple[type[Any], type[Any]] = (BufferPool, ObjectPool)
         if compiled:  # the same pools and classes, with compiled hot paths
             from portside.engine import compiled as native
 
             connection_class, self._tls_class = (native.CompiledConnection,
                                                  native.CompiledTlsConnection)
-            self.buffers: BufferPool = native.BufferPool(config.buffer_size,
-                                                         config.buffer_pool_max_free)
-        else:
-            self.buffers = BufferPool(config.buffer_size, config.buffer_pool_max_free)
-        self.connections: ObjectPool[Connection] = ObjectPool(
+            pools = (native.BufferPool, native.ObjectPool)
+        self.buffers: BufferPool = pools[0](config.buffer_size, config.buffer_pool_max_free)
+        self.connections: ObjectPool[Connection] = pools[1](
             connection_class, config.connection_pool_max_free, config.connection_pool_size)
         self._connection_classes = (connection_class, self._tls_class)
         self.open = 0  # connections between attach and close
