@@ -140,7 +140,8 @@ def test_tls_behind_proxy_protocol(serve: ServeFactory, clients: Clients,
                                    certificate: tuple[Path, Path]) -> None:
     from portside.protocols.proxy import encode_v2
 
-    rs = serve(ListenerConfig(tls=server_context(certificate), proxy_protocol="v2"))  # type: ignore[arg-type]
+    rs = serve(ListenerConfig(tls=server_context(certificate), proxy_protocol="v2",  # type: ignore[arg-type]
+                              trusted_proxies=("127.0.0.1",)))
     raw = clients.connect(rs.address())
     raw.sendall(encode_v2(("192.0.2.9", 5555), ("192.0.2.1", 443)))
     context = ssl.create_default_context(cafile=str(certificate[0]))

@@ -62,6 +62,17 @@ class CloseReason(enum.Enum):
     REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
 
 
+def _check_transport(header: ProxyHeader, raw: bytearray) -> None:
+    """Every listener is a stream socket, so a v2 header saying the client's connection was
+    datagrams (UDP, 0x12 and 0x22) cannot describe it: refused. (v1 names only TCP4 and TCP6;
+    AF_UNIX headers are refused by the parser.) The header's address family is not compared
+    with the listener's: a balancer may carry IPv6 clients to an IPv4 or Unix-socket backend.
+    The transport is read from the header's 14th byte, as the parser does not report it."""
+    if header.version == 2 and not header.local and raw[13] & 0x0F != 0x01:
+        raise ProtocolError("PROXY v2 header for a datagram (UDP) connection on a stream "
+                            "listener")
+
+
 class State(enum.IntEnum):
     PENDING = 0
     OPEN = 1
@@ -99,7 +110,9 @@ class Connection:
         "_pool",
         "_preamble",
         "_queue",
+        "_read_mark",
         "_reading",
+        "_silent_looks",
         "_sock",
         "_state",
         "_user_paused",
@@ -160,12 +173,21 @@ class Connection:
         self.balancer_address: Address = None
         self._preamble: bytearray | None = None
         self._linger_timer: TimerHandle | None = None
+        # The read-silence deadline's state (see awaiting_data): bytes_in when last looked at,
+        # -1 once the handler manages read_timeout itself; and the looks in a row that found
+        # no new byte.
+        self._read_mark = 0
+        self._silent_looks = 0
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
     def establish(self, first_data: memoryview | None) -> None:
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
         self._state = State.OPEN
         self._established = True
+        silence = self.listener.silence
+        if silence is not None:  # read_timeout is on: it runs until the handler takes it over
+            self._read_mark = self.bytes_in
+            silence.start(self)
         try:
             self._core.handler.connection_made(self, first_data)
         except Exception as exc:
@@ -277,10 +299,27 @@ class Connection:
         self._check_high_water()
 
     def _check_high_water(self) -> None:
-        if not self._flow_paused and self._buffered > self.listener.config.write_high_water:
-            self._flow_paused = True
-            self._update_reading()
-            self._call("pause_writing")
+        """The queue grew: past write_high_water pause reading; past write_limit reset."""
+        config = self.listener.config
+        if self._buffered > config.write_high_water:
+            if self._buffered > config.write_limit:
+                self._output_limit_passed(config.write_limit)
+            elif not self._flow_paused:
+                self._flow_paused = True
+                self._update_reading()
+                self._call("pause_writing")
+
+    def _output_limit_passed(self, limit: int) -> None:
+        """The peer reads nothing while its handler keeps writing: reset at once (Redis's
+        client-output-buffer-limit), dropping the queue, rather than hold unbounded output."""
+        listener = self.listener
+        listener.log.log("output-limit", logging.WARNING,
+                         f"reset {{count}} more connections on {listener.address}: queued "
+                         f"output past write_limit ({limit:,} bytes)",
+                         "reset %r on %s: %s bytes of output queued, past write_limit (%s)",
+                         self.peer_address, listener.address, f"{self._buffered:,}",
+                         f"{limit:,}")
+        self._abort(CloseReason.OUTPUT_LIMIT)
 
     def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         for chunk in chunks:
@@ -316,10 +355,20 @@ class Connection:
     def awaiting_data(self, owed: bool) -> None:
         """Say whether the peer owes us bytes (a message begun but not finished): while it
         does, the listener's ``read_timeout`` runs from the moment it began. The message layer
-        calls this from its framer; a plain handler may call it itself."""
-        tracker = self.listener.read
+        calls this from its framer; a plain handler may call it itself.
+
+        Until the first call, ``read_timeout`` means "no byte from the peer for that long"
+        (looked at a few times per timeout, so it fires after between read_timeout and 1.25
+        read_timeout of silence); from the first call on, the handler decides what is owed.
+        """
+        listener = self.listener
+        tracker = listener.read
         if tracker is None or self._state != State.OPEN:
             return
+        if self._read_mark >= 0:
+            self._read_mark = -1
+            assert listener.silence is not None
+            listener.silence.stop(self)
         if not owed:
             tracker.stop(self)
         elif self not in tracker.queue:
@@ -440,9 +489,14 @@ class Connection:
         preamble += data
         try:
             header = parse_proxy_header(preamble, accept)
+            if isinstance(header, ProxyHeader):
+                _check_transport(header, preamble)
         except ProtocolError as exc:
             listener.proxy_errors += 1
-            logger.info("closed %r on %s: %s", self.peer_address, listener.address, exc)
+            listener.log.log("proxy-error", logging.INFO,
+                             f"closed {{count}} more connections on {listener.address} for a "
+                             "missing or bad PROXY header",
+                             "closed %r on %s: %s", self.peer_address, listener.address, exc)
             self._abort(CloseReason.PROTOCOL_ERROR)
             return None
         if not isinstance(header, ProxyHeader):
