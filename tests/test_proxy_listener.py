@@ -27,8 +27,8 @@ TRUST = ("127.0.0.1/32",)
                                     encode_v2(CLIENT, BALANCED, {0xE1: b"x"}, checksum=True)])
 def test_header_gives_the_client_address(serve: ServeFactory, clients: Clients,
                                          policy: AcceptPolicy, header: bytes) -> None:
-    rs = serve(ListenerConfig(policy=policy, proxy_protocol="any", defer_accept=0,
-                              trusted_proxies=TRUST))  # type: ignore[arg-type]
+    rs = serve(ListenerConfig(policy=policy, proxy_protocol="any",  # type: ignore[arg-type]
+                              defer_accept=0, trusted_proxies=TRUST))
     sock = clients.connect(rs.address())
     # The header split over two writes, the first payload bytes right behind it.
     sock.sendall(header[:5])
