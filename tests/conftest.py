@@ -12,6 +12,7 @@ import importlib.util
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,3 +253,14 @@ def recv_until_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.extend(chunk)
     return bytes(chunks)
+
+
+def seconds_until_closed(sock: socket.socket, since: float) -> float:
+    """Wait for the server to close ``sock`` (FIN or RST, nothing else may arrive first) and
+    return how long after ``since`` (a ``time.monotonic()`` reading) that was seen."""
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        data = b""
+    assert data == b"", f"expected the server to close, got {data[:40]!r}"
+    return time.monotonic() - since
