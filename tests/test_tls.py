@@ -170,3 +170,42 @@ def test_tls_cli_flags(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
             assert sock.recv(100) == b"cli tls"
     finally:
         proc.kill()
+
+
+class CloseNotifyRecorder(RecordingHandler):
+    """Records, at the peer's end of stream, whether it came with a TLS close_notify."""
+
+    def eof_received(self, conn: Connection) -> None:
+        self.record("close_notify", conn, conn.tls_close_notify_received)  # type: ignore[attr-defined]
+        super().eof_received(conn)
+
+
+def _close_notify_seen(handler: CloseNotifyRecorder) -> bool:
+    handler.wait(lambda: "close_notify" in handler.names(), "the end of stream")
+    return bool(next(e.detail for e in handler.events if e.name == "close_notify"))
+
+
+def test_clean_tls_close_is_told_from_a_truncation(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    handler = CloseNotifyRecorder()
+    rs = serve(ListenerConfig(tls=server_context(certificate)), handler=handler)
+    sock = client(clients, rs.address(), certificate)
+    sock.sendall(b"bye properly")
+    assert sock.recv(100) == b"bye properly"
+    raw = sock.unwrap()  # sends close_notify and waits for the server's
+    assert _close_notify_seen(handler) is True
+    assert recv_until_eof(raw) == b""  # then the server's FIN
+    handler.wait(lambda: handler.closed_count() == 1, "the close")
+    assert list(handler.closed.values()) == [[CloseReason.CLOSED]]
+
+
+def test_tcp_close_without_close_notify_is_flagged(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    handler = CloseNotifyRecorder()
+    rs = serve(ListenerConfig(tls=server_context(certificate)), handler=handler)
+    sock = client(clients, rs.address(), certificate)
+    sock.sendall(b"cut off")
+    assert sock.recv(100) == b"cut off"
+    socket.socket.shutdown(sock, socket.SHUT_WR)  # a bare TCP FIN: no close_notify first
+    assert _close_notify_seen(handler) is False
+    handler.wait(lambda: handler.closed_count() == 1, "the close")
