@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 from proc import PortsideProcess
 
 WAIT = 20.0
@@ -27,12 +27,7 @@ HANDLERS_ON_PATH = {"PYTHONPATH": os.pathsep.join(
 
 
 def _haproxy() -> str:
-    path = shutil.which("haproxy")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is missing: scripts/test installs Debian's haproxy")
-        pytest.skip("haproxy not installed (scripts/test installs it)")
-    return path
+    return require_tool("haproxy")
 
 
 def start_instance(tmp_path: Path, name: str) -> tuple[PortsideProcess, str]:

@@ -5,9 +5,9 @@ a garbage ClientHello is closed cleanly and counted."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -16,15 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Clients, RecordingHandler, ServeFactory, recv_until_eof
+from conftest import (
+    WAIT,
+    Clients,
+    RecordingHandler,
+    ServeFactory,
+    recv_until_eof,
+    require_tool,
+)
 
 from portside import AcceptPolicy, CloseReason, Connection, ListenerConfig
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tool("openssl")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
@@ -119,7 +125,9 @@ def test_silent_tls_client_meets_the_first_data_deadline(
 
 
 def test_garbage_client_hello_is_closed_and_counted(
-        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="portside")  # the command's default level
     rs = serve(ListenerConfig(tls=server_context(certificate)))
     bad = clients.connect(rs.address())
     bad.sendall(b"\x16\x03\x01\x00\x05hello, this is not TLS at all\r\n" * 4)
@@ -131,6 +139,8 @@ def test_garbage_client_hello_is_closed_and_counted(
     rs.handler.wait(lambda: rs.handler.closed_count() == 1, "the close")
     assert list(rs.handler.closed.values()) == [[CloseReason.TLS_ERROR]]
     assert rs.server.statistics().listeners[0].tls_failures == 1
+    failed = [record for record in caplog.records if "TLS handshake" in record.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.INFO  # seen at the default level
     good = client(clients, rs.address(), certificate)  # the server is fine
     good.sendall(b"still here")
     assert good.recv(100) == b"still here"
