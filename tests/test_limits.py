@@ -466,3 +466,23 @@ def test_output_under_write_limit_only_pauses(serve: ServeFactory, clients: Clie
         assert chunk
         received += len(chunk)
     assert received == handler.total
+
+
+# -- 8. the accept loop: capacity errors back off, anything else stops that listener ---------------
+
+
+def test_unexpected_accept_error_stops_the_listener_without_spinning(
+        serve: ServeFactory, clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
+    """shutdown() on a listening socket makes Linux fail accept() with EINVAL while the socket
+    stays readable: not a capacity error, so no backoff and retry (which would spin or retry
+    forever), but one error line, and that listener stops; the others serve on."""
+    rs = serve(ListenerConfig(), ListenerConfig())
+    broken = rs.server.listeners[0]
+    on_loop(rs, lambda: broken.sock.shutdown(socket.SHUT_RDWR))
+    wait_until(lambda: listener_stats(rs).accept_errors == 1, "the failed accept")
+    time.sleep(NEGATIVE_WAIT)  # a negative check: a spinning loop would count more errors
+    stats = listener_stats(rs)
+    assert stats.accept_errors == 1 and not stats.accepting
+    lines = [r.getMessage() for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(lines) == 1 and "stops accepting" in lines[0]
+    echo_round_trip(clients.connect(rs.address(1)), b"the other listener still serves")

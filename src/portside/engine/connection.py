@@ -9,6 +9,12 @@ unread bytes makes the kernel send RST, which can destroy replies the peer has n
 ``_finalize`` is the single exit: it closes the descriptor and calls ``connection_closed``
 exactly once. A read borrows a pool buffer only for the callback; writes try ``send`` at once
 and queue only what the kernel did not take, copied, since the caller's buffer may be a loan.
+
+Close reasons. ``close_reason`` says why a connection ended, and the first reason recorded wins
+(``_set_reason`` is the only place that decides): what began the end is what the handler is
+told, and whatever happens while closing (the peer's reset during linger, the abort at the
+drain deadline, the handler's close() inside ``connection_reset``) is its consequence. A
+connection that ends without any reason recorded ends ``CLOSED``.
 """
 
 from __future__ import annotations
@@ -553,6 +559,7 @@ class Connection:
         self._begin_close(reason)
 
     def abort_for(self, reason: CloseReason) -> None:
+        """Abortive close on the server's behalf (RST now), recording ``reason``."""
         if self._state != State.CLOSED:
             self._abort(reason)
 
@@ -561,7 +568,7 @@ class Connection:
             return
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        self.close_reason = reason
+        self._set_reason(reason)
         self._state = State.CLOSING
         self._update_reading()
         if not self._queue:
@@ -596,9 +603,15 @@ class Connection:
         if not received:
             self._finalize()
 
-    def _abort(self, reason: CloseReason) -> None:
-        if self.close_reason is None or self._state < State.CLOSING:
+    def _set_reason(self, reason: CloseReason) -> CloseReason:
+        """Record why the connection ends, unless a reason is recorded already: the first
+        wins (see the module docstring). Returns the reason in force."""
+        if self.close_reason is None:
             self.close_reason = reason
+        return self.close_reason
+
+    def _abort(self, reason: CloseReason) -> None:
+        self._set_reason(reason)
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         self._finalize()
@@ -606,7 +619,7 @@ class Connection:
     def _peer_eof(self) -> None:
         self._eof = True
         if self._state == State.PENDING:
-            self.close_reason = CloseReason.PEER_EOF
+            self._set_reason(CloseReason.PEER_EOF)
             self._finalize()
             return
         self._reading = False
@@ -617,14 +630,14 @@ class Connection:
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
             first = self.close_reason is None
             if self._state != State.CLOSED:
-                self.close_reason = self.close_reason or CloseReason.RESET
+                self._set_reason(CloseReason.RESET)
             if first and self._state == State.OPEN:
                 # Reason set first: a write inside the callback fails again, quietly.
                 self._call("connection_reset")
             self._finalize()
             return
         if self._state != State.CLOSED:
-            self.close_reason = self.close_reason or CloseReason.SOCKET_ERROR
+            self._set_reason(CloseReason.SOCKET_ERROR)
             if self._established:
                 self._core.report_error(self, exc)
             self._finalize()
@@ -639,8 +652,7 @@ class Connection:
         if self._state == State.CLOSED:
             return
         self._state = State.CLOSED
-        if self.close_reason is None:
-            self.close_reason = CloseReason.CLOSED
+        reason = self._set_reason(CloseReason.CLOSED)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -652,7 +664,7 @@ class Connection:
         self._buffered = 0
         self.listener.connection_finished(self, was_pending=not self._established)
         try:
-            core.handler.connection_closed(self, self.close_reason)
+            core.handler.connection_closed(self, reason)
         except Exception as exc:
             core.report_error(self, exc)
         core.connection_finished(self)

@@ -5,6 +5,9 @@ allowed: not paused by the user, not at ``max_connections``, and not backing off
 capacity error. Each wake-up accepts up to ``accept_batch`` connections (the seed's accepts
 posted in advance); the kernel's backlog holds the rest. EMFILE, ENFILE, ENOBUFS and ENOMEM stop
 accepting for ``accept_backoff`` seconds instead of spinning on a socket that stays readable.
+Errors about one connection that died in the backlog skip it. Any other error means the
+listening socket itself is broken (or portside is): as trio does, it is logged and raised, and
+the listener stops watching its socket first, so the loop cannot spin on it.
 Data-first connections wait in a ``DeadlineQueue`` until their first bytes; one timer sweeps
 the silent ones (the seed's SO_CONNECT_TIME check). At the ceiling, pending connections that
 have been silent for ``stale_pending_age`` are closed first, so a flood of silent connections
@@ -174,6 +177,7 @@ class Listener:
         self._core: EngineCore | None = None
         self._backing_off = False
         self._at_ceiling = False
+        self._broken = False
         self._closed = False
         self._watching = False
         self._pressure_timer: TimerHandle | None = None
@@ -252,7 +256,7 @@ class Listener:
     def _update_watch(self) -> None:
         if self._core is None or self._closed:
             return
-        watch = not (self.paused or self._backing_off or self._at_ceiling)
+        watch = not (self.paused or self._backing_off or self._at_ceiling or self._broken)
         if watch != self._watching:
             self._watching = watch
             self._core.reactor.modify(self.fd, readable=watch, writable=False)
@@ -284,8 +288,14 @@ class Listener:
             self.accept_errors += 1
             if exc.errno in _SKIP_ERRNOS:
                 return True
-            self._back_off(exc)
-            return False
+            if exc.errno in _CAPACITY_ERRNOS:
+                self._back_off(exc)
+                return False
+            self._broken = True  # stop watching first: the socket stays readable
+            self._update_watch()
+            logger.error("accept on %s failed unexpectedly (%s); this listener stops "
+                         "accepting", self.address, _describe(exc))
+            raise
         if self.trusted is not None and not _trusted(peer, self.trusted):
             self._refuse(sock, peer)
             return True
@@ -431,14 +441,14 @@ class Listener:
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    def close(self) -> list[Connection]:
-        """Stop listening. Connections already completed in the backlog are accepted first and
-        returned, so the caller can close them cleanly instead of the kernel resetting them."""
+    def close(self) -> None:
+        """Stop listening. Connections already completed in the backlog are accepted first, as
+        pending connections, so the server's shutdown closes them cleanly (it closes every
+        pending connection) instead of the kernel resetting them."""
         self.log.flush()  # the summaries of a flood still under way (again at the very end)
         if self._closed:
-            return []
+            return
         core = self._core
-        taken: list[Connection] = []
         if core is not None:
             for _ in range(_SHUTDOWN_ACCEPT_LIMIT if self.owned else 0):
                 try:
@@ -450,7 +460,6 @@ class Listener:
                 conn = core.new_connection()
                 conn.attach(core, self, sock, peer, pending=True)
                 self.pending_count += 1
-                taken.append(conn)
             core.reactor.unregister(self.fd)
             if self._pressure_timer is not None:
                 self._pressure_timer.cancel()
@@ -461,7 +470,6 @@ class Listener:
         if self.config.path is not None and self.owned:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.path)
-        return taken
 
     def statistics(self) -> ListenerStatistics:
         core = self._core
