@@ -35,7 +35,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from portside.config import AcceptPolicy, ListenerConfig
-from portside.engine.connection import _LINGER_RST, CloseReason, Connection
+from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker
 from portside.engine.tls import remember_server_names
@@ -194,7 +194,9 @@ class Listener:
         if not timeout:
             return None
 
-        def expire(conn: Connection) -> None:
+        def expire(conn: Connection) -> bool:
+            if not abort and conn._state >= State.CLOSING:
+                return False  # closing already (say, flushing): not counted a second time
             self.log.log(reason.value, logging.INFO,
                          f"closed {{count}} more connections on {self.address}: "
                          f"{reason.value} after {timeout:g} s",
@@ -204,12 +206,15 @@ class Listener:
                 conn.abort_for(reason)
             else:
                 conn.close_for(reason)
+            return True
 
         return TimeoutTracker(timeout, expire)
 
     def _silence_check(self, conn: Connection) -> bool:
         """A connection under the read-silence deadline, looked at: closed once it has sent
         nothing for ``_SILENCE_LOOKS`` looks in a row; otherwise looked at again later."""
+        if conn._state >= State.CLOSING:
+            return False  # its end is under way: nothing to look at any more
         if conn.bytes_in != conn._read_mark:
             conn._read_mark = conn.bytes_in
             conn._silent_looks = 0
