@@ -101,6 +101,10 @@ def _warm_up_uvloop() -> None:
 
 _warm_up_uvloop()
 WAIT = 10.0  # seconds a condition may take before the test fails; generous for a loaded CI box
+#: How early a deadline may seem to fire, measured from the test's clock: uvloop's clock counts
+#: milliseconds and is read once per loop iteration. A deadline that fires early by any real
+#: amount (a tenth of its value, say) still fails the test.
+CLOCK_SLACK = 0.02
 
 
 @dataclass
