@@ -5,6 +5,7 @@ trusted sources may send one: anyone else is reset at accept, counted, and logge
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import threading
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 
 import pytest
 from conftest import Clients, RunningServer, ServeFactory, recv_exactly, recv_until_eof
+from test_lifecycle import ipv6_loopback_available
 
 from portside import AcceptPolicy, CloseReason, ListenerConfig
+from portside.engine.listener import _trusted
 from portside.protocols.proxy import encode_v1, encode_v2
 
 CLIENT = ("203.0.113.7", 40123)
@@ -157,3 +160,23 @@ def test_trust_by_network(serve: ServeFactory, clients: Clients) -> None:
         clients.connect(rs.address(1)).recv(10)
     stats = rs.server.statistics().listeners
     assert (stats[0].proxy_refused, stats[1].proxy_refused) == (0, 1)
+
+
+def test_trust_matching_without_sockets() -> None:
+    """IPv4 clients of a dual-stack socket arrive as ::ffff:a.b.c.d and match IPv4 networks."""
+    networks = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    assert _trusted(("::ffff:127.0.0.1", 5000, 0, 0), networks)
+    assert _trusted(("2001:db8::7", 5000, 0, 0), networks)
+    assert not _trusted(("::ffff:10.0.0.1", 5000, 0, 0), networks)
+    assert not _trusted(("::1", 5000, 0, 0), networks)
+    assert not _trusted("", networks)  # an unnamed Unix peer is never matched (nor checked)
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
+def test_trusted_ipv6_balancer(serve: ServeFactory, clients: Clients) -> None:
+    rs = serve(ListenerConfig(host="::1", proxy_protocol="v2",  # type: ignore[arg-type]
+                              trusted_proxies=("::1/128",)))
+    sock = clients.connect(rs.address())
+    sock.sendall(encode_v2(CLIENT, BALANCED) + b"over six")
+    assert recv_exactly(sock, 8) == b"over six"
+    assert [conn["peer"] for conn in on_loop_connections(rs)] == [CLIENT]
