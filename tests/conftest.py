@@ -3,6 +3,9 @@
 Waiting is always on a condition (a callback recorded, a byte received), never on a sleep. Every
 test that starts a server through ``serve`` fails if a handler reported an unexpected error or
 if the process holds more file descriptors after the server stopped than before it started.
+Every test fails if one of its helper threads died of an exception (an assertion in a client
+thread, say), which Python would otherwise only print. In CI (``CI=true``) a missing engine or
+tool (uvloop, openssl) fails the tests that need it instead of skipping them.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import shutil
 import socket
 import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,16 +33,64 @@ from portside import (
     Server,
     ServerConfig,
 )
+from portside.engine import compiled as compiled_engine
 from portside.examples.echo import EchoHandler
 
-ENGINES = ["compiled", "epoll", "asyncio"] + (
-    ["uvloop"] if importlib.util.find_spec("uvloop") else [])
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+#: Every engine the behaviour suite runs on; the ``engine`` fixture skips (or, in CI, fails)
+#: the ones that cannot run here. ``ENGINES`` lists only those that can.
+ALL_ENGINES = ["compiled", "epoll", "asyncio", "uvloop"]
+HAVE_COMPILED = compiled_engine.available()
+ENGINES = [engine for engine in ALL_ENGINES
+           if (engine != "uvloop" or HAVE_UVLOOP) and (engine != "compiled" or HAVE_COMPILED)]
+#: CI runs must test everything: there, a missing dependency fails instead of skipping.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip the test when ``what`` is missing, or fail it in CI (which installs everything:
+    a skip there would hide a broken install)."""
+    if available:
+        return
+    message = f"{what} is missing (scripts/test installs it)"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true, so this is a failure, not a skip")
+    pytest.skip(message)
+
+
+def require_tool(name: str) -> str:
+    """The path of a command the test needs; see ``require``."""
+    path = shutil.which(name)
+    require(path is not None, name)
+    assert path is not None
+    return path
+
+
+@pytest.fixture(autouse=True)
+def thread_failures_fail_the_test() -> Iterator[None]:
+    """An exception that ends a helper thread (a failed assertion in a client thread) fails
+    the test it happened in, instead of becoming a warning the run ignores."""
+    caught: list[str] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread is not None else "?"
+        caught.append(f"in thread {name}:\n" + "".join(traceback.format_exception(
+            args.exc_type, args.exc_value, args.exc_traceback)))
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    if caught:
+        pytest.fail("a helper thread raised " + "\n".join(caught), pytrace=False)
 
 
 def _warm_up_uvloop() -> None:
     """libuv opens two process-wide descriptors with its first loop and keeps them; open them
     before any test counts descriptors, so the leak check sees only what portside leaks."""
-    if "uvloop" in ENGINES:
+    if HAVE_UVLOOP:
         import asyncio
 
         import uvloop
@@ -50,6 +104,10 @@ def _warm_up_uvloop() -> None:
 
 _warm_up_uvloop()
 WAIT = 10.0  # seconds a condition may take before the test fails; generous for a loaded CI box
+#: How early a deadline may seem to fire, measured from the test's clock: uvloop's clock counts
+#: milliseconds and is read once per loop iteration. A deadline that fires early by any real
+#: amount (a tenth of its value, say) still fails the test.
+CLOCK_SLACK = 0.02
 
 
 @dataclass
@@ -160,8 +218,12 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=ALL_ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "uvloop":
+        require(HAVE_UVLOOP, "uvloop (the uvloop engine)")
+    if request.param == "compiled":
+        require(HAVE_COMPILED, "the compiled engine (pip install -e . builds it)")
     return str(request.param)
 
 
@@ -253,3 +315,14 @@ def recv_until_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.extend(chunk)
     return bytes(chunks)
+
+
+def seconds_until_closed(sock: socket.socket, since: float) -> float:
+    """Wait for the server to close ``sock`` (FIN or RST, nothing else may arrive first) and
+    return how long after ``since`` (a ``time.monotonic()`` reading) that was seen."""
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        data = b""
+    assert data == b"", f"expected the server to close, got {data[:40]!r}"
+    return time.monotonic() - since

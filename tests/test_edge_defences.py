@@ -20,7 +20,8 @@ FRONT = ("198.51.100.2", 80)
 
 
 def test_ceiling_holds_on_a_proxy_listener(serve: ServeFactory, clients: Clients) -> None:
-    rs = serve(ListenerConfig(proxy_protocol="v2", max_connections=2))  # type: ignore[arg-type]
+    rs = serve(ListenerConfig(proxy_protocol="v2", max_connections=2,  # type: ignore[arg-type]
+                              trusted_proxies=("127.0.0.1",)))
     first, second = clients.connect(rs.address()), clients.connect(rs.address())
     for sock in (first, second):
         sock.sendall(encode_v2(CLIENT, FRONT) + b"hi")

@@ -1,10 +1,14 @@
 """Behind a real HAProxy: two portside instances, PROXY protocol v2, traffic through the
-balancer, and a graceful restart of one instance while HAProxy keeps serving."""
+balancer, and a graceful restart of one instance while HAProxy keeps serving.
+
+HAProxy reaches the instances over Unix sockets, whose peers portside always trusts to send a
+PROXY header (the command line has no flag for ``trusted_proxies`` yet). Over TCP with nothing
+trusted, the default, every connection HAProxy makes is refused: tested too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,43 +17,43 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 from proc import PortsideProcess
 
 WAIT = 20.0
+# tests/ for the handlers module, ahead of (not instead of) any path already set.
+HANDLERS_ON_PATH = {"PYTHONPATH": os.pathsep.join(
+    part for part in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if part)}
 
 
 def _haproxy() -> str:
-    path = shutil.which("haproxy")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is missing: scripts/test installs Debian's haproxy")
-        pytest.skip("haproxy not installed (scripts/test installs it)")
-    return path
+    return require_tool("haproxy")
 
 
-def start_instance(tmp_path: Path, name: str) -> tuple[PortsideProcess, int]:
+def start_instance(tmp_path: Path, name: str) -> tuple[PortsideProcess, str]:
+    """An instance on a Unix socket; returns it and its address as HAProxy's config names it."""
+    path = tmp_path / f"{name}.sock"
     proc = PortsideProcess(
-        ["serve", "handlers:PeerEcho", "--listen", "immediate@127.0.0.1:0", "--proxy-protocol",
+        ["serve", "handlers:PeerEcho", "--listen", f"immediate@unix:{path}", "--proxy-protocol",
          "v2", "--workers", "2", "--control", str(tmp_path / f"{name}.ctl"),
          "--drain-timeout", "10"],
-        env={"PYTHONPATH": str(Path(__file__).parent)})
-    port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        env=HANDLERS_ON_PATH)
+    proc.wait_for(r"listening on unix:")
     for _ in range(2):
         proc.wait_for(r"started worker")
-    return proc, port
+    return proc, str(path)
 
 
-@pytest.fixture
-def balanced(tmp_path: Path) -> Iterator[tuple[int, list[PortsideProcess]]]:
-    haproxy = _haproxy()
-    instances = [start_instance(tmp_path, name) for name in ("one", "two")]
-    # HAProxy serves a socket we bound, so it is listening before HAProxy even starts.
+def haproxy_in_front(tmp_path: Path, servers: list[str]) -> tuple[socket.socket,
+                                                                    subprocess.Popen[bytes]]:
+    """HAProxy in TCP mode, round robin over ``servers`` with PROXY v2; it serves a socket we
+    bound, so it is listening before HAProxy even starts."""
     front = socket.socket()
     front.bind(("127.0.0.1", 0))
     front.listen(128)
     config = tmp_path / "haproxy.cfg"
-    servers = "\n".join(f"    server s{i} 127.0.0.1:{port} send-proxy-v2"
-                        for i, (_, port) in enumerate(instances))
+    lines = "\n".join(f"    server s{i} {address} send-proxy-v2"
+                      for i, address in enumerate(servers))
     config.write_text(f"""
 global
     maxconn 2000
@@ -65,10 +69,18 @@ frontend front
     default_backend portside
 backend portside
     balance roundrobin
-{servers}
+{lines}
 """)
-    proxy = subprocess.Popen([haproxy, "-f", str(config), "-db"], pass_fds=[front.fileno()],
+    proxy = subprocess.Popen([_haproxy(), "-f", str(config), "-db"], pass_fds=[front.fileno()],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return front, proxy
+
+
+@pytest.fixture
+def balanced(tmp_path: Path) -> Iterator[tuple[int, list[PortsideProcess]]]:
+    _haproxy()
+    instances = [start_instance(tmp_path, name) for name in ("one", "two")]
+    front, proxy = haproxy_in_front(tmp_path, [path for _, path in instances])
     try:
         yield front.getsockname()[1], [proc for proc, _ in instances]
     finally:
@@ -149,3 +161,31 @@ def test_graceful_restart_behind_haproxy(
         client.join(WAIT)
     assert not errors, errors[:3]
     assert conversations[0] >= before + 40
+
+
+def test_untrusted_balancer_is_refused(tmp_path: Path) -> None:
+    """A TCP listener that expects PROXY headers trusts no source by default: HAProxy's
+    connections are reset at accept, the client gets nothing, and the log says why."""
+    _haproxy()
+    proc = PortsideProcess(
+        ["serve", "handlers:PeerEcho", "--listen", "immediate@127.0.0.1:0",
+         "--proxy-protocol", "v2", "--control", str(tmp_path / "tcp.ctl")],
+        env=HANDLERS_ON_PATH)
+    front: socket.socket | None = None
+    proxy: subprocess.Popen[bytes] | None = None
+    try:
+        port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        proc.wait_for(r"trusted_proxies is empty: every TCP connection will be refused",
+                      seen_too=True)
+        front, proxy = haproxy_in_front(tmp_path, [f"127.0.0.1:{port}"])
+        with contextlib.suppress(ConnectionResetError):
+            _, echoed = talk(front.getsockname()[1], "127.0.0.1", b"hello")
+            assert echoed == b""
+        proc.wait_for(r"refused 127\.0\.0\.1:\d+ on 127\.0\.0\.1:\d+: not in trusted_proxies")
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(WAIT)
+        if front is not None:
+            front.close()
+        proc.kill()

@@ -522,3 +522,20 @@ def test_pause_and_resume_reading(serve: ServeFactory, clients: Clients) -> None
     sock.shutdown(socket.SHUT_WR)
     assert recv_until_eof(sock) == b""
     assert reasons_of(rs.handler, conn_id) == [CloseReason.CLOSED]
+
+
+class ClosesOnReset(RecordingHandler):
+    """Calls close() from connection_reset, as a tidy handler might."""
+
+    def connection_reset(self, conn: Connection) -> None:
+        super().connection_reset(conn)
+        conn.close()
+
+
+def test_the_first_close_reason_wins(serve: ServeFactory, clients: Clients) -> None:
+    """A close inside connection_reset is a consequence of the reset: the reason stays RESET."""
+    rs = serve(ListenerConfig(), handler=ClosesOnReset())
+    sock, conn_id = connect_made(rs, clients)
+    echo(sock, b"hello")
+    reset(sock)
+    assert reasons_of(rs.handler, conn_id) == [CloseReason.RESET]

@@ -8,7 +8,6 @@ can only fail if the server does something it must not.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import resource
 import signal
@@ -19,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from conftest import (
+    CLOCK_SLACK,
     WAIT,
     Clients,
     RecordingHandler,
@@ -27,6 +28,7 @@ from conftest import (
     ServeFactory,
     recv_exactly,
     recv_until_eof,
+    seconds_until_closed,
 )
 from proc import PortsideProcess
 
@@ -40,6 +42,7 @@ from portside import (
 )
 
 T = TypeVar("T")
+MIB = 1024 * KIB
 NEGATIVE_WAIT = 0.5  # how long "nothing happens" is watched for; only a misbehaving server fails
 
 
@@ -265,15 +268,19 @@ def test_backpressure_bounds_the_write_queue_of_a_non_reading_peer(
 
 def test_data_first_closes_a_silent_client_after_first_data_timeout(
         serve: ServeFactory, clients: Clients) -> None:
+    timeout = 0.3
     rs = serve(ListenerConfig(policy=AcceptPolicy.DATA_FIRST, defer_accept=0,
-                              first_data_timeout=0.3))
+                              first_data_timeout=timeout))
     handler = rs.handler
+    connected = time.monotonic()
     silent = clients.connect(rs.address())
     talker = clients.connect(rs.address())
     echo_round_trip(talker, b"within the window")
 
-    with contextlib.suppress(ConnectionResetError):  # a reset is as good as a FIN here
-        assert silent.recv(1) == b""
+    # Both sides of the deadline: not before it (the server accepted after connect returned),
+    # and not long after it.
+    elapsed = seconds_until_closed(silent, connected)
+    assert timeout - CLOCK_SLACK <= elapsed < timeout + WAIT / 2, elapsed
     handler.wait(lambda: CloseReason.FIRST_DATA_TIMEOUT in reasons_of(handler),
                  "the silent connection to time out")
 
@@ -286,6 +293,27 @@ def test_data_first_closes_a_silent_client_after_first_data_timeout(
     stats = listener_stats(rs)
     assert stats.first_data_timeouts == 1
     assert (stats.accepted, stats.active, stats.pending, stats.closed) == (2, 1, 0, 1)
+
+
+def test_first_data_deadline_with_the_default_defer_accept(
+        serve: ServeFactory, clients: Clients) -> None:
+    """With TCP_DEFER_ACCEPT on (the default), the kernel holds a silent connection for about
+    defer_accept seconds before portside sees it; the first-data deadline runs after that,
+    so the silent client is closed no sooner than first_data_timeout, and a talker is served
+    at once with its first bytes."""
+    config = ListenerConfig(policy=AcceptPolicy.DATA_FIRST, first_data_timeout=0.5)
+    assert config.defer_accept > 0
+    rs = serve(config)
+    connected = time.monotonic()
+    silent = clients.connect(rs.address())
+    talker = clients.connect(rs.address())
+    echo_round_trip(talker, b"first bytes")
+    assert list(rs.handler.made.values()) == [b"first bytes"]
+    elapsed = seconds_until_closed(silent, connected)
+    assert config.first_data_timeout - CLOCK_SLACK <= elapsed < WAIT, elapsed
+    rs.handler.wait(lambda: CloseReason.FIRST_DATA_TIMEOUT in reasons_of(rs.handler),
+                    "the first-data timeout")
+    assert listener_stats(rs).first_data_timeouts == 1
 
 
 # -- 5. a flood of silent connections cannot lock real clients out ---------------------------------
@@ -380,3 +408,84 @@ def test_echo_process_survives_running_out_of_descriptors(tmp_path: Path) -> Non
     text = log.text()
     assert "Traceback" not in text, text
     assert "internal error" not in text, text
+
+
+# -- 7. write_limit: the output of a peer that reads nothing is bounded ---------------------------
+
+
+class CarelessWriter(RecordingHandler):
+    """On b"go", writes ``total`` bytes at once, ignoring pause_writing (a careless handler)."""
+
+    total = 0
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        if bytes(data) != b"go":
+            return
+        chunk = b"w" * (256 * KIB)
+        for _ in range(self.total // len(chunk)):
+            conn.write(chunk)  # after a reset, writes are dropped quietly
+        self.record("wrote", conn)
+
+
+def _non_reader(clients: Clients, rs: RunningServer) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    clients.sockets.append(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KIB)  # reads nothing, holds little
+    sock.settimeout(WAIT)
+    sock.connect(rs.address())
+    return sock
+
+
+def test_output_past_write_limit_resets_the_connection(
+        serve: ServeFactory, clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
+    handler = CarelessWriter()
+    handler.total = 32 * MIB  # far more than the kernel's buffers take, so it must queue
+    rs = serve(ListenerConfig(write_limit=1 * MIB), handler=handler)
+    sock = _non_reader(clients, rs)
+    sock.sendall(b"go")
+    handler.wait(lambda: [CloseReason.OUTPUT_LIMIT] in handler.closed.values(), "the reset")
+    with pytest.raises(ConnectionResetError):  # an RST: the queued output is dropped
+        while sock.recv(1 << 20):
+            pass
+    stats = listener_stats(rs)
+    assert stats.closed_by_reason == {"output-limit": 1}
+    lines = [r.getMessage() for r in caplog.records if "write_limit" in r.getMessage()]
+    assert len(lines) == 1 and "past write_limit (1,048,576)" in lines[0]
+
+
+def test_output_under_write_limit_only_pauses(serve: ServeFactory, clients: Clients) -> None:
+    """The other side of the limit: a queue that stays under it pauses, never resets."""
+    handler = CarelessWriter()
+    handler.total = 12 * MIB  # more than the kernel's buffers take: some of it must queue
+    rs = serve(ListenerConfig(write_limit=16 * MIB), handler=handler)
+    sock = _non_reader(clients, rs)
+    sock.sendall(b"go")
+    handler.wait(lambda: "wrote" in handler.names(), "the writes")
+    assert on_loop(rs, lambda: [conn.write_buffer_size for conn in rs.server.connections()])[0] > 0
+    assert handler.closed == {}
+    received = 0
+    while received < handler.total:  # then read it all: every byte was kept
+        chunk = sock.recv(1 << 20)
+        assert chunk
+        received += len(chunk)
+    assert received == handler.total
+
+
+# -- 8. the accept loop: capacity errors back off, anything else stops that listener ---------------
+
+
+def test_unexpected_accept_error_stops_the_listener_without_spinning(
+        serve: ServeFactory, clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
+    """shutdown() on a listening socket makes Linux fail accept() with EINVAL while the socket
+    stays readable: not a capacity error, so no backoff and retry (which would spin or retry
+    forever), but one error line, and that listener stops; the others serve on."""
+    rs = serve(ListenerConfig(), ListenerConfig())
+    broken = rs.server.listeners[0]
+    on_loop(rs, lambda: broken.sock.shutdown(socket.SHUT_RDWR))
+    wait_until(lambda: listener_stats(rs).accept_errors == 1, "the failed accept")
+    time.sleep(NEGATIVE_WAIT)  # a negative check: a spinning loop would count more errors
+    stats = listener_stats(rs)
+    assert stats.accept_errors == 1 and not stats.accepting
+    lines = [r.getMessage() for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(lines) == 1 and "stops accepting" in lines[0]
+    echo_round_trip(clients.connect(rs.address(1)), b"the other listener still serves")

@@ -1,12 +1,22 @@
 """Idle, read and write timeouts per listener, on every engine: each closes only the
-connection that earned it, with its reason, and is counted."""
+connection that earned it, with its reason, and is counted. Deadlines are checked on both
+sides: not before their time, and not long after."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
-from conftest import WAIT, Clients, ServeFactory, recv_exactly
+from conftest import (
+    CLOCK_SLACK,
+    WAIT,
+    Clients,
+    RecordingHandler,
+    ServeFactory,
+    recv_exactly,
+    seconds_until_closed,
+)
 
 from portside import CloseReason, Connection, LengthPrefixFramer, ListenerConfig, MessageHandler
 from portside.engine.deadlines import DeadlineQueue
@@ -120,3 +130,87 @@ def test_tracker_arms_one_timer_for_many_connections() -> None:
         tracker.start(conn)  # type: ignore[arg-type]
     assert len(clock.timers) == 1  # one timer, not ten thousand
     assert isinstance(tracker.queue, DeadlineQueue) and len(tracker.queue) == 10_000
+
+
+# -- read_timeout on a handler that frames no messages: no bytes from the peer for that long ----
+
+
+def test_read_timeout_without_framing_closes_a_silent_peer(
+        serve: ServeFactory, clients: Clients) -> None:
+    """The echo handler never calls awaiting_data: read_timeout then means "no byte from the
+    peer for that long". A silent client is closed no sooner than that (and by 1.25 times it,
+    plus the loop's slack); a client that keeps sending is not, though it idles in between."""
+    timeout = 1.0
+    rs = serve(ListenerConfig(read_timeout=timeout))
+    connected = time.monotonic()
+    silent = clients.connect(rs.address())
+    talker = clients.connect(rs.address())
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def chatter() -> None:  # a byte every timeout / 5: never silent for a whole timeout
+        try:
+            while not done.wait(timeout / 5):
+                talker.sendall(b"x")
+                assert recv_exactly(talker, 1) == b"x"
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    try:
+        elapsed = seconds_until_closed(silent, connected)
+        assert timeout - CLOCK_SLACK <= elapsed < 1.25 * timeout + 1.0, elapsed
+        # The talker outlives two more timeouts.
+        time.sleep(2 * timeout)  # a negative check: only an early close can fail it
+        assert not failures, failures
+    finally:
+        done.set()
+        thread.join(WAIT)
+    rs.handler.wait(lambda: rs.handler.closed_count() == 1, "the silent one's close")
+    assert list(rs.handler.closed.values()) == [[CloseReason.READ_TIMEOUT]]
+    stats = rs.server.statistics().listeners[0]
+    assert stats.read_timeouts == 1 and stats.active == 1
+
+
+class Managing(RecordingHandler):
+    """Takes read_timeout over at once: owes nothing until it says so."""
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        conn.awaiting_data(False)
+        super().connection_made(conn, first_data)
+
+
+def test_read_timeout_is_the_handlers_once_it_calls_awaiting_data(
+        serve: ServeFactory, clients: Clients) -> None:
+    timeout = 0.3
+    rs = serve(ListenerConfig(read_timeout=timeout), handler=Managing())
+    sock = clients.connect(rs.address())
+    echo = b"still open"
+    time.sleep(4 * timeout)  # a negative check: silence alone must not close it now
+    sock.sendall(echo)
+    assert recv_exactly(sock, len(echo)) == echo
+    assert rs.server.statistics().listeners[0].read_timeouts == 0
+
+
+def test_silence_tracker_looks_without_arming_twice() -> None:
+    """A look that finds the connection alive starts it again from inside the sweep: the
+    tracker still runs one timer, and the look is not counted as an expiry."""
+    clock = _Clock()
+    looked: list[object] = []
+    tracker: TimeoutTracker
+
+    def look(conn: object) -> bool:
+        looked.append(conn)
+        tracker.start(conn)  # type: ignore[arg-type]
+        return False
+
+    tracker = TimeoutTracker(1.0, look)
+    tracker.attach(clock)  # type: ignore[arg-type]
+    tracker.start(object())  # type: ignore[arg-type]
+    for _ in range(3):
+        assert len(clock.timers) == 1
+        due, callback = clock.timers.pop()
+        clock.now = due
+        callback()  # type: ignore[operator]
+    assert len(looked) == 3 and tracker.expired == 0 and len(clock.timers) == 1

@@ -5,9 +5,9 @@ a garbage ClientHello is closed cleanly and counted."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -16,15 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Clients, RecordingHandler, ServeFactory, recv_until_eof
+from conftest import (
+    WAIT,
+    Clients,
+    RecordingHandler,
+    ServeFactory,
+    recv_until_eof,
+    require_tool,
+)
 
 from portside import AcceptPolicy, CloseReason, Connection, ListenerConfig
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tool("openssl")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
@@ -119,7 +125,9 @@ def test_silent_tls_client_meets_the_first_data_deadline(
 
 
 def test_garbage_client_hello_is_closed_and_counted(
-        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="portside")  # the command's default level
     rs = serve(ListenerConfig(tls=server_context(certificate)))
     bad = clients.connect(rs.address())
     bad.sendall(b"\x16\x03\x01\x00\x05hello, this is not TLS at all\r\n" * 4)
@@ -131,6 +139,8 @@ def test_garbage_client_hello_is_closed_and_counted(
     rs.handler.wait(lambda: rs.handler.closed_count() == 1, "the close")
     assert list(rs.handler.closed.values()) == [[CloseReason.TLS_ERROR]]
     assert rs.server.statistics().listeners[0].tls_failures == 1
+    failed = [record for record in caplog.records if "TLS handshake" in record.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.INFO  # seen at the default level
     good = client(clients, rs.address(), certificate)  # the server is fine
     good.sendall(b"still here")
     assert good.recv(100) == b"still here"
@@ -140,7 +150,8 @@ def test_tls_behind_proxy_protocol(serve: ServeFactory, clients: Clients,
                                    certificate: tuple[Path, Path]) -> None:
     from portside.protocols.proxy import encode_v2
 
-    rs = serve(ListenerConfig(tls=server_context(certificate), proxy_protocol="v2"))  # type: ignore[arg-type]
+    rs = serve(ListenerConfig(tls=server_context(certificate), proxy_protocol="v2",  # type: ignore[arg-type]
+                              trusted_proxies=("127.0.0.1",)))
     raw = clients.connect(rs.address())
     raw.sendall(encode_v2(("192.0.2.9", 5555), ("192.0.2.1", 443)))
     context = ssl.create_default_context(cafile=str(certificate[0]))
@@ -169,3 +180,42 @@ def test_tls_cli_flags(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
             assert sock.recv(100) == b"cli tls"
     finally:
         proc.kill()
+
+
+class CloseNotifyRecorder(RecordingHandler):
+    """Records, at the peer's end of stream, whether it came with a TLS close_notify."""
+
+    def eof_received(self, conn: Connection) -> None:
+        self.record("close_notify", conn, conn.tls_close_notify_received)  # type: ignore[attr-defined]
+        super().eof_received(conn)
+
+
+def _close_notify_seen(handler: CloseNotifyRecorder) -> bool:
+    handler.wait(lambda: "close_notify" in handler.names(), "the end of stream")
+    return bool(next(e.detail for e in handler.events if e.name == "close_notify"))
+
+
+def test_clean_tls_close_is_told_from_a_truncation(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    handler = CloseNotifyRecorder()
+    rs = serve(ListenerConfig(tls=server_context(certificate)), handler=handler)
+    sock = client(clients, rs.address(), certificate)
+    sock.sendall(b"bye properly")
+    assert sock.recv(100) == b"bye properly"
+    raw = sock.unwrap()  # sends close_notify and waits for the server's
+    assert _close_notify_seen(handler) is True
+    assert recv_until_eof(raw) == b""  # then the server's FIN
+    handler.wait(lambda: handler.closed_count() == 1, "the close")
+    assert list(handler.closed.values()) == [[CloseReason.CLOSED]]
+
+
+def test_tcp_close_without_close_notify_is_flagged(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    handler = CloseNotifyRecorder()
+    rs = serve(ListenerConfig(tls=server_context(certificate)), handler=handler)
+    sock = client(clients, rs.address(), certificate)
+    sock.sendall(b"cut off")
+    assert sock.recv(100) == b"cut off"
+    socket.socket.shutdown(sock, socket.SHUT_WR)  # a bare TCP FIN: no close_notify first
+    assert _close_notify_seen(handler) is False
+    handler.wait(lambda: handler.closed_count() == 1, "the close")

@@ -40,6 +40,9 @@ class ListenerStatistics:
     ttfb_buckets: tuple[int, ...]
     ttfb_sum: float
     ttfb_count: int
+    #: TCP connections refused at accept on a PROXY-protocol listener because their source is
+    #: not in ``trusted_proxies`` (also in ``closed_by_reason["refused"]``).
+    proxy_refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)

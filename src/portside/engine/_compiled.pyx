@@ -29,7 +29,11 @@ from libc.errno cimport (  # EWOULDBLOCK is EAGAIN on Linux
     EHOSTDOWN,
     EHOSTUNREACH,
     EINTR,
+    EMFILE,
     ENETDOWN,
+    ENFILE,
+    ENOBUFS,
+    ENOMEM,
     ENETUNREACH,
     ENONET,
     ENOPROTOOPT,
@@ -51,6 +55,7 @@ import socket as _socket_module
 
 from portside.engine.connection import CloseReason
 from portside.engine.connection import _id_counter as id_counter
+from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError
 from portside.handler import Handler
 from portside.statistics import TTFB_BUCKETS
@@ -949,6 +954,8 @@ cdef class ConnectionBase:
     cdef public object listener
     cdef public object sequencer
     cdef public object user_data
+    cdef public long long _read_mark
+    cdef public int _silent_looks
     # Laid out for an idle connection's sake (10,000 of them are 10,000 of these): the flags
     # in one word, what only some connections need (PROXY, lingering, a socket object for a
     # cold path, a peer address asked for) in one object made when first needed, and the
@@ -1164,6 +1171,8 @@ cdef class ConnectionBase:
         self._corked = None
         self.framer = None
         self.sequencer = None
+        self._read_mark = 0
+        self._silent_looks = 0
         reactor = core.reactor
         if type(reactor) is Loop:
             (<Loop>reactor)._register_reader(fd, self)
@@ -1178,6 +1187,10 @@ cdef class ConnectionBase:
     cdef int _establish(self, first_data) except -1:
         self._state = OPEN
         self._flags |= F_ESTABLISHED
+        silence = (<ListenerBase>self.listener).silence
+        if silence is not None:  # read_timeout is on: it runs until the handler takes it over
+            self._read_mark = self.bytes_in
+            silence.start(self)
         try:
             if self._defaults & DEFAULT_MADE:
                 if first_data is not None:
@@ -1250,7 +1263,7 @@ cdef class ConnectionBase:
     cdef int _peer_eof_c(self) except -1:
         self._flags |= F_EOF
         if self._state == PENDING:
-            self.close_reason = PEER_EOF_REASON
+            self._set_reason_c(PEER_EOF_REASON)
             self._finalize_c()
             return 0
         self._flags &= ~F_READING
@@ -1481,7 +1494,7 @@ cdef class ConnectionBase:
             return 0
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        self.close_reason = reason
+        self._set_reason_c(reason)
         self._state = CLOSING
         if self._queue:
             self._update_reading_c()  # stop reading while the queue drains
@@ -1509,9 +1522,18 @@ cdef class ConnectionBase:
     def _abort(self, reason):
         self._abort_c(reason)
 
-    cdef int _abort_c(self, reason) except -1:
-        if self.close_reason is None or self._state < CLOSING:
+    def _set_reason(self, reason):
+        """Record why the connection ends, unless a reason is recorded already: the first
+        wins (see connection.py). Returns the reason in force."""
+        self._set_reason_c(reason)
+        return self.close_reason
+
+    cdef inline void _set_reason_c(self, reason):
+        if self.close_reason is None:
             self.close_reason = reason
+
+    cdef int _abort_c(self, reason) except -1:
+        self._set_reason_c(reason)
         if self._fd >= 0 and self._state != CLOSED:
             c_setsockopt(self._fd, 1, 13, PyBytes_AS_STRING(LINGER_RST), 8)  # SO_LINGER
         self._finalize_c()
@@ -1524,14 +1546,14 @@ cdef class ConnectionBase:
         if isinstance(exc, RESET_ERRORS):
             first = self.close_reason is None
             if self._state != CLOSED:
-                self.close_reason = self.close_reason or RESET_REASON
+                self._set_reason_c(RESET_REASON)
             if first and self._state == OPEN:
                 # Reason set first: a write inside the callback fails again, quietly.
                 self._call_c(DEFAULT_RESET, "connection_reset")
             self._finalize_c()
             return 0
         if self._state != CLOSED:
-            self.close_reason = self.close_reason or SOCKET_ERROR_REASON
+            self._set_reason_c(SOCKET_ERROR_REASON)
             if self._flags & F_ESTABLISHED:
                 self._core.report_error(self, exc)
             self._finalize_c()
@@ -1550,8 +1572,7 @@ cdef class ConnectionBase:
         if self._state == CLOSED:
             return 0
         self._state = CLOSED
-        if self.close_reason is None:
-            self.close_reason = CLOSED_REASON
+        self._set_reason_c(CLOSED_REASON)
         if self._extras is not None and self._extras.linger_timer is not None:
             self._extras.linger_timer.cancel()
             self._extras.linger_timer = None
@@ -1604,6 +1625,11 @@ cdef class ConnectionBase:
 # -- the accept loop (listener.py) -------------------------------------------------------------
 
 
+cdef inline bint capacity_errno(int code) noexcept:
+    """Out of a resource right now: retry later, never spin and never die."""
+    return code == EMFILE or code == ENFILE or code == ENOBUFS or code == ENOMEM
+
+
 cdef inline bint skip_errno(int code) noexcept:
     """Errors about one connection that died in the backlog: skip it and accept the next."""
     return (code == ECONNABORTED or code == EPROTO or code == EPERM or code == ENETDOWN
@@ -1634,6 +1660,8 @@ cdef class ListenerBase:
     cdef public object first_data
     cdef public object trackers
     cdef public dict closed_by_reason
+    cdef public object silence
+    cdef public object trusted
     cdef public list ttfb_buckets
     cdef public double ttfb_sum
     cdef public int _family
@@ -1667,8 +1695,16 @@ cdef class ListenerBase:
                 self.accept_errors += 1
                 if skip_errno(code):
                     continue
-                self._back_off(os_error(code))
+                if capacity_errno(code):
+                    self._back_off(os_error(code))
+                    return
+                self._accept_broken(os_error(code))  # logs, stops watching, raises
                 return
+            if self.trusted is not None:  # a PROXY-protocol listener: only balancers may speak
+                peer = address_from(<sockaddr *>&addr, length)
+                if not trusted_peer(peer, self.trusted):
+                    self._refuse(FdSocket(fd, self._family), peer)
+                    continue
             self._admit_fd(fd, <sockaddr *>&addr, length)
 
     def handle_write(self):  # listeners are never watched for writing

@@ -32,9 +32,9 @@ class BufferPool:
     """Fixed-size ``bytearray`` buffers, lent for one read each.
 
     The connection's read path takes from ``free`` directly (it runs once per read of every
-    connection), calls ``allocate`` only when the list is empty, and inlines ``give_back``.
+    connection), calls ``allocate`` only when the list is empty, and inlines ``release``.
     The free list cannot outgrow the number of buffers lent at once (one per nested read), so
-    only ``give_back`` checks ``max_free``. Hits are derived, not counted per read: every
+    only ``release`` checks ``max_free``. Hits are derived, not counted per read: every
     buffer taken is given back or still in use, so hits = given back + in use - allocated.
     """
 
@@ -46,7 +46,7 @@ class BufferPool:
         ]
         self._created = len(self.free)
         self._misses = 0
-        self.returned = 0  # counted by the read path too, which inlines give_back
+        self.returned = 0  # counted by the read path too, which inlines release
         self._discarded = 0
 
     def allocate(self) -> bytearray:
@@ -59,7 +59,7 @@ class BufferPool:
         """A whole buffer, from the free list when one is there."""
         return self.free.pop() if self.free else self.allocate()
 
-    def give_back(self, buffer: bytearray) -> None:
+    def release(self, buffer: bytearray) -> None:
         """Return a buffer; its contents may be overwritten by the next read.
 
         A buffer something still has a view of (a handler kept a slice of what it was lent)
@@ -76,8 +76,6 @@ class BufferPool:
             self.free.append(buffer)
         else:
             self.discard()
-
-    release = give_back
 
     def discard(self) -> None:
         """Forget a lent buffer that cannot be reused."""

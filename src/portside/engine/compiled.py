@@ -63,7 +63,7 @@ def _build() -> tuple[type[Any], type[Any], type[Any], type[Any]]:
     class CompiledTlsConnection(CompiledConnection):
         """``TlsConnection`` on the compiled engine (its reads go through TLS, in Python)."""
 
-        __slots__ = ("_handshaken", "_incoming", "_outgoing", "tls", "tls_server_name")
+        __slots__ = TlsConnection.__slots__
 
     class CompiledListener(_compiled.ListenerBase):  # type: ignore[misc]
         """``Listener`` with a compiled accept loop."""

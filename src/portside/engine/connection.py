@@ -9,6 +9,12 @@ unread bytes makes the kernel send RST, which can destroy replies the peer has n
 ``_finalize`` is the single exit: it closes the descriptor and calls ``connection_closed``
 exactly once. A read borrows a pool buffer only for the callback; writes try ``send`` at once
 and queue only what the kernel did not take, copied, since the caller's buffer may be a loan.
+
+Close reasons. ``close_reason`` says why a connection ended, and the first reason recorded wins
+(``_set_reason`` is the only place that decides): what began the end is what the handler is
+told, and whatever happens while closing (the peer's reset during linger, the abort at the
+drain deadline, the handler's close() inside ``connection_reset``) is its consequence. A
+connection that ends without any reason recorded ends ``CLOSED``.
 """
 
 from __future__ import annotations
@@ -62,6 +68,17 @@ class CloseReason(enum.Enum):
     REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
 
 
+def _check_transport(header: ProxyHeader, raw: bytearray) -> None:
+    """Every listener is a stream socket, so a v2 header saying the client's connection was
+    datagrams (UDP, 0x12 and 0x22) cannot describe it: refused. (v1 names only TCP4 and TCP6;
+    AF_UNIX headers are refused by the parser.) The header's address family is not compared
+    with the listener's: a balancer may carry IPv6 clients to an IPv4 or Unix-socket backend.
+    The transport is read from the header's 14th byte, as the parser does not report it."""
+    if header.version == 2 and not header.local and raw[13] & 0x0F != 0x01:
+        raise ProtocolError("PROXY v2 header for a datagram (UDP) connection on a stream "
+                            "listener")
+
+
 class State(enum.IntEnum):
     PENDING = 0
     OPEN = 1
@@ -99,7 +116,9 @@ class Connection:
         "_pool",
         "_preamble",
         "_queue",
+        "_read_mark",
         "_reading",
+        "_silent_looks",
         "_sock",
         "_state",
         "_user_paused",
@@ -160,12 +179,21 @@ class Connection:
         self.balancer_address: Address = None
         self._preamble: bytearray | None = None
         self._linger_timer: TimerHandle | None = None
+        # The read-silence deadline's state (see awaiting_data): bytes_in when last looked at,
+        # -1 once the handler manages read_timeout itself; and the looks in a row that found
+        # no new byte.
+        self._read_mark = 0
+        self._silent_looks = 0
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
     def establish(self, first_data: memoryview | None) -> None:
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
         self._state = State.OPEN
         self._established = True
+        silence = self.listener.silence
+        if silence is not None:  # read_timeout is on: it runs until the handler takes it over
+            self._read_mark = self.bytes_in
+            silence.start(self)
         try:
             self._core.handler.connection_made(self, first_data)
         except Exception as exc:
@@ -277,10 +305,27 @@ class Connection:
         self._check_high_water()
 
     def _check_high_water(self) -> None:
-        if not self._flow_paused and self._buffered > self.listener.config.write_high_water:
-            self._flow_paused = True
-            self._update_reading()
-            self._call("pause_writing")
+        """The queue grew: past write_high_water pause reading; past write_limit reset."""
+        config = self.listener.config
+        if self._buffered > config.write_high_water:
+            if self._buffered > config.write_limit:
+                self._output_limit_passed(config.write_limit)
+            elif not self._flow_paused:
+                self._flow_paused = True
+                self._update_reading()
+                self._call("pause_writing")
+
+    def _output_limit_passed(self, limit: int) -> None:
+        """The peer reads nothing while its handler keeps writing: reset at once (Redis's
+        client-output-buffer-limit), dropping the queue, rather than hold unbounded output."""
+        listener = self.listener
+        listener.log.log("output-limit", logging.WARNING,
+                         f"reset {{count}} more connections on {listener.address}: queued "
+                         f"output past write_limit ({limit:,} bytes)",
+                         "reset %r on %s: %s bytes of output queued, past write_limit (%s)",
+                         self.peer_address, listener.address, f"{self._buffered:,}",
+                         f"{limit:,}")
+        self._abort(CloseReason.OUTPUT_LIMIT)
 
     def writelines(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         for chunk in chunks:
@@ -316,10 +361,20 @@ class Connection:
     def awaiting_data(self, owed: bool) -> None:
         """Say whether the peer owes us bytes (a message begun but not finished): while it
         does, the listener's ``read_timeout`` runs from the moment it began. The message layer
-        calls this from its framer; a plain handler may call it itself."""
-        tracker = self.listener.read
+        calls this from its framer; a plain handler may call it itself.
+
+        Until the first call, ``read_timeout`` means "no byte from the peer for that long"
+        (looked at a few times per timeout, so it fires after between read_timeout and 1.25
+        read_timeout of silence); from the first call on, the handler decides what is owed.
+        """
+        listener = self.listener
+        tracker = listener.read
         if tracker is None or self._state != State.OPEN:
             return
+        if self._read_mark >= 0:
+            self._read_mark = -1
+            assert listener.silence is not None
+            listener.silence.stop(self)
         if not owed:
             tracker.stop(self)
         elif self not in tracker.queue:
@@ -440,9 +495,14 @@ class Connection:
         preamble += data
         try:
             header = parse_proxy_header(preamble, accept)
+            if isinstance(header, ProxyHeader):
+                _check_transport(header, preamble)
         except ProtocolError as exc:
             listener.proxy_errors += 1
-            logger.info("closed %r on %s: %s", self.peer_address, listener.address, exc)
+            listener.log.log("proxy-error", logging.INFO,
+                             f"closed {{count}} more connections on {listener.address} for a "
+                             "missing or bad PROXY header",
+                             "closed %r on %s: %s", self.peer_address, listener.address, exc)
             self._abort(CloseReason.PROTOCOL_ERROR)
             return None
         if not isinstance(header, ProxyHeader):
@@ -499,6 +559,7 @@ class Connection:
         self._begin_close(reason)
 
     def abort_for(self, reason: CloseReason) -> None:
+        """Abortive close on the server's behalf (RST now), recording ``reason``."""
         if self._state != State.CLOSED:
             self._abort(reason)
 
@@ -507,7 +568,7 @@ class Connection:
             return
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        self.close_reason = reason
+        self._set_reason(reason)
         self._state = State.CLOSING
         self._update_reading()
         if not self._queue:
@@ -542,9 +603,15 @@ class Connection:
         if not received:
             self._finalize()
 
-    def _abort(self, reason: CloseReason) -> None:
-        if self.close_reason is None or self._state < State.CLOSING:
+    def _set_reason(self, reason: CloseReason) -> CloseReason:
+        """Record why the connection ends, unless a reason is recorded already: the first
+        wins (see the module docstring). Returns the reason in force."""
+        if self.close_reason is None:
             self.close_reason = reason
+        return self.close_reason
+
+    def _abort(self, reason: CloseReason) -> None:
+        self._set_reason(reason)
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         self._finalize()
@@ -552,7 +619,7 @@ class Connection:
     def _peer_eof(self) -> None:
         self._eof = True
         if self._state == State.PENDING:
-            self.close_reason = CloseReason.PEER_EOF
+            self._set_reason(CloseReason.PEER_EOF)
             self._finalize()
             return
         self._reading = False
@@ -563,14 +630,14 @@ class Connection:
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
             first = self.close_reason is None
             if self._state != State.CLOSED:
-                self.close_reason = self.close_reason or CloseReason.RESET
+                self._set_reason(CloseReason.RESET)
             if first and self._state == State.OPEN:
                 # Reason set first: a write inside the callback fails again, quietly.
                 self._call("connection_reset")
             self._finalize()
             return
         if self._state != State.CLOSED:
-            self.close_reason = self.close_reason or CloseReason.SOCKET_ERROR
+            self._set_reason(CloseReason.SOCKET_ERROR)
             if self._established:
                 self._core.report_error(self, exc)
             self._finalize()
@@ -585,8 +652,7 @@ class Connection:
         if self._state == State.CLOSED:
             return
         self._state = State.CLOSED
-        if self.close_reason is None:
-            self.close_reason = CloseReason.CLOSED
+        reason = self._set_reason(CloseReason.CLOSED)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -598,7 +664,7 @@ class Connection:
         self._buffered = 0
         self.listener.connection_finished(self, was_pending=not self._established)
         try:
-            core.handler.connection_closed(self, self.close_reason)
+            core.handler.connection_closed(self, reason)
         except Exception as exc:
             core.report_error(self, exc)
         core.connection_finished(self)

@@ -5,10 +5,20 @@ allowed: not paused by the user, not at ``max_connections``, and not backing off
 capacity error. Each wake-up accepts up to ``accept_batch`` connections (the seed's accepts
 posted in advance); the kernel's backlog holds the rest. EMFILE, ENFILE, ENOBUFS and ENOMEM stop
 accepting for ``accept_backoff`` seconds instead of spinning on a socket that stays readable.
+Errors about one connection that died in the backlog skip it. Any other error means the
+listening socket itself is broken (or portside is): as trio does, it is logged and raised, and
+the listener stops watching its socket first, so the loop cannot spin on it.
 Data-first connections wait in a ``DeadlineQueue`` until their first bytes; one timer sweeps
 the silent ones (the seed's SO_CONNECT_TIME check). At the ceiling, pending connections that
 have been silent for ``stale_pending_age`` are closed first, so a flood of silent connections
 cannot hold every slot against real clients (the seed's reaction to FD_ACCEPT).
+
+Trust. On a PROXY-protocol listener the header names the client, so only a balancer may send
+one: a TCP peer outside ``trusted_proxies`` is refused at accept, before a byte is read (an RST,
+no connection object, and the handler never hears of it), counted in ``proxy_refused`` and in
+``closed_by_reason["refused"]``. Unix-socket peers are always trusted. Log lines about what
+clients do (timeouts, refusals, bad headers, failed handshakes) go through one ``LogLimiter``
+per listener, so a flood leaves a few lines and a summary while the counters count everything.
 """
 
 from __future__ import annotations
@@ -17,14 +27,16 @@ import _socket
 import bisect
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from portside.config import AcceptPolicy, ListenerConfig
-from portside.engine.connection import CloseReason, Connection
+from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
+from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker
 from portside.engine.tls import remember_server_names
 from portside.errors import ListenError
@@ -44,6 +56,11 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
                           errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
                           errno.EOPNOTSUPP, errno.ENETUNREACH})
 _SHUTDOWN_ACCEPT_LIMIT = 4096  # connections taken from the backlog at shutdown to close cleanly
+# How often a connection under a read-silence deadline is looked at, per read_timeout: the
+# deadline fires after between read_timeout and (1 + 1/_SILENCE_LOOKS) read_timeout of silence.
+_SILENCE_LOOKS = 4
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def bind_listener(config: ListenerConfig) -> socket.socket:
@@ -130,12 +147,25 @@ class Listener:
         self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
         self.read = self._optional(config.read_timeout, CloseReason.READ_TIMEOUT, abort=False)
         self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
+        #: read_timeout for connections whose handler never says what the peer owes (see
+        #: ``Connection.awaiting_data``): looked at a few times per timeout, not on every read.
+        self.silence = TimeoutTracker(config.read_timeout / _SILENCE_LOOKS,
+                                      self._silence_check) if config.read_timeout else None
         #: The timeouts in force, made once: every closing connection is taken out of each.
         self.trackers = tuple(tracker for tracker in (self.first_data, self.idle, self.read,
-                                                      self.write) if tracker is not None)
+                                                      self.write, self.silence)
+                              if tracker is not None)
         self.accepted = self.closed = 0
         self.evicted = self.limited = self.accept_errors = self.proxy_errors = 0
-        self.tls_failures = 0
+        self.tls_failures = self.proxy_refused = 0
+        #: Rate-limited log lines about clients (timeouts, refusals, bad headers, handshakes).
+        self.log = LogLimiter(logger)
+        #: The networks allowed to send a PROXY header; None when nothing is checked (no PROXY
+        #: protocol, or a Unix socket, whose peers are always trusted).
+        self.trusted: tuple[Network, ...] | None = None
+        if self.proxy_protocol is not None and self.is_tcp:
+            self.trusted = tuple(ipaddress.ip_network(network, strict=False)
+                                 for network in config.trusted_proxies)
         self.closed_by_reason: dict[str, int] = {}
         if config.tls is not None:
             remember_server_names(config.tls)
@@ -147,6 +177,7 @@ class Listener:
         self._core: EngineCore | None = None
         self._backing_off = False
         self._at_ceiling = False
+        self._broken = False
         self._closed = False
         self._watching = False
         self._pressure_timer: TimerHandle | None = None
@@ -163,16 +194,45 @@ class Listener:
         if not timeout:
             return None
 
-        def expire(conn: Connection) -> None:
-            logger.info("closed %s on %s: %s after %g s", _peer_label(conn.peer_address),
-                        self.address, reason.value, timeout)
+        def expire(conn: Connection) -> bool:
+            if not abort and conn._state >= State.CLOSING:
+                return False  # closing already (say, flushing): not counted a second time
+            self.log.log(reason.value, logging.INFO,
+                         f"closed {{count}} more connections on {self.address}: "
+                         f"{reason.value} after {timeout:g} s",
+                         "closed %s on %s: %s after %g s", _peer_label(conn.peer_address),
+                         self.address, reason.value, timeout)
             if abort:  # the peer is not reading: a graceful close would wait on it forever
                 conn.abort_for(reason)
             else:
                 conn.close_for(reason)
+            return True
 
         return TimeoutTracker(timeout, expire)
 
+    def _silence_check(self, conn: Connection) -> bool:
+        """A connection under the read-silence deadline, looked at: closed once it has sent
+        nothing for ``_SILENCE_LOOKS`` looks in a row; otherwise looked at again later."""
+        if conn._state >= State.CLOSING:
+            return False  # its end is under way: nothing to look at any more
+        if conn.bytes_in != conn._read_mark:
+            conn._read_mark = conn.bytes_in
+            conn._silent_looks = 0
+        else:
+            conn._silent_looks += 1
+        if conn._silent_looks < _SILENCE_LOOKS:
+            assert self.silence is not None
+            self.silence.start(conn)
+            return False
+        assert self.read is not None
+        self.read.expired += 1  # one read_timeouts figure, whichever way it ran
+        self.log.log("read-silence", logging.INFO,
+                     f"closed {{count}} more connections on {self.address}: no bytes for "
+                     f"{self.config.read_timeout:g} s (read-timeout)",
+                     "closed %s on %s: no bytes for %g s (read-timeout)",
+                     _peer_label(conn.peer_address), self.address, self.config.read_timeout)
+        conn.close_for(CloseReason.READ_TIMEOUT)
+        return False
 
     @property
     def first_data_timeouts(self) -> int:
@@ -180,8 +240,13 @@ class Listener:
 
     def attach(self, core: EngineCore) -> None:
         self._core = core
+        self.log.clock = core.reactor.time
+        self.log.schedule = core.reactor.call_later
         for tracker in self.trackers:
             tracker.attach(core.reactor)
+        if self.trusted == ():
+            logger.warning("%s expects a PROXY header but trusted_proxies is empty: every TCP "
+                           "connection will be refused", self.address)
         core.reactor.register(self.fd, self, readable=False, writable=False)
         self._update_watch()
 
@@ -196,7 +261,7 @@ class Listener:
     def _update_watch(self) -> None:
         if self._core is None or self._closed:
             return
-        watch = not (self.paused or self._backing_off or self._at_ceiling)
+        watch = not (self.paused or self._backing_off or self._at_ceiling or self._broken)
         if watch != self._watching:
             self._watching = watch
             self._core.reactor.modify(self.fd, readable=watch, writable=False)
@@ -228,10 +293,40 @@ class Listener:
             self.accept_errors += 1
             if exc.errno in _SKIP_ERRNOS:
                 return True
-            self._back_off(exc)
-            return False
+            if exc.errno in _CAPACITY_ERRNOS:
+                self._back_off(exc)
+                return False
+            self._accept_broken(exc)
+        if self.trusted is not None and not _trusted(peer, self.trusted):
+            self._refuse(sock, peer)
+            return True
         self._admit(sock, peer)
         return True
+
+    def _accept_broken(self, exc: OSError) -> NoReturn:
+        """accept() failed for no reason listed: log, stop watching, raise (as trio does)."""
+        self._broken = True  # stop watching first: the socket stays readable
+        self._update_watch()
+        logger.error("accept on %s failed unexpectedly (%s); this listener stops "
+                     "accepting", self.address, _describe(exc))
+        raise exc
+
+    def _refuse(self, sock: _socket.socket, peer: object) -> None:
+        """An untrusted peer on a PROXY-protocol listener: reset before reading anything
+        (counted and logged first, so whoever sees the reset sees them too)."""
+        self.log.log("proxy-refused", logging.WARNING,
+                     f"refused {{count}} more connections on {self.address} from sources "
+                     "not in trusted_proxies",
+                     "refused %s on %s: not in trusted_proxies, so it may not send a PROXY "
+                     "header", _peer_label(peer), self.address)
+        self.accepted += 1
+        self.closed += 1
+        self.proxy_refused += 1
+        reason = CloseReason.REFUSED.value
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        sock.close()
 
     def _accept(self) -> tuple[_socket.socket, object]:
         """accept(), wrapping the descriptor in the C socket type rather than socket.socket:
@@ -266,8 +361,10 @@ class Listener:
     def _back_off(self, exc: OSError) -> None:
         core = self._core
         assert core is not None
-        logger.warning("accept on %s failed (%s); pausing accepts for %.2f s",
-                       self.address, _describe(exc), core.config.accept_backoff)
+        self.log.log("accept-failed", logging.WARNING,
+                     f"accept on {self.address} failed {{count}} more times",
+                     "accept on %s failed (%s); pausing accepts for %.2f s",
+                     self.address, _describe(exc), core.config.accept_backoff)
         self._backing_off = True
         self._update_watch()
 
@@ -290,8 +387,10 @@ class Listener:
         at_ceiling = self.pending_count + self.active_count >= self.config.max_connections
         if at_ceiling and not self._at_ceiling and not stale:
             self.limited += 1
-            logger.info("%s reached max_connections=%d; accepting paused",
-                        self.address, self.config.max_connections)
+            self.log.log("ceiling", logging.INFO,
+                         f"{self.address} reached max_connections {{count}} more times",
+                         "%s reached max_connections=%d; accepting paused",
+                         self.address, self.config.max_connections)
         self._at_ceiling = at_ceiling
         due = self.pending.next_due()
         if at_ceiling and due is not None and self._pressure_timer is None:
@@ -341,19 +440,24 @@ class Listener:
             self._update_watch()
 
     def _first_data_expired(self, conn: Connection) -> None:
-        logger.info("closed %s on %s: no data within %g s", _peer_label(conn.peer_address),
-                    self.address, self.config.first_data_timeout)
+        timeout = self.config.first_data_timeout
+        self.log.log("first-data-timeout", logging.INFO,
+                     f"closed {{count}} more silent connections on {self.address} "
+                     f"({self.config.policy.value}): no data within {timeout:g} s",
+                     "closed %s on %s: no data within %g s", _peer_label(conn.peer_address),
+                     self.address, timeout)
         conn.abort_for(CloseReason.FIRST_DATA_TIMEOUT)
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    def close(self) -> list[Connection]:
-        """Stop listening. Connections already completed in the backlog are accepted first and
-        returned, so the caller can close them cleanly instead of the kernel resetting them."""
+    def close(self) -> None:
+        """Stop listening. Connections already completed in the backlog are accepted first, as
+        pending connections, so the server's shutdown closes them cleanly (it closes every
+        pending connection) instead of the kernel resetting them."""
+        self.log.flush()  # the summaries of a flood still under way (again at the very end)
         if self._closed:
-            return []
+            return
         core = self._core
-        taken: list[Connection] = []
         if core is not None:
             for _ in range(_SHUTDOWN_ACCEPT_LIMIT if self.owned else 0):
                 try:
@@ -365,7 +469,6 @@ class Listener:
                 conn = core.new_connection()
                 conn.attach(core, self, sock, peer, pending=True)
                 self.pending_count += 1
-                taken.append(conn)
             core.reactor.unregister(self.fd)
             if self._pressure_timer is not None:
                 self._pressure_timer.cancel()
@@ -376,7 +479,6 @@ class Listener:
         if self.config.path is not None and self.owned:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.path)
-        return taken
 
     def statistics(self) -> ListenerStatistics:
         core = self._core
@@ -388,6 +490,7 @@ class Listener:
             closed=self.closed, first_data_timeouts=self.first_data_timeouts,
             evicted=self.evicted, limited=self.limited, accept_errors=self.accept_errors,
             proxy_errors=self.proxy_errors, tls_failures=self.tls_failures,
+            proxy_refused=self.proxy_refused,
             idle_timeouts=self.idle.expired if self.idle else 0,
             read_timeouts=self.read.expired if self.read else 0,
             write_timeouts=self.write.expired if self.write else 0,
@@ -397,6 +500,18 @@ class Listener:
             bytes_out=self.bytes_out + sum(conn.bytes_out for conn in live),
             closed_by_reason=dict(self.closed_by_reason),
         )
+
+
+def _trusted(peer: object, networks: tuple[Network, ...]) -> bool:
+    """Whether a TCP peer's address is in one of ``networks`` (IPv4-mapped IPv6 counts as
+    IPv4, as a dual-stack socket reports IPv4 clients)."""
+    try:
+        address = ipaddress.ip_address(peer[0])  # type: ignore[index]
+    except (TypeError, IndexError, ValueError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _peer_label(peer: object) -> str:

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 class TimeoutTracker:
     """Deadlines of one kind for one listener's connections; ``expire`` is called for each
-    connection whose deadline passes, and ``expired`` counts them."""
+    connection whose deadline passes, and ``expired`` counts them (unless ``expire`` returns
+    False: it looked and found the connection alive, and may have started it again)."""
 
-    def __init__(self, timeout: float, expire: Callable[[Connection], None]) -> None:
+    def __init__(self, timeout: float, expire: Callable[[Connection], bool | None]) -> None:
         self.queue: DeadlineQueue[Connection] = DeadlineQueue(timeout)
         self.expired = 0
         self._expire = expire
@@ -50,10 +51,12 @@ class TimeoutTracker:
             self._timer = reactor.call_later(due - reactor.time(), self._sweep)
 
     def _sweep(self) -> None:
-        self._timer = None
+        # ``_timer`` still names the timer now running until the end: a start() from an
+        # ``expire`` callback then leaves the arming to this sweep instead of adding a timer.
         reactor = self._reactor
         assert reactor is not None
         for conn in self.queue.pop_expired(reactor.time()):
-            self.expired += 1
-            self._expire(conn)
+            if self._expire(conn) is not False:
+                self.expired += 1
+        self._timer = None
         self._arm()

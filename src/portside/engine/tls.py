@@ -7,8 +7,13 @@ ordinary write queue, so backpressure and ordering work as for plain TCP. Nothin
 the event loop, which is why the same class serves the epoll and asyncio engines. The handshake
 happens while the connection is still pending: a client that connects and never completes it
 is closed by the listener's first-data deadline, and on a data-first listener the first
-plaintext bytes are what ``connection_made`` receives. A failed handshake is logged at debug
-level, counted, and closes only that connection.
+plaintext bytes are what ``connection_made`` receives. A failed handshake is counted, logged
+at info level through the listener's rate limiter (a burst of them leaves a few lines and a
+summary), and closes only that connection.
+
+End of stream. A peer that ends cleanly sends close_notify before its FIN; one that just closes
+the TCP connection may have been cut off (a truncation attack, or a crash). Both reach the
+handler as ``eof_received``; ``conn.tls_close_notify_received`` tells them apart.
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ from typing import Any
 
 from portside.engine.connection import CloseReason, Connection, State
 from portside.errors import ConnectionClosedError
-
-logger = logging.getLogger("portside.tls")
 
 _SNI_ATTRIBUTE = "_portside_server_name"
 
@@ -48,9 +51,13 @@ class TlsConnection(Connection):
 
     ``conn.tls`` is the ``ssl.SSLObject`` (``selected_alpn_protocol()``, ``version()``,
     ``cipher()``, ``getpeercert()``), and ``conn.tls_server_name`` the SNI name asked for.
+    ``conn.tls_close_notify_received`` is True once the peer ended its side cleanly with a
+    TLS close_notify; at ``eof_received`` or ``connection_closed``, False means the peer (or
+    something between) closed the TCP connection without it: the data may be truncated.
     """
 
-    __slots__ = ("_handshaken", "_incoming", "_outgoing", "tls", "tls_server_name")
+    __slots__ = ("_handshaken", "_incoming", "_outgoing", "tls", "tls_close_notify_received",
+                 "tls_server_name")
 
     def attach(self, core: Any, listener: Any, sock: Any, peer_address: Any,
                pending: bool) -> None:
@@ -59,6 +66,7 @@ class TlsConnection(Connection):
         self._outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self.tls_server_name: str | None = None
+        self.tls_close_notify_received = False
         self._handshaken = False
         # TLS is always pending at first: its handshake must finish before anything is handed
         # over, and the first-data deadline covers it. (Connection.attach, not super(): the
@@ -121,8 +129,12 @@ class TlsConnection(Connection):
             self._flush_tls()
             return False
         except (ssl.SSLError, OSError) as exc:
-            self.listener.tls_failures += 1
-            logger.debug("TLS handshake with %r failed: %s", self.peer_address, exc)
+            listener = self.listener
+            listener.tls_failures += 1
+            listener.log.log("tls-handshake", logging.INFO,
+                             f"{{count}} more TLS handshakes failed on {listener.address}",
+                             "TLS handshake with %r on %s failed: %s", self.peer_address,
+                             listener.address, exc)
             self._flush_tls()  # the alert, if any, so the client learns why...
             self.close_for(CloseReason.TLS_ERROR)  # ...sent before the FIN, not lost to a RST
             return False
@@ -149,16 +161,23 @@ class TlsConnection(Connection):
                 return
             except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end of stream
                 pool.release(buffer)
+                self.tls_close_notify_received = True
                 self._peer_eof()
                 return
             except ssl.SSLError as exc:
                 pool.release(buffer)
-                self.listener.tls_failures += 1
-                logger.debug("TLS error from %r: %s", self.peer_address, exc)
+                listener = self.listener
+                listener.tls_failures += 1
+                listener.log.log("tls-error", logging.INFO,
+                                 f"closed {{count}} more connections on {listener.address} "
+                                 "for bad TLS records",
+                                 "TLS error from %r on %s: %s", self.peer_address,
+                                 listener.address, exc)
                 self._abort(CloseReason.TLS_ERROR)
                 return
             if not size:  # read() returns 0 (not raising) once the peer's close_notify came
                 pool.release(buffer)
+                self.tls_close_notify_received = True
                 self._peer_eof()
                 return
             data = memoryview(buffer)[:size]
