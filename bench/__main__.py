@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = make_plan(args)
     except ValueError as exc:
         parser.error(str(exc))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # A smoke run is labelled as one and never takes the name of a real run's files.
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     info, measured = machine(plan.server_cpu, plan.loadgen_cpu), commit()
     if plan.server_cpu is None:
         print("warning: fewer than 2 usable CPUs: server and load generator are not pinned",

@@ -18,8 +18,9 @@ class ChartUnavailable(RuntimeError):
 
 
 def _panels(result: RunResult) -> list[Figure]:
-    """The figures worth a panel, in scenario order."""
-    wanted = {"a": ("req_s", "req_cpu_s", "p99_us"), "b": ("req_s",), "c": ("conn_s",)}
+    """The figures worth a panel, in scenario order: per server CPU-second where the server's
+    own cost is the point (the machine is shared), RSS per connection for (d)."""
+    wanted = {"a": ("req_cpu_s", "p99_us"), "b": ("req_cpu_s",), "c": ("conn_cpu_s",)}
     panels: list[Figure] = []
     for scenario in result.scenarios:
         names = wanted.get(scenario, ("rss_per_conn_b",) if scenario.startswith("d")
@@ -29,8 +30,9 @@ def _panels(result: RunResult) -> list[Figure]:
 
 
 def draw(result: RunResult, path: Path, title: str) -> None:
-    """Horizontal bars per figure, one bar per server; the dashed line is uvloop Protocol, the
-    dotted red one in (e) the target."""
+    """Horizontal bars per figure, one bar per server, at the median over the rounds, with a
+    whisker from the lowest to the highest round; each bar is labelled with its value and its
+    ratio to uvloop Protocol (the dashed line); the dotted red line in (e) is the target."""
     try:
         import matplotlib
     except ImportError:
@@ -38,6 +40,8 @@ def draw(result: RunResult, path: Path, title: str) -> None:
                                "(pip install -e '.[bench]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter
 
     thousands = FuncFormatter(lambda x, _: f"{x:,.0f}" if abs(x) >= 10 else f"{x:g}")
@@ -47,8 +51,8 @@ def draw(result: RunResult, path: Path, title: str) -> None:
         raise ChartUnavailable("no figure to draw")
     columns = min(3, len(panels))
     rows = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 0.45 * len(result.servers)
-                                                     * rows + 1.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.6 * columns, 0.45 * len(result.servers)
+                                                     * rows + 1.8 * rows + 0.8), squeeze=False)
     for index, ax in enumerate(axes.flat):
         if index >= len(panels):
             ax.set_visible(False)
@@ -57,26 +61,48 @@ def draw(result: RunResult, path: Path, title: str) -> None:
         servers = [s for s in result.servers
                    if figure.scenario != "e" or SERVERS[s].is_portside]
         values = [result.median(s, figure) or 0.0 for s in servers]
+        rounds = [result.values(s, figure) or [0.0] for s in servers]
+        low = [value - min(each) for value, each in zip(values, rounds, strict=True)]
+        high = [max(each) - value for value, each in zip(values, rounds, strict=True)]
         colours = [PORTSIDE_COLOUR if SERVERS[s].is_portside
                    else C_COLOUR if SERVERS[s].c_source else OTHER_COLOUR for s in servers]
         positions = list(range(len(servers)))
-        ax.barh(positions, values, color=colours)
+        ax.barh(positions, values, color=colours, xerr=[low, high],
+                error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#222222"})
         ax.set_yticks(positions, servers, fontsize=8)
         ax.invert_yaxis()
         better = "higher" if figure.higher_is_better else "lower"
         ax.set_title(f"({figure.scenario}) {figure.label}, {better} is better", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         ax.xaxis.set_major_formatter(thousands)
+        ax.set_xlim(left=0)
         reference = result.median(UVLOOP_REFERENCE, figure)
         if reference and figure.scenario != "e":
             ax.axvline(reference, color="black", linestyle="--", linewidth=0.8)
         if figure.key == SLOWLORIS_TARGET.figure:
             ax.axvline(SLOWLORIS_TARGET.bound, color="red", linestyle=":", linewidth=1.0)
-        for y, value in zip(positions, values, strict=True):
-            ax.text(value, y, f" {value:,.{max(figure.decimals, 0)}f}", va="center",
-                    fontsize=7)
-        ax.margins(x=0.25)
+        for y, value, extra in zip(positions, values, high, strict=True):
+            label = f" {value:,.{max(figure.decimals, 0)}f}"
+            if reference and figure.scenario != "e":
+                label += f"  ({value / reference:.2f}x)"
+            ax.text(value + extra, y, label, va="center", fontsize=7)
+        ax.margins(x=0.35)
+    legend = [Patch(color=PORTSIDE_COLOUR, label="portside"),
+              Patch(color=OTHER_COLOUR, label="asyncio / uvloop servers"),
+              Patch(color=C_COLOUR, label="C epoll server (the limit)"),
+              Line2D([], [], color="black", linestyle="--", linewidth=0.8,
+                     label="uvloop Protocol (ratios are to it)"),
+              Line2D([], [], color="#222222", marker="|", linestyle="-", linewidth=0.8,
+                     label=f"lowest..highest of {result_rounds(result)} rounds")]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8,
+               frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def result_rounds(result: RunResult) -> int:
+    """How many rounds the figures are medians of."""
+    return max((len(result.values(s, f)) for s in result.servers for f in _panels(result)),
+               default=0)

@@ -166,6 +166,12 @@ def _figure_meta(figure: Figure) -> dict[str, Any]:
     return {"label": figure.label, "higher_is_better": figure.higher_is_better}
 
 
+def latest_name(plan: Plan) -> str:
+    """The name of the copies of the newest run: ``latest``, or ``quick-latest`` for a smoke
+    run, which must never replace a real run's committed figures."""
+    return "quick-latest" if plan.quick else "latest"
+
+
 def write(result: RunResult, ctx: Context, results_dir: Path) -> list[Path]:
     """Write <stamp>.md and .json (the chart is already there) and the ``latest`` copies."""
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -174,11 +180,12 @@ def write(result: RunResult, ctx: Context, results_dir: Path) -> list[Path]:
     md.write_text(markdown(result, ctx))
     js.write_text(json.dumps(document(result, ctx), indent=1, allow_nan=False) + "\n")
     written = [md, js]
-    latest_chart = "latest.png" if ctx.chart else None
+    name = latest_name(ctx.plan)
+    latest_chart = f"{name}.png" if ctx.chart else None
     if ctx.chart:
-        shutil.copyfile(results_dir / ctx.chart, results_dir / "latest.png")
-        written += [results_dir / ctx.chart, results_dir / "latest.png"]
+        shutil.copyfile(results_dir / ctx.chart, results_dir / f"{name}.png")
+        written += [results_dir / ctx.chart, results_dir / f"{name}.png"]
     latest = Context(ctx.stamp, ctx.plan, ctx.machine, ctx.commit, latest_chart, ctx.chart_note)
-    (results_dir / "latest.md").write_text(markdown(result, latest))
-    shutil.copyfile(js, results_dir / "latest.json")
-    return [*written, results_dir / "latest.md", results_dir / "latest.json"]
+    (results_dir / f"{name}.md").write_text(markdown(result, latest))
+    shutil.copyfile(js, results_dir / f"{name}.json")
+    return [*written, results_dir / f"{name}.md", results_dir / f"{name}.json"]

@@ -33,20 +33,23 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
                            str(results)], cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    document: dict[str, Any] = json.loads((results / "latest.json").read_text())
+    document: dict[str, Any] = json.loads((results / "quick-latest.json").read_text())
     return results, document
 
 
 def test_writes_markdown_json_and_latest_copies(quick_run: tuple[Path, dict[str, Any]]) -> None:
     results, document = quick_run
     stamp = document["stamp"]
-    for name in (f"{stamp}.md", f"{stamp}.json", "latest.md", "latest.json"):
+    assert stamp.endswith("-quick")  # a smoke run is named as one...
+    for name in (f"{stamp}.md", f"{stamp}.json", "quick-latest.md", "quick-latest.json"):
         assert (results / name).stat().st_size > 0, name
+    assert not list(results.glob("latest.*"))  # ...and never replaces a real run's copies
     if importlib.util.find_spec("matplotlib") is not None:
-        for name in (f"{stamp}.png", "latest.png"):
+        for name in (f"{stamp}.png", "quick-latest.png"):
             assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    markdown = (results / "latest.md").read_text()
+    markdown = (results / "quick-latest.md").read_text()
     assert "PASS/MISS" in markdown
+    assert "quick smoke run" in markdown.splitlines()[0]
     assert document["machine"]["cores"] >= 1
     assert document["commit"]["commit"]
 
