@@ -9,10 +9,13 @@ import sys
 
 import pytest
 from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portside import Engine, ListenerConfig, ServerConfig
 from portside.engine import compiled
 from portside.engine.connection import Connection
+from portside.engine.deadlines import DeadlineQueue
 from portside.engine.tls import TlsConnection
 from portside.protocols.proxy import Version as ProxyVersion
 from portside.server import resolve_engine
@@ -105,3 +108,30 @@ def test_a_connection_pending_on_its_proxy_header_is_drained_at_shutdown(
     assert recv_until_eof(sock) == b""
     rs.thread.join(WAIT)
     assert not rs.thread.is_alive()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "expire", "older"]),
+                          st.integers(0, 9), st.floats(0, 100, allow_nan=False)),
+                max_size=60))
+def test_compiled_deadline_queue_behaves_as_the_reference(
+        steps: list[tuple[str, int, float]]) -> None:
+    """The compiled engine's DeadlineQueue is the same structure as deadlines.py's."""
+    from portside.engine._compiled import DeadlineQueue as Twin
+
+    reference, twin = DeadlineQueue[int](5.0), Twin(5.0)
+    now = 0.0
+    for action, item, step in steps:
+        now += step / 10
+        if action == "add":
+            reference.add(item, now)
+            twin.add(item, now)
+        elif action == "discard":
+            reference.discard(item)
+            twin.discard(item)
+        elif action == "expire":
+            assert twin.pop_expired(now) == reference.pop_expired(now)
+        else:
+            assert twin.pop_older_than(step / 20, now) == reference.pop_older_than(step / 20, now)
+        assert len(twin) == len(reference)
+        assert twin.next_due() == reference.next_due()
+        assert (item in twin) == (item in reference)

@@ -621,6 +621,108 @@ cdef class BufferPool:
 
 
 
+
+# -- deadlines (deadlines.py, timeouts.py) -------------------------------------------------------
+
+
+@cython.final
+cdef class DeadlineQueue:
+    """The twin of deadlines.DeadlineQueue: one timeout for all, so a dict in insertion order
+    is a queue whose front expires first; add, discard and refresh are O(1)."""
+
+    cdef public double timeout
+    cdef dict _due
+
+    def __init__(self, double timeout):
+        self.timeout = timeout
+        self._due = {}
+
+    def __len__(self):
+        return len(self._due)
+
+    def __contains__(self, item):
+        return item in self._due
+
+    cdef inline void _add(self, item, double now):
+        if item in self._due:
+            del self._due[item]
+        self._due[item] = now + self.timeout
+
+    def add(self, item, double now):
+        self._add(item, now)
+
+    cdef inline void _discard(self, item):
+        if item in self._due:
+            del self._due[item]
+
+    def discard(self, item):
+        self._discard(item)
+
+    def next_due(self):
+        for due in self._due.values():
+            return due
+        return None
+
+    def pop_expired(self, double now):
+        cdef list expired = []
+        for item, due in self._due.items():
+            if <double>due > now:
+                break
+            expired.append(item)
+        for item in expired:
+            del self._due[item]
+        return expired
+
+    def pop_older_than(self, double age, double now):
+        return self.pop_expired(now + self.timeout - age)
+
+
+@cython.final
+cdef class TimeoutTracker:
+    """The twin of timeouts.TimeoutTracker: deadlines of one kind for one listener, one timer
+    armed for the oldest; ``expire`` is called for each that passes (counted unless it returns
+    False)."""
+
+    cdef public DeadlineQueue queue
+    cdef public Py_ssize_t expired
+    cdef object _expire
+    cdef object _reactor
+    cdef object _timer
+
+    def __init__(self, double timeout, expire):
+        self.queue = DeadlineQueue(timeout)
+        self.expired = 0
+        self._expire = expire
+        self._reactor = None
+        self._timer = None
+
+    def attach(self, reactor):
+        self._reactor = reactor
+
+    def start(self, conn):
+        """Start, or restart, ``conn``'s countdown."""
+        self.queue._add(conn, monotonic() if type(self._reactor) is Loop else self._reactor.time())
+        if self._timer is None:
+            self._arm()
+
+    def stop(self, conn):
+        self.queue._discard(conn)
+
+    cdef void _arm(self):
+        due = self.queue.next_due()
+        reactor = self._reactor
+        if due is not None and reactor is not None:
+            self._timer = reactor.call_later(due - reactor.time(), self._sweep)
+
+    def _sweep(self):
+        # ``_timer`` still names the timer now running until the end: a start() from an
+        # ``expire`` callback then leaves the arming to this sweep instead of adding a timer.
+        for conn in self.queue.pop_expired(self._reactor.time()):
+            if self._expire(conn) is not False:
+                self.expired += 1
+        self._timer = None
+        self._arm()
+
 # -- the engine's shared state and the connection pool (core.py, buffers.py) --------------------
 
 

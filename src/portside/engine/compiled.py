@@ -45,8 +45,8 @@ def _borrow(target: type, reference: type, compiled: frozenset[str] = frozenset(
     """Give ``target`` each method and property defined in ``reference`` itself, except the
     ``compiled`` ones (the extension-type base has them)."""
     for name, value in vars(reference).items():
-        if name in _NOT_BORROWED or name in compiled:
-            continue
+        if name in _NOT_BORROWED or name in compiled or name in vars(target):
+            continue  # the target's own definition wins
         if isinstance(value, types.MemberDescriptorType):  # a slot: the base declares it
             continue
         setattr(target, name, value)
@@ -66,7 +66,9 @@ def _build() -> tuple[type[Any], type[Any], type[Any], type[Any]]:
         __slots__ = TlsConnection.__slots__
 
     class CompiledListener(_compiled.ListenerBase):  # type: ignore[misc]
-        """``Listener`` with a compiled accept loop."""
+        """``Listener`` with a compiled accept loop and deadline queues."""
+
+        tracker_class = _compiled.TimeoutTracker
 
     class CompiledCore(_compiled.CoreBase):  # type: ignore[misc]
         """``EngineCore`` with compiled per-connection methods and pools."""

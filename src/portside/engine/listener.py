@@ -124,6 +124,9 @@ def _describe(exc: OSError) -> str:
 class Listener:
     """Accepts connections for one ``ListenerConfig`` and counts what happens to them."""
 
+    #: What keeps each kind of deadline (the compiled engine has its own).
+    tracker_class: type[TimeoutTracker] = TimeoutTracker
+
     def __init__(self, config: ListenerConfig, sock: socket.socket, owned: bool = True) -> None:
         self.config = config
         self.sock = sock
@@ -141,7 +144,7 @@ class Listener:
         # header has arrived, under the same first-data deadline.
         self.starts_pending = (self.data_first or self.proxy_protocol is not None
                                or config.tls is not None)
-        self.first_data = TimeoutTracker(config.first_data_timeout, self._first_data_expired)
+        self.first_data = self.tracker_class(config.first_data_timeout, self._first_data_expired)
         self.pending = self.first_data.queue
         # The optional timeouts: None when off, so the hot path pays one attribute test.
         self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
@@ -149,7 +152,7 @@ class Listener:
         self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
         #: read_timeout for connections whose handler never says what the peer owes (see
         #: ``Connection.awaiting_data``): looked at a few times per timeout, not on every read.
-        self.silence = TimeoutTracker(config.read_timeout / _SILENCE_LOOKS,
+        self.silence = self.tracker_class(config.read_timeout / _SILENCE_LOOKS,
                                       self._silence_check) if config.read_timeout else None
         #: The timeouts in force, made once: every closing connection is taken out of each.
         self.trackers = tuple(tracker for tracker in (self.first_data, self.idle, self.read,
@@ -208,7 +211,7 @@ class Listener:
                 conn.close_for(reason)
             return True
 
-        return TimeoutTracker(timeout, expire)
+        return self.tracker_class(timeout, expire)
 
     def _silence_check(self, conn: Connection) -> bool:
         """A connection under the read-silence deadline, looked at: closed once it has sent
