@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from portside import Engine, ListenerConfig, ServerConfig
 from portside.engine import compiled
 from portside.engine.connection import Connection
+from portside.engine.core import EngineCore
 from portside.engine.deadlines import DeadlineQueue
-from portside.engine.tls import TlsConnection
+from portside.engine.listener import Listener
 from portside.protocols.proxy import Version as ProxyVersion
 from portside.server import resolve_engine
 
@@ -30,8 +31,9 @@ def test_the_compiled_engine_is_built() -> None:
 
 
 @pytest.mark.parametrize(("reference", "twin_name"), [
-    (Connection, "CompiledConnection"), (TlsConnection, "CompiledTlsConnection")])
-def test_compiled_connections_offer_everything_the_reference_does(
+    (Connection, "CompiledConnection"), (Listener, "CompiledListener"),
+    (EngineCore, "CompiledCore")])
+def test_compiled_classes_offer_everything_the_reference_does(
         reference: type, twin_name: str) -> None:
     twin = getattr(compiled, twin_name)
     missing = {name for klass in reference.__mro__[:-1] for name in vars(klass)

@@ -60,7 +60,7 @@ class TlsRecorder(RecordingHandler):
     def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
         tls = getattr(conn, "tls", None)
         assert tls is not None
-        self.record("tls", conn, (tls.selected_alpn_protocol(), conn.tls_server_name))  # type: ignore[attr-defined]
+        self.record("tls", conn, (tls.selected_alpn_protocol(), conn.tls_server_name))
         super().connection_made(conn, first_data)
 
 
@@ -186,7 +186,7 @@ class CloseNotifyRecorder(RecordingHandler):
     """Records, at the peer's end of stream, whether it came with a TLS close_notify."""
 
     def eof_received(self, conn: Connection) -> None:
-        self.record("close_notify", conn, conn.tls_close_notify_received)  # type: ignore[attr-defined]
+        self.record("close_notify", conn, conn.tls_close_notify_received)
         super().eof_received(conn)
 
 

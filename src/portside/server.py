@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from portside.config import Engine, ListenerConfig, ServerConfig
 from portside.engine.buffers import PoolStatistics
@@ -197,7 +197,7 @@ class Server:
         await self._serve(install_signal_handlers=False)
 
     def _run_epoll(self, install_signal_handlers: bool) -> None:
-        reactor: EpollReactor
+        reactor: Any
         if self.engine is Engine.COMPILED:
             from portside.engine import compiled
 

@@ -53,7 +53,7 @@ from collections import deque
 
 import socket as _socket_module
 
-from portside.engine.connection import CloseReason
+from portside.engine.states import CloseReason
 from portside.engine.connection import _id_counter as id_counter
 from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError
@@ -807,18 +807,14 @@ cdef class CoreBase:
     cdef public Py_ssize_t open
     cdef public list _to_recycle
     cdef public object _on_idle
-    cdef public object _tls_class
-    cdef public object _connection_classes
+    cdef public object _connection_class
 
-    def new_connection(self, bint tls=False):
-        """A connection object: pooled for plain TCP; a fresh TLS one otherwise."""
-        return self._new_connection(tls)
+    def new_connection(self):
+        """A connection object, from the pool."""
+        return self._new_connection()
 
-    cdef object _new_connection(self, bint tls):
-        if tls:
-            conn = self._tls_class()
-        else:
-            conn = (<ObjectPool>self.connections)._acquire()
+    cdef object _new_connection(self):
+        conn = (<ObjectPool>self.connections)._acquire()
         self.open += 1
         return conn
 
@@ -827,11 +823,10 @@ cdef class CoreBase:
 
     cdef int _connection_finished(self, conn) except -1:
         self.open -= 1
-        if type(conn) is not self._tls_class:
-            # Recycle on the next iteration: now, the closing call chain still references it.
-            if not self._to_recycle:
-                self.reactor.call_soon(self._recycle)
-            self._to_recycle.append(conn)
+        # Recycle on the next iteration: now, the closing call chain still references it.
+        if not self._to_recycle:
+            self.reactor.call_soon(self._recycle)
+        self._to_recycle.append(conn)
         if not self.open:
             self._on_idle()
         return 0
@@ -1032,6 +1027,8 @@ cdef class Extras:
     cdef object proxy
     cdef object sock
     cdef object peer
+    cdef object receiver
+    cdef object tls
 
 
 cdef class ConnectionBase:
@@ -1186,6 +1183,24 @@ cdef class ConnectionBase:
             self._more().proxy = header
 
     @property
+    def _receiver(self):
+        return self._extras.receiver if self._extras is not None else None
+
+    @_receiver.setter
+    def _receiver(self, receiver):
+        if receiver is not None or self._extras is not None:
+            self._more().receiver = receiver
+
+    @property
+    def _tls(self):
+        return self._extras.tls if self._extras is not None else None
+
+    @_tls.setter
+    def _tls(self, session):
+        if session is not None or self._extras is not None:
+            self._more().tls = session
+
+    @property
     def _sock(self):
         cdef Extras more = self._more()
         if more.sock is None and self._fd >= 0:
@@ -1275,6 +1290,8 @@ cdef class ConnectionBase:
         self.sequencer = None
         self._read_mark = 0
         self._silent_looks = 0
+        if pending:  # a PROXY header, TLS or the first bytes come before the handler
+            (<object>self)._start_layers()
         reactor = core.reactor
         if type(reactor) is Loop:
             (<Loop>reactor)._register_reader(fd, self)
@@ -1339,13 +1356,10 @@ cdef class ConnectionBase:
         buffer.length = received
         data = PyMemoryView_FromObject(buffer)
         try:
-            if state == OPEN:
+            if self._extras is None or self._extras.receiver is None:
                 self._handler.data_received(self, data)
-            elif (<ListenerBase>self.listener).proxy_protocol is None:
-                (<ListenerBase>self.listener)._became_active(self)
-                self._establish(data)
-            else:
-                self._deliver(data, state)  # the PROXY header comes first
+            else:  # a PROXY header, TLS, or a data-first connection's first bytes
+                self._extras.receiver(self, data)
         except Exception as exc:
             self._handler_failed(exc)
         finally:
@@ -1358,6 +1372,12 @@ cdef class ConnectionBase:
             data = None
             pool._give_back(buffer)
         return 0
+
+    def _receive_first_data(self, data):
+        """Pending on a data-first listener: the first bytes make the connection active."""
+        self._extras.receiver = None
+        (<ListenerBase>self.listener)._became_active(self)
+        self._establish(data)
 
     def _peer_eof(self):
         self._peer_eof_c()
@@ -1393,6 +1413,9 @@ cdef class ConnectionBase:
         cdef int code
         if self._state != OPEN:
             self._write_refused()
+            return
+        if self._extras is not None and self._extras.tls is not None:
+            (<object>self)._write_tls(data)
             return
         if self._queue:
             self._send_bytes(data)
@@ -1573,10 +1596,7 @@ cdef class ConnectionBase:
         self._close_c(reason)
 
     cdef int _close_c(self, reason) except -1:
-        if self._flags & F_FAST:
-            self._begin_close_c(reason)
-        else:
-            (<object>self)._begin_close(reason)  # TLS sends close_notify first
+        self._begin_close_c(reason)
         return 0
 
     def abort(self):
@@ -1596,6 +1616,8 @@ cdef class ConnectionBase:
             return 0
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
+        if self._extras is not None and self._extras.tls is not None and self._state == OPEN:
+            self._extras.tls.close_notify(self)  # before the FIN, so the peer can tell an end
         self._set_reason_c(reason)
         self._state = CLOSING
         if self._queue:
@@ -1702,6 +1724,9 @@ cdef class ConnectionBase:
                 self._handler.connection_closed(self, self.close_reason)
             except Exception as exc:
                 core.report_error(self, exc)
+        if self._extras is not None:  # not for the connection this object serves next
+            self._extras.receiver = None
+            self._extras.tls = None
         if isinstance(core, CoreBase):
             (<CoreBase>core)._connection_finished(self)
         else:
@@ -1820,13 +1845,8 @@ cdef class ListenerBase:
             # Request/response protocols must not wait 40 ms for Nagle's algorithm.
             c_setsockopt(fd, IPPROTO_TCP_, TCP_NODELAY, &one, sizeof(int))
         self.accepted += 1
-        if self.config.tls is not None:  # the reference's path: TLS runs in Python anyway
-            conn = (<CoreBase>core)._new_connection(True)
-            conn.attach(core, self, FdSocket(fd, self._family), address_from(addr, length),
-                        pending=True)
-        else:
-            conn = (<CoreBase>core)._new_connection(False)
-            conn._attach_accepted(self, fd, addr, length, self.starts_pending)
+        conn = (<CoreBase>core)._new_connection()
+        conn._attach_accepted(self, fd, addr, length, self.starts_pending)
         if self.idle is not None:
             self.idle.start(conn)
         if self.starts_pending:

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import _socket
 import contextlib
-import enum
 import itertools
 import logging
 import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from portside.engine.states import CloseReason as CloseReason
+from portside.engine.states import State as State
+from portside.engine.tls import TlsSession
 from portside.errors import ConnectionClosedError, ProtocolError
 from portside.protocols.proxy import ProxyHeader, parse_proxy_header
 from portside.statistics import ConnectionCounters
@@ -40,32 +43,13 @@ if TYPE_CHECKING:
     from portside.engine.reactor import TimerHandle
 
 Address = Any  # a (host, port[, flowinfo, scope_id]) tuple for TCP, a path string for Unix sockets
+#: What receives a connection's bytes before the handler does (see ``_start_layers``).
+Receiver = Callable[["Connection", memoryview], None]
 
 logger = logging.getLogger("portside")
 
 _SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
-
-
-class CloseReason(enum.Enum):
-    """Why a connection closed; passed to ``Handler.connection_closed``."""
-
-    CLOSED = "closed"  #: the handler called close(): writes flushed, then FIN
-    ABORTED = "aborted"  #: the handler called abort(): RST, unsent bytes dropped
-    RESET = "reset"  #: the peer reset the connection
-    PEER_EOF = "peer-eof"  #: the peer closed before sending anything (data-first, never made)
-    FIRST_DATA_TIMEOUT = "first-data-timeout"  #: data-first: silent past first_data_timeout
-    EVICTED = "evicted"  #: pending and stale while the listener was at max_connections
-    SHUTDOWN = "shutdown"  #: closed by the server's shutdown
-    HANDLER_ERROR = "handler-error"  #: a handler callback raised
-    PROTOCOL_ERROR = "protocol-error"  #: the peer broke the wire protocol (a framing error)
-    IDLE_TIMEOUT = "idle-timeout"  #: no bytes either way for idle_timeout
-    READ_TIMEOUT = "read-timeout"  #: the rest of a message did not come within read_timeout
-    WRITE_TIMEOUT = "write-timeout"  #: the peer took none of our bytes for write_timeout
-    TLS_ERROR = "tls-error"  #: the TLS handshake failed, or a TLS record was bad
-    SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
-    OUTPUT_LIMIT = "output-limit"  #: queued output passed the listener's write_limit
-    REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
 
 
 def _check_transport(header: ProxyHeader, raw: bytearray) -> None:
@@ -77,14 +61,6 @@ def _check_transport(header: ProxyHeader, raw: bytearray) -> None:
     if header.version == 2 and not header.local and raw[13] & 0x0F != 0x01:
         raise ProtocolError("PROXY v2 header for a datagram (UDP) connection on a stream "
                             "listener")
-
-
-class State(enum.IntEnum):
-    PENDING = 0
-    OPEN = 1
-    CLOSING = 2
-    LINGERING = 3
-    CLOSED = 4
 
 
 _LOCALLY_CLOSED = frozenset({CloseReason.CLOSED, CloseReason.ABORTED})
@@ -118,9 +94,11 @@ class Connection:
         "_queue",
         "_read_mark",
         "_reading",
+        "_receiver",
         "_silent_looks",
         "_sock",
         "_state",
+        "_tls",
         "_user_paused",
         "_writing",
         "accepted_at",
@@ -142,6 +120,8 @@ class Connection:
         # The write queue is made on the first write the kernel does not take whole: an idle
         # connection holds none (an empty deque alone is over 600 bytes).
         self._queue: deque[bytes | memoryview] | None = None
+        self._receiver: Receiver | None = None
+        self._tls: TlsSession | None = None
 
     # -- life cycle, called by the listener ------------------------------------------------------
 
@@ -184,7 +164,74 @@ class Connection:
         # no new byte.
         self._read_mark = 0
         self._silent_looks = 0
+        self._start_layers()
         core.reactor.register(self._fd, self, readable=True, writable=False)
+
+    # -- who receives the bytes ------------------------------------------------------------------
+
+    def _start_layers(self) -> None:
+        """Choose what receives this connection's bytes first (and make its TLS session): a
+        PROXY header, then TLS, then the first bytes of a data-first connection, then the
+        handler (``_receiver`` None). Each receiver hands over to the next when its part is
+        done, so the read path never branches on the connection's state."""
+        listener = self.listener
+        tls = listener.config.tls
+        self._tls = TlsSession(tls) if tls is not None else None
+        kind = type(self)
+        if listener.proxy_protocol is not None:
+            self._receiver = kind._receive_proxy_header
+        else:
+            self._receiver = self._after_proxy_header()
+
+    def _after_proxy_header(self) -> Receiver | None:
+        kind = type(self)
+        if self._tls is not None:
+            return kind._receive_tls
+        if self._state == State.PENDING:
+            return kind._receive_first_data
+        return None
+
+    def _receive_first_data(self, data: memoryview) -> None:
+        """Pending on a data-first listener: the first bytes make the connection active."""
+        self._receiver = None
+        self.listener.became_active(self)
+        self.establish(data)
+
+    def _receive_proxy_header(self, data: memoryview) -> None:
+        """Pending on a PROXY-protocol listener: the balancer's header comes first. Once it is
+        whole, the connection goes on like any other, with the client's address."""
+        rest = self._take_proxy_header(data)
+        if rest is None:
+            return  # incomplete (wait) or refused (closed)
+        try:
+            self._receiver = self._after_proxy_header()
+            if self._receiver is None:  # immediate: the connection is the handler's now
+                self.listener.became_active(self)
+                self.establish(None)
+            if rest and self._state <= State.OPEN:
+                self._pass_on(rest)
+        finally:
+            rest.release()
+
+    def _receive_tls(self, data: memoryview) -> None:
+        assert self._tls is not None
+        self._tls.receive(self, data)
+
+    def _plaintext(self, data: memoryview) -> None:
+        """Bytes TLS decrypted: the first ones of a data-first connection, or the handler's."""
+        if self._state == State.PENDING:
+            self.listener.became_active(self)
+            self.establish(data)
+        elif self._state == State.OPEN:
+            self._handler.data_received(self, data)
+
+    def _pass_on(self, data: memoryview) -> None:
+        """Bytes for whoever receives them now."""
+        receiver = self._receiver
+        if receiver is not None:
+            receiver(self, data)
+        elif self._state == State.OPEN:
+            self._handler.data_received(self, data)
 
     def establish(self, first_data: memoryview | None) -> None:
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
@@ -208,6 +255,24 @@ class Connection:
             return self._sock.getsockname()
         except OSError:
             return None
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        """The TLS session's ``ssl.SSLObject`` (``selected_alpn_protocol()``, ``version()``,
+        ``cipher()``, ``getpeercert()``); None on a plain connection."""
+        return self._tls.obj if self._tls is not None else None
+
+    @property
+    def tls_server_name(self) -> str | None:
+        """The name the client asked for (SNI), on a TLS connection."""
+        return self._tls.server_name if self._tls is not None else None
+
+    @property
+    def tls_close_notify_received(self) -> bool:
+        """True once the peer ended its side cleanly with a TLS close_notify. At
+        ``eof_received`` or ``connection_closed``, False on a TLS connection means the peer (or
+        something between) closed the TCP connection without it: the data may be truncated."""
+        return self._tls is not None and self._tls.close_notify_received
 
     @property
     def is_open(self) -> bool:
@@ -250,6 +315,9 @@ class Connection:
             if self.close_reason in _LOCALLY_CLOSED or self._state == _PENDING:
                 raise ConnectionClosedError(f"connection {self.id} is closed")
             return
+        if self._tls is not None:
+            self._write_tls(data)
+            return
         if self._queue:
             self._send_bytes(data)
             return
@@ -272,6 +340,14 @@ class Connection:
         size = data.nbytes if type(data) is memoryview else len(data)
         if sent != size:
             self._queue_rest(data, sent, size)
+
+    def _write_tls(self, data: bytes | bytearray | memoryview) -> None:
+        """Plaintext from the handler: encrypted, then into the ordinary write path."""
+        assert self._tls is not None
+        if self._corked is not None:
+            self._corked.append(bytes(data))
+        elif data:
+            self._tls.write(self, data)
 
     def _send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes for the socket, in order: sent at once where possible, else queued."""
@@ -425,10 +501,11 @@ class Connection:
             self._idle.start(self)
         data = memoryview(buffer)[:received]
         try:
-            if state == _OPEN:
+            receiver = self._receiver
+            if receiver is None:
                 self._handler.data_received(self, data)
-            else:
-                self._deliver(data, state)
+            else:  # a PROXY header, TLS, or a data-first connection's first bytes
+                receiver(self, data)
         except Exception as exc:
             self._handler_failed(exc)
         finally:
@@ -448,40 +525,6 @@ class Connection:
             else:
                 del buffer[-1]
                 free.append(buffer)
-
-    def _deliver(self, data: memoryview, state: State) -> None:
-        """Bytes from the peer, to the handler (or to the PROXY header, or to establish)."""
-        try:
-            if state != State.PENDING:
-                self._core.handler.data_received(self, data)
-            elif self.listener.proxy_protocol is None:
-                self.listener.became_active(self)
-                self.establish(data)
-            else:
-                self._read_proxy_header(data)
-        except Exception as exc:
-            self._handler_failed(exc)
-
-    def _read_proxy_header(self, data: memoryview) -> None:
-        """PENDING on a PROXY-protocol listener: the balancer's header comes first. Once it is
-        whole, the connection is handed over like any other, with the client's address."""
-        rest = self._take_proxy_header(data) if self.proxy is None else data
-        if rest is None:
-            return
-        listener = self.listener
-        try:
-            if listener.data_first:
-                if rest:
-                    listener.became_active(self)
-                    self.establish(rest)
-            else:
-                listener.became_active(self)
-                self.establish(None)
-                if rest and self._state == State.OPEN:
-                    self._core.handler.data_received(self, rest)
-        finally:
-            if rest is not data:
-                rest.release()
 
     def _take_proxy_header(self, data: memoryview) -> memoryview | None:
         """Collect and parse the PROXY header; the bytes after it once it is whole, else None
@@ -568,6 +611,8 @@ class Connection:
             return
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
+        if self._tls is not None and self._state == State.OPEN:
+            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
         self._set_reason(reason)
         self._state = State.CLOSING
         self._update_reading()
@@ -667,6 +712,8 @@ class Connection:
             core.handler.connection_closed(self, reason)
         except Exception as exc:
             core.report_error(self, exc)
+        self._receiver = None
+        self._tls = None  # the SSL object is not for the connection this object serves next
         core.connection_finished(self)
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from portside.config import ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
 from portside.engine.reactor import Reactor
-from portside.engine.tls import TlsConnection
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -30,44 +29,40 @@ class EngineCore:
         self.handler = handler
         self.config = config
         connection_class: type[Connection] = Connection
-        self._tls_class: type[Connection] = TlsConnection
         pools: tuple[type[Any], type[Any]] = (BufferPool, ObjectPool)
         if compiled:  # the same pools and classes, with compiled hot paths
             from portside.engine import compiled as native
 
-            connection_class, self._tls_class = (native.CompiledConnection,
-                                                 native.CompiledTlsConnection)
+            connection_class = native.CompiledConnection
             pools = (native.BufferPool, native.ObjectPool)
         self.buffers: BufferPool = pools[0](config.buffer_size, config.buffer_pool_max_free)
         self.connections: ObjectPool[Connection] = pools[1](
             connection_class, config.connection_pool_max_free, config.connection_pool_size)
-        self._connection_classes = (connection_class, self._tls_class)
+        self._connection_class = connection_class
         self.open = 0  # connections between attach and close
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
 
-    def new_connection(self, tls: bool = False) -> Connection:
-        """A connection object: pooled for plain TCP; a fresh TLS one otherwise (its handshake
-        costs far more than the object, and its SSL state is not reusable)."""
-        conn = self._tls_class() if tls else self.connections.acquire()
+    def new_connection(self) -> Connection:
+        """A connection object, from the pool (a TLS session is made per connection)."""
+        conn = self.connections.acquire()
         self.open += 1
         return conn
 
     def connection_finished(self, conn: Connection) -> None:
         self.open -= 1
-        if type(conn) is not self._tls_class:
-            # Recycle on the next iteration: now, the closing call chain still references it.
-            if not self._to_recycle:
-                self.reactor.call_soon(self._recycle)
-            self._to_recycle.append(conn)
+        # Recycle on the next iteration: now, the closing call chain still references it.
+        if not self._to_recycle:
+            self.reactor.call_soon(self._recycle)
+        self._to_recycle.append(conn)
         if not self.open:
             self._on_idle()
 
     def live(self) -> list[Connection]:
         """The open connections, pending ones included: every connection is registered with
         the loop from accept to close."""
-        classes = self._connection_classes
-        return [target for target in self.reactor.targets() if isinstance(target, classes)]
+        kind = self._connection_class
+        return [target for target in self.reactor.targets() if isinstance(target, kind)]
 
     def _recycle(self) -> None:
         pending, self._to_recycle = self._to_recycle, []

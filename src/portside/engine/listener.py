@@ -350,7 +350,7 @@ class Listener:
             # Request/response protocols must not wait 40 ms for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
-        conn = core.new_connection(tls=self.config.tls is not None)
+        conn = core.new_connection()
         conn.attach(core, self, sock, peer, pending=self.starts_pending)
         if self.idle is not None:
             self.idle.start(conn)

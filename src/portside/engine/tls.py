@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from portside.engine.connection import CloseReason, Connection, State
-from portside.errors import ConnectionClosedError
+from portside.engine.states import CLOSED, OPEN, PENDING, CloseReason
+
+if TYPE_CHECKING:
+    from portside.engine.connection import Connection
 
 _SNI_ATTRIBUTE = "_portside_server_name"
 
@@ -46,182 +48,106 @@ def remember_server_names(context: ssl.SSLContext) -> None:
     context.sni_callback = remember
 
 
-class TlsConnection(Connection):
-    """A connection whose bytes are TLS records; handlers see plaintext only.
+class TlsSession:
+    """One connection's TLS: the SSL object over its two memory BIOs. The connection hands it
+    ciphertext (``receive``, its receiver while TLS is on) and plaintext to send (``write``);
+    it hands the connection plaintext (``Connection._plaintext``) and ciphertext to send."""
 
-    ``conn.tls`` is the ``ssl.SSLObject`` (``selected_alpn_protocol()``, ``version()``,
-    ``cipher()``, ``getpeercert()``), and ``conn.tls_server_name`` the SNI name asked for.
-    ``conn.tls_close_notify_received`` is True once the peer ended its side cleanly with a
-    TLS close_notify; at ``eof_received`` or ``connection_closed``, False means the peer (or
-    something between) closed the TCP connection without it: the data may be truncated.
-    """
+    __slots__ = ("_incoming", "_outgoing", "close_notify_received", "handshaken", "obj",
+                 "server_name")
 
-    __slots__ = ("_handshaken", "_incoming", "_outgoing", "tls", "tls_close_notify_received",
-                 "tls_server_name")
-
-    def attach(self, core: Any, listener: Any, sock: Any, peer_address: Any,
-               pending: bool) -> None:
-        context = listener.config.tls
+    def __init__(self, context: ssl.SSLContext) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self.tls_server_name: str | None = None
-        self.tls_close_notify_received = False
-        self._handshaken = False
-        # TLS is always pending at first: its handshake must finish before anything is handed
-        # over, and the first-data deadline covers it. (Connection.attach, not super(): the
-        # compiled engine borrows these methods for a class that does not derive from this one.)
-        Connection.attach(self, core, listener, sock, peer_address, pending=True)
+        self.obj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.server_name: str | None = None
+        self.close_notify_received = False
+        self.handshaken = False
 
-    def handle_read(self) -> None:
-        # The plain read path, up to the handler, as in Connection.handle_read (which keeps
-        # it inline for speed); then the bytes go to TLS instead of to the handler.
-        state = self._state
-        if state >= State.CLOSING:
-            if state == State.LINGERING:
-                self._discard_until_eof()
+    def receive(self, conn: Connection, data: memoryview) -> None:
+        """Ciphertext from the peer: handshake progress, then plaintext for the handler."""
+        self._incoming.write(data)
+        if not self.handshaken and not self._handshake(conn):
             return
-        pool = self._core.buffers
-        buffer = pool.acquire()
-        try:
-            received = self._sock.recv_into(buffer)
-        except (BlockingIOError, InterruptedError):
-            pool.release(buffer)
-            return
-        except OSError as exc:
-            pool.release(buffer)
-            self._socket_failed(exc)
-            return
-        if not received:
-            pool.release(buffer)
-            self._peer_eof()
-            return
-        listener = self.listener
-        if not self.bytes_in:
-            listener.record_first_byte(self._core.reactor.time() - self.accepted_at)
-        self.bytes_in += received
-        if self._idle is not None:
-            self._idle.start(self)
-        view = memoryview(buffer)[:received]
-        try:
-            if (state == State.PENDING and listener.proxy_protocol is not None
-                    and self.proxy is None):
-                rest = self._take_proxy_header(view)  # the header comes in clear, before TLS
-                if rest is None:
-                    return  # incomplete (wait) or refused (closed)
-                self._incoming.write(rest)
-            else:
-                self._incoming.write(view)
-        finally:
-            view.release()
-            pool.release(buffer)
-        if self._state == State.CLOSED:
-            return
-        if not self._handshaken and not self._handshake():
-            return
-        self._read_plaintext()
-        self._flush_tls()
+        self._read_plaintext(conn)
+        self.flush(conn)
 
-    def _handshake(self) -> bool:
+    def _handshake(self, conn: Connection) -> bool:
         try:
-            self.tls.do_handshake()
+            self.obj.do_handshake()
         except ssl.SSLWantReadError:
-            self._flush_tls()
+            self.flush(conn)
             return False
         except (ssl.SSLError, OSError) as exc:
-            listener = self.listener
+            listener = conn.listener
             listener.tls_failures += 1
             listener.log.log("tls-handshake", logging.INFO,
                              f"{{count}} more TLS handshakes failed on {listener.address}",
-                             "TLS handshake with %r on %s failed: %s", self.peer_address,
+                             "TLS handshake with %r on %s failed: %s", conn.peer_address,
                              listener.address, exc)
-            self._flush_tls()  # the alert, if any, so the client learns why...
-            self.close_for(CloseReason.TLS_ERROR)  # ...sent before the FIN, not lost to a RST
+            self.flush(conn)  # the alert, if any, so the client learns why...
+            conn.close_for(CloseReason.TLS_ERROR)  # ...sent before the FIN, not lost to a RST
             return False
-        self._handshaken = True
-        self.tls_server_name = getattr(self.tls, _SNI_ATTRIBUTE, None)
-        self._flush_tls()
-        listener = self.listener
-        if not listener.data_first and self.proxy_satisfied():
-            listener.became_active(self)
-            self.establish(None)
-        return self._state != State.CLOSED
+        self.handshaken = True
+        self.server_name = getattr(self.obj, _SNI_ATTRIBUTE, None)
+        self.flush(conn)
+        listener = conn.listener
+        if not listener.data_first:  # immediate: the connection is the handler's now
+            listener.became_active(conn)
+            conn.establish(None)
+        return conn._state != CLOSED
 
-    def proxy_satisfied(self) -> bool:
-        return self.listener.proxy_protocol is None or self.proxy is not None
-
-    def _read_plaintext(self) -> None:
-        pool = self._core.buffers
-        while self._state in (State.PENDING, State.OPEN):
+    def _read_plaintext(self, conn: Connection) -> None:
+        pool = conn._core.buffers
+        while conn._state in (PENDING, OPEN):
             buffer = pool.acquire()
             try:
-                size = self.tls.read(len(buffer), buffer)
+                size = cast(int, self.obj.read(len(buffer), buffer))  # into the buffer
             except ssl.SSLWantReadError:
                 pool.release(buffer)
                 return
             except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end of stream
                 pool.release(buffer)
-                self.tls_close_notify_received = True
-                self._peer_eof()
+                self.close_notify_received = True
+                conn._peer_eof()
                 return
             except ssl.SSLError as exc:
                 pool.release(buffer)
-                listener = self.listener
+                listener = conn.listener
                 listener.tls_failures += 1
                 listener.log.log("tls-error", logging.INFO,
                                  f"closed {{count}} more connections on {listener.address} "
                                  "for bad TLS records",
-                                 "TLS error from %r on %s: %s", self.peer_address,
+                                 "TLS error from %r on %s: %s", conn.peer_address,
                                  listener.address, exc)
-                self._abort(CloseReason.TLS_ERROR)
+                conn._abort(CloseReason.TLS_ERROR)
                 return
             if not size:  # read() returns 0 (not raising) once the peer's close_notify came
                 pool.release(buffer)
-                self.tls_close_notify_received = True
-                self._peer_eof()
+                self.close_notify_received = True
+                conn._peer_eof()
                 return
             data = memoryview(buffer)[:size]
             try:
-                if self._state == State.PENDING:  # data-first: these are the first bytes
-                    self.listener.became_active(self)
-                    try:
-                        self.establish(data)
-                    except Exception as exc:
-                        self._handler_failed(exc)
-                else:
-                    self._deliver(data, State.OPEN)
+                conn._plaintext(data)
             finally:
                 data.release()
                 pool.release(buffer)
 
-    def _flush_tls(self) -> None:
-        pending = self._outgoing.pending
-        if pending and self._state != State.CLOSED:
-            self._send_bytes(self._outgoing.read())
+    def flush(self, conn: Connection) -> None:
+        """Whatever TLS wants sent (records, alerts), into the connection's write path."""
+        if self._outgoing.pending and conn._state != CLOSED:
+            conn._send_bytes(self._outgoing.read())
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and queue ``data``; see ``Connection.write``."""
-        if self._state != State.OPEN:
-            if (self.close_reason in (CloseReason.CLOSED, CloseReason.ABORTED)
-                    or self._state == State.PENDING):
-                raise ConnectionClosedError(f"connection {self.id} is closed")
-            return
-        if self._corked is not None:
-            self._corked.append(bytes(data))
-        elif data:
-            self.tls.write(data)
-            self._flush_tls()
+    def write(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
+        self.obj.write(data)
+        self.flush(conn)
 
-    def _begin_close(self, reason: CloseReason) -> None:
-        """Every graceful close (the handler's, a timeout's, shutdown's) sends close_notify
-        before the FIN, so the peer can tell the end from a truncation."""
-        if self._state >= State.CLOSING:
-            return
-        if self._corked is not None:
-            self.uncork()
-        if self._state == State.OPEN and self._handshaken:
+    def close_notify(self, conn: Connection) -> None:
+        """Every graceful close sends close_notify before the FIN, so the peer can tell the
+        end from a truncation."""
+        if self.handshaken:
             # SSLWantReadError just means the peer's close_notify has not come: not waited for.
             with contextlib.suppress(ssl.SSLError, OSError):
-                self.tls.unwrap()
-            self._flush_tls()
-        Connection._begin_close(self, reason)
+                self.obj.unwrap()
+            self.flush(conn)

@@ -1,0 +1,39 @@
+"""A connection's states and close reasons: shared by the connection, its TLS session and the
+compiled engine, and importable without them."""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseReason(enum.Enum):
+    """Why a connection closed; passed to ``Handler.connection_closed``."""
+
+    CLOSED = "closed"  #: the handler called close(): writes flushed, then FIN
+    ABORTED = "aborted"  #: the handler called abort(): RST, unsent bytes dropped
+    RESET = "reset"  #: the peer reset the connection
+    PEER_EOF = "peer-eof"  #: the peer closed before sending anything (data-first, never made)
+    FIRST_DATA_TIMEOUT = "first-data-timeout"  #: data-first: silent past first_data_timeout
+    EVICTED = "evicted"  #: pending and stale while the listener was at max_connections
+    SHUTDOWN = "shutdown"  #: closed by the server's shutdown
+    HANDLER_ERROR = "handler-error"  #: a handler callback raised
+    PROTOCOL_ERROR = "protocol-error"  #: the peer broke the wire protocol (a framing error)
+    IDLE_TIMEOUT = "idle-timeout"  #: no bytes either way for idle_timeout
+    READ_TIMEOUT = "read-timeout"  #: the rest of a message did not come within read_timeout
+    WRITE_TIMEOUT = "write-timeout"  #: the peer took none of our bytes for write_timeout
+    TLS_ERROR = "tls-error"  #: the TLS handshake failed, or a TLS record was bad
+    SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
+    OUTPUT_LIMIT = "output-limit"  #: queued output passed the listener's write_limit
+    REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
+
+
+class State(enum.IntEnum):
+    PENDING = 0
+    OPEN = 1
+    CLOSING = 2
+    LINGERING = 3
+    CLOSED = 4
+
+
+PENDING, OPEN, CLOSING, LINGERING, CLOSED = (
+    State.PENDING, State.OPEN, State.CLOSING, State.LINGERING, State.CLOSED)
