@@ -223,3 +223,42 @@ def test_pipelined_batch_then_quit_sends_every_reply(resp_port: int) -> None:
         while data := sock.recv(4096):
             got += data
         assert got == b"+PONG\r\n" * 50 + b"+OK\r\n"  # nothing after QUIT, nothing lost
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("engine", ["epoll", "asyncio"])
+def test_pipelined_large_gets_keep_the_server_small(tmp_path: os.PathLike[str],
+                                                    engine: str) -> None:
+    """200 GETs of a 1 MiB value in one read, from a client that reads slowly: the server
+    holds about high water plus one reply at a time (its peak RSS grows by far less than the
+    200 MiB the replies add up to), and every reply arrives intact."""
+    proc = PortsideProcess(["resp", "--port", "0", "--engine", engine,
+                            "--control", os.path.join(tmp_path, "ctl")])
+    try:
+        port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        value = bytes(range(256)) * 4096  # 1 MiB
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(encode_command([b"SET", b"big", value]))
+            assert sock.recv(5) == b"+OK\r\n"
+            before = peak_rss(proc.proc.pid)
+            sock.sendall(encode_command([b"GET", b"big"]) * 200)  # ~4.6 KB: one read
+            reply = b"$%d\r\n%s\r\n" % (len(value), value)
+            for _ in range(200):
+                got = bytearray()
+                while len(got) < len(reply):
+                    chunk = sock.recv(min(256 * 1024, len(reply) - len(got)))
+                    assert chunk, "EOF"
+                    got += chunk
+                assert got == reply
+            grown = peak_rss(proc.proc.pid) - before
+        assert grown < 48 * 1024 * 1024, grown
+    finally:
+        proc.kill()
