@@ -7,12 +7,14 @@ written for ``asyncio.start_server`` moves over with little change, while accept
 pools, limits and statistics are portside's. It needs a running asyncio loop: the ``asyncio``
 or ``uvloop`` engine, or ``Server.serve()``. The callback style stays the fast path.
 
-Every read is bounded by the reader's ``limit`` (``StreamHandler.reader_limit``), unlike
-asyncio, where ``read()`` and ``readexactly(n)`` buffer without bound: ``read()`` (to EOF) and
-``readuntil`` raise ``asyncio.LimitOverrunError`` once more than ``limit`` bytes are buffered,
-and ``readexactly(n)`` raises it at once for ``n`` over the limit. Raise the limit for larger
-reads. An overrun (or a framer's ``ProtocolError``) that escapes ``handle`` closes the
-connection with ``CloseReason.PROTOCOL_ERROR`` and one log line, not a traceback.
+Reads are bounded by the reader's ``limit`` (``StreamHandler.reader_limit``) with one
+exception. ``readexactly(n)`` raises ``asyncio.LimitOverrunError`` at once for ``n`` over the
+limit (asyncio would buffer whatever length the peer announces); ``readuntil``/``readline``
+raise it past the limit, as asyncio does. **``read()`` with no size (to EOF) is unbounded, as
+in asyncio**: it buffers everything the peer sends until it closes, so use it only for peers
+you trust, or loop on ``read(n)``. An overrun (or a framer's ``ProtocolError``) that escapes
+``handle`` closes the connection with ``CloseReason.PROTOCOL_ERROR`` and one log line, not a
+traceback.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ M = TypeVar("M")
 class StreamReader:
     """Bytes a peer sent, buffered up to ``limit`` (past it, reading from the socket pauses).
 
-    Resource handling: at most ``limit`` bytes plus one socket read are ever buffered; a read
-    that could only be satisfied past the limit raises ``asyncio.LimitOverrunError``.
+    Resource handling: at most ``limit`` bytes plus one socket read are buffered, except
+    while ``read()`` (to EOF, unbounded as in asyncio) waits; any other read that could only
+    be satisfied past the limit raises ``asyncio.LimitOverrunError``.
     """
 
     def __init__(self, conn: Connection, limit: int) -> None:
@@ -46,6 +49,7 @@ class StreamReader:
         self._eof = False
         self._exception: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._to_eof = False  # read() to EOF is waiting: reading continues past the limit
 
     # -- fed by the handler's callbacks, on the loop ---------------------------------------------
 
@@ -71,9 +75,9 @@ class StreamReader:
     async def _wait(self) -> None:
         if self._exception is not None:
             raise self._exception
-        if self._conn.is_open and len(self._buffer) <= self._limit:
-            # Someone wants more than is buffered, and there is room: read again (reading
-            # may have been held above the limit and not yet fallen to half of it).
+        if self._conn.is_open and (len(self._buffer) <= self._limit or self._to_eof):
+            # Someone wants more than is buffered, and there is room (or read() to EOF
+            # asked for everything): read again (reading may have been held above the limit).
             self._conn.hold_reading(False)
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
@@ -95,17 +99,17 @@ class StreamReader:
         return self._eof and not self._buffer
 
     async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes; b"" at EOF. With ``n`` < 0, everything until EOF, which must fit
-        in the reader's limit (else ``LimitOverrunError``: asyncio would buffer without end)."""
+        """Up to ``n`` bytes; b"" at EOF. With ``n`` < 0, everything until EOF: UNBOUNDED, as
+        in asyncio (the reader limit does not apply), so only for peers you trust."""
         if n == 0:
             return b""
         if n < 0:
-            while not self._eof:
-                if len(self._buffer) > self._limit:
-                    raise asyncio.LimitOverrunError(
-                        f"read() to EOF: more than the reader limit of {self._limit} bytes",
-                        len(self._buffer))
-                await self._wait()
+            self._to_eof = True
+            try:
+                while not self._eof:
+                    await self._wait()
+            finally:
+                self._to_eof = False
             return self._take(len(self._buffer))
         while not self._buffer and not self._eof:
             await self._wait()
