@@ -90,6 +90,34 @@ def test_any_split_gives_the_same_commands_or_error(
     assert split_feed(make(), stream, cuts) == split_feed(make(), stream, [])
 
 
+class GeneralOnly(RespFramer):
+    """The general parser alone, without the one-pass fast path for whole commands."""
+
+    def _parse_whole(self, raw: bytes, messages: list[Command]) -> int:
+        return 0
+
+
+@given(st.one_of(garbage, requests.map(lambda items: b"".join(w for w, _ in items))),
+       st.sampled_from([(50, 20, 300, 100), (8 * 1024 * 1024, 65536, 32 << 20, 65536)]))
+def test_fast_path_and_general_parser_agree(stream: bytes,
+                                            limits: tuple[int, int, int, int]) -> None:
+    """The same commands and the same error, with or without the fast path (whole reads)."""
+    bulk, arguments, request, inline = limits
+
+    def run(framer: RespFramer) -> tuple[list[Command], str | None]:
+        commands: list[Command] = []
+        try:
+            commands += framer.feed(stream)  # the commands before an error, error set
+            framer.eof()  # raises that error, or one for a partial command
+        except ProtocolError as exc:
+            return commands, str(exc)
+        return commands, None
+
+    caps = {"max_bulk": bulk, "max_arguments": arguments, "max_request": request,
+            "max_inline": inline}
+    assert run(RespFramer(**caps)) == run(GeneralOnly(**caps))
+
+
 def test_inline_commands() -> None:
     assert RespFramer().feed(b"PING\r\nSET a  b\nGET a\r\n") == [
         [b"PING"], [b"SET", b"a", b"b"], [b"GET", b"a"]]

@@ -10,8 +10,13 @@ between reads: the arguments of a command taken so far, how many are still to co
 size of a bulk string whose header has been read. It consumes what it has parsed, so a
 pending buffer holds only the element being received: a bulk string's body is waited for
 with ``need`` (no re-reading while it trickles in), an inline line is searched only in its new
-bytes. A read full of whole commands (the pipelined case) is copied once and parsed in one
-pass with ``bytes.find``, with no per-byte Python loop. Every size has a cap:
+bytes. A read full of whole commands (the pipelined case) is copied once and split at every
+CRLF in C (``bytes.split``); each command is taken as a slice of those pieces once its
+headers are checked to be exactly ``*<count>`` and ``$<len(piece)>``, which holds precisely
+when no argument contains a CRLF and the encoding is canonical. At the first command where
+that fails (a CRLF inside an argument, an inline command, a partial or malformed command) the
+general parser, a one-pass ``bytes.find`` loop, takes over from that command's first byte, so
+both paths give the same commands and the same errors. Every size has a cap:
 
 ==================  ==========  ===================================================
 limit               default     Redis's equivalent
@@ -43,6 +48,7 @@ MAX_ARGUMENTS: Final = 64 * KIB
 MAX_REQUEST: Final = 32 * MIB
 _LINE_MAX: Final = 32  # a "*N\r\n" or "$N\r\n" header: a type byte, 20 digits, CRLF, with room
 _NEWLINE = re.compile(b"\n")
+_BULK_HEADER = b"$%d".__mod__
 _NO_COMMAND: Final = -1
 
 
@@ -112,6 +118,10 @@ class RespFramer(Framer[Command]):
         locals only, ``bytes.find`` for every line, slices for every argument."""
         total = len(raw)
         at = 0
+        if (self._left == _NO_COMMAND and raw[0] == 42
+                and total <= self.max_bulk and total <= self.max_request):
+            # Every argument and command here is shorter than the read, so within the caps.
+            at = self._parse_whole(raw, messages)
         find = raw.find
         left = self._left
         args = self._args
@@ -195,6 +205,32 @@ class RespFramer(Framer[Command]):
             return at
         finally:
             self._left = left
+
+    def _parse_whole(self, raw: bytes, messages: list[Command]) -> int:
+        """The fast path: the whole commands at the start of ``raw`` whose arguments hold no
+        CRLF, in canonical encoding; the bytes they used. Stops, without error, at anything
+        else, for ``_parse`` to deal with."""
+        pieces = raw.split(b"\r\n")
+        last = len(pieces) - 1  # the piece after the final CRLF is never part of a command
+        append = messages.append
+        header = _BULK_HEADER
+        max_arguments = self.max_arguments
+        at = 0
+        try:
+            while at < last:
+                head = pieces[at]
+                count = int(head[1:])
+                end = at + 1 + 2 * count
+                if not 0 < count <= max_arguments or end > last or head != b"*%d" % count:
+                    break
+                args = pieces[at + 2:end:2]
+                if pieces[at + 1:end:2] != list(map(header, map(len, args))):
+                    break
+                append(args)
+                at = end
+        except ValueError:
+            pass  # not a count: the general parser says what is wrong with it
+        return sum(map(len, pieces[:at])) + 2 * at
 
     def check_pending(self, size: int) -> None:
         if self._taken + size > self.max_request:
