@@ -181,7 +181,9 @@ class BigReplies(MessageHandler[Message]):
         self.reply(conn, len(self.value).to_bytes(4, "big") + bytes(message) + b"|" + self.value)
         self.answered += 1
         held = sum(len(m) for m in conn.sequencer.held)
-        self.peak = max(self.peak, conn.write_buffer_size + max(conn.sequencer.corked, 0) + held)
+        room = conn.sequencer.cork_room
+        corked = 0 if room is None else conn.listener.config.write_high_water - room
+        self.peak = max(self.peak, conn.write_buffer_size + corked + held)
 
     def encode_reply(self, conn: Connection, reply: bytes) -> list[bytes]:
         return [reply]

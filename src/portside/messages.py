@@ -90,7 +90,8 @@ class MessageHandler(Handler, Generic[M]):
         if not conn.is_open:
             return  # closed (by the peer, an error or an earlier reply): nobody to answer
         sequencer: ReplySequencer = conn.sequencer
-        if sequencer.outstanding == 0:  # nothing in flight: straight out, no number needed
+        # Nothing in flight: straight out, no number needed (``outstanding``, inlined).
+        if sequencer.next_issue == sequencer.next_release:
             self._send(conn, sequencer, self.encode_reply(conn, reply))
             return
         self._release(conn, sequencer.complete(sequencer.issue(), Outcome(reply)))
@@ -99,13 +100,15 @@ class MessageHandler(Handler, Generic[M]):
         """Write one reply. Inside a corked batch, count it, and flush the cork once it holds
         more than high water: corked bytes are invisible to the engine's flow control."""
         conn.writelines(chunks)
-        if sequencer.corked >= 0:
+        room = sequencer.cork_room
+        if room is not None:
             for chunk in chunks:
-                sequencer.corked += chunk.nbytes if type(chunk) is memoryview else len(chunk)
-            if sequencer.corked > conn.listener.config.write_high_water:
-                sequencer.corked = 0
+                room -= chunk.nbytes if type(chunk) is memoryview else len(chunk)
+            if room < 0:
+                room = conn.listener.config.write_high_water
                 conn.uncork()  # to the kernel or the write queue, where high water applies
                 conn.cork()
+            sequencer.cork_room = room
 
     def offload(self, conn: Connection, work: Callable[..., Any], *args: Any) -> None:
         """Run ``work(*args)`` on the pool; its result is the reply, sent in request order."""
@@ -186,11 +189,11 @@ class MessageHandler(Handler, Generic[M]):
         if len(messages) > 1:
             # A pipelined batch: its replies leave in one send, not one send per reply.
             conn.cork()
-            sequencer.corked = 0
+            sequencer.cork_room = conn.listener.config.write_high_water
             try:
                 self._dispatch(conn, sequencer, messages)
             finally:
-                sequencer.corked = -1
+                sequencer.cork_room = None
                 conn.uncork()
         else:
             self._dispatch(conn, sequencer, messages)
@@ -209,7 +212,9 @@ class MessageHandler(Handler, Generic[M]):
         limit = self.max_outstanding
         high_water = conn.listener.config.write_high_water
         for message in messages:
-            if held or sequencer.outstanding >= limit or conn.write_buffer_size > high_water:
+            # ``outstanding`` inlined: this runs once per message.
+            if (held or sequencer.next_issue - sequencer.next_release >= limit
+                    or conn.write_buffer_size > high_water):
                 held.append(framer.detach(message))  # behind any held before it: order kept
             elif conn.is_open:
                 self.message_received(conn, message)
