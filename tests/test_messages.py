@@ -178,8 +178,8 @@ class BigReplies(MessageHandler[Message]):
         self.errors: list[BaseException] = []
 
     def message_received(self, conn: Connection, message: Message) -> None:
+        self.answered += 1  # before the reply: the client may have it before this line runs
         self.reply(conn, len(self.value).to_bytes(4, "big") + bytes(message) + b"|" + self.value)
-        self.answered += 1
         held = sum(len(m) for m in conn.sequencer.held)
         room = conn.sequencer.cork_room
         corked = 0 if room is None else conn.listener.config.write_high_water - room

@@ -83,7 +83,9 @@ class Framer(ABC, Generic[M]):
         try:
             return self.split(data, messages)
         except ProtocolError as exc:
-            self._fail(exc)
+            # Without its traceback: the frames would keep split()'s views of the buffer
+            # alive (and with them its export) for as long as ``error`` is kept.
+            self._fail(exc.with_traceback(None))
             return len(data)
 
     def _fail(self, exc: ProtocolError) -> None:
