@@ -105,3 +105,25 @@ def test_messages_before_a_bad_frame_are_kept() -> None:
         framer.feed(b"more")
     with pytest.raises(ProtocolError):
         framer.eof()
+
+
+def feed_all(framer: Framer[Message], stream: bytes, cuts: list[int]) -> tuple[list[bytes], bool]:
+    """Messages and whether the stream was a protocol error, when cut at ``cuts``."""
+    out: list[bytes] = []
+    try:
+        out = decode_in_pieces(framer, stream, [c % (len(stream) + 1) for c in cuts])
+    except ProtocolError:
+        return out, True
+    return out, False
+
+
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=40), prefix_sizes)
+def test_any_bytes_any_split_same_messages_or_error(stream: bytes, cuts: list[int],
+                                                    prefix: Literal[1, 2, 4, 8]) -> None:
+    """Arbitrary input under tight limits: where it is cut does not change whether it is a
+    protocol error (each feed then works from the state the last one left)."""
+    for make in (lambda: LineFramer(b"\r\n", max_length=20),
+                 lambda: LengthPrefixFramer(prefix, max_size=30)):
+        whole = feed_all(make(), stream, [])
+        assert feed_all(make(), stream, cuts)[1] == whole[1]
+        assert feed_all(make(), stream, list(range(len(stream))))[1] == whole[1]

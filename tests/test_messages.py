@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from conftest import WAIT, Clients, ServeFactory, recv_until_eof
+from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -161,3 +161,118 @@ def test_malformed_frame_closes_the_connection(serve: ServeFactory, clients: Cli
     rs.server.shutdown()
     rs.thread.join(WAIT)
     assert CloseReason.PROTOCOL_ERROR in handler.closed
+
+
+REPLY_SIZE = 1024 * 1024
+
+
+class BigReplies(MessageHandler[Message]):
+    """Each request line is answered with REPLY_SIZE bytes (like GET of a 1 MiB value); records
+    the most output the connection ever held: its write queue plus corked replies."""
+
+    def __init__(self) -> None:
+        self.value = bytes(range(256)) * (REPLY_SIZE // 256)
+        self.peak = 0
+        self.answered = 0
+        self.held_seen = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def message_received(self, conn: Connection, message: Message) -> None:
+        self.answered += 1  # before the reply: the client may have it before this line runs
+        self.reply(conn, len(self.value).to_bytes(4, "big") + bytes(message) + b"|" + self.value)
+        held = sum(len(m) for m in conn.sequencer.held)
+        room = conn.sequencer.cork_room
+        corked = 0 if room is None else conn.listener.config.write_high_water - room
+        self.peak = max(self.peak, conn.write_buffer_size + corked + held)
+
+    def encode_reply(self, conn: Connection, reply: bytes) -> list[bytes]:
+        return [reply]
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        super().data_received(conn, data)
+        if conn.sequencer.held:
+            self.held_seen.set()
+
+    def error(self, conn: Connection | None, exc: BaseException) -> None:
+        self.errors.append(exc)
+
+
+def test_pipelined_large_replies_stay_bounded(serve: ServeFactory, clients: Clients) -> None:
+    """200 requests in one read whose replies are 1 MiB each: the server stops taking requests
+    while its write queue is over high water, so it never holds more than about high water
+    plus one reply (not 200 MiB); the slow client still gets every reply intact, in order."""
+    handler = BigReplies()
+    high_water = 64 * 1024
+    rs = serve(ListenerConfig(write_high_water=high_water, write_low_water=16 * 1024),
+               handler=handler)
+    sock = clients.connect(rs.address())
+    requests = [b"get %03d" % i for i in range(200)]
+    sock.sendall(b"".join(r + b"\n" for r in requests))  # ~1.6 KB: one read
+    assert handler.held_seen.wait(WAIT)  # the server stopped taking requests; we read nothing
+    answered_while_stalled = handler.answered
+    assert answered_while_stalled < 50  # the kernel's socket buffers hold a few, no more
+    for request in requests:  # read slowly: one reply at a time, in small pieces
+        head = recv_exactly(sock, 4)
+        size = int.from_bytes(head, "big")
+        body = bytearray()
+        while len(body) < len(request) + 1 + size:
+            body += sock.recv(min(65536, len(request) + 1 + size - len(body)))
+        assert bytes(body[:len(request) + 1]) == request + b"|"
+        assert body[len(request) + 1:] == handler.value
+    assert handler.answered == 200
+    assert handler.peak <= high_water + 2 * (REPLY_SIZE + 64), handler.peak
+    assert not handler.errors
+
+
+class Fragile(Worker):
+    """Worker whose reply encoding fails for b"BADENC", and whose message_received fails for
+    b"crash" (reached only when it is re-dispatched from the held queue, off any callback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported: list[BaseException] = []
+        self.reasons: list[CloseReason] = []
+        self.all_closed = threading.Condition()
+
+    def message_received(self, conn: Connection, message: Message) -> None:
+        if bytes(message).startswith(b"crash"):
+            raise RuntimeError("crashed on a held request")
+        super().message_received(conn, message)
+
+    def encode_reply(self, conn: Connection, reply: Any) -> list[Any]:
+        if bytes(reply).startswith(b"BADENC"):
+            raise RuntimeError("cannot encode")
+        return super().encode_reply(conn, reply)
+
+    def error(self, conn: Connection | None, exc: BaseException) -> None:
+        with self.lock:
+            self.reported.append(exc)
+
+    def connection_closed(self, conn: Connection, reason: CloseReason) -> None:
+        with self.all_closed:
+            self.reasons.append(reason)
+            self.all_closed.notify_all()
+
+
+@pytest.mark.parametrize("requests", [
+    [b"job a", b"badenc", b"job c"],  # the pool's reply fails to encode
+    [f"job {i}".encode() for i in range(12)] + [b"crash"],  # a held request fails later
+], ids=["encode", "held"])
+def test_offloaded_failure_aborts_like_inline(serve: ServeFactory, clients: Clients,
+                                              requests: list[bytes]) -> None:
+    handler = Fragile()
+    rs = run_server(serve, handler)
+    bad, good = clients.connect(rs.address()), clients.connect(rs.address())
+    bad.sendall(b"".join(frame(r) for r in requests))
+    got = b""
+    with pytest.raises(ConnectionResetError):  # aborted at once: RST, not a hang
+        while chunk := bad.recv(65536):
+            got += chunk
+    with handler.all_closed:
+        assert handler.all_closed.wait_for(lambda: bool(handler.reasons), WAIT)
+    assert handler.reasons == [CloseReason.HANDLER_ERROR]
+    assert [str(exc) for exc in handler.reported] in (
+        [["cannot encode"], ["crashed on a held request"]])
+    good.sendall(frame(b"job d") + frame(b"now e"))  # the server and its other clients are fine
+    good.shutdown(socket.SHUT_WR)
+    assert unframe(recv_until_eof(good)) == [b"JOB D", b"NOW E"]

@@ -24,19 +24,98 @@ def encode_command(args: list[bytes]) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
-commands = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=5), max_size=20)
-
-
-@given(commands, st.lists(st.integers(0, 5000), max_size=10))
-def test_any_split_parses_the_same_commands(cmds: list[Command], cuts: list[int]) -> None:
-    stream = b"".join(encode_command(c) for c in cmds)
+def split_feed(framer: RespFramer, stream: bytes, cuts: list[int]) -> tuple[list[Command], bool]:
+    """The commands ``stream`` gives when cut at ``cuts``, and whether it was a protocol error
+    (raised by a feed or at the end)."""
     bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
-    framer = RespFramer()
     out: list[Command] = []
-    for start, end in itertools.pairwise(bounds):
-        out += framer.feed(stream[start:end])
-    framer.eof()
-    assert out == cmds
+    try:
+        for start, end in itertools.pairwise(bounds):
+            out += framer.feed(memoryview(stream)[start:end])
+        framer.eof()
+    except ProtocolError:
+        return out, True
+    return out, False
+
+
+arguments = st.one_of(st.binary(max_size=40), st.binary(min_size=100, max_size=3000),
+                      st.sampled_from([b"", b"\r\n", b"*1\r\n$1\r\nx\r\n", b"$"]))
+commands = st.lists(st.lists(arguments, min_size=1, max_size=6), max_size=15)
+inline_words = st.lists(st.binary(min_size=1, max_size=10).filter(
+    lambda w: not any(c in w for c in b" \t\r\n\x0b\x0c\"'") and not w.startswith(b"*")),
+    min_size=1, max_size=4)  # a line that starts with '*' is an array, as in Redis
+# A request stream as clients send it: arrays of bulk strings, inline lines, empty arrays.
+requests = st.lists(st.one_of(
+    commands.map(lambda cmds: [(encode_command(c), c) for c in cmds]),
+    inline_words.map(lambda w: [(b" ".join(w) + b"\r\n", w)]),
+    st.just([(b"*0\r\n", None)]), st.just([(b"\r\n", None)]),
+), max_size=8).map(lambda groups: [item for group in groups for item in group])
+cut_lists = st.lists(st.integers(0, 100_000), max_size=30)
+
+
+@given(requests, cut_lists)
+def test_any_split_parses_the_same_commands(stream_items: list[tuple[bytes, Command | None]],
+                                            cuts: list[int]) -> None:
+    stream = b"".join(wire for wire, _ in stream_items)
+    expected = [command for _, command in stream_items if command is not None]
+    assert split_feed(RespFramer(), stream, cuts) == (expected, False)
+
+
+@given(requests)
+def test_one_byte_at_a_time_parses_the_same_commands(
+        stream_items: list[tuple[bytes, Command | None]]) -> None:
+    stream = b"".join(wire for wire, _ in stream_items)[:3000]
+    assert split_feed(RespFramer(), stream, list(range(len(stream)))) == \
+        split_feed(RespFramer(), stream, [])
+
+
+garbage = st.lists(st.one_of(
+    st.sampled_from([b"*", b"$", b"\r\n", b"*2\r\n", b"$3\r\n", b"abc", b"$-1\r\n", b"+OK\r\n",
+                     b"*1\r\n*1\r\n", b"$9999999999\r\n", b"*99999999\r\n", b"x" * 200]),
+    st.binary(max_size=20)), max_size=12).map(b"".join)
+
+
+@given(st.one_of(garbage, requests.map(lambda items: b"".join(w for w, _ in items))), cut_lists,
+       st.sampled_from([(50, 20, 300, 100), (8 * 1024 * 1024, 65536, 32 << 20, 65536)]))
+def test_any_split_gives_the_same_commands_or_error(
+        stream: bytes, cuts: list[int], limits: tuple[int, int, int, int]) -> None:
+    """Arbitrary bytes, under tight limits too: the same commands, and a protocol error or not,
+    wherever the stream is cut."""
+    bulk, arguments, request, inline = limits
+
+    def make() -> RespFramer:
+        return RespFramer(max_bulk=bulk, max_arguments=arguments, max_request=request,
+                          max_inline=inline)
+
+    assert split_feed(make(), stream, cuts) == split_feed(make(), stream, [])
+
+
+class GeneralOnly(RespFramer):
+    """The general parser alone, without the one-pass fast path for whole commands."""
+
+    def _parse_whole(self, raw: bytes, messages: list[Command]) -> int:
+        return 0
+
+
+@given(st.one_of(garbage, requests.map(lambda items: b"".join(w for w, _ in items))),
+       st.sampled_from([(50, 20, 300, 100), (8 * 1024 * 1024, 65536, 32 << 20, 65536)]))
+def test_fast_path_and_general_parser_agree(stream: bytes,
+                                            limits: tuple[int, int, int, int]) -> None:
+    """The same commands and the same error, with or without the fast path (whole reads)."""
+    bulk, arguments, request, inline = limits
+
+    def run(framer: RespFramer) -> tuple[list[Command], str | None]:
+        commands: list[Command] = []
+        try:
+            commands += framer.feed(stream)  # the commands before an error, error set
+            framer.eof()  # raises that error, or one for a partial command
+        except ProtocolError as exc:
+            return commands, str(exc)
+        return commands, None
+
+    caps = {"max_bulk": bulk, "max_arguments": arguments, "max_request": request,
+            "max_inline": inline}
+    assert run(RespFramer(**caps)) == run(GeneralOnly(**caps))
 
 
 def test_inline_commands() -> None:
@@ -44,18 +123,46 @@ def test_inline_commands() -> None:
         [b"PING"], [b"SET", b"a", b"b"], [b"GET", b"a"]]
 
 
-@pytest.mark.parametrize("bad", [
-    b"*1\r\n+PING\r\n",  # not a bulk string
-    b"*1\r\n$-5\r\n",  # negative bulk length
-    b"*1\r\n$3\r\nabcXY",  # missing CRLF after the bulk
-    b"*x\r\n",  # not a number
-    b"*99999999\r\n",  # too many arguments
-    b"*1\r\n$999999999999\r\n",  # bulk too large
-    b"x" * 70_000,  # inline line without end, too long
+@pytest.mark.parametrize(("bad", "error"), [
+    (b"*1\r\n+PING\r\n", "expected '\\$', got '\\+'"),  # not a bulk string
+    (b"*1\r\n*1\r\n$1\r\nx\r\n", "expected '\\$', got '\\*'"),  # nested: depth is 1
+    (b"*1\r\n$-5\r\n", "invalid bulk length"),  # negative bulk length
+    (b"*1\r\n$3\r\nabcXY", "not followed by CRLF"),  # missing CRLF after the bulk
+    (b"*x\r\n", "invalid multibulk length"),  # not a number
+    (b"*65537\r\n", "invalid multibulk length"),  # too many arguments
+    (b"*1\r\n$8388609\r\n", "invalid bulk length"),  # bulk over 8 MiB
+    (b"*1\r\n$" + b"1" * 40, "too big bulk count string"),  # a length line without end
+    (b"*" + b"1" * 40, "too big mbulk count string"),
+    (b"x" * 70_000, "too big inline request"),  # inline line without end, too long
 ])
-def test_malformed_input_is_a_protocol_error(bad: bytes) -> None:
-    with pytest.raises(ProtocolError):
+def test_malformed_or_oversized_input_is_a_protocol_error(bad: bytes, error: str) -> None:
+    with pytest.raises(ProtocolError, match=error):
         RespFramer().feed(bad)
+
+
+def test_limits_are_configurable() -> None:
+    framer = RespFramer(max_bulk=10, max_arguments=2, max_request=40, max_inline=8)
+    assert framer.feed(encode_command([b"a" * 10, b"b"])) == [[b"a" * 10, b"b"]]
+    for bad in (encode_command([b"a" * 11]), encode_command([b"a", b"b", b"c"]), b"123456789"):
+        with pytest.raises(ProtocolError):
+            RespFramer(max_bulk=10, max_arguments=2, max_request=40, max_inline=8).feed(bad)
+    # max_request counts the whole command, also when it arrives in pieces.
+    stream = encode_command([b"a" * 10, b"b" * 10])  # 36 bytes: under 40
+    assert split_feed(RespFramer(max_request=40), stream, list(range(len(stream)))) == (
+        [[b"a" * 10, b"b" * 10]], False)
+    assert split_feed(RespFramer(max_request=30), stream, list(range(len(stream))))[1]
+    assert split_feed(RespFramer(max_request=30), stream, [])[1]
+
+
+def test_a_partial_command_is_buffered_and_counted() -> None:
+    framer = RespFramer()
+    assert framer.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nab") == []
+    assert framer.buffered > 0  # a message has begun: the read timeout runs
+    assert framer.feed(b"cde\r\n") == [[b"SET", b"k", b"abcde"]]
+    assert framer.buffered == 0
+    framer.feed(b"*2\r\n$1\r\na\r\n")
+    with pytest.raises(ProtocolError, match="inside"):
+        framer.eof()
 
 
 def test_reply_encoding() -> None:
@@ -144,3 +251,42 @@ def test_pipelined_batch_then_quit_sends_every_reply(resp_port: int) -> None:
         while data := sock.recv(4096):
             got += data
         assert got == b"+PONG\r\n" * 50 + b"+OK\r\n"  # nothing after QUIT, nothing lost
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("engine", ["epoll", "asyncio"])
+def test_pipelined_large_gets_keep_the_server_small(tmp_path: os.PathLike[str],
+                                                    engine: str) -> None:
+    """200 GETs of a 1 MiB value in one read, from a client that reads slowly: the server
+    holds about high water plus one reply at a time (its peak RSS grows by far less than the
+    200 MiB the replies add up to), and every reply arrives intact."""
+    proc = PortsideProcess(["resp", "--port", "0", "--engine", engine,
+                            "--control", os.path.join(tmp_path, "ctl")])
+    try:
+        port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        value = bytes(range(256)) * 4096  # 1 MiB
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(encode_command([b"SET", b"big", value]))
+            assert sock.recv(5) == b"+OK\r\n"
+            before = peak_rss(proc.proc.pid)
+            sock.sendall(encode_command([b"GET", b"big"]) * 200)  # ~4.6 KB: one read
+            reply = b"$%d\r\n%s\r\n" % (len(value), value)
+            for _ in range(200):
+                got = bytearray()
+                while len(got) < len(reply):
+                    chunk = sock.recv(min(256 * 1024, len(reply) - len(got)))
+                    assert chunk, "EOF"
+                    got += chunk
+                assert got == reply
+            grown = peak_rss(proc.proc.pid) - before
+        assert grown < 48 * 1024 * 1024, grown
+    finally:
+        proc.kill()

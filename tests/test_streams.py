@@ -202,3 +202,59 @@ def test_epoll_engine_refuses_async_handlers() -> None:
         server.run(install_signal_handlers=False)
     for listener in server.listeners:
         listener.close()
+
+
+class Bounded(AsyncEcho):
+    """Reads the ways a peer could make a reader grow: a length it chooses, or all to EOF."""
+
+    reader_limit = 16 * 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    async def handle(self, reader: StreamReader, writer: StreamWriter) -> None:
+        mode = await reader.readexactly(1)
+        if mode == b"L":  # a 4-byte length, then that many bytes
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            writer.write(b"%d" % len(await reader.readexactly(length)))
+        else:  # everything until EOF
+            writer.write(b"%d" % len(await reader.read()))
+        self.peak = max(self.peak, len(reader._buffer))
+
+
+@on_async_engines
+@pytest.mark.parametrize(("request_bytes", "answer"), [
+    (b"L" + (16 * 1024).to_bytes(4, "big") + b"x" * 16 * 1024, b"16384"),  # at the limit
+    (b"E" + b"y" * 10_000, b"10000"),  # to EOF, under the limit
+    (b"E" + b"y" * 300_000, b"300000"),  # to EOF past the limit: unbounded, as asyncio
+    (b"L" + (16 * 1024 + 1).to_bytes(4, "big") + b"x" * 100, None),  # over: closed at once
+])
+def test_reads_are_bounded_by_the_reader_limit(
+        serve: ServeFactory, clients: Clients, caplog: pytest.LogCaptureFixture,
+        request_bytes: bytes, answer: bytes | None) -> None:
+    handler = Bounded()
+    rs = serve(ListenerConfig(), handler=handler)
+    sock = clients.connect(rs.address())
+    try:
+        sock.sendall(request_bytes)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the server may close before taking everything
+    try:
+        got: bytes | None = recv_until_eof(sock)
+    except ConnectionResetError:
+        got = None
+    with handler.done:
+        assert handler.done.wait_for(lambda: len(handler.closed) == 1, WAIT)
+    if answer is not None:
+        assert got == answer and handler.closed == [CloseReason.CLOSED]
+    else:
+        assert not got
+        assert handler.closed == [CloseReason.PROTOCOL_ERROR]
+        assert len([r for r in caplog.records if "reader limit" in r.getMessage()]) == 1
+        assert not handler.errors  # the peer's fault: no traceback, no error callback
+        stats = rs.server.statistics().listeners[0]
+        assert stats.closed_by_reason.get("protocol-error") == 1
+    if request_bytes[:1] == b"L":
+        assert handler.peak <= 16 * 1024 + 64 * 1024  # the limit plus one socket read

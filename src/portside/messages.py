@@ -3,8 +3,17 @@
 ``MessageHandler`` runs each connection's bytes through a framer (see ``portside.protocols``)
 and calls ``message_received`` with whole messages. Replies go out with ``reply`` (computed on
 the loop) or ``offload`` (computed on a thread pool); both take a sequence number on arrival, so
-replies leave in request order whatever order the work finishes in. A connection with
-``max_outstanding`` requests in flight stops being read until half of them are answered.
+replies leave in request order whatever order the work finishes in.
+
+Bounded per connection, requests and replies alike. A connection with ``max_outstanding``
+requests in flight stops being read until half of them are answered. And while its write queue
+is above ``write_high_water`` (the peer reads slower than it asks), no further message is taken
+off it: the rest of the read waits, decoded, in the sequencer's ``held`` queue and reading
+pauses, until ``resume_writing`` (the queue fell to low water) hands them on. A pipelined
+batch's replies are corked into one send, but the cork is flushed whenever it holds more than
+high water, so the engine sees the queue grow. So 200 pipelined ``GET``s of a 1 MiB value in
+one read hold about high water plus one reply, not 200 MiB. A subclass that overrides
+``pause_writing``, ``resume_writing`` or ``write_drained`` must call ``super()``.
 """
 
 from __future__ import annotations
@@ -81,10 +90,25 @@ class MessageHandler(Handler, Generic[M]):
         if not conn.is_open:
             return  # closed (by the peer, an error or an earlier reply): nobody to answer
         sequencer: ReplySequencer = conn.sequencer
-        if sequencer.outstanding == 0:  # nothing in flight: straight out, no number needed
-            conn.writelines(self.encode_reply(conn, reply))
+        # Nothing in flight: straight out, no number needed (``outstanding``, inlined).
+        if sequencer.next_issue == sequencer.next_release:
+            self._send(conn, sequencer, self.encode_reply(conn, reply))
             return
         self._release(conn, sequencer.complete(sequencer.issue(), Outcome(reply)))
+
+    def _send(self, conn: Connection, sequencer: ReplySequencer, chunks: list[Any]) -> None:
+        """Write one reply. Inside a corked batch, count it, and flush the cork once it holds
+        more than high water: corked bytes are invisible to the engine's flow control."""
+        conn.writelines(chunks)
+        room = sequencer.cork_room
+        if room is not None:
+            for chunk in chunks:
+                room -= chunk.nbytes if type(chunk) is memoryview else len(chunk)
+            if room < 0:
+                room = conn.listener.config.write_high_water
+                conn.uncork()  # to the kernel or the write queue, where high water applies
+                conn.cork()
+            sequencer.cork_room = room
 
     def offload(self, conn: Connection, work: Callable[..., Any], *args: Any) -> None:
         """Run ``work(*args)`` on the pool; its result is the reply, sent in request order."""
@@ -100,14 +124,32 @@ class MessageHandler(Handler, Generic[M]):
         future.add_done_callback(finished)
 
     def _offload_done(self, conn: Connection, conn_id: int, seq: int, done: Future[Any]) -> None:
+        """On the loop: the pool finished ``seq``. Runs outside any engine callback, so it
+        isolates failures itself, as the engine does for callbacks: an exception while the
+        reply is encoded or sent, or while held requests are started, reaches ``error`` and
+        aborts this connection at once (never just a log line and a client left waiting)."""
         if conn.id != conn_id or conn.sequencer is None:
             return  # the connection closed meanwhile: nobody is waiting for this reply
-        error = done.exception()
-        outcome = Outcome(error=error) if error is not None else Outcome(done.result())
-        sequencer: ReplySequencer = conn.sequencer
-        self._release(conn, sequencer.complete(seq, outcome))
-        if sequencer.held and sequencer.outstanding <= self.max_outstanding // 2:
-            self._dispatch(conn, sequencer, ())  # start the held requests first, in order
+        try:
+            error = done.exception()
+            outcome = Outcome(error=error) if error is not None else Outcome(done.result())
+            sequencer: ReplySequencer = conn.sequencer
+            self._release(conn, sequencer.complete(seq, outcome))
+            if sequencer.held and sequencer.outstanding <= self.max_outstanding // 2:
+                self._dispatch(conn, sequencer, ())  # start the held requests first, in order
+            self._caught_up(conn, sequencer)
+        except Exception as exc:
+            self._failed(conn, conn_id, exc)
+
+    def _failed(self, conn: Connection, conn_id: int, exc: Exception) -> None:
+        if conn.id == conn_id and conn.is_open:
+            try:
+                self.error(conn, exc)
+            finally:
+                conn.abort_for(CloseReason.HANDLER_ERROR)
+
+    def _caught_up(self, conn: Connection, sequencer: ReplySequencer) -> None:
+        """Resume reading once nothing is held; close if the peer had finished."""
         if not sequencer.held and conn.is_open:
             conn.hold_reading(False)
             if sequencer.close_when_drained and sequencer.outstanding == 0:
@@ -122,10 +164,9 @@ class MessageHandler(Handler, Generic[M]):
                 try:
                     self.offload_failed(conn, outcome.error)
                 except Exception as exc:
-                    self.error(conn, exc)
-                    conn.abort()
+                    self._failed(conn, conn.id, exc)
                 return
-            conn.writelines(self.encode_reply(conn, outcome.value))
+            self._send(conn, sequencer, self.encode_reply(conn, outcome.value))
         if (sequencer.close_when_drained and sequencer.outstanding == 0 and not sequencer.held
                 and conn.is_open):
             conn.close()
@@ -144,15 +185,18 @@ class MessageHandler(Handler, Generic[M]):
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
+        sequencer: ReplySequencer = conn.sequencer
         if len(messages) > 1:
             # A pipelined batch: its replies leave in one send, not one send per reply.
             conn.cork()
+            sequencer.cork_room = conn.listener.config.write_high_water
             try:
-                self._dispatch(conn, conn.sequencer, messages)
+                self._dispatch(conn, sequencer, messages)
             finally:
+                sequencer.cork_room = None
                 conn.uncork()
         else:
-            self._dispatch(conn, conn.sequencer, messages)
+            self._dispatch(conn, sequencer, messages)
         if framer.error is not None and conn.is_open:  # after the messages before the bad one
             self.protocol_error(conn, framer.error)
             return
@@ -160,19 +204,41 @@ class MessageHandler(Handler, Generic[M]):
 
     def _dispatch(self, conn: Connection, sequencer: ReplySequencer,
                   messages: Iterable[M]) -> None:
-        """Hand messages to ``message_received`` until too many are outstanding; hold the rest
-        (copied: they may be views of a lent buffer) and stop reading until replies catch up."""
+        """Hand messages to ``message_received`` until too many are outstanding or the write
+        queue is over high water; hold the rest (copied: they may be views of a lent buffer)
+        and stop reading until replies catch up."""
         framer: Framer[M] = conn.framer
         held = sequencer.held
+        limit = self.max_outstanding
+        high_water = conn.listener.config.write_high_water
         for message in messages:
-            if held or sequencer.outstanding >= self.max_outstanding:
+            # ``outstanding`` inlined: this runs once per message.
+            if (held or sequencer.next_issue - sequencer.next_release >= limit
+                    or conn.write_buffer_size > high_water):
                 held.append(framer.detach(message))  # behind any held before it: order kept
             elif conn.is_open:
                 self.message_received(conn, message)
-        while held and conn.is_open and sequencer.outstanding < self.max_outstanding:
+        while (held and conn.is_open and sequencer.outstanding < limit
+               and conn.write_buffer_size <= high_water):
             self.message_received(conn, held.popleft())
         if held and conn.is_open:
             conn.hold_reading(True)
+
+    def resume_writing(self, conn: Connection) -> None:
+        """The write queue fell to low water: take the held messages on (call ``super()``)."""
+        self._take_held(conn)
+
+    def write_drained(self, conn: Connection) -> None:
+        """Everything queued is sent (call ``super()`` when overriding)."""
+        self._take_held(conn)
+
+    def _take_held(self, conn: Connection) -> None:
+        sequencer: ReplySequencer | None = conn.sequencer
+        if sequencer is None or not sequencer.held or not conn.is_open:
+            return
+        if sequencer.outstanding < self.max_outstanding:
+            self._dispatch(conn, sequencer, ())
+            self._caught_up(conn, sequencer)
 
     def eof_received(self, conn: Connection) -> None:
         """The peer finished sending: answer what is in flight, then close."""

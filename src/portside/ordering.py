@@ -3,7 +3,8 @@
 Pure bookkeeping, no threads or sockets: each request takes the next sequence number when it
 arrives; a finished result is held in a small reorder buffer until every earlier one has been
 released. The buffer holds at most as many results as there are requests outstanding, which the
-message layer bounds by pausing reads.
+message layer bounds by pausing reads. The sequencer is also where the message layer keeps
+its per-connection flow state: requests held back (``held``) and room left in the cork.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Outcome:
 class ReplySequencer:
     """Issues sequence numbers and releases outcomes strictly in that order."""
 
-    __slots__ = ("_done", "close_when_drained", "held", "next_issue", "next_release")
+    __slots__ = ("_done", "close_when_drained", "cork_room", "held", "next_issue",
+                 "next_release")
 
     def __init__(self) -> None:
         self.next_issue = 0
@@ -34,6 +36,9 @@ class ReplySequencer:
         self.held: deque[Any] = deque()
         #: The peer has finished sending: close once every outstanding reply is out.
         self.close_when_drained = False
+        #: In a corked pipelined batch: the reply bytes it may still take before the cork is
+        #: flushed (high water at first); None when not corked.
+        self.cork_room: int | None = None
 
     @property
     def outstanding(self) -> int:

@@ -6,23 +6,41 @@ and ``StreamWriter`` follow asyncio's streams (``read``, ``readexactly``, ``read
 written for ``asyncio.start_server`` moves over with little change, while accepting, policies,
 pools, limits and statistics are portside's. It needs a running asyncio loop: the ``asyncio``
 or ``uvloop`` engine, or ``Server.serve()``. The callback style stays the fast path.
+
+Reads are bounded by the reader's ``limit`` (``StreamHandler.reader_limit``) with one
+exception. ``readexactly(n)`` raises ``asyncio.LimitOverrunError`` at once for ``n`` over the
+limit (asyncio would buffer whatever length the peer announces); ``readuntil``/``readline``
+raise it past the limit, as asyncio does. **``read()`` with no size (to EOF) is unbounded, as
+in asyncio**: it buffers everything the peer sends until it closes, so use it only for peers
+you trust, or loop on ``read(n)``. An overrun (or a framer's ``ProtocolError``) that escapes
+``handle`` closes the connection with ``CloseReason.PROTOCOL_ERROR`` and one log line, not a
+traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from portside.engine.connection import CloseReason, Connection
+from portside.errors import ProtocolError
 from portside.handler import Handler
 from portside.protocols.framing import Framer
+
+logger = logging.getLogger("portside")
 
 M = TypeVar("M")
 
 
 class StreamReader:
-    """Bytes a peer sent, buffered up to ``limit`` (past it, reading from the socket pauses)."""
+    """Bytes a peer sent, buffered up to ``limit`` (past it, reading from the socket pauses).
+
+    Resource handling: at most ``limit`` bytes plus one socket read are buffered, except
+    while ``read()`` (to EOF, unbounded as in asyncio) waits; any other read that could only
+    be satisfied past the limit raises ``asyncio.LimitOverrunError``.
+    """
 
     def __init__(self, conn: Connection, limit: int) -> None:
         self._conn = conn
@@ -31,6 +49,7 @@ class StreamReader:
         self._eof = False
         self._exception: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._to_eof = False  # read() to EOF is waiting: reading continues past the limit
 
     # -- fed by the handler's callbacks, on the loop ---------------------------------------------
 
@@ -56,16 +75,20 @@ class StreamReader:
     async def _wait(self) -> None:
         if self._exception is not None:
             raise self._exception
-        if self._conn.is_open:
-            # Someone wants more than is buffered: read again, even past the limit (else a
-            # read() to EOF or a readexactly() over the limit would wait forever).
+        if self._conn.is_open and (len(self._buffer) <= self._limit or self._to_eof):
+            # Someone wants more than is buffered, and there is room (or read() to EOF
+            # asked for everything): read again (reading may have been held above the limit).
             self._conn.hold_reading(False)
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
 
     def _take(self, size: int) -> bytes:
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        if size >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(memoryview(self._buffer)[:size])
+            del self._buffer[:size]
         if len(self._buffer) <= self._limit // 2 and self._conn.is_open:
             self._conn.hold_reading(False)
         return data
@@ -76,18 +99,31 @@ class StreamReader:
         return self._eof and not self._buffer
 
     async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all until EOF when ``n`` < 0); b"" at EOF."""
+        """Up to ``n`` bytes; b"" at EOF. With ``n`` < 0, everything until EOF: UNBOUNDED, as
+        in asyncio (the reader limit does not apply), so only for peers you trust."""
         if n == 0:
             return b""
         if n < 0:
-            while not self._eof:
-                await self._wait()
+            self._to_eof = True
+            try:
+                while not self._eof:
+                    await self._wait()
+            finally:
+                self._to_eof = False
             return self._take(len(self._buffer))
         while not self._buffer and not self._eof:
             await self._wait()
         return self._take(n)
 
     async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (``IncompleteReadError`` at EOF before them). ``n`` over the
+        reader's limit raises ``LimitOverrunError`` at once: a peer-chosen length cannot make
+        the reader buffer without bound."""
+        if n > self._limit:
+            raise asyncio.LimitOverrunError(
+                f"readexactly({n}) is over the reader limit of {self._limit} bytes", 0)
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
         while len(self._buffer) < n:
             if self._eof:
                 partial = self._take(len(self._buffer))
@@ -96,7 +132,13 @@ class StreamReader:
         return self._take(n)
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        while (index := self._buffer.find(separator)) < 0:
+        """Up to and including ``separator``; bounded by the limit. Each wait searches only
+        the new bytes (plus a separator's length), as asyncio keeps its offset."""
+        if not separator:
+            raise ValueError("separator should be at least one-byte string")
+        offset = 0
+        while (index := self._buffer.find(separator, offset)) < 0:
+            offset = max(0, len(self._buffer) - len(separator) + 1)
             if len(self._buffer) > self._limit:
                 raise asyncio.LimitOverrunError("separator not found within the limit",
                                                 len(self._buffer))
@@ -230,6 +272,14 @@ class StreamHandler(Handler):
             await self.handle(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away: connection_closed has or will come
+        except (asyncio.LimitOverrunError, ProtocolError) as exc:
+            # The peer sent more than a limit allows, or broke the framing: its fault, not
+            # the handler's, so one line and no traceback.
+            if conn.id == conn_id and conn.is_open:
+                logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address,
+                               exc)
+                conn.close_for(CloseReason.PROTOCOL_ERROR)
+            return
         except Exception as exc:
             if conn.id == conn_id and conn.is_open:
                 self.error(conn, exc)

@@ -3,9 +3,19 @@
 Theory of operation. ``feed(data)`` returns every message ``data`` completes. When nothing is
 buffered from earlier reads, messages that lie wholly inside ``data`` are returned as slices of
 it (zero-copy: valid only as long as ``data`` is, which for a handler means during the
-callback); only a partial message at the end is copied into the framer's own buffer, whose size
-is bounded by the framer's maximum message size. Oversized or malformed input raises
-``ProtocolError``. ``eof()`` raises if the stream ended inside a message.
+callback); only the unconsumed tail is copied into the framer's own buffer, whose size the
+framer's limits bound. Oversized or malformed input raises ``ProtocolError``. ``eof()`` raises
+if the stream ended inside a message.
+
+Work per read is O(new bytes), however finely a message is cut (as Redis keeps ``bulklen``
+between reads and h11's ``ReceiveBuffer`` its scan offset). Two things make it so:
+
+- ``split`` resumes. The next ``split`` sees this call's unconsumed tail (``data[used:]``) at
+  the start of its input, followed by the new bytes, so a framer may remember how far into
+  that tail it already looked (a scan offset, a parsed length, arguments taken so far).
+- ``need``. A framer that knows how many bytes it needs before it can progress (a length
+  prefix read, a bulk string's size) sets ``need``; until that many are buffered, ``feed``
+  only appends (amortised O(1) per byte) and does not call ``split`` at all.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ class Framer(ABC, Generic[M]):
 
     def __init__(self) -> None:
         self._pending = bytearray()
+        #: Bytes ``split`` needs at the start of its input before it can make progress (0: any).
+        self.need = 0
         #: The first protocol error; once set, the stream is broken and feed() raises it.
         self.error: ProtocolError | None = None
 
@@ -38,28 +50,31 @@ class Framer(ABC, Generic[M]):
         if self.error is not None:
             raise self.error
         messages: list[M] = []
-        if self._pending:
-            self._pending += data
-            view = memoryview(self._pending)
-            try:
-                used = self._split_into(view, messages)
-                # Copy out: the pending buffer is about to shrink under these views.
-                messages = [self.detach(message) for message in messages]
-            finally:
-                view.release()
-            del self._pending[:used]
+        pending = self._pending
+        if pending:
+            pending += data
+            if len(pending) >= self.need:
+                view = memoryview(pending)
+                try:
+                    used = self._split_into(view, messages)
+                    if messages:
+                        # Copy out: the pending buffer is about to shrink under these views.
+                        messages = [self.detach(message) for message in messages]
+                finally:
+                    view.release()
+                del pending[:used]  # O(1): a bytearray drops its head by moving its start
         else:
             view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-            used = self._split_into(view, messages)
+            used = self._split_into(view, messages) if len(view) >= self.need else 0
             if used < len(view) and self.error is None:
-                self._pending += view[used:]
-        if self.error is None:
+                pending += view[used:]
+        if self.error is None and pending:
             try:
-                self.check_pending(len(self._pending))
+                self.check_pending(len(pending))
             except ProtocolError as exc:
                 self._fail(exc)
         if self.error is not None:
-            self._pending.clear()  # nothing after a bad frame can be trusted
+            pending.clear()  # nothing after a bad frame can be trusted
             if not messages:
                 raise self.error
         return messages
@@ -68,7 +83,9 @@ class Framer(ABC, Generic[M]):
         try:
             return self.split(data, messages)
         except ProtocolError as exc:
-            self._fail(exc)
+            # Without its traceback: the frames would keep split()'s views of the buffer
+            # alive (and with them its export) for as long as ``error`` is kept.
+            self._fail(exc.with_traceback(None))
             return len(data)
 
     def _fail(self, exc: ProtocolError) -> None:
@@ -78,19 +95,20 @@ class Framer(ABC, Generic[M]):
         """The stream ended: an unfinished message, or an earlier bad frame, is an error."""
         if self.error is not None:
             raise self.error
-        if self._pending:
-            raise ProtocolError(f"stream ended inside a message ({len(self._pending)} bytes)")
+        if self.buffered:
+            raise ProtocolError(f"stream ended inside a message ({self.buffered} bytes)")
 
     @property
     def buffered(self) -> int:
-        """Bytes held for a message not yet complete."""
+        """Bytes held for a message not yet complete (a message has begun when this is > 0)."""
         return len(self._pending)
 
     @abstractmethod
     def split(self, data: memoryview, messages: list[M]) -> int:
         """Append the whole messages at the start of ``data`` to ``messages``; return how many
-        bytes they used. Raise ProtocolError at a malformed frame (after appending those
-        before it)."""
+        bytes were consumed (usually the end of the last whole message; a framer that keeps a
+        partly parsed message itself may consume more). Raise ProtocolError at a malformed
+        frame (after appending those before it). See the module docstring for resuming."""
 
     def detach(self, message: M) -> M:
         """``message`` as a copy that no longer refers to ``split``'s input (override when
@@ -114,27 +132,40 @@ class ByteFramer(Framer[Message]):
 
 
 class LineFramer(ByteFramer):
-    """Messages separated by ``delimiter`` (newline by default); the delimiter is removed."""
+    """Messages separated by ``delimiter`` (newline by default); the delimiter is removed.
+
+    ``max_length`` caps a line (64 KiB by default, Redis's inline limit): past it the stream is
+    a protocol error, and at most that much (plus a partial delimiter) is ever buffered.
+    """
 
     def __init__(self, delimiter: bytes = b"\n", max_length: int = 64 * 1024) -> None:
         super().__init__()
         if not delimiter:
             raise ValueError("the delimiter must not be empty")
+        if max_length < 0:
+            raise ValueError("max_length must be >= 0")
         self.delimiter = delimiter
         self.max_length = max_length
         self._pattern = re.compile(re.escape(delimiter))
+        # Bytes at the start of split's next input already searched for a delimiter.
+        self._searched = 0
 
     def split(self, data: memoryview, messages: list[Message]) -> int:
         start = 0
         size = len(self.delimiter)
+        limit = self.max_length
         # A compiled pattern searches any buffer in place; bytes.find would need a copy.
         search = self._pattern.search
-        while (found := search(data, start)) is not None:
+        found = search(data, self._searched)
+        while found is not None:
             end = found.start()
-            if end - start > self.max_length:
-                raise ProtocolError(f"line longer than {self.max_length} bytes")
+            if end - start > limit:
+                raise ProtocolError(f"line longer than {limit} bytes")
             messages.append(data[start:end])
             start = end + size
+            found = search(data, start)
+        # Resume after what was searched, less a delimiter that may be cut at the end.
+        self._searched = max(0, len(data) - start - size + 1)
         return start
 
     def check_pending(self, size: int) -> None:
@@ -152,6 +183,8 @@ class LengthPrefixFramer(ByteFramer):
     """Messages preceded by their length in 1, 2, 4 or 8 bytes, big- or little-endian.
 
     With ``inclusive`` the length counts the prefix itself (as some protocols define it).
+    ``max_size`` caps a message body (1 MiB by default); a larger length is a protocol error
+    as soon as its prefix arrives, before any of the body is buffered.
     """
 
     def __init__(self, prefix_size: Literal[1, 2, 4, 8] = 4,
@@ -179,10 +212,12 @@ class LengthPrefixFramer(ByteFramer):
         at = 0
         total = len(data)
         prefix = self.prefix_size
+        self.need = 0
         while total - at >= prefix:
             length = self._length(data, at)
             end = at + prefix + length
             if end > total:
+                self.need = prefix + length  # feed() waits for the whole body: no re-reading
                 break
             messages.append(data[at + prefix:end])
             at = end
