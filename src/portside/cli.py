@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import enum
 import importlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,8 @@ from portside.config import (
     parse_policy,
     parse_proxy_version,
 )
-from portside.control import protocol
+from portside.control.command import add_commands as add_control_commands
+from portside.control.command import claim_control
 from portside.control.server import default_control_path
 from portside.errors import ConfigError, PortsideError
 from portside.handler import Handler
@@ -187,23 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         option.add_to(resp)
     _add_process_options(resp)
 
-    ctl = commands.add_parser("ctl", help="control a running server",
-                              description="Send one command to a running server.")
-    ctl.add_argument("--control", metavar="PATH", default=default_control_path(),
-                     help="its control socket (default: %(default)s)")
-    ctl.add_argument("command", choices=protocol.COMMANDS)
-    ctl.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
-                     help="how long to wait for the reply (default: %(default)s)")
-    top = commands.add_parser("top", help="a live view of a running server",
-                              description="Listeners and workers of a running server, "
-                                          "refreshed every second from its control socket.")
-    top.add_argument("--control", metavar="PATH", default=default_control_path(),
-                     help="its control socket (default: %(default)s)")
-    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    top.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
-                     help="refresh period (default: %(default)s)")
-    top.add_argument("--iterations", type=_count(1), default=None, metavar="N",
-                     help="stop after N refreshes (default: until Ctrl-C)")
+    add_control_commands(commands)
     return parser
 
 
@@ -307,7 +291,7 @@ def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfi
     listeners, sockets = _socket_activation(listeners)
     if args.workers is not None:
         supervisor = Supervisor(handler_factory, listeners, config, args.workers,
-                                _claim_control(control_path, explicit=bool(args.control)),
+                                claim_control(control_path, explicit=bool(args.control)),
                                 heartbeat_timeout=args.heartbeat_timeout, sockets=sockets)
         supervisor.start()
         if args.metrics:
@@ -315,7 +299,7 @@ def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfi
         return supervisor.run()
     server = Server(handler_factory(), listeners, config, sockets=sockets)
     server.start()
-    path = _claim_control(control_path, explicit=bool(args.control))
+    path = claim_control(control_path, explicit=bool(args.control))
     if path is not None:
         server.add_service(ControlServer(path, ServerTarget(server)))
     if args.metrics:
@@ -374,36 +358,6 @@ def _socket_activation(listeners: list[ListenerConfig]
     return configs, [entry.sock for entry in handed]
 
 
-def _claim_control(path: str, explicit: bool) -> str | None:
-    """The control path to use: an explicit one must be free (binding says so); a default one
-    that another server already answers on is skipped with a warning."""
-    if explicit:
-        return path
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return path
-    finally:
-        probe.close()
-    logging.getLogger("portside").warning(
-        "control socket %s is in use by another server; running without one "
-        "(pass --control PATH)", path)
-    return None
-
-
-def run_ctl(args: argparse.Namespace) -> int:
-    from portside.control.client import ControlError, send_command
-
-    try:
-        result = send_command(args.control, args.command, timeout=args.timeout)
-    except ControlError as exc:
-        print(f"portside ctl: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
@@ -416,12 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.subcommand == "resp":
             return run_resp(args)
-        if args.subcommand == "ctl":
-            return run_ctl(args)
-        if args.subcommand == "top":
-            from portside.top import run_top
-
-            return run_top(args.control, args.interval, args.once, args.iterations)
+        if args.subcommand in ("ctl", "top"):
+            return int(args.run(args))
     except PortsideError as exc:
         print(f"portside: {exc}", file=sys.stderr)
         return 2
