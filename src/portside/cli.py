@@ -26,9 +26,8 @@ from portside.config import (
     parse_policy,
     parse_proxy_version,
 )
+from portside.control.command import SERVER_CONTROL_HELP
 from portside.control.command import add_commands as add_control_commands
-from portside.control.command import claim_control
-from portside.control.server import default_control_path
 from portside.errors import ConfigError, PortsideError
 from portside.handler import Handler
 
@@ -196,7 +195,7 @@ def _add_process_options(parser: argparse.ArgumentParser) -> None:
                         help="run N worker processes under a supervisor (auto: one per CPU); "
                              "without it, one process serves")
     parser.add_argument("--control", metavar="PATH", default=None,
-                        help=f"control socket for portside ctl (default: {default_control_path()})")
+                        help=SERVER_CONTROL_HELP)
     parser.add_argument("--tls-cert", metavar="FILE", default=None,
                         help="serve TLS on every listener with this certificate (PEM chain)")
     parser.add_argument("--tls-key", metavar="FILE", default=None,
@@ -277,21 +276,28 @@ def _load_handler(spec: str) -> Callable[[], Handler]:
 
 def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
            args: argparse.Namespace) -> int:
+    from portside.control.paths import ControlSocket
+
+    config = ServerConfig(**_pick(args, SERVER_OPTIONS))
+    tls = _tls_context(args)
+    if tls is not None:
+        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
+    listeners, sockets = _socket_activation(listeners)
+    with ControlSocket(args.control) as control:  # removed at exit, after a failed start too
+        return _run(handler_factory, listeners, config, sockets, control, args)
+
+
+def _run(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
+         config: ServerConfig, sockets: list[socket.socket] | None, control: Any,
+         args: argparse.Namespace) -> int:
     from portside.control.server import ControlServer
     from portside.control.target import ServerTarget
     from portside.metrics import MetricsServer
     from portside.server import Server
     from portside.workers.supervisor import Supervisor
 
-    config = ServerConfig(**_pick(args, SERVER_OPTIONS))
-    tls = _tls_context(args)
-    if tls is not None:
-        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
-    control_path = args.control or default_control_path()
-    listeners, sockets = _socket_activation(listeners)
     if args.workers is not None:
-        supervisor = Supervisor(handler_factory, listeners, config, args.workers,
-                                claim_control(control_path, explicit=bool(args.control)),
+        supervisor = Supervisor(handler_factory, listeners, config, args.workers, control,
                                 heartbeat_timeout=args.heartbeat_timeout, sockets=sockets)
         supervisor.start()
         if args.metrics:
@@ -299,11 +305,10 @@ def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfi
         return supervisor.run()
     server = Server(handler_factory(), listeners, config, sockets=sockets)
     server.start()
-    path = claim_control(control_path, explicit=bool(args.control))
-    if path is not None:
-        server.add_service(ControlServer(path, ServerTarget(server)))
+    target = ServerTarget(server)
+    server.add_service(ControlServer(control, target))
     if args.metrics:
-        server.add_service(MetricsServer(args.metrics, ServerTarget(server)))
+        server.add_service(MetricsServer(args.metrics, target))
     server.run()
     return 0
 
