@@ -44,6 +44,11 @@ class SupervisorTarget:
     def control(self, request: protocol.Request, respond: Respond) -> None:
         command, args = request.command, request.args
         supervisor = self.supervisor
+        names = [config.label for config in supervisor.listener_configs]
+        if command != "connections" and args.get("listener", names[0]) not in names:
+            respond(protocol.reply_error(f"no listener named {args['listener']!r} "
+                                         f"(listeners: {', '.join(names)})"))
+            return
         if command == "stats":
             supervisor.fan_out("stats", lambda results: respond(protocol.reply_ok(
                 self.statistics(results))))
@@ -111,6 +116,8 @@ class SupervisorTarget:
                 respond(protocol.reply_error(f"no open connection with id "
                                              f"{request.args['id']!r}"))
             else:
+                for entry in result.values():
+                    entry["id"] = request.args["id"]
                 respond(protocol.reply_ok(result))
 
         self.supervisor.ask(worker, request.command, answered, {"id": ident})

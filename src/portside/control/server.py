@@ -118,16 +118,19 @@ class ControlServer(SideListener):
     """Accepts control clients on a ``ControlSocket`` and hands their requests to ``target``;
     closing it removes the socket file."""
 
-    def __init__(self, control: ControlSocket, target: ControlTarget) -> None:
+    def __init__(self, control: ControlSocket, target: ControlTarget,
+                 client_timeout: float = CLIENT_TIMEOUT) -> None:
         self.control = control
         self.path = control.path
         self.target = target
+        self.client_timeout = client_timeout
         super().__init__(control.sock, self._client, MAX_CLIENTS)
 
     def _client(self, sock: socket.socket, reactor: Reactor,
                 on_close: Callable[[ServiceClient], None]) -> ControlChannel:
         uid = peer_uid(sock)
-        channel = ControlChannel(sock, self.target, reactor, on_close, CLIENT_TIMEOUT, uid)
+        channel = ControlChannel(sock, self.target, reactor, on_close, self.client_timeout,
+                                 uid)
         if uid not in (os.getuid(), 0):
             logger.warning("control: refused a client of uid %d", uid)
             channel.refusal = f"uid {uid} may not control this server"
