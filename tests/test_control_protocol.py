@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -42,9 +43,10 @@ def test_overlong_request_is_an_error() -> None:
 
 
 def test_requests_round_trip() -> None:
-    examples = {"close": {"id": "7"}, "abort": {"id": "1.2"}, "max-connections": {"value": 5},
-                "log-level": {"level": "debug"}, "connections": {"limit": 3, "state": "open"},
-                "pause": {"listener": "immediate"}}
+    examples: dict[str, dict[str, Any]] = {
+        "close": {"id": "7"}, "abort": {"id": "1.2"}, "max-connections": {"value": 5},
+        "log-level": {"level": "debug"}, "connections": {"limit": 3, "state": "open"},
+        "pause": {"listener": "immediate"}}
     for command in protocol.COMMANDS:
         args = examples.get(command, {})
         request = protocol.parse_request(protocol.request(command, args).rstrip(b"\n"), 1000)
