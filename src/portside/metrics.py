@@ -53,6 +53,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8 * 1024
 HEAD_TIMEOUT = 5.0  # seconds for a scraper to send its request head, and again to take the answer
 MAX_CLIENTS = 64
+LINGER_BYTES = 1024 * 1024  # dropped after an answer before giving up on a clean close
 
 Family = CounterMetricFamily | GaugeMetricFamily
 
@@ -194,8 +195,28 @@ class Scrape(SideClient):
         self.target = target
         self.head = bytearray()
         self.open_metrics = False
+        self.lingering = 0  # 1 + bytes dropped once the answer is sent; 0 until then
+
+    def finished(self) -> None:
+        """Answer sent: FIN, then drop what the client still sends until it closes, so the
+        kernel does not reset the connection over unread bytes before the answer arrives
+        (nginx's lingering close); bounded by ``LINGER_BYTES`` and the deadline."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.close_when_sent = False
+        self.lingering = 1
+        self.reading = True
+        self.reactor.modify(self.fd, readable=True, writable=False)
 
     def received(self, data: bytes) -> None:
+        if self.lingering:
+            self.lingering += len(data)
+            if self.lingering > LINGER_BYTES:
+                self.close()
+            return
         if not self.reading:
             return
         self.head += data
@@ -224,7 +245,7 @@ class Scrape(SideClient):
 
     def expired(self) -> None:
         self._timer = None
-        if self.reading and not self.answering:
+        if self.reading and not self.answering and not self.lingering:
             self.respond(408, b"no request in time\n")  # sent if the socket takes it now
         self.close()
 

@@ -120,9 +120,13 @@ class SideClient:
             return
         del self.outgoing[:sent]
         if not self.outgoing and self.close_when_sent:
-            self.close()
+            self.finished()
         else:
             self.reactor.modify(self.fd, readable=self.reading, writable=bool(self.outgoing))
+
+    def finished(self) -> None:
+        """Everything queued was sent and ``close_when_sent`` is set (override to linger)."""
+        self.close()
 
     def close(self) -> None:
         if not self.closed:
