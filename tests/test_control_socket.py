@@ -381,8 +381,8 @@ def test_a_client_that_asks_in_time_is_served_and_gets_a_new_period(
         sock.settimeout(WAIT)
         sock.connect(control_server)
         lines = sock.makefile("rb")
-        for _ in range(3):  # 3 x 0.3 s > 0.5 s: each reply renews the deadline
-            time.sleep(0.3)  # the client's own think time, not a synchronisation
+        for _ in range(3):  # 3 x 0.25 s > 0.5 s: each reply renews the deadline
+            time.sleep(0.25)  # the client's own think time, not a synchronisation
             sock.sendall(protocol.request("stats"))
             assert json.loads(lines.readline())["result"] == {"command": "stats"}
 

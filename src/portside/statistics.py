@@ -56,75 +56,95 @@ class Figure:
                 "histogram": "buckets"}.get(self.kind, "sum")  # type: ignore[return-value]
 
 
-def figure(kind: Kind, help: str, **options: Any) -> Any:
-    """A dataclass field (no default: built by keyword) declaring its ``Figure``."""
-    return field(metadata={"figure": Figure(kind, help, **options)})
+def figure(kind: Kind, help: str, **options: Any) -> dict[str, Figure]:
+    """Field metadata declaring a ``Figure``: ``x: int = field(metadata=figure(...))`` (a
+    ``field()`` without a default: the class is still built by keyword)."""
+    return {"figure": Figure(kind, help, **options)}
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerStatistics:
     """Counters of one listener. ``pending`` + ``active`` are its open connections now."""
 
-    name: str = figure("label", "The listener's name.", column="listener", short="lsn",
-                       priority=0)
-    address: str = figure("label", "Where it listens.", column="address", short="addr",
-                          priority=60)
-    policy: str = figure("label", "immediate or data-first.", column="policy", priority=90)
-    accepting: bool = figure("gauge", "1 while the listener accepts connections.",
-                             metric="listener_accepting", merge="max")
+    name: str = field(metadata=figure(
+        "label", "The listener's name.", column="listener", short="lsn", priority=0))
+    address: str = field(metadata=figure(
+        "label", "Where it listens.", column="address", short="addr", priority=60))
+    policy: str = field(metadata=figure(
+        "label", "immediate or data-first.", column="policy", priority=90))
+    accepting: bool = field(metadata=figure(
+        "gauge", "1 while the listener accepts connections.", metric="listener_accepting",
+        merge="max"))
     #: "accepting", "paused", "at-ceiling", "backing-off" or "closed".
-    accept_state: str = figure("state", "accepting, paused, at-ceiling, backing-off or closed.",
-                               column="state", short="st", priority=5)
-    max_connections: int = figure("gauge", "The listener's max_connections (summed over "
-                                  "workers).", column="limit", short="lim", priority=9)
-    peak_connections: int = figure("gauge", "The most connections open at once so far "
-                                   "(summed over workers).", column="peak", priority=12)
-    accepted: int = figure("counter", "Connections accepted from the kernel.",
-                           column="accepted", short="acc", priority=18)
-    pending: int = figure("gauge", "Accepted connections waiting for first data.",
-                          metric="connections", labels=(("state", "pending"),),
-                          column="pending", short="pend", priority=17)
-    active: int = figure("gauge", "Connections handed to the handler.",
-                         metric="connections", labels=(("state", "active"),),
-                         column="active", short="act", priority=16)
-    closed: int = figure("counter", "Connections closed, for any reason (the sum of "
-                         "portside_closed_total).", metric="")
-    first_data_timeouts: int = figure(
+    accept_state: str = field(metadata=figure(
+        "state", "accepting, paused, at-ceiling, backing-off or closed.", column="state",
+        short="st", priority=5))
+    max_connections: int = field(metadata=figure(
+        "gauge", "The listener's max_connections (summed over workers).", column="limit",
+        short="lim", priority=9))
+    peak_connections: int = field(metadata=figure(
+        "gauge", "The most connections open at once so far (summed over workers).",
+        column="peak", priority=12))
+    accepted: int = field(metadata=figure(
+        "counter", "Connections accepted from the kernel.", column="accepted", short="acc",
+        priority=18))
+    pending: int = field(metadata=figure(
+        "gauge", "Open connections: pending (waiting for first data) or active (handed to the "
+        "handler).", metric="connections", labels=(("state", "pending"),), column="pending",
+        short="pend", priority=17))
+    active: int = field(metadata=figure(
+        "gauge", "Open connections: pending (waiting for first data) or active (handed to the "
+        "handler).", metric="connections", labels=(("state", "active"),), column="active",
+        short="act", priority=16))
+    closed: int = field(metadata=figure(
+        "counter", "Connections closed, for any reason (the sum of portside_closed_total).",
+        metric=""))
+    first_data_timeouts: int = field(metadata=figure(
         "counter", "Connections closed by a timeout.", metric="timeouts",
-        labels=(("kind", "first_data"),), column="1st-data t/o", short="1st", priority=40)
-    evicted: int = figure("counter", "Silent pending connections closed to make room at the "
-                          "ceiling.", column="evicted", short="evict", priority=45)
-    limited: int = figure("counter", "Times the listener reached max_connections and stopped "
-                          "accepting.", column="limited", short="ltd", priority=55)
-    accept_errors: int = figure("counter", "accept() failures (EMFILE and the like).",
-                                column="accept err", short="aerr", priority=50)
-    proxy_errors: int = figure("counter", "Connections refused for a bad PROXY header.",
-                               column="proxy err", short="perr", priority=65)
-    tls_failures: int = figure("counter", "TLS handshakes that failed and bad TLS records.",
-                               column="tls fail", short="tls", priority=66)
-    idle_timeouts: int = figure("counter", "Connections closed by a timeout.", metric="timeouts",
-                                labels=(("kind", "idle"),), column="idle t/o", short="idle",
-                                priority=70)
-    read_timeouts: int = figure("counter", "Connections closed by a timeout.", metric="timeouts",
-                                labels=(("kind", "read"),), column="read t/o", short="rd",
-                                priority=71)
-    write_timeouts: int = figure("counter", "Connections closed by a timeout.",
-                                 metric="timeouts", labels=(("kind", "write"),),
-                                 column="write t/o", short="wr", priority=72)
-    bytes_in: int = figure("counter", "Bytes read from clients.", column="in kB/s",
-                           short="in k/s", rate=True, priority=25)
-    bytes_out: int = figure("counter", "Bytes written to clients.", column="out kB/s",
-                            short="out k/s", rate=True, priority=26)
+        labels=(("kind", "first_data"),), column="1st-data t/o", short="1st", priority=40))
+    evicted: int = field(metadata=figure(
+        "counter", "Silent pending connections closed to make room at the ceiling.",
+        column="evicted", short="evict", priority=45))
+    limited: int = field(metadata=figure(
+        "counter", "Times the listener reached max_connections and stopped accepting.",
+        column="limited", short="ltd", priority=55))
+    accept_errors: int = field(metadata=figure(
+        "counter", "accept() failures (EMFILE and the like).", column="accept err",
+        short="aerr", priority=50))
+    proxy_errors: int = field(metadata=figure(
+        "counter", "Connections refused for a bad PROXY header.", column="proxy err",
+        short="perr", priority=65))
+    tls_failures: int = field(metadata=figure(
+        "counter", "TLS handshakes that failed and bad TLS records.", column="tls fail",
+        short="tls", priority=66))
+    idle_timeouts: int = field(metadata=figure(
+        "counter", "Connections closed by a timeout.", metric="timeouts",
+        labels=(("kind", "idle"),), column="idle t/o", short="idle", priority=70))
+    read_timeouts: int = field(metadata=figure(
+        "counter", "Connections closed by a timeout.", metric="timeouts",
+        labels=(("kind", "read"),), column="read t/o", short="rd", priority=71))
+    write_timeouts: int = field(metadata=figure(
+        "counter", "Connections closed by a timeout.", metric="timeouts",
+        labels=(("kind", "write"),), column="write t/o", short="wr", priority=72))
+    bytes_in: int = field(metadata=figure(
+        "counter", "Bytes read from clients.", column="in kB/s", short="in k/s", rate=True,
+        priority=25))
+    bytes_out: int = field(metadata=figure(
+        "counter", "Bytes written to clients.", column="out kB/s", short="out k/s", rate=True,
+        priority=26))
     #: Closed connections by close reason (``CloseReason`` values, such as "closed", "reset",
     #: "first-data-timeout"); only reasons seen so far appear.
-    closed_by_reason: dict[str, int] = figure(  # noqa: RUF009 (a field(), no default)
-        "reasons", "Connections closed, by close reason.", metric="closed")
+    closed_by_reason: dict[str, int] = field(metadata=figure(
+        "reasons", "Connections closed, by close reason.", metric="closed"))
     #: Time from accept to a connection's first byte: counts per ``TTFB_BUCKETS`` upper bound
     #: (the last is +Inf), their sum in seconds, and how many.
-    ttfb_buckets: tuple[int, ...] = figure("histogram", "From accept to a connection's first "
-                                           "byte.", metric="time_to_first_byte_seconds")
-    ttfb_sum: float = figure("part", "Sum of the times to first byte, in seconds.")
-    ttfb_count: int = figure("part", "How many times to first byte were measured.")
+    ttfb_buckets: tuple[int, ...] = field(metadata=figure(
+        "histogram", "From accept to a connection's first byte.",
+        metric="time_to_first_byte_seconds"))
+    ttfb_sum: float = field(metadata=figure(
+        "part", "Sum of the times to first byte, in seconds."))
+    ttfb_count: int = field(metadata=figure(
+        "part", "How many times to first byte were measured."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,31 +175,37 @@ class WorkerStatistics:
     """One process (a worker, or the single server; the supervisor reports the process
     figures of its own): its engine's state and what it holds from the operating system."""
 
-    slot: str = figure("label", "The worker's slot: a number kept by its replacements, or "
-                       "'supervisor'.", column="worker", short="wk", priority=0)
-    pid: int = figure("label", "The process id.", column="pid", priority=1)
-    state: str = figure("state", "new, started, running, draining or stopped.",
-                        column="state", short="st", priority=5)
-    uptime: float = figure("gauge", "Seconds since the process started.",
-                           metric="worker_uptime_seconds", column="up s", priority=40)
-    connections: int = figure("gauge", "Open connections of the process.",
-                              metric="worker_connections", column="conns", priority=10)
-    loop_lag: float = figure("gauge", "How late the process's loop last ran a timer, seconds.",
-                             metric="worker_loop_lag_seconds", column="lag ms", priority=20)
-    loop_lag_max: float = figure("gauge", "The worst loop lag so far, seconds.",
-                                 metric="worker_loop_lag_max_seconds", column="worst ms",
-                                 priority=45)
-    open_fds: int = figure("gauge", "Open file descriptors.", metric="process_open_fds",
-                           column="fds", priority=30)
-    max_fds: int = figure("gauge", "The limit on open file descriptors (RLIMIT_NOFILE).",
-                          metric="process_max_fds", column="fd limit", short="fdmax",
-                          priority=35)
-    memory_bytes: int = figure("gauge", "Resident memory, bytes.",
-                               metric="process_resident_memory_bytes", column="mem MiB",
-                               short="MiB", priority=25)
-    cpu_seconds: float = figure("counter", "CPU time used, user and system, seconds.",
-                                metric="process_cpu_seconds", column="cpu %", rate=True,
-                                priority=15)
+    slot: str = field(metadata=figure(
+        "label", "The worker's slot: a number its replacements keep, or 'supervisor'.",
+        column="worker", short="wk", priority=0))
+    pid: int = field(metadata=figure("label", "The process id.", column="pid", priority=1))
+    state: str = field(metadata=figure(
+        "state", "new, started, running, draining or stopped.", column="state", short="st",
+        priority=5))
+    uptime: float = field(metadata=figure(
+        "gauge", "Seconds since the process started.", metric="worker_uptime_seconds",
+        column="up s", priority=40))
+    connections: int = field(metadata=figure(
+        "gauge", "Open connections of the process.", metric="worker_connections",
+        column="conns", priority=10))
+    loop_lag: float = field(metadata=figure(
+        "gauge", "How late the process's loop last ran a timer, seconds.",
+        metric="worker_loop_lag_seconds", column="lag ms", priority=20))
+    loop_lag_max: float = field(metadata=figure(
+        "gauge", "The worst loop lag so far, seconds.", metric="worker_loop_lag_max_seconds",
+        column="worst ms", priority=45))
+    open_fds: int = field(metadata=figure(
+        "gauge", "Open file descriptors.", metric="process_open_fds", column="fds",
+        priority=30))
+    max_fds: int = field(metadata=figure(
+        "gauge", "The limit on open file descriptors (RLIMIT_NOFILE).",
+        metric="process_max_fds", column="fd limit", short="fdmax", priority=35))
+    memory_bytes: int = field(metadata=figure(
+        "gauge", "Resident memory, bytes.", metric="process_resident_memory_bytes",
+        column="mem MiB", short="MiB", priority=25))
+    cpu_seconds: float = field(metadata=figure(
+        "counter", "CPU time used, user and system, seconds.", metric="process_cpu_seconds",
+        column="cpu %", rate=True, priority=15))
 
 
 #: The pools' figures (``PoolStatistics`` belongs to the engine; its fields are declared here).
