@@ -80,7 +80,7 @@ class ControlChannel(SideClient):
         self.fail(f"no whole request within {self.timeout:g} s")
 
     def _next(self) -> None:
-        while self.queued and not self.answering and not self.closed:
+        while self.queued and not self.answering and not self.outgoing and not self.closed:
             line = self.queued.popleft()
             if not line and self.decoder.error is not None:
                 self.fail(str(self.decoder.error))
@@ -105,8 +105,19 @@ class ControlChannel(SideClient):
             return  # answered twice: the first one counts
         self.answering = False
         self.send(reply)
-        if self.closed:
-            return
+        if not self.closed and not self.outgoing:
+            self._ready_for_more()
+
+    def handle_write(self) -> None:
+        waiting = bool(self.outgoing)
+        super().handle_write()
+        if waiting and not self.outgoing and not self.closed and not self.answering \
+                and not self.close_when_sent:
+            self._ready_for_more()
+
+    def _ready_for_more(self) -> None:
+        """The last reply has left: a new period, and the next request. A client that does
+        not take its replies gets no more answers, and its deadline runs out."""
         self.renew()
         if not self.reading and len(self.queued) <= MAX_QUEUED:
             self.reading = True
