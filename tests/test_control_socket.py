@@ -4,6 +4,7 @@ operator's commands (single process and under --workers)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -341,7 +342,10 @@ def test_idle_clients_cannot_lock_ctl_out(tmp_path: Path) -> None:
 
 class _Target:
     def control(self, request: protocol.Request, respond: Callable[[bytes], None]) -> None:
-        respond(protocol.reply_ok({"command": request.command}))
+        if request.command == "connections":  # a big reply
+            respond(protocol.reply_ok({"connections": ["x" * 1000] * 1000}))
+        else:
+            respond(protocol.reply_ok({"command": request.command}))
 
 
 @pytest.fixture
@@ -385,6 +389,22 @@ def test_a_client_that_asks_in_time_is_served_and_gets_a_new_period(
             time.sleep(0.25)  # the client's own think time, not a synchronisation
             sock.sendall(protocol.request("stats"))
             assert json.loads(lines.readline())["result"] == {"command": "stats"}
+
+
+def test_a_client_that_takes_no_replies_is_cut_off(control_server: str) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(control_server)
+        for _ in range(50):  # 50 replies of 1 MB each asked for, none read for now
+            sock.sendall(protocol.request("connections"))
+        started = time.monotonic()
+        received = 0
+        time.sleep(1.5)  # the client's stubbornness: three times the server's deadline
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        assert time.monotonic() - started < WAIT
+    assert received < 2 * 1_010_000  # the server held at most one reply, not fifty
 
 
 # -- the operator's commands -----------------------------------------------------------------------

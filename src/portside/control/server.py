@@ -77,7 +77,11 @@ class ControlChannel(SideClient):
 
     def expired(self) -> None:
         self._timer = None
+        if self.outgoing or self.close_when_sent:
+            self.close()  # it does not take what we send: hang up
+            return
         self.fail(f"no whole request within {self.timeout:g} s")
+        self.renew()  # a period to take the error reply; then it is closed
 
     def _next(self) -> None:
         while self.queued and not self.answering and not self.outgoing and not self.closed:
