@@ -410,17 +410,19 @@ def test_a_client_that_takes_no_replies_is_cut_off(control_server: str) -> None:
 # -- the operator's commands -----------------------------------------------------------------------
 
 
-@pytest.fixture(params=[None, "2"], ids=["single", "workers"])
+@pytest.fixture(params=[None, "2", "asyncio"], ids=["single", "workers", "asyncio"])
 def served(request: pytest.FixtureRequest, tmp_path: Path
            ) -> Iterator[tuple[PortsideProcess, dict[str, int], str]]:
+    """A server, single (epoll), with two workers (epoll), or single on the asyncio engine."""
     path = str(tmp_path / "ctl.sock")
-    workers = ["--workers", request.param] if request.param else []
-    proc = echo({}, "--control", path, "--drain-timeout", "5", *workers)
+    workers = ["--workers", request.param] if request.param == "2" else []
+    engine = ["--engine", "asyncio"] if request.param == "asyncio" else []
+    proc = echo({}, "--control", path, "--drain-timeout", "5", *workers, *engine)
     try:
         ports = proc.ports()
-        for _ in range(int(request.param or 0)):
-            proc.wait_for("started worker", seen_too=True)
-        if request.param:  # every worker answers before the test begins
+        if workers:  # every worker answers before the test begins
+            for _ in range(2):
+                proc.wait_for("started worker", seen_too=True)
             wait_until(lambda: len(ctl_json({}, "--control", path, "stats")["workers"]) == 2)
         yield proc, ports, path
     finally:
@@ -511,6 +513,39 @@ def test_max_connections_and_log_level_at_run_time(
     proc.wait_for(r"control: uid \d+ asked for log-level level=debug", seen_too=True)
     bad = ctl({}, "--control", path, "max-connections", "0", check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_lowered_ceiling_holds_newcomers_until_a_connection_closes(
+        served: tuple[PortsideProcess, dict[str, int], str]) -> None:
+    _, ports, path = served
+    workers = len(ctl_json({}, "--control", path, "stats")["workers"])
+    ctl({}, "--control", path, "max-connections", "1", "--listener", "immediate")
+    held = []
+    try:
+        for _ in range(workers):  # one per worker: each is then at its ceiling of 1
+            sock = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+            sock.sendall(b"in")
+            assert sock.recv(2) == b"in"
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", ports["immediate"]),
+                                      timeout=WAIT) as waiting:
+            waiting.sendall(b"wait")
+            wait_until(lambda: "at-ceiling" in {
+                entry["name"]: entry for entry in
+                ctl_json({}, "--control", path, "stats")["listeners"]}["immediate"][
+                    "accept_state"])
+            waiting.settimeout(0.3)
+            with pytest.raises(TimeoutError):  # still in the backlog
+                waiting.recv(10)
+            waiting.settimeout(WAIT)
+            held.pop().close()
+            assert waiting.recv(10) == b"wait"
+        peak = {entry["name"]: entry for entry in
+                ctl_json({}, "--control", path, "stats")["listeners"]}["immediate"]
+        assert peak["peak_connections"] >= workers
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_drain_stops_accepting_and_reports_until_done(
