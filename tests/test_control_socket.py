@@ -110,6 +110,29 @@ def test_each_server_has_its_own_private_socket_and_ctl_finds_the_one_meant(
     one_line_error(none, 1, "no portside server is running")
 
 
+def test_sockets_of_dead_servers_are_swept_and_nothing_else(runtime: dict[str, str]) -> None:
+    directory = Path(runtime["XDG_RUNTIME_DIR"]) / "portside"
+    directory.mkdir(mode=0o700)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = directory / f"{gone.pid}.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))  # left behind by a server killed with SIGKILL, say
+    alive = directory / f"{os.getpid()}.sock"  # refused, but its pid runs: not provably dead
+    with socket.socket(socket.AF_UNIX) as closed:
+        closed.bind(str(alive))
+    keep = directory / "99999999.sock"
+    keep.write_text("not a socket")
+    proc = echo(runtime)
+    try:
+        control_path(proc)
+        assert not stale.exists()
+        assert alive.exists() and keep.read_text() == "not a socket"
+    finally:
+        proc.kill()
+    alive.unlink()
+
+
 @pytest.mark.parametrize("problem", ["mode", "symlink", "owner"])
 def test_an_unsafe_directory_is_refused_by_server_and_ctl(runtime: dict[str, str],
                                                             tmp_path: Path, problem: str) -> None:
