@@ -47,7 +47,7 @@ def check_private(path: str) -> None:
     try:
         info = os.lstat(path)
     except OSError as exc:
-        raise ControlError(f"cannot use {path}: {exc.strerror}") from None
+        raise ControlError(f"cannot use {path}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise ControlError(f"{path} is not a directory; refusing to use it for control sockets")
     if info.st_uid != os.getuid():
@@ -224,7 +224,8 @@ class ControlSocket:
             sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
-            raise ListenError(f"cannot create control socket {path}: {exc.strerror}") from None
+            reason = exc.strerror or exc
+            raise ListenError(f"cannot create control socket {path}: {reason}") from None
         finally:
             os.umask(old_umask)
         sock.setblocking(False)
