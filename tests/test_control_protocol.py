@@ -1,13 +1,26 @@
-"""The control protocol, sans-IO: no sockets, bytes in, messages or typed errors out."""
+"""The control protocol, sans-IO: no sockets, bytes in, requests or typed errors out."""
 
 from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from portside.control import protocol
-from portside.control.protocol import LineDecoder, ProtocolError
+from portside.errors import ControlError, PortsideError, ProtocolError
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=10)
+
+
+def test_control_errors_are_portside_errors() -> None:
+    assert issubclass(ProtocolError, PortsideError)
+    assert issubclass(ControlError, PortsideError)
 
 
 @given(st.lists(st.binary(max_size=50).filter(lambda b: b"\n" not in b), max_size=20),
@@ -15,28 +28,37 @@ from portside.control.protocol import LineDecoder, ProtocolError
 def test_any_split_decodes_the_same_lines(lines: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(line + b"\n" for line in lines)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    decoder = LineDecoder(max_line=64)
-    out: list[bytes | ProtocolError] = []
+    decoder = protocol.request_decoder()
+    out: list[bytes] = []
     for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        out += decoder.feed(stream[start:end])
+        out += [bytes(line) for line in decoder.feed(stream[start:end])]
     assert out == lines
 
 
-@given(st.integers(1, 5000), st.integers(1, 300))
-def test_overlong_line_is_an_error_then_decoding_recovers(size: int, chunk: int) -> None:
-    decoder = LineDecoder(max_line=100)
-    stream = b"x" * (100 + size) + b"\n" + b"next\n"
-    out: list[bytes | ProtocolError] = []
-    for start in range(0, len(stream), chunk):
-        out += decoder.feed(stream[start:start + chunk])
-    assert len(out) == 2
-    assert isinstance(out[0], ProtocolError)
-    assert out[1] == b"next"
+def test_overlong_request_is_an_error() -> None:
+    decoder = protocol.request_decoder()
+    with pytest.raises(ProtocolError, match="longer than"):
+        for _ in range(protocol.MAX_REQUEST // 1000 + 2):
+            decoder.feed(b"x" * 1000)
 
 
 def test_requests_round_trip() -> None:
+    examples: dict[str, dict[str, Any]] = {
+        "close": {"id": "7"}, "abort": {"id": "1.2"}, "max-connections": {"value": 5},
+        "log-level": {"level": "debug"}, "connections": {"limit": 3, "state": "open"},
+        "pause": {"listener": "immediate"}}
     for command in protocol.COMMANDS:
-        assert protocol.parse_request(protocol.request(command).rstrip(b"\n")) == command
+        args = examples.get(command, {})
+        request = protocol.parse_request(protocol.request(command, args).rstrip(b"\n"), 1000)
+        assert (request.command, request.args, request.uid) == (command, args, 1000)
+
+
+@given(JSON)
+def test_any_json_is_a_request_or_a_protocol_error(value: object) -> None:
+    for message in (value, {"v": 1, "command": "close", "args": value},
+                    {"v": 1, "command": "connections", "args": {"limit": value}}):
+        with contextlib.suppress(ProtocolError):
+            protocol.parse_request(json.dumps(message).encode())
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -46,10 +68,22 @@ def test_requests_round_trip() -> None:
     (b'{"v": 1}', "no 'command'"),
     (b'{"v": 1, "command": "explode"}', "unknown command"),
     (b"\xff\xfe", "malformed JSON"),
+    (b'{"v": 1, "command": "stats", "args": []}', "'args'"),
+    (b'{"v": 1, "command": "stats", "args": {"x": 1}}', "no argument"),
+    (b'{"v": 1, "command": "close"}', "needs the argument 'id'"),
+    (b'{"v": 1, "command": "close", "args": {"id": 5}}', "string"),
+    (b'{"v": 1, "command": "max-connections", "args": {"value": true}}', "whole number"),
+    (b'{"v": 1, "command": "max-connections", "args": {"value": 0}}', "between"),
+    (b'{"v": 1, "command": "max-connections", "args": {"value": 99999999999}}', "between"),
+    (b'{"v": 1, "command": "log-level", "args": {"level": "loud"}}', "one of"),
+    (b'{"v": ' + b"9" * 5000 + b', "command": "stats"}', "malformed JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "malformed JSON"),
+    (b'{"v": 1, "command": "' + b"x" * 10_000 + b'"}', "unknown command"),
 ])
 def test_bad_requests_are_typed_errors(line: bytes, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message):
+    with pytest.raises(ProtocolError, match=message) as caught:
         protocol.parse_request(line)
+    assert len(str(caught.value)) < 400  # an error never echoes the input back whole
 
 
 def test_replies_round_trip() -> None:

@@ -21,8 +21,9 @@ WAIT = 20.0
 
 
 def ctl(control: Path, command: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--control", str(control),
-                           command], capture_output=True, text=True, timeout=WAIT, check=True)
+    done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--json", "--control",
+                           str(control), command], capture_output=True, text=True,
+                          timeout=WAIT, check=True)
     return json.loads(done.stdout)
 
 

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import enum
 import importlib
-import json
 import logging
 import math
 import os
@@ -27,8 +26,8 @@ from portside.config import (
     parse_policy,
     parse_proxy_version,
 )
-from portside.control import protocol
-from portside.control.server import default_control_path
+from portside.control.command import SERVER_CONTROL_HELP
+from portside.control.command import add_commands as add_control_commands
 from portside.errors import ConfigError, PortsideError
 from portside.handler import Handler
 
@@ -187,23 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         option.add_to(resp)
     _add_process_options(resp)
 
-    ctl = commands.add_parser("ctl", help="control a running server",
-                              description="Send one command to a running server.")
-    ctl.add_argument("--control", metavar="PATH", default=default_control_path(),
-                     help="its control socket (default: %(default)s)")
-    ctl.add_argument("command", choices=protocol.COMMANDS)
-    ctl.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
-                     help="how long to wait for the reply (default: %(default)s)")
-    top = commands.add_parser("top", help="a live view of a running server",
-                              description="Listeners and workers of a running server, "
-                                          "refreshed every second from its control socket.")
-    top.add_argument("--control", metavar="PATH", default=default_control_path(),
-                     help="its control socket (default: %(default)s)")
-    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    top.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
-                     help="refresh period (default: %(default)s)")
-    top.add_argument("--iterations", type=_count(1), default=None, metavar="N",
-                     help="stop after N refreshes (default: until Ctrl-C)")
+    add_control_commands(commands)
     return parser
 
 
@@ -212,7 +195,7 @@ def _add_process_options(parser: argparse.ArgumentParser) -> None:
                         help="run N worker processes under a supervisor (auto: one per CPU); "
                              "without it, one process serves")
     parser.add_argument("--control", metavar="PATH", default=None,
-                        help=f"control socket for portside ctl (default: {default_control_path()})")
+                        help=SERVER_CONTROL_HELP)
     parser.add_argument("--tls-cert", metavar="FILE", default=None,
                         help="serve TLS on every listener with this certificate (PEM chain)")
     parser.add_argument("--tls-key", metavar="FILE", default=None,
@@ -293,21 +276,28 @@ def _load_handler(spec: str) -> Callable[[], Handler]:
 
 def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
            args: argparse.Namespace) -> int:
+    from portside.control.paths import ControlSocket
+
+    config = ServerConfig(**_pick(args, SERVER_OPTIONS))
+    tls = _tls_context(args)
+    if tls is not None:
+        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
+    listeners, sockets = _socket_activation(listeners)
+    with ControlSocket(args.control) as control:  # removed at exit, after a failed start too
+        return _run(handler_factory, listeners, config, sockets, control, args)
+
+
+def _run(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
+         config: ServerConfig, sockets: list[socket.socket] | None, control: Any,
+         args: argparse.Namespace) -> int:
     from portside.control.server import ControlServer
     from portside.control.target import ServerTarget
     from portside.metrics import MetricsServer
     from portside.server import Server
     from portside.workers.supervisor import Supervisor
 
-    config = ServerConfig(**_pick(args, SERVER_OPTIONS))
-    tls = _tls_context(args)
-    if tls is not None:
-        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
-    control_path = args.control or default_control_path()
-    listeners, sockets = _socket_activation(listeners)
     if args.workers is not None:
-        supervisor = Supervisor(handler_factory, listeners, config, args.workers,
-                                _claim_control(control_path, explicit=bool(args.control)),
+        supervisor = Supervisor(handler_factory, listeners, config, args.workers, control,
                                 heartbeat_timeout=args.heartbeat_timeout, sockets=sockets)
         supervisor.start()
         if args.metrics:
@@ -315,11 +305,10 @@ def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfi
         return supervisor.run()
     server = Server(handler_factory(), listeners, config, sockets=sockets)
     server.start()
-    path = _claim_control(control_path, explicit=bool(args.control))
-    if path is not None:
-        server.add_service(ControlServer(path, ServerTarget(server)))
+    target = ServerTarget(server)
+    server.add_service(ControlServer(control, target))
     if args.metrics:
-        server.add_service(MetricsServer(args.metrics, ServerTarget(server)))
+        server.add_service(MetricsServer(args.metrics, target))
     server.run()
     return 0
 
@@ -374,36 +363,6 @@ def _socket_activation(listeners: list[ListenerConfig]
     return configs, [entry.sock for entry in handed]
 
 
-def _claim_control(path: str, explicit: bool) -> str | None:
-    """The control path to use: an explicit one must be free (binding says so); a default one
-    that another server already answers on is skipped with a warning."""
-    if explicit:
-        return path
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return path
-    finally:
-        probe.close()
-    logging.getLogger("portside").warning(
-        "control socket %s is in use by another server; running without one "
-        "(pass --control PATH)", path)
-    return None
-
-
-def run_ctl(args: argparse.Namespace) -> int:
-    from portside.control.client import ControlError, send_command
-
-    try:
-        result = send_command(args.control, args.command, timeout=args.timeout)
-    except ControlError as exc:
-        print(f"portside ctl: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
@@ -416,12 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.subcommand == "resp":
             return run_resp(args)
-        if args.subcommand == "ctl":
-            return run_ctl(args)
-        if args.subcommand == "top":
-            from portside.top import run_top
-
-            return run_top(args.control, args.interval, args.once, args.iterations)
+        if args.subcommand in ("ctl", "top"):
+            return int(args.run(args))
     except PortsideError as exc:
         print(f"portside: {exc}", file=sys.stderr)
         return 2

@@ -28,3 +28,8 @@ class ProtocolError(PortsideError, ValueError):
 
     Raised by the sans-IO parsers; the server closes the offending connection with a log line.
     """
+
+
+class ControlError(PortsideError):
+    """The control socket could not be used: no server there, several to choose from, a
+    directory or peer that fails the ownership checks, or the server's error reply."""

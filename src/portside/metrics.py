@@ -1,9 +1,18 @@
 """Prometheus metrics: the ``stats`` document rendered with prometheus_client, served over HTTP.
 
 The exporter reads the same statistics as ``portside ctl stats`` (summed over the workers by
-the supervisor), so metrics and the control command never disagree. ``MetricsServer`` is a
-tiny HTTP endpoint that runs on the supervisor's (or the single server's) own loop, with no
-thread: a thread in the supervisor would be copied, mid-whatever, into every forked worker.
+the supervisor), so metrics and the control command never disagree, and every family is
+derived from the figures declared in ``portside.statistics``: its name (``portside_`` and the
+field's name, or the declared metric), help text, kind and labels. Per-process series are
+labelled by worker slot (``worker="0"``), which a replacement worker keeps, not by pid; the
+supervisor's own process figures carry ``worker="supervisor"``. A scraper that asks for
+OpenMetrics (``Accept: application/openmetrics-text``) gets it.
+
+``MetricsServer`` is a tiny HTTP endpoint on the supervisor's (or the single server's) own loop,
+with no thread: a thread in the supervisor would be copied, mid-whatever, into every forked
+worker. It cannot be locked out: a request head must arrive within ``head_timeout``, nothing
+past the head is read, the answer must be taken within the same period again, and a newcomer
+to a full table replaces the oldest client still sending its head (``engine.service``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from portside.control import protocol
@@ -27,154 +37,236 @@ from portside.control.server import ControlTarget
 from portside.engine.reactor import Reactor
 from portside.engine.service import ServiceClient, SideClient, SideListener
 from portside.errors import ListenError
-from portside.statistics import TTFB_BUCKETS
+from portside.statistics import (
+    POOL_FIGURES,
+    TTFB_BUCKETS,
+    Figure,
+    ListenerStatistics,
+    WorkerStatistics,
+    figures,
+    metric_name,
+)
 
 logger = logging.getLogger("portside.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8 * 1024
+HEAD_TIMEOUT = 5.0  # seconds for a scraper to send its request head, and again to take the answer
+MAX_CLIENTS = 64
+LINGER_BYTES = 1024 * 1024  # dropped after an answer before giving up on a clean close
 
-_COUNTERS = (  # stats key, metric name, help
-    ("accepted", "connections_accepted", "Connections accepted from the kernel."),
-    ("closed", "connections_closed", "Connections closed, for any reason."),
-    ("first_data_timeouts", "first_data_timeouts",
-     "Data-first connections closed for sending nothing in time."),
-    ("evicted", "evicted", "Silent pending connections closed to make room at the ceiling."),
-    ("limited", "limited", "Times the listener reached max_connections and stopped accepting."),
-    ("accept_errors", "accept_errors", "accept() failures (EMFILE and the like)."),
-    ("proxy_errors", "proxy_protocol_errors", "Connections refused for a bad PROXY header."),
-    ("tls_failures", "tls_failures", "TLS handshakes that failed and bad TLS records."),
-    ("bytes_in", "received_bytes", "Bytes read from clients."),
-    ("bytes_out", "sent_bytes", "Bytes written to clients."),
-)
+Family = CounterMetricFamily | GaugeMetricFamily
+
+
+class _Families:
+    """Families by name, made on first use, in the order first used."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, Family | HistogramMetricFamily] = {}
+
+    def get(self, name: str, declared: Figure, labels: list[str]) -> Family:
+        family = self.made.get(name)
+        if family is None:
+            kind = CounterMetricFamily if declared.kind == "counter" else GaugeMetricFamily
+            family = self.made[name] = kind(name, declared.help, labels=labels)
+        assert not isinstance(family, HistogramMetricFamily)
+        return family
+
+
+def _numeric(declared: Figure) -> bool:
+    return declared.kind in ("counter", "gauge") and declared.metric != ""
 
 
 class StatsCollector(Collector):
-    """Metric families from one ``stats`` document."""
+    """Metric families from one ``stats`` document, derived from the declared figures."""
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document
 
     def collect(self) -> Iterator[Metric]:
+        families = _Families()
         listeners = self.document["listeners"]
-        for key, name, text in _COUNTERS:
-            family = CounterMetricFamily(f"portside_{name}", text, labels=["listener"])
-            for entry in listeners:
-                family.add_metric([entry["name"]], entry[key])
-            yield family
-        timeouts = CounterMetricFamily("portside_timeouts", "Connections closed by a timeout.",
-                                       labels=["listener", "kind"])
-        for entry in listeners:
-            for kind in ("idle", "read", "write"):
-                timeouts.add_metric([entry["name"], kind], entry[f"{kind}_timeouts"])
-        yield timeouts
-        for key, text in (("active", "Connections handed to the handler."),
-                          ("pending", "Accepted connections waiting for first data.")):
-            gauge = GaugeMetricFamily(f"portside_connections_{key}", text, labels=["listener"])
-            for entry in listeners:
-                gauge.add_metric([entry["name"]], entry[key])
-            yield gauge
-        histogram = HistogramMetricFamily(
-            "portside_time_to_first_byte_seconds", "From accept to a connection's first byte.",
-            labels=["listener"])
-        for entry in listeners:
-            cumulative, buckets = 0, []
-            for bound, count in zip(TTFB_BUCKETS, entry["ttfb_buckets"], strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            histogram.add_metric([entry["name"]], buckets, entry["ttfb_sum"])
-        yield histogram
-        workers = self.document["workers"]
-        for key, name, text in (
-                ("connections", "worker_connections", "Open connections per worker process."),
-                ("loop_lag", "worker_loop_lag_seconds", "How late the worker's loop ran a timer."),
-                ("uptime", "worker_uptime_seconds", "Seconds since the worker started.")):
-            gauge = GaugeMetricFamily(f"portside_{name}", text, labels=["pid"])
-            for worker in workers:
-                gauge.add_metric([str(worker["pid"])], worker[key])
-            yield gauge
-        for key, text in (("free", "Pooled objects ready for reuse."),
-                          ("in_use", "Pooled objects lent out."),
-                          ("hits", "Requests met from the pool."),
-                          ("misses", "Requests that had to allocate.")):
-            pool_family: CounterMetricFamily | GaugeMetricFamily = (
-                CounterMetricFamily if key in ("hits", "misses") else GaugeMetricFamily
-            )(f"portside_pool_{key}", text, labels=["pool"])
-            for pool, figures in self.document["pools"].items():
-                pool_family.add_metric([pool], figures[key])
-            yield pool_family
+        for name, declared in figures(ListenerStatistics):
+            constant = dict(declared.labels)
+            family_name = metric_name(name, declared)
+            if _numeric(declared):
+                family = families.get(family_name, declared, ["listener", *constant])
+                for entry in listeners:
+                    if name in entry:
+                        family.add_metric([entry["name"], *constant.values()],
+                                          float(entry[name]))
+            elif declared.kind == "reasons":
+                family = families.get(family_name, Figure("counter", declared.help),
+                                      ["listener", "reason"])
+                for entry in listeners:
+                    for reason, count in sorted(entry.get(name, {}).items()):
+                        family.add_metric([entry["name"], reason], count)
+            elif declared.kind == "histogram":
+                histogram = HistogramMetricFamily(family_name, declared.help,
+                                                  labels=["listener"])
+                for entry in listeners:
+                    cumulative, buckets = 0, []
+                    for bound, count in zip(TTFB_BUCKETS, entry[name], strict=True):
+                        cumulative += count
+                        buckets.append(("+Inf" if bound == float("inf") else repr(bound),
+                                        cumulative))
+                    histogram.add_metric([entry["name"]], buckets, entry["ttfb_sum"])
+                families.made[family_name] = histogram
+        processes = _by_slot(self.document["workers"])
+        supervisor = self.document.get("supervisor")
+        for name, declared in figures(WorkerStatistics):
+            if not _numeric(declared):
+                continue
+            family_name = metric_name(name, declared)
+            family = families.get(family_name, declared, ["worker"])
+            for slot, process in processes.items():
+                family.add_metric([slot], float(process[name]))
+            if supervisor is not None and family_name.startswith("portside_process_"):
+                family.add_metric(["supervisor"], float(supervisor[name]))
+        for name, declared in POOL_FIGURES.items():
+            if _numeric(declared):
+                family = families.get(metric_name(name, declared), declared, ["pool"])
+                for pool, values in self.document["pools"].items():
+                    family.add_metric([pool], values[name])
+        yield from families.made.values()
         yield GaugeMetricFamily("portside_accepting_paused", "1 while accepting is paused.",
                                 value=int(bool(self.document["accepting_paused"])))
+        yield GaugeMetricFamily("portside_draining", "1 while draining (ctl drain).",
+                                value=int(bool(self.document.get("draining"))))
 
 
-def exposition(document: dict[str, Any]) -> bytes:
-    """The Prometheus text format of a ``stats`` document."""
+def _by_slot(processes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Process entries by slot; while a restart hands a slot over, its two processes' figures
+    are added up, so a slot never has two series."""
+    slots: dict[str, dict[str, Any]] = {}
+    for process in processes:
+        held = slots.get(process["slot"])
+        if held is None:
+            slots[process["slot"]] = dict(process)
+            continue
+        for key, value in process.items():
+            if isinstance(value, (int, float)) and key not in ("pid", "max_fds"):
+                held[key] = max(held[key], value) if key.startswith(("uptime", "loop")) else \
+                    held[key] + value
+    return slots
+
+
+def exposition(document: dict[str, Any], open_metrics: bool = False) -> bytes:
+    """The Prometheus text format (or OpenMetrics) of a ``stats`` document."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(document))
-    return generate_latest(registry)
+    if open_metrics:
+        return bytes(openmetrics.generate_latest(registry))  # type: ignore[no-untyped-call]
+    return bytes(generate_latest(registry))
 
 
 def bind_metrics(address: str) -> socket.socket:
     """Listen on ``HOST:PORT`` for scrapes; a clear ListenError when that cannot be done."""
-    host, _, port = address.rpartition(":")
+    host, _, port_text = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ListenError(f"cannot serve metrics on {address}: expected HOST:PORT with a port "
+                          "0-65535")
     try:
-        info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        info = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)[0]
         sock = socket.socket(info[0], info[1], info[2])
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
-        sock.listen(16)
+        sock.listen(MAX_CLIENTS)
     except (OSError, ValueError) as exc:
         raise ListenError(f"cannot serve metrics on {address}: {exc}") from None
     sock.setblocking(False)
     return sock
 
 
-class _Scrape(SideClient):
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error"}
+
+
+class Scrape(SideClient):
     """One HTTP request for /metrics: read the request head, answer once, close."""
 
     close_when_sent = True
 
     def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
-                 on_close: Callable[[ServiceClient], None]) -> None:
-        super().__init__(sock, reactor, on_close)
+                 on_close: Callable[[ServiceClient], None], timeout: float) -> None:
+        super().__init__(sock, reactor, on_close, timeout)
         self.target = target
-        self.request = bytearray()
-        self.answered = False
+        self.head = bytearray()
+        self.open_metrics = False
+        self.lingering = 0  # 1 + bytes dropped once the answer is sent; 0 until then
+
+    def finished(self) -> None:
+        """Answer sent: FIN, then drop what the client still sends until it closes, so the
+        kernel does not reset the connection over unread bytes before the answer arrives
+        (nginx's lingering close); bounded by ``LINGER_BYTES`` and the deadline."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.close_when_sent = False
+        self.lingering = 1
+        self.reading = True
+        self.reactor.modify(self.fd, readable=True, writable=False)
 
     def received(self, data: bytes) -> None:
-        self.request += data
-        if self.answered:
+        if self.lingering:
+            self.lingering += len(data)
+            if self.lingering > LINGER_BYTES:
+                self.close()
             return
-        if b"\r\n\r\n" not in self.request:
-            if len(self.request) > MAX_REQUEST:
+        if not self.reading:
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > MAX_REQUEST:
                 self.respond(431, b"request too large\n")
             return
-        self.answered = True
-        method, _, rest = bytes(self.request).partition(b" ")
+        del self.head[end:]  # whatever came after the head is not ours to keep
+        self.stop_reading()
+        request_line, *headers = bytes(self.head).split(b"\r\n")
+        method, _, rest = request_line.partition(b" ")
         path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        for header in headers:
+            name, _, value = header.partition(b":")
+            if name.strip().lower() == b"accept" and \
+                    b"application/openmetrics-text" in value.lower():
+                self.open_metrics = True
         if method != b"GET":
             self.respond(405, b"only GET\n")
         elif path not in (b"/metrics", b"/"):
             self.respond(404, b"try /metrics\n")
         else:
-            self.target.control("stats", self._got_stats)
+            self.answering = True
+            self.target.control(protocol.Request("stats"), self._got_stats)
+
+    def expired(self) -> None:
+        self._timer = None
+        if self.reading and not self.answering and not self.lingering:
+            self.respond(408, b"no request in time\n")  # sent if the socket takes it now
+        self.close()
 
     def _got_stats(self, reply: bytes) -> None:
+        self.answering = False
         try:
             document = protocol.parse_reply(reply.rstrip(b"\n"))
-            body = exposition(document)
+            body = exposition(document, self.open_metrics)
         except Exception as exc:  # never take the server down for a scrape
             logger.exception("metrics scrape failed")
             self.respond(500, f"stats unavailable: {exc}\n".encode())
             return
-        self.respond(200, body, CONTENT_TYPE)
+        self.respond(200, body, openmetrics.CONTENT_TYPE_LATEST if self.open_metrics
+                     else CONTENT_TYPE)
 
     def respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large", 500: "Internal Server Error"}[status]
-        self.answered = True
-        self.send((f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        if self.closed:
+            return
+        self.renew()  # a fresh period to take the answer
+        self.stop_reading()
+        self.send((f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
                    ).encode() + body)
 
@@ -182,14 +274,16 @@ class _Scrape(SideClient):
 class MetricsServer(SideListener):
     """Serves ``/metrics`` from a control target's ``stats``, on the owner's loop."""
 
-    def __init__(self, address: str, target: ControlTarget) -> None:
+    def __init__(self, address: str, target: ControlTarget, head_timeout: float = HEAD_TIMEOUT,
+                 max_clients: int = MAX_CLIENTS) -> None:
         self.address = address
         self.target = target
-        super().__init__(bind_metrics(address), self._client, max_clients=64)
+        self.head_timeout = head_timeout
+        super().__init__(bind_metrics(address), self._client, max_clients)
 
     def _client(self, sock: socket.socket, reactor: Reactor,
-                on_close: Callable[[ServiceClient], None]) -> _Scrape:
-        return _Scrape(sock, self.target, reactor, on_close)
+                on_close: Callable[[ServiceClient], None]) -> Scrape:
+        return Scrape(sock, self.target, reactor, on_close, self.head_timeout)
 
     def attach(self, reactor: Reactor) -> None:
         super().attach(reactor)

@@ -1787,6 +1787,8 @@ cdef class ListenerBase:
     cdef public object first_data
     cdef public object trackers
     cdef public dict closed_by_reason
+    cdef public Py_ssize_t _max_connections
+    cdef public Py_ssize_t peak_connections
     cdef public object silence
     cdef public object trusted
     cdef public list ttfb_buckets
@@ -1798,7 +1800,7 @@ cdef class ListenerBase:
         self._handler_defaults = -1
 
     def handle_read(self):
-        cdef Py_ssize_t limit = self.config.max_connections
+        cdef Py_ssize_t limit = self._max_connections
         cdef Py_ssize_t batch = self.config.accept_batch
         cdef Py_ssize_t i
         cdef int fd, code
@@ -1855,6 +1857,8 @@ cdef class ListenerBase:
         else:
             self.active_count += 1
             conn._establish(None)
+        if self.pending_count + self.active_count > self.peak_connections:
+            self.peak_connections = self.pending_count + self.active_count
         return 0
 
     def record_first_byte(self, double seconds):
@@ -1898,7 +1902,7 @@ cdef class ListenerBase:
         reason = conn.close_reason.value if conn.close_reason is not None else "closed"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
         if self._at_ceiling and (self.pending_count + self.active_count
-                                 < self.config.max_connections):
+                                 < self._max_connections):
             self._at_ceiling = False
             self._update_watch()
         return 0

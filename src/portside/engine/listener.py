@@ -176,6 +176,8 @@ class Listener:
         self.ttfb_buckets = [0] * len(TTFB_BUCKETS)
         self.ttfb_sum = 0.0
         self.pending_count = self.active_count = 0
+        self.peak_connections = 0
+        self._max_connections = config.max_connections
         self.paused = False
         self._core: EngineCore | None = None
         self._backing_off = False
@@ -241,6 +243,29 @@ class Listener:
     def first_data_timeouts(self) -> int:
         return self.first_data.expired
 
+    @property
+    def max_connections(self) -> int:
+        """The ceiling in force: ``config.max_connections``, or what an operator set since."""
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:
+        self._max_connections = value
+        if self._at_ceiling and self.pending_count + self.active_count < value:
+            self._at_ceiling = False
+            self._update_watch()
+
+    @property
+    def accept_state(self) -> str:
+        """"accepting", "paused", "at-ceiling", "backing-off" or "closed"."""
+        if self._closed:
+            return "closed"
+        if self.paused:
+            return "paused"
+        if self._backing_off:
+            return "backing-off"
+        return "at-ceiling" if self._at_ceiling else "accepting"
+
     def attach(self, core: EngineCore) -> None:
         self._core = core
         self.log.clock = core.reactor.time
@@ -272,7 +297,7 @@ class Listener:
     # -- the accept loop -------------------------------------------------------------------------
 
     def handle_read(self) -> None:
-        limit = self.config.max_connections
+        limit = self._max_connections
         for _ in range(self.config.accept_batch):
             if self._closed:
                 return  # a handler shut the server down from connection_made
@@ -360,6 +385,8 @@ class Listener:
         else:
             self.active_count += 1
             conn.establish(None)
+        if self.pending_count + self.active_count > self.peak_connections:
+            self.peak_connections = self.pending_count + self.active_count
 
     def _back_off(self, exc: OSError) -> None:
         core = self._core
@@ -387,13 +414,13 @@ class Listener:
         for conn in stale:
             self.evicted += 1
             conn.abort_for(CloseReason.EVICTED)
-        at_ceiling = self.pending_count + self.active_count >= self.config.max_connections
+        at_ceiling = self.pending_count + self.active_count >= self._max_connections
         if at_ceiling and not self._at_ceiling and not stale:
             self.limited += 1
             self.log.log("ceiling", logging.INFO,
                          f"{self.address} reached max_connections {{count}} more times",
                          "%s reached max_connections=%d; accepting paused",
-                         self.address, self.config.max_connections)
+                         self.address, self._max_connections)
         self._at_ceiling = at_ceiling
         due = self.pending.next_due()
         if at_ceiling and due is not None and self._pressure_timer is None:
@@ -438,7 +465,7 @@ class Listener:
         reason = conn.close_reason.value if conn.close_reason is not None else "closed"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
         open_now = self.pending_count + self.active_count
-        if self._at_ceiling and open_now < self.config.max_connections:
+        if self._at_ceiling and open_now < self._max_connections:
             self._at_ceiling = False
             self._update_watch()
 
@@ -489,6 +516,8 @@ class Listener:
         return ListenerStatistics(
             name=self.config.label, address=self.address,
             policy=self.config.policy.value, accepting=self._watching,
+            accept_state=self.accept_state, max_connections=self._max_connections,
+            peak_connections=self.peak_connections,
             accepted=self.accepted, pending=self.pending_count, active=self.active_count,
             closed=self.closed, first_data_timeouts=self.first_data_timeouts,
             evicted=self.evicted, limited=self.limited, accept_errors=self.accept_errors,

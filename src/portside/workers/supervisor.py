@@ -27,11 +27,13 @@ from typing import Any
 
 from portside.config import ListenerConfig, ServerConfig
 from portside.control import protocol
+from portside.control.fleet import SupervisorTarget
+from portside.control.paths import ControlSocket
 from portside.control.server import ControlServer
-from portside.control.target import combine
 from portside.engine.epoll import EpollReactor
 from portside.engine.listener import bind_listener
 from portside.engine.reactor import TimerHandle
+from portside.errors import ProtocolError
 from portside.handler import Handler
 from portside.metrics import MetricsServer
 from portside.workers.worker import run_worker
@@ -48,17 +50,18 @@ class WorkerLink:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.decoder = protocol.LineDecoder()
+        self.decoder = protocol.reply_decoder()
         self.waiting: deque[Reply] = deque()
         self.closed = False
         self.on_eof: Callable[[], None] | None = None
 
-    def request(self, command: str, on_reply: Reply) -> None:
+    def request(self, command: str, on_reply: Reply, args: dict[str, Any] | None = None) -> None:
         if self.closed:
             on_reply(None)
             return
         try:
-            self.sock.sendall(protocol.request(command))  # a few dozen bytes: never blocks long
+            # A few dozen bytes: never blocks long.
+            self.sock.sendall(protocol.request(command, args))
         except OSError:
             on_reply(None)
             return
@@ -71,20 +74,22 @@ class WorkerLink:
             return
         except OSError:
             data = b""
-        if not data:
+        try:
+            lines = self.decoder.feed(data) if data else None
+        except ProtocolError:  # a reply over MAX_REPLY: the link is broken
+            lines = None
+        if lines is None:
             self.fail_all()
             if self.on_eof is not None:
                 self.on_eof()  # stop watching it: level-triggered, EOF would wake us forever
             return
-        for line in self.decoder.feed(data):
+        for line in lines:
             if not self.waiting:
                 continue
             on_reply = self.waiting.popleft()
             try:
-                if isinstance(line, protocol.ProtocolError):
-                    raise line
                 on_reply(protocol.parse_reply(line))
-            except protocol.ProtocolError:
+            except ProtocolError:
                 on_reply(None)
 
     def handle_write(self) -> None:
@@ -107,6 +112,8 @@ class Worker:
     last_reply: float
     ready: bool = False
     retiring: bool = False
+    #: Its place among the workers (0 .. workers-1), taken over by its replacement.
+    slot: int = 0
     on_ready: list[Callable[[], None]] = field(default_factory=list)
 
     def handle_read(self) -> None:  # the pidfd: readable once the process has exited
@@ -123,7 +130,7 @@ class Supervisor:
 
     def __init__(self, handler_factory: Callable[[], Handler],
                  listeners: Sequence[ListenerConfig], config: ServerConfig, workers: int,
-                 control_path: str | None, heartbeat_interval: float = 1.0,
+                 control: ControlSocket | None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 10.0,
                  sockets: Sequence[socket.socket] | None = None) -> None:
         """``sockets``: listening sockets handed over (systemd socket activation), one per
@@ -132,7 +139,8 @@ class Supervisor:
         self.listener_configs = tuple(listeners)
         self.config = config
         self.worker_count = workers
-        self.control_path = control_path
+        self.control_socket = control
+        self.fleet = SupervisorTarget(self)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.sockets: list[socket.socket] = list(sockets or [])
@@ -161,8 +169,8 @@ class Supervisor:
         try:
             for listener_config in self.listener_configs if self._bind else ():
                 self.sockets.append(bind_listener(listener_config))
-            if self.control_path is not None:
-                self.control_server = ControlServer(self.control_path, self)
+            if self.control_socket is not None:
+                self.control_server = ControlServer(self.control_socket, self.fleet)
         except BaseException:
             self._close_sockets()
             raise
@@ -182,8 +190,8 @@ class Supervisor:
             for listener_config, sock in zip(self.listener_configs, self.sockets, strict=True):
                 logger.info("listening on %s (%s)", _address(sock, listener_config),
                             listener_config.policy.value)
-            for _ in range(self.worker_count):
-                self._spawn()
+            for slot in range(self.worker_count):
+                self._spawn(slot)
             self.reactor.call_later(self.heartbeat_interval, self._heartbeat)
             self.reactor.run()
         finally:
@@ -210,7 +218,7 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def _spawn(self) -> Worker:
+    def _spawn(self, slot: int) -> Worker:
         parent_end, child_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -226,14 +234,14 @@ class Supervisor:
         child_end.close()
         now = time.monotonic()
         link = WorkerLink(parent_end)
-        worker = Worker(pid, os.pidfd_open(pid), link, now, now)
+        worker = Worker(pid, os.pidfd_open(pid), link, now, now, slot=slot)
         worker.exited = lambda: self._reap(worker)
         link.on_eof = lambda: self.reactor.unregister(link.fd)
         self.workers[pid] = worker
         self.reactor.register(worker.pidfd, worker, readable=True, writable=False)
         self.reactor.register(link.fd, link, readable=True, writable=False)
-        logger.info("started worker %d", pid)
-        self._ask(worker, "stats", lambda result: self._first_reply(worker, result))
+        logger.info("started worker %d in slot %d", pid, slot)
+        self.ask(worker, "stats", lambda result: self._first_reply(worker, result))
         return worker
 
     def _forget_in_child(self) -> None:
@@ -252,18 +260,18 @@ class Supervisor:
         if result is None:
             return
         worker.ready = True
-        if self.paused:
-            self._ask(worker, "pause", lambda result: None)
+        self.fleet.replay(worker)
         callbacks, worker.on_ready = worker.on_ready, []
         for callback in callbacks:
             callback()
 
-    def _ask(self, worker: Worker, command: str, on_reply: Reply) -> None:
+    def ask(self, worker: Worker, command: str, on_reply: Reply,
+            args: dict[str, Any] | None = None) -> None:
         def record(result: Any) -> None:
             if result is not None:
                 worker.last_reply = time.monotonic()
             on_reply(result)
-        worker.link.request(command, record)
+        worker.link.request(command, record, args)
 
     def _reap(self, worker: Worker) -> None:
         self.reactor.unregister(worker.pidfd)
@@ -292,9 +300,10 @@ class Supervisor:
             self.reactor.stop()
 
     def _replace_lost(self) -> None:
-        live = sum(1 for worker in self.workers.values() if not worker.retiring)
-        if not self.shutting_down and live < self.worker_count:
-            self._spawn()
+        taken = {worker.slot for worker in self.workers.values() if not worker.retiring}
+        free = [slot for slot in range(self.worker_count) if slot not in taken]
+        if not self.shutting_down and free:
+            self._spawn(free[0])
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -306,7 +315,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             elif not worker.link.waiting:  # one heartbeat in flight at a time
-                self._ask(worker, "stats", lambda result: None)
+                self.ask(worker, "stats", lambda result: None)
         if not self.shutting_down:
             self.reactor.call_later(self.heartbeat_interval, self._heartbeat)
 
@@ -354,7 +363,7 @@ class Supervisor:
                 self._restarting = False
                 return
             retiree = remaining[0]
-            fresh = self._spawn()
+            fresh = self._spawn(retiree.slot)
 
             def retire() -> None:
                 # The retiree may have died meanwhile (its pid could even be reused), or a
@@ -377,29 +386,12 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
 
-    def control(self, command: str, respond: Callable[[bytes], None]) -> None:
-        """A control-socket command, carried out across every worker."""
-        if command in ("pause", "resume"):
-            self.paused = command == "pause"
-            self._fan_out(command, lambda results: respond(protocol.reply_ok(
-                {"accepting_paused": self.paused, "workers": len(results)})))
-        elif command == "shutdown":
-            respond(protocol.reply_ok({"shutting_down": True}))
-            self.shutdown()
-        elif command == "stats":
-            self._fan_out("stats", lambda results: respond(protocol.reply_ok(
-                self.statistics(results))))
-        else:
-            respond(protocol.reply_error(f"unknown command {command!r}"))
+    def control(self, request: protocol.Request, respond: Callable[[bytes], None]) -> None:
+        """A control-socket command, carried out across every worker (``control.fleet``)."""
+        self.fleet.control(request, respond)
 
-    def statistics(self, worker_documents: list[dict[str, Any]]) -> dict[str, Any]:
-        document = combine(worker_documents, os.getpid(), time.monotonic() - self.started_at)
-        document["accepting_paused"] = self.paused
-        document["restarts"] = self.restarts
-        document["shutting_down"] = self.shutting_down
-        return document
-
-    def _fan_out(self, command: str, done: Callable[[list[Any]], None]) -> None:
+    def fan_out(self, command: str, done: Callable[[list[Any]], None],
+                args: dict[str, Any] | None = None) -> None:
         """Send ``command`` to every worker; ``done`` gets the replies that came back."""
         workers = list(self.workers.values())
         if not workers:
@@ -415,7 +407,7 @@ class Supervisor:
             return on_reply
 
         for worker in workers:
-            self._ask(worker, command, collect(worker))
+            self.ask(worker, command, collect(worker), args)
 
 
 def _describe_status(status: int) -> str:
