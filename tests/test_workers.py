@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +36,7 @@ def control(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def supervised(control: Path) -> Iterator[PortsideProcess]:
-    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+    proc = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                             "--defer-accept", "0", "--workers", "2", "--control", str(control),
                             "--drain-timeout", "5"])
     try:
@@ -45,30 +46,35 @@ def supervised(control: Path) -> Iterator[PortsideProcess]:
 
 
 def wait_workers(proc: PortsideProcess, count: int) -> list[int]:
-    return [int(proc.wait_for(r"started worker (\d+)").group(1)) for _ in range(count)]
+    """The pids of the next ``count`` workers to report that they serve."""
+    return [int(proc.wait_for(r"worker \d+ \(pid (\d+)\) is serving").group(1))
+            for _ in range(count)]
 
 
 def test_workers_share_every_listener_and_spread_connections(
         supervised: PortsideProcess, control: Path) -> None:
     ports = supervised.ports()
+    # Both workers must serve before the first connection, or one may take them all.
     workers = set(wait_workers(supervised, 2))
     # Hold many connections open at once so that both workers must take some.
-    socks = []
-    for i in range(60):
-        port = ports["immediate"] if i % 2 else ports["data-first"]
-        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        sock.sendall(b"x")
-        assert sock.recv(1) == b"x"
-        socks.append(sock)
-    stats = ctl(control, "stats")
-    assert {worker["pid"] for worker in stats["workers"]} == workers
-    assert stats["totals"]["active"] == 60
-    busy = [worker for worker in stats["workers"] if worker["connections"] > 0]
-    assert len(busy) == 2, f"connections did not spread: {stats['workers']}"
-    assert {listener["name"]: listener["accepted"] for listener in stats["listeners"]} == \
-        {"data-first": 30, "immediate": 30}
-    for sock in socks:
-        sock.close()
+    socks: list[socket.socket] = []
+    try:
+        for i in range(60):
+            port = ports["immediate"] if i % 2 else ports["data-first"]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            socks.append(sock)
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        stats = ctl(control, "stats")
+        assert {worker["pid"] for worker in stats["workers"]} == workers
+        assert stats["totals"]["active"] == 60
+        busy = [worker for worker in stats["workers"] if worker["connections"] > 0]
+        assert len(busy) == 2, f"connections did not spread: {stats['workers']}"
+        assert {listener["name"]: listener["accepted"] for listener in stats["listeners"]} == \
+            {"data-first": 30, "immediate": 30}
+    finally:
+        for sock in socks:
+            sock.close()
     assert ctl(control, "shutdown") == {"shutting_down": True}
     assert supervised.wait_exit() == 0
     assert not control.exists()
@@ -79,7 +85,7 @@ def test_killed_worker_is_replaced_while_the_other_serves(
     ports = supervised.ports()
     first, second = wait_workers(supervised, 2)
     os.kill(first, signal.SIGKILL)
-    supervised.wait_for(rf"worker {first} died .*killed by SIGKILL")
+    supervised.wait_for(rf"\(pid {first}\) died .*killed by SIGKILL")
     replacement = wait_workers(supervised, 1)[0]
     for _ in range(20):
         assert echo_once(ports["immediate"]) == b"ping"
@@ -171,7 +177,7 @@ def test_sighup_restarts_workers_without_breaking_a_live_echo(
     assert sock.recv(10) == b""
     sock.close()
     for pid in old:  # both retired gracefully: the idle one at once, ours once we left
-        supervised.wait_for(rf"worker {pid} stopped \(exit status 0\)", seen_too=True)
+        supervised.wait_for(rf"\(pid {pid}\) stopped \(exit status 0\)", seen_too=True)
     stats = ctl(control, "stats")
     assert {worker["pid"] for worker in stats["workers"]} == new
 
@@ -187,7 +193,7 @@ def test_ctl_without_a_server_says_so(tmp_path: Path) -> None:
 
 
 def test_single_process_control_and_bad_requests(control: Path) -> None:
-    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+    proc = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                             "--control", str(control)])
     try:
         ports = proc.ports()
@@ -213,19 +219,20 @@ def _serve(handler: str, control: Path, *extra: str) -> PortsideProcess:
     tests_dir = str(Path(__file__).parent)
     return PortsideProcess(["serve", f"handlers:{handler}", "--listen", "immediate@127.0.0.1:0",
                             "--control", str(control), *extra],
-                           env={"PYTHONPATH": tests_dir})
+                           env={"PYTHONPATH": os.pathsep.join(
+                               filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))})
 
 
 def test_stuck_worker_is_replaced(control: Path) -> None:
     proc = _serve("StuckHandler", control, "--workers", "1", "--heartbeat-timeout", "1")
     try:
         port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
-        stuck = int(proc.wait_for(r"started worker (\d+)").group(1))
+        stuck = wait_workers(proc, 1)[0]
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
             sock.sendall(b"hang")
-            proc.wait_for(rf"worker {stuck} has not answered")
-            proc.wait_for(rf"worker {stuck} died .*SIGKILL")
-        proc.wait_for(r"started worker (\d+)")
+            proc.wait_for(rf"\(pid {stuck}\) has not answered")
+            proc.wait_for(rf"\(pid {stuck}\) died .*SIGKILL")
+        wait_workers(proc, 1)
         assert echo_once(port) == b"ping"
         proc.signal(signal.SIGTERM)
         assert proc.wait_exit() == 0
@@ -238,7 +245,9 @@ def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
     try:
         deaths = []
         for _ in range(4):
-            deaths.append(proc.wait_for(r"^(\S+ \S+) WARNING .*worker \d+ died .*exit status 3"))
+            deaths.append(proc.wait_for(
+                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker 1 \(pid \d+\) died .*"
+                r"exit status 3"))
         stamps = [_seconds_of(match.group(1)) for match in deaths]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         # Back-off doubles from 0.1 s: a tight fork loop would show gaps of a few milliseconds.
@@ -255,3 +264,37 @@ def _seconds_of(stamp: str) -> float:
     hours, minutes, rest = clock.split(":")
     seconds, millis = rest.split(",")
     return int(hours) * 3600 + int(minutes) * 60 + int(seconds) + int(millis) / 1000
+
+
+@pytest.mark.parametrize("handler", ["NeverBoots", "missing_module:Handler"])
+def test_worker_that_fails_to_boot_stops_the_supervisor(control: Path, handler: str) -> None:
+    """Like gunicorn's "Worker failed to boot": a clear message and a non-zero status, not a
+    respawn loop; and no worker left behind."""
+    proc = _serve(handler, control, "--workers", "2")
+    try:
+        assert proc.wait_exit() == 3
+        text = proc.text()
+        assert "worker failed to boot 3 times in a row" in text, text
+        assert "Traceback" not in text, text
+        for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", text):
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(pid), 0)
+        assert not control.exists()
+    finally:
+        proc.kill()
+
+
+def test_log_lines_name_their_process(supervised: PortsideProcess) -> None:
+    supervised.ports()
+    pids = wait_workers(supervised, 2)
+    supervisor = supervised.proc.pid
+    supervised.wait_for(rf"\[{supervisor} supervisor\] INFO portside\.supervisor: serving ",
+                        seen_too=True)
+    for pid in pids:
+        supervised.wait_for(rf"\[{pid} worker [12]\] INFO portside: listening on",
+                            seen_too=True)
+    supervised.signal(signal.SIGTERM)
+    assert supervised.wait_exit() == 0
+    for line in supervised.lines:
+        assert re.match(r"\S+ \S+ \[\d+( supervisor| worker \d+)\] ", line), line
+    assert re.search(r"stopped after [\d.]+ s", supervised.lines[-1]), supervised.lines[-1]

@@ -522,8 +522,10 @@ class Supervisor:
             if not self.shutting_down and not retiree.retiring \
                     and self.workers.get(retiree.pid) is retiree:
                 retiree.retiring = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(retiree.pid, signal.SIGTERM)
+                logger.info("reload: retiring worker %d (pid %d) once its connections finish",
+                            retiree.number, retiree.pid)
+                # Over the link, not SIGTERM: the worker drains without calling it a shutdown.
+                self._ask(retiree, "shutdown", lambda result: None)
 
         def replace(number: int) -> None:
             if not self._restarting or self.shutting_down:
