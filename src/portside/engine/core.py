@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from portside.handler import Handler
 
 logger = logging.getLogger("portside")
+connection_logger = logging.getLogger("portside.connections")
 
 
 class EngineCore:
@@ -35,6 +36,7 @@ class EngineCore:
         self.open = 0  # connections between attach and close
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
+        self._log_connections = config.log_connections  # off by default: one check per close
 
     def new_connection(self, tls: bool = False) -> Connection:
         """A connection object: pooled for plain TCP; a fresh TLS one otherwise (its handshake
@@ -45,6 +47,8 @@ class EngineCore:
 
     def connection_finished(self, conn: Connection) -> None:
         self.open -= 1
+        if self._log_connections:
+            _log_closed(conn, self.reactor.time())
         if not isinstance(conn, TlsConnection):
             # Recycle on the next iteration: now, the closing call chain still references it.
             if not self._to_recycle:
@@ -71,3 +75,15 @@ class EngineCore:
             self.handler.error(conn, exc)
         except Exception:
             logger.exception("handler.error raised while reporting %r", exc)
+
+
+def _log_closed(conn: Connection, now: float) -> None:
+    """The per-connection line (``log_connections``): who, where, how long, how much, why."""
+    peer = conn.peer_address
+    if isinstance(peer, tuple):
+        host, port = peer[:2]
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+    connection_logger.info("closed peer=%s listener=%s duration=%.3f bytes_in=%d bytes_out=%d "
+                           "reason=%s", peer or "-", conn.listener.config.label,
+                           now - conn.accepted_at, conn.bytes_in, conn.bytes_out, reason)
