@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ENGINES
 from proc import PortsideProcess, echo_once
 
 WAIT = 20.0
@@ -35,10 +36,13 @@ def control(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def supervised(control: Path) -> Iterator[PortsideProcess]:
+def supervised(control: Path, request: pytest.FixtureRequest) -> Iterator[PortsideProcess]:
+    """``echo --workers 2``; its workers run the engine given by indirect parametrization
+    (default: auto)."""
+    engine = getattr(request, "param", "auto")
     proc = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                             "--defer-accept", "0", "--workers", "2", "--control", str(control),
-                            "--drain-timeout", "5"])
+                            "--drain-timeout", "5", "--engine", engine])
     try:
         yield proc
     finally:
@@ -51,6 +55,7 @@ def wait_workers(proc: PortsideProcess, count: int) -> list[int]:
             for _ in range(count)]
 
 
+@pytest.mark.parametrize("supervised", ENGINES, indirect=True)
 def test_workers_share_every_listener_and_spread_connections(
         supervised: PortsideProcess, control: Path) -> None:
     ports = supervised.ports()
@@ -136,6 +141,7 @@ def test_sigterm_drains_clients_then_exits_zero(supervised: PortsideProcess) -> 
     assert supervised.wait_exit() == 0
 
 
+@pytest.mark.parametrize("supervised", ENGINES, indirect=True)
 def test_sighup_restarts_workers_without_breaking_a_live_echo(
         supervised: PortsideProcess, control: Path) -> None:
     ports = supervised.ports()
