@@ -75,6 +75,21 @@ def test_json_log_under_workers(tmp_path: Path) -> None:
         proc.kill()
 
 
+def test_process_titles(tmp_path: Path) -> None:
+    pytest.importorskip("setproctitle")
+    proc = PortsideProcess(["echo", "--listen", "immediate@:0", "--workers", "1",
+                            "--control", str(tmp_path / "ctl")])
+    try:
+        worker = int(proc.wait_for(r"worker 1 \(pid (\d+)\) is serving").group(1))
+        assert Path(f"/proc/{worker}/cmdline").read_bytes().startswith(b"portside: worker 1")
+        assert Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes().startswith(
+            b"portside: supervisor")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()
+
+
 def test_serve_takes_a_shutdown_trigger() -> None:
     async def main() -> None:
         stop = asyncio.Event()
