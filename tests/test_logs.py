@@ -16,7 +16,7 @@ import pytest
 from conftest import ENGINES, WAIT
 from proc import PortsideProcess, echo_once
 
-from portside import ListenerConfig, Server, ServerConfig
+from portside import Engine, ListenerConfig, Server, ServerConfig
 from portside.examples.echo import EchoHandler
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -93,7 +93,7 @@ def test_process_titles(tmp_path: Path) -> None:
 def test_serve_takes_a_shutdown_trigger() -> None:
     async def main() -> None:
         stop = asyncio.Event()
-        server = Server(EchoHandler(), [ListenerConfig()], ServerConfig(engine="asyncio"))
+        server = Server(EchoHandler(), [ListenerConfig()], ServerConfig(engine=Engine.ASYNCIO))
         server.start()
         port = server.listeners[0].address
         task = asyncio.ensure_future(server.serve(shutdown_trigger=stop.wait))
@@ -109,7 +109,7 @@ def test_serve_takes_a_shutdown_trigger() -> None:
 
 SCRIPT = """
 import asyncio, sys
-from portside import ListenerConfig, Server, ServerConfig
+from portside import Engine, ListenerConfig, Server, ServerConfig
 from portside.examples.echo import EchoHandler
 
 class Announce(EchoHandler):

@@ -183,6 +183,7 @@ class Choice(Kind):
     """One of an enum's values."""
 
     enum_class: type[enum.Enum] = LogLevel
+    noun: str = "value"  # in "unknown engine 'x' (choose from ...)"
 
     @property
     def metavar(self) -> str:  # type: ignore[override]
@@ -192,7 +193,8 @@ class Choice(Kind):
         try:
             return self.enum_class(text.replace("_", "-").lower())
         except ValueError:
-            raise ValueError(f"must be one of {self.choices()}, got {text!r}") from None
+            raise ValueError(f"unknown {self.noun} {text!r} (choose from {self.choices()})"
+                             ) from None
 
     def choices(self) -> str:
         return ", ".join(str(item.value) for item in self.enum_class)
@@ -444,7 +446,7 @@ class ListenerConfig:
     #: --certfile and --keyfile. See README.
     tls: ssl.SSLContext | None = None
     proxy_protocol: ProxyVersion = setting(  # noqa: RUF009 (a field(), made once)
-        ProxyVersion.OFF, Choice(ProxyVersion),
+        ProxyVersion.OFF, Choice(ProxyVersion, "PROXY protocol setting"),
         "Expect a PROXY protocol header (sent by HAProxy or another load balancer) before "
         "the data: off, v1, v2 or any.")
     trusted_proxies: tuple[str, ...] = setting(
@@ -493,7 +495,7 @@ class ServerConfig:
     """Settings shared by every listener of one engine."""
 
     engine: Engine = setting(  # noqa: RUF009 (a field(), made once)
-        Engine.AUTO, Choice(Engine),
+        Engine.AUTO, Choice(Engine, "engine"),
         "The event loop: auto (the compiled engine if it is built, else epoll), compiled, "
         "epoll (portside's own, pure Python), asyncio or uvloop.")
     drain_timeout: float = setting(
@@ -566,9 +568,9 @@ class ProcessConfig:
         10 * SECONDS, Seconds(positive=True),
         "With --workers: a worker whose loop has not answered for this long is replaced.")
     log_level: LogLevel = setting(  # noqa: RUF009 (a field(), made once)
-        LogLevel.INFO, Choice(LogLevel), "The least important log lines written.")
+        LogLevel.INFO, Choice(LogLevel, "log level"), "The least important log lines written.")
     log_format: LogFormat = setting(  # noqa: RUF009 (a field(), made once)
-        LogFormat.TEXT, Choice(LogFormat),
+        LogFormat.TEXT, Choice(LogFormat, "log format"),
         "text (time [pid] level logger: message) or json (one object per line).")
 
     def __post_init__(self) -> None:
@@ -679,7 +681,9 @@ def _check_settings(config: Any) -> None:
             try:
                 coerced = kind.coerce(value)
             except (ValueError, ConfigError) as exc:
-                raise ConfigError(f"{declared.name}: {exc}") from None
+                message = str(exc)
+                raise ConfigError(message if message.startswith("unknown ")
+                                  else f"{declared.name} {message}") from None
             if coerced is not value:
                 object.__setattr__(config, declared.name, coerced)
                 value = coerced
