@@ -53,6 +53,7 @@ logger = logging.getLogger("portside.supervisor")
 
 Reply = Callable[[Any], None]  # called with a command's result, or None when it failed
 MAX_BOOT_FAILURES = 3  # in a row, with no worker serving: stop rather than respawn forever
+BOOT_TIMEOUT = 60.0  # seconds a new worker may take to answer its first request
 UPGRADE_FD_ENV = "PORTSIDE_UPGRADE_FD"
 
 
@@ -434,7 +435,9 @@ class Supervisor:
         now = time.monotonic()
         for worker in list(self.workers.values()):
             silent = now - worker.last_reply
-            timeout = self.plan.process.heartbeat_timeout
+            # A booting worker (a new interpreter importing the handler) gets longer.
+            timeout = self.plan.process.heartbeat_timeout if worker.ready else \
+                max(self.plan.process.heartbeat_timeout, BOOT_TIMEOUT)
             if silent > timeout and not worker.retiring:
                 logger.warning("worker %d (pid %d) has not answered for %.1f s; replacing it",
                                worker.number, worker.pid, silent)
