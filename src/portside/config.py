@@ -365,7 +365,12 @@ class Setting:
     aliases: tuple[str, ...] = ()
     #: Whether the setting can be given more than once on the command line (it is a list).
     repeatable: bool = False
+    #: The default in words, where the value alone would say little ("one process").
+    default_text: str = ""
     name: str = ""  # filled in by ``settings_of``
+
+    def show_default(self, default: Any) -> str:
+        return self.default_text or self.kind.show(default)
 
     @property
     def flag(self) -> str:
@@ -377,9 +382,10 @@ class Setting:
 
 
 def setting(default: Any, kind: Kind, help: str, *, aliases: tuple[str, ...] = (),
-            repeatable: bool = False) -> Any:
+            repeatable: bool = False, default_text: str = "") -> Any:
     """A dataclass field that is a setting: its default and its ``Setting`` declaration."""
-    return field(default=default, metadata={"setting": Setting(kind, help, aliases, repeatable)})
+    return field(default=default, metadata={"setting": Setting(
+        kind, help, aliases, repeatable, default_text)})
 
 
 # -- the three groups of settings -----------------------------------------------------------------
@@ -537,33 +543,36 @@ class ProcessConfig:
         "Listen here (repeatable): [POLICY@]HOST:PORT, [POLICY@][V6ADDR]:PORT, :PORT "
         "(127.0.0.1), unix:PATH or fd://N (an inherited socket). POLICY is immediate (hand "
         "over at once, the default) or data-first (only once the client has sent bytes). "
-        "Default: the command's own (echo: data-first@127.0.0.1:5001 and "
-        "immediate@127.0.0.1:5002; resp: 127.0.0.1:6380).",
-        aliases=("--bind", "-b"), repeatable=True)
+        "Echo listens on data-first@127.0.0.1:5001 and immediate@127.0.0.1:5002, resp on "
+        "127.0.0.1:6380, unless this is given.",
+        aliases=("--bind", "-b"), repeatable=True, default_text="the command's own")
     workers: int | None = setting(
         None, Workers(),
         "Run this many worker processes under a supervisor (auto: one per CPU). Without it, "
-        "one process serves and there are no reloads.", aliases=("-w",))
+        "one process serves and there are no reloads.", aliases=("-w",),
+        default_text="one process")
     app_dir: str = setting(
         ".", Text("DIR", optional=False),
         "serve: import MODULE:CLASS from this directory (like uvicorn's --app-dir).")
     control: str | None = setting(
         None, Text("PATH"),
-        "The control socket that portside ctl and portside top talk to (default: one in a "
-        "private directory of this user).")
+        "The control socket that portside ctl and portside top talk to.",
+        default_text="one in a private directory of this user")
     certfile: str | None = setting(
         None, Text("FILE"),
         "Serve TLS on every listener with this certificate chain (PEM).",
-        aliases=("--tls-cert", "--ssl-certfile"))
+        aliases=("--tls-cert", "--ssl-certfile"), default_text="plain TCP")
     keyfile: str | None = setting(
-        None, Text("FILE"), "The certificate's private key (PEM).",
+        None, Text("FILE"), "The certificate's private key (PEM).", default_text="none",
         aliases=("--tls-key", "--ssl-keyfile"))
     tls_alpn: str | None = setting(
         None, Text("PROTOCOLS"),
-        "ALPN protocols offered in the TLS handshake, comma-separated (e.g. h2,http/1.1).")
+        "ALPN protocols offered in the TLS handshake, comma-separated (e.g. h2,http/1.1).",
+        default_text="none")
     metrics: str | None = setting(
         None, Address(),
-        "Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT is 127.0.0.1:PORT).")
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT is 127.0.0.1:PORT).",
+        default_text="off")
     heartbeat_timeout: float = setting(
         10 * SECONDS, Seconds(positive=True),
         "With --workers: a worker whose loop has not answered for this long is replaced.")
@@ -587,7 +596,7 @@ def settings_of(cls: type[Any]) -> list[Setting]:
         declared = item.metadata.get("setting")
         if declared is not None:
             found.append(Setting(declared.kind, declared.help, declared.aliases,
-                                 declared.repeatable, item.name))
+                                 declared.repeatable, declared.default_text, item.name))
     return found
 
 

@@ -53,7 +53,7 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
         if declared.name in skip:
             continue
         default = default_of(cls, declared.name)
-        shown = declared.kind.show(default)
+        shown = declared.show_default(default)
         help_text = f"{declared.help} (default: {shown})".replace("%", "%%")
         flags = [declared.flag, *declared.aliases]
         if isinstance(declared.kind, Switch):
@@ -161,7 +161,7 @@ def table() -> str:
                   "|---|---|---|---|---|"]
         for declared in settings_of(cls):
             flags = ", ".join(f"`{flag}`" for flag in (declared.flag, *declared.aliases))
-            default = declared.kind.show(default_of(cls, declared.name))
+            default = declared.show_default(default_of(cls, declared.name))
             lines.append(f"| {flags} | `{declared.env}` / `{declared.name}` | "
                          f"{declared.kind.describe()} | `{default}` | "
                          f"{declared.help.replace('|', '/')} |")
