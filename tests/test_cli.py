@@ -74,9 +74,20 @@ def test_port_in_use(env: Env, busy_port: int) -> None:
     assert_nothing_left(env)
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["single", "workers"])
+def test_metrics_port_in_use(env: Env, busy_port: int, workers: list[str]) -> None:
+    """The control socket is made before metrics fail to bind: it must not be left behind."""
+    result = run_cli(env, "echo", "--listen", ":0", "--metrics", f":{busy_port}", *workers)
+    assert_one_line_error(result, "cannot serve metrics", "in use")
+    assert_nothing_left(env)
+
+
 def assert_nothing_left(env: Env) -> None:
-    """No control socket (or any file) left in the private runtime directory."""
-    assert os.listdir(env["XDG_RUNTIME_DIR"]) == []
+    """No control socket (or any other file) left in the private runtime directory (an empty
+    private directory for control sockets may stay)."""
+    left = [os.path.join(root, name) for root, _, names in os.walk(env["XDG_RUNTIME_DIR"])
+            for name in names]
+    assert left == []
 
 
 def _bad(*args: str, needles: tuple[str, ...]) -> object:

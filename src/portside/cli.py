@@ -333,16 +333,22 @@ def _run_single(plan: Plan, control_path: str, explicit: bool) -> int:
         listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
     server = Server(handler, listeners, plan.server, sockets=sockets)
     server.start()
+    control: ControlServer | None = None
     try:
         path = _claim_control(control_path, explicit=explicit)
         if path is not None:
-            server.add_service(ControlServer(path, ServerTarget(server)))
+            control = ControlServer(path, ServerTarget(server))
         if plan.process.metrics:
             server.add_service(MetricsServer(plan.process.metrics, ServerTarget(server)))
     except BaseException:
+        # A failed start leaves nothing behind: no listening socket, no control socket file.
+        if control is not None:
+            control.close()
         for listener in server.listeners:
             listener.close()
         raise
+    if control is not None:
+        server.add_service(control)
     server.add_service(_Systemd(server))
     previous = signal.signal(signal.SIGHUP, _sighup_without_workers)
     _start_line(plan, server)
