@@ -589,15 +589,22 @@ class ProcessConfig:
 CONFIG_CLASSES: tuple[type[Any], ...] = (ProcessConfig, ListenerConfig, ServerConfig)
 
 
-def settings_of(cls: type[Any]) -> list[Setting]:
+_SETTINGS: dict[type[Any], tuple[Setting, ...]] = {}
+
+
+def settings_of(cls: type[Any]) -> tuple[Setting, ...]:
     """The declared settings of one config class, in declaration order, names filled in."""
+    known = _SETTINGS.get(cls)
+    if known is not None:
+        return known
     found = []
     for item in fields(cls):
         declared = item.metadata.get("setting")
         if declared is not None:
             found.append(Setting(declared.kind, declared.help, declared.aliases,
                                  declared.repeatable, declared.default_text, item.name))
-    return found
+    known = _SETTINGS[cls] = tuple(found)
+    return known
 
 
 def default_of(cls: type[Any], name: str) -> Any:
