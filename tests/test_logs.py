@@ -158,13 +158,15 @@ def test_library_run_leaves_sighup_alone(engine: str) -> None:
             proc.stdout.close()
 
 
-def test_single_process_command_logs_sighup_without_dying(tmp_path: Path) -> None:
+def test_single_process_command_logs_sighup_and_usr2_without_dying(tmp_path: Path) -> None:
     proc = PortsideProcess(["echo", "--listen", "immediate@:0",
                             "--control", str(tmp_path / "ctl")])
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         proc.signal(signal.SIGHUP)
         proc.wait_for(r"SIGHUP ignored: reloading needs worker processes")
+        proc.signal(signal.SIGUSR2)
+        proc.wait_for(r"SIGUSR2 ignored: upgrading needs worker processes")
         assert echo_once(port) == b"ping"
         proc.signal(signal.SIGTERM)
         assert proc.wait_exit() == 0

@@ -350,18 +350,23 @@ def _run_single(plan: Plan, control_path: str, explicit: bool) -> int:
     if control is not None:
         server.add_service(control)
     server.add_service(_Systemd(server))
-    previous = signal.signal(signal.SIGHUP, _sighup_without_workers)
+    previous = {signum: signal.signal(signum, _without_workers)
+                for signum in (signal.SIGHUP, signal.SIGUSR2)}
     _start_line(plan, server)
     try:
         server.run()
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     _final_line(server)
     return 0
 
 
-def _sighup_without_workers(signum: int, frame: FrameType | None) -> None:
-    logger.warning("SIGHUP ignored: reloading needs worker processes (--workers N)")
+def _without_workers(signum: int, frame: FrameType | None) -> None:
+    """SIGHUP (reload) and USR2 (upgrade) need a supervisor: say so rather than die."""
+    what = "reloading" if signum == signal.SIGHUP else "upgrading"
+    logger.warning("%s ignored: %s needs worker processes (--workers N)",
+                   signal.Signals(signum).name, what)
 
 
 class _Systemd:
