@@ -356,8 +356,8 @@ def _run_single(plan: Plan, control_path: str, explicit: bool) -> int:
     try:
         server.run()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
     _final_line(server)
     return 0
 
