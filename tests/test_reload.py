@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,10 @@ class Tagged(EchoHandler):
 
 class Stream:
     """New connections, one after another, and one long conversation, from two threads until
-    stopped: every reply is checked, and every error kept."""
+    stopped (or a minute, or a million rounds): every reply is checked, every error kept."""
+
+    LIMIT = 1_000_000
+    DEADLINE = 60.0
 
     def __init__(self, port: int, tags: tuple[bytes, ...]) -> None:
         self.port = port
@@ -40,26 +44,33 @@ class Stream:
         self.replies: list[bytes] = []
         self.rounds = 0
         self.stop = threading.Event()
+        self._progress = threading.Condition()
         self.long = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         self.threads = [threading.Thread(target=self._connections),
                         threading.Thread(target=self._conversation)]
         for thread in self.threads:
             thread.start()
 
+    def _running(self, count: int, started: float) -> bool:
+        return not self.stop.is_set() and count < self.LIMIT and \
+            time.monotonic() - started < self.DEADLINE
+
     def _connections(self) -> None:
         try:
-            count = 0
-            while not self.stop.is_set() and count < 100_000:
+            started = time.monotonic()
+            while self._running(len(self.replies), started):
                 reply = echo_once(self.port, b"hello")
                 assert reply.endswith(b"hello") and reply[:-5] in self.tags, reply
-                self.replies.append(reply[:-5])
-                count += 1
+                with self._progress:
+                    self.replies.append(reply[:-5])
+                    self._progress.notify_all()
         except BaseException as exc:
             self.errors.append(exc)
 
     def _conversation(self) -> None:
         try:
-            while not self.stop.is_set() and self.rounds < 100_000:
+            started = time.monotonic()
+            while self._running(self.rounds, started):
                 message = f"round {self.rounds};".encode()
                 self.long.sendall(message)
                 got = b""
@@ -68,9 +79,23 @@ class Stream:
                     if not data:
                         raise ConnectionError("EOF mid-conversation")
                     got += data
-                self.rounds += 1
+                with self._progress:
+                    self.rounds += 1
+                    self._progress.notify_all()
         except BaseException as exc:
             self.errors.append(exc)
+
+    def progress(self) -> tuple[int, int]:
+        with self._progress:
+            return len(self.replies), self.rounds
+
+    def wait_past(self, mark: tuple[int, int]) -> None:
+        """Wait until both streams have moved on from ``mark`` (a ``progress()``)."""
+        with self._progress:
+            assert self._progress.wait_for(
+                lambda: (len(self.replies) > mark[0] and self.rounds > mark[1])
+                or bool(self.errors), WAIT), "the stream stalled"
+        assert not self.errors, self.errors
 
     def finish(self) -> None:
         self.stop.set()
@@ -94,8 +119,10 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def test_sighup_loads_new_code_and_rereads_the_config_file(app: Path) -> None:
     config = app / "portside.toml"
     config.write_text("workers = 2\n")
+    # A long drain: the old workers must outlast the conversation, however slow this machine.
     proc = PortsideProcess(["serve", "tagged:Tagged", "--listen", ":0", "--config", str(config),
-                            "--control", str(app / "ctl.sock")], env=_env(app), cwd=app)
+                            "--control", str(app / "ctl.sock"), "--drain-timeout", "60"],
+                           env=_env(app), cwd=app)
     stream = None
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -105,10 +132,13 @@ def test_sighup_loads_new_code_and_rereads_the_config_file(app: Path) -> None:
         # New code (a different size, so no stale bytecode can pass for it) and settings.
         (app / "tagged.py").write_text(HANDLER.format(tag=b"version-two:"))
         config.write_text("workers = 3\n")
+        before = stream.progress()
         proc.signal(signal.SIGHUP)
         proc.wait_for(r"SIGHUP: reloading")
         proc.wait_for(r"reload complete: 3 worker\(s\) serving")
         assert echo_once(port, b"x") == b"version-two:x"
+        stream.wait_past(before)
+        stream.wait_past(stream.progress())  # and still going after the reload
         stream.finish()
         assert b"version-two:" in stream.replies
         proc.wait_for(r"reload: retiring worker 2", seen_too=True)
@@ -154,21 +184,24 @@ def _wait_gone(pid: int) -> None:
 def test_usr2_upgrades_the_supervisor_without_dropping_a_connection(app: Path) -> None:
     control = app / "ctl.sock"
     proc = PortsideProcess(["serve", "tagged:Tagged", "--listen", ":0", "--listen",
-                            f"unix:{app / 'app.sock'}", "--workers", "1",
-                            "--control", str(control)], env=_env(app), cwd=app)
+                            f"unix:{app / 'app.sock'}", "--workers", "1", "--drain-timeout",
+                            "60", "--control", str(control)], env=_env(app), cwd=app)
     successor = None
     stream = None
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         proc.wait_for(r"serving tagged:Tagged")
         stream = Stream(port, (b"v1:",))
+        before = stream.progress()
         proc.signal(signal.SIGUSR2)
         successor = int(proc.wait_for(r"upgrade: new supervisor pid (\d+) is starting")
                         .group(1))
         proc.wait_for(rf"upgrade: new supervisor pid {successor} is serving")
+        stream.wait_past(before)
+        stream.wait_past(stream.progress())  # and still going once the old one drains
+        stream.finish()  # the long conversation ends: the old worker may now exit
         assert proc.proc.wait(WAIT) == 0  # the old one drained and left
         assert echo_once(port, b"after") == b"v1:after"
-        stream.finish()
         assert (app / "app.sock").exists()  # the old one left the new one's socket alone
         done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--control",
                                str(control), "stats"], capture_output=True, text=True,

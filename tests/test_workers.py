@@ -42,7 +42,7 @@ def supervised(control: Path, request: pytest.FixtureRequest) -> Iterator[Portsi
     engine = getattr(request, "param", "auto")
     proc = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                             "--defer-accept", "0", "--workers", "2", "--control", str(control),
-                            "--drain-timeout", "5", "--engine", engine])
+                            "--drain-timeout", "30", "--engine", engine])
     try:
         yield proc
     finally:
