@@ -240,7 +240,8 @@ def test_serve_imports_from_the_current_directory(env: Env, tmp_path: Path) -> N
         cli.kill()
 
 
-def test_listen_forms(env: Env, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["single", "workers"])
+def test_listen_forms(env: Env, tmp_path: Path, workers: list[str]) -> None:
     """:PORT, [::1]:PORT, unix:PATH and fd://N on one server; --metrics :PORT is loopback."""
     inherited = socket.socket()
     inherited.bind(("127.0.0.1", 0))
@@ -249,7 +250,8 @@ def test_listen_forms(env: Env, tmp_path: Path) -> None:
     fd = inherited.fileno()
     cli = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "[::1]:0",
                            "--listen", f"unix:{path}", "--listen", f"fd://{fd}",
-                           "--defer-accept", "0", "--metrics", ":0"], env=env, pass_fds=[fd])
+                           "--defer-accept", "0", "--metrics", ":0", *workers], env=env,
+                          pass_fds=[fd])
     try:
         data_first = int(cli.wait_for(r"listening on 127\.0\.0\.1:(\d+) \(data-first\)")
                          .group(1))

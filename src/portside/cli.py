@@ -234,21 +234,32 @@ def _sockets(listeners: list[ListenerConfig]
     from portside.workers.app import inherited_socket
 
     sockets = []
+    configs = []
     try:
         for listener in listeners:
             if listener.fd is None:
                 sockets.append(bind_listener(listener))
                 if listener.path is not None:
                     _MADE_PATHS.append(listener.path)
+                configs.append(listener)
             else:
                 sock = inherited_socket(listener.fd)
                 apply_listener_options(sock, listener)
                 sockets.append(sock)
+                configs.append(_at_socket(listener, sock))
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    return listeners, sockets
+    return configs, sockets
+
+
+def _at_socket(listener: ListenerConfig, sock: socket.socket) -> ListenerConfig:
+    """``listener`` with the address of the socket it was handed (for logs and statistics)."""
+    if sock.family == socket.AF_UNIX:
+        return dataclasses.replace(listener, path=str(sock.getsockname()), fd=None)
+    host, port = sock.getsockname()[:2]
+    return dataclasses.replace(listener, host=host, port=port, path=None, fd=None)
 
 
 def _match_handed(listeners: list[ListenerConfig], handed: list[Any],
@@ -262,14 +273,8 @@ def _match_handed(listeners: list[ListenerConfig], handed: list[Any],
     configs = []
     for entry in handed:
         base = by_name.get(entry.name) or (unnamed.pop(0) if unnamed else listeners[-1])
-        name = entry.name or base.name
-        if entry.sock.family == socket.AF_UNIX:
-            config = dataclasses.replace(base, path=str(entry.sock.getsockname()), name=name,
-                                         fd=None)
-        else:
-            host, port = entry.sock.getsockname()[:2]
-            config = dataclasses.replace(base, host=host, port=port, path=None, name=name,
-                                         fd=None)
+        config = _at_socket(dataclasses.replace(base, name=entry.name or base.name),
+                            entry.sock)
         apply_options(entry.sock, config)
         configs.append(config)
     logger.info("serving %d socket(s) from systemd socket activation or an upgrade",
