@@ -96,7 +96,7 @@ def test_killed_worker_is_replaced_while_the_other_serves(
     ports = supervised.ports()
     first, second = wait_workers(supervised, 2)
     os.kill(first, signal.SIGKILL)
-    supervised.wait_for(rf"\(pid {first}\) died .*killed by SIGKILL")
+    supervised.wait_for(rf"worker {first} died .*killed by SIGKILL")
     replacement = wait_workers(supervised, 1)[0]
     for _ in range(20):
         assert echo_once(ports["immediate"]) == b"ping"
@@ -189,7 +189,7 @@ def test_sighup_restarts_workers_without_breaking_a_live_echo(
     assert sock.recv(10) == b""
     sock.close()
     for pid in old:  # both retired gracefully: the idle one at once, ours once we left
-        supervised.wait_for(rf"\(pid {pid}\) stopped \(exit status 0\)", seen_too=True)
+        supervised.wait_for(rf"worker {pid} stopped \(exit status 0\)", seen_too=True)
     stats = ctl(control, "stats")
     assert {worker["pid"] for worker in stats["workers"]} == new
 
@@ -242,8 +242,8 @@ def test_stuck_worker_is_replaced(control: Path) -> None:
         stuck = wait_workers(proc, 1)[0]
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
             sock.sendall(b"hang")
-            proc.wait_for(rf"\(pid {stuck}\) has not answered")
-            proc.wait_for(rf"\(pid {stuck}\) died .*SIGKILL")
+            proc.wait_for(rf"worker {stuck} has not answered")
+            proc.wait_for(rf"worker {stuck} died .*SIGKILL")
         wait_workers(proc, 1)
         assert echo_once(port) == b"ping"
         proc.signal(signal.SIGTERM)
@@ -258,7 +258,7 @@ def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
         deaths = []
         for _ in range(4):
             deaths.append(proc.wait_for(
-                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker 1 \(pid \d+\) died .*"
+                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker \d+ died .*"
                 r"exit status 3"))
         stamps = [_seconds_of(match.group(1)) for match in deaths]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]

@@ -380,7 +380,8 @@ class Supervisor:
         self._count_totals(worker)
         lived = time.monotonic() - worker.started_at
         why = _describe_status(status)
-        name = f"worker {worker.number} (pid {worker.pid})"
+        # After its start line ("started worker N (pid P)"), a worker is named by its pid.
+        name = f"worker {worker.pid}"
         if self.shutting_down or worker.retiring:
             logger.info("%s stopped (%s)", name, why)
         elif not worker.ready:
@@ -439,8 +440,8 @@ class Supervisor:
             timeout = self.plan.process.heartbeat_timeout if worker.ready else \
                 max(self.plan.process.heartbeat_timeout, BOOT_TIMEOUT)
             if silent > timeout and not worker.retiring:
-                logger.warning("worker %d (pid %d) has not answered for %.1f s; replacing it",
-                               worker.number, worker.pid, silent)
+                logger.warning("worker %d has not answered for %.1f s; replacing it",
+                               worker.pid, silent)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             elif not worker.link.waiting:  # one heartbeat in flight at a time
@@ -524,8 +525,8 @@ class Supervisor:
             if not self.shutting_down and not retiree.retiring \
                     and self.workers.get(retiree.pid) is retiree:
                 retiree.retiring = True
-                logger.info("reload: retiring worker %d (pid %d) once its connections finish",
-                            retiree.number, retiree.pid)
+                logger.info("reload: retiring worker %d once its connections finish",
+                            retiree.pid)
                 # Over the link, not SIGTERM: the worker drains without calling it a shutdown.
                 self._ask(retiree, "shutdown", lambda result: None)
 
