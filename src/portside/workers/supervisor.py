@@ -510,6 +510,10 @@ class Supervisor:
                            "already open (upgrade with USR2 or restart to change them)",
                            ", ".join(old), ", ".join(new))
             plan.listeners = list(self.plan.listeners)  # the open sockets' settings
+        for name in ("metrics", "control"):
+            if getattr(plan.process, name) != getattr(self.plan.process, name):
+                logger.warning("reload: --%s cannot change in a reload; restart or upgrade "
+                               "(USR2) to change it", name)
         logs.configure(plan.process.log_level, plan.process.log_format)
         self.plan = plan
 
