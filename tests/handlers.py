@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from portside import Connection, Server
@@ -19,10 +20,12 @@ class StuckHandler(EchoHandler):
 
 
 class CrashingHandler(EchoHandler):
-    """Dies as soon as its worker starts: the supervisor must back off, not fork in a loop."""
+    """Dies soon after its worker starts serving: the supervisor must back off, not fork in a
+    loop."""
 
     def server_started(self, server: Server) -> None:
-        os._exit(3)
+        # After the worker's first answer to the supervisor, so it counts as booted.
+        threading.Timer(0.3, os._exit, (3,)).start()
 
 
 class PeerEcho(EchoHandler):
@@ -32,3 +35,10 @@ class PeerEcho(EchoHandler):
         host, port = conn.peer_address[:2]
         conn.write(f"peer {host} {port} pid {os.getpid()}\n".encode())
         super().connection_made(conn, first_data)
+
+
+class NeverBoots(EchoHandler):
+    """Its constructor fails in every worker: the supervisor must give up, not respawn."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("the database is not there")

@@ -46,6 +46,9 @@ def test_echo_serves_the_handed_sockets(tmp_path: Path) -> None:
         assert echo_once(immediate.getsockname()[1], b"to the immediate one") == \
             b"to the immediate one"
         assert echo_once(data_first.getsockname()[1], b"first data") == b"first data"
+        # The kernel's own defence is set on the handed data-first socket, as on a bound one.
+        assert data_first.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        assert immediate.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
         proc.signal(signal.SIGTERM)
         assert proc.wait_exit() == 0
     finally:

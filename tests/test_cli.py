@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENGINES, WAIT, recv_exactly, recv_until_eof
-from proc import PortsideProcess
+from proc import PortsideProcess, echo_once
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -64,12 +65,29 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     return line
 
 
-# -- bad input: exit status 2, one line on stderr, no traceback ------------------------------------
+# -- bad input: exit status 2, one line on stderr, no traceback, nothing left behind ---------------
 
 
 def test_port_in_use(env: Env, busy_port: int) -> None:
-    result = run_cli(env, "echo", "--data-first-port", "0", "--immediate-port", str(busy_port))
+    result = run_cli(env, "echo", "--listen", "data-first@:0", "--listen", f":{busy_port}")
     assert_one_line_error(result, "address already in use")
+    assert_nothing_left(env)
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["single", "workers"])
+def test_metrics_port_in_use(env: Env, busy_port: int, workers: list[str]) -> None:
+    """The control socket is made before metrics fail to bind: it must not be left behind."""
+    result = run_cli(env, "echo", "--listen", ":0", "--metrics", f":{busy_port}", *workers)
+    assert_one_line_error(result, "cannot serve metrics", "in use")
+    assert_nothing_left(env)
+
+
+def assert_nothing_left(env: Env) -> None:
+    """No control socket (or any other file) left in the private runtime directory (an empty
+    private directory for control sockets may stay)."""
+    left = [os.path.join(root, name) for root, _, names in os.walk(env["XDG_RUNTIME_DIR"])
+            for name in names]
+    assert left == []
 
 
 def _bad(*args: str, needles: tuple[str, ...]) -> object:
@@ -77,40 +95,206 @@ def _bad(*args: str, needles: tuple[str, ...]) -> object:
 
 
 @pytest.mark.parametrize(("args", "needles"), [
-    _bad("--first-data-timeout", "-1", needles=("--first-data-timeout", "'-1'", ">= 0")),
+    _bad("--first-data-timeout", "-1", needles=("--first-data-timeout", "'-1'", "> 0")),
     _bad("--first-data-timeout", "soon", needles=("--first-data-timeout", "'soon'")),
+    _bad("--first-data-timeout", "1e300", needles=("--first-data-timeout", "at most")),
     _bad("--drain-timeout", "nan", needles=("--drain-timeout", "'nan'")),
-    _bad("--engine", "nope", needles=("--engine", "'nope'", "epoll")),
-    _bad("--data-first-port", "70000", needles=("--data-first-port", "70000", "0-65535")),
-    _bad("--immediate-port", "-5", needles=("--immediate-port", "-5")),
+    _bad("--engine", "nope", needles=("--engine", "'nope'", "epoll", "compiled")),
+    _bad("--listen", "127.0.0.1:70000", needles=("--listen", "70000", "0-65535")),
+    _bad("--listen", "127.0.0.1:-5", needles=("--listen", "-5")),
+    _bad("--listen", "::1:80", needles=("--listen", "[::1]:80")),
+    _bad("--listen", "unix:", needles=("--listen", "empty path")),
+    _bad("--listen", "sometimes@:0", needles=("--listen", "'sometimes'", "data-first")),
+    _bad("--listen", "fd://x", needles=("--listen", "fd://N")),
+    _bad("--metrics", "127.0.0.1:99999", needles=("--metrics", "99999", "0-65535")),
+    _bad("--metrics", "nowhere", needles=("--metrics", "HOST:PORT")),
+    _bad("--defer-accept", "2147483648", needles=("--defer-accept", "2147483648",
+                                                  "2147483647")),
+    _bad("--backlog", "2147483648", needles=("--backlog", "2147483647")),
+    _bad("--backlog", "0", needles=("--backlog", "'0'")),
+    _bad("--heartbeat-timeout", "0", needles=("--heartbeat-timeout", "> 0")),
     _bad("--max-connections", "0", needles=("--max-connections", "'0'")),
+    _bad("--trusted-proxies", "10.0.0.0/33", needles=("--trusted-proxies", "10.0.0.0/33")),
+    _bad("--workers", "0", needles=("--workers", "'0'")),
     _bad("--log-level", "loud", needles=("--log-level", "'loud'")),
+    _bad("--write-limit", "1", needles=("write_limit", ">= write_high_water")),
 ])
 def test_bad_argument(env: Env, args: list[str], needles: list[str]) -> None:
-    result = run_cli(env, "echo", "--data-first-port", "0", "--immediate-port", "0", *args)
+    result = run_cli(env, "echo", "--listen", ":0", *args)
     assert_one_line_error(result, *needles)
+    assert_nothing_left(env)
+
+
+def test_ctl_timeout_must_be_positive(env: Env) -> None:
+    assert_one_line_error(run_cli(env, "ctl", "--timeout", "0", "stats"), "--timeout", "> 0")
 
 
 def test_unbindable_address(env: Env) -> None:
     # 203.0.113.0/24 is TEST-NET-3: no local interface has it, so bind fails (no traffic).
-    result = run_cli(env, "echo", "--host", "203.0.113.1", "--data-first-port", "0",
-                     "--immediate-port", "0")
+    result = run_cli(env, "echo", "--listen", "203.0.113.1:0")
     assert_one_line_error(result, "cannot listen", "cannot assign requested address")
+    assert_nothing_left(env)
 
 
-def test_missing_and_unknown_command(env: Env) -> None:
-    assert_one_line_error(run_cli(env), "required")
+def test_unknown_command_and_flag(env: Env) -> None:
     assert_one_line_error(run_cli(env, "frobnicate"), "frobnicate")
     assert_one_line_error(run_cli(env, "echo", "--no-such-flag"), "--no-such-flag")
 
 
-def test_echo_help(env: Env) -> None:
+def test_bare_command_prints_usage_and_version(env: Env) -> None:
+    bare = run_cli(env)
+    assert bare.returncode == 2
+    assert bare.stdout.startswith("usage: portside")
+    for command in ("echo", "serve", "resp", "ctl", "top"):
+        assert command in bare.stdout
+    version = run_cli(env, "--version")
+    assert version.returncode == 0
+    assert re.fullmatch(r"portside \S+\n", version.stdout), version.stdout
+
+
+def test_echo_help_shows_flags_aliases_and_defaults(env: Env) -> None:
     result = run_cli(env, "echo", "--help")
     assert result.returncode == 0, result.stderr
-    assert "--first-data-timeout" in result.stdout
-    assert "--engine" in result.stdout
-    assert "(default: 5.0)" in result.stdout  # defaults come from the config classes
+    text = " ".join(result.stdout.split())
+    for flag in ("--listen", "--bind", "--first-data-timeout", "--engine", "--backlog",
+                 "--graceful-timeout", "--drain-timeout", "--certfile", "--tls-cert",
+                 "--keyfile", "--ssl-keyfile", "--write-limit", "--trusted-proxies",
+                 "--log-format", "--log-connections", "--config", "--workers"):
+        assert flag in text, flag
+    assert "(default: 5.0)" in text  # defaults come from the declarations
+    assert ":PORT (127.0.0.1)" in text  # what :PORT means is said
+    assert "seed" not in text and "config.py" not in text  # no internal jargon
     assert result.stderr == ""
+
+
+def _module(directory: Path, name: str, body: str) -> None:
+    (directory / f"{name}.py").write_text(body)
+
+
+HANDLER = """
+from portside.examples.echo import EchoHandler
+
+class Shout(EchoHandler):
+    def data_received(self, conn, data):
+        conn.write(bytes(data).upper())
+"""
+
+
+@pytest.mark.parametrize(("body", "needles"), [
+    ("raise RuntimeError('no database')\n", ("RuntimeError", "no database", "broken.py:1")),
+    ("import sys\nsys.exit(5)\n", ("SystemExit",)),
+    ("def oops(:\n", ("SyntaxError",)),
+    ("import no_such_module_anywhere\n", ("no_such_module_anywhere",)),
+    ("class Shout:\n    pass\n", ("not a portside Handler subclass",)),
+    (HANDLER + "    def __init__(self):\n        raise ValueError('bad key')\n",
+     ("Shout()", "ValueError", "bad key")),
+])
+def test_handler_that_cannot_load_is_one_line(env: Env, tmp_path: Path, body: str,
+                                              needles: tuple[str, ...]) -> None:
+    _module(tmp_path, "broken", body)
+    result = run_cli(env, "serve", "broken:Shout", "--listen", ":0", "--app-dir",
+                     str(tmp_path))
+    assert_one_line_error(result, *needles)
+    assert_nothing_left(env)
+
+
+def test_settings_from_file_and_environment(env: Env, tmp_path: Path) -> None:
+    config = tmp_path / "portside.toml"
+    config.write_text("max-connections = 0\n")
+    assert_one_line_error(run_cli(env, "echo", "--config", str(config)),
+                          "portside.toml", "max-connections")
+    config.write_text("nonsense = 1\n")
+    assert_one_line_error(run_cli(env, "echo", "--config", str(config)), "'nonsense'")
+    assert_one_line_error(run_cli({**env, "PORTSIDE_DEFER_ACCEPT": "soon"}, "echo"),
+                          "PORTSIDE_DEFER_ACCEPT", "'soon'")
+    # Flags win over the environment, which wins over the file.
+    config.write_text('listen = ["immediate@127.0.0.1:0"]\nidle_timeout = 30\n'
+                      'log_format = "json"\n')
+    cli = PortsideProcess(["echo", "--config", str(config), "--idle-timeout", "0.2"],
+                          env={**env, "PORTSIDE_LOG_LEVEL": "debug"})
+    try:
+        line = cli.wait_for(r'"message": "listening on 127\.0\.0\.1:\d+ \(immediate\)"')
+        document = json.loads(line.string)
+        assert document["level"] == "info" and document["pid"] == cli.proc.pid
+        port = int(re.search(r":(\d+) ", document["message"]).group(1))  # type: ignore[union-attr]
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            # Closed after 0.2 s idle (the flag), not 30 s (the file).
+            assert recv_until_eof(sock) == b""
+        cli.signal(signal.SIGTERM)
+        assert cli.wait_exit() == 0
+    finally:
+        cli.kill()
+
+
+def test_serve_imports_from_the_current_directory(env: Env, tmp_path: Path) -> None:
+    _module(tmp_path, "shouting", HANDLER)
+    env = {**env, "PYTHONPATH": SRC}  # not tmp_path: like gunicorn, the directory is enough
+    cli = PortsideProcess(["serve", "shouting:Shout", "--bind", "127.0.0.1:0"], env=env,
+                          cwd=tmp_path)
+    try:
+        port = int(cli.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        assert echo_once(port, b"hello") == b"HELLO"
+        cli.signal(signal.SIGTERM)
+        assert cli.wait_exit() == 0
+    finally:
+        cli.kill()
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "1"]], ids=["single", "workers"])
+def test_listen_forms(env: Env, tmp_path: Path, workers: list[str]) -> None:
+    """:PORT, [::1]:PORT, unix:PATH and fd://N on one server; --metrics :PORT is loopback."""
+    inherited = socket.socket()
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(8)
+    path = tmp_path / "echo.sock"
+    fd = inherited.fileno()
+    cli = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "[::1]:0",
+                           "--listen", f"unix:{path}", "--listen", f"fd://{fd}",
+                           "--defer-accept", "0", "--metrics", ":0", *workers], env=env,
+                          pass_fds=[fd])
+    try:
+        data_first = int(cli.wait_for(r"listening on 127\.0\.0\.1:(\d+) \(data-first\)")
+                         .group(1))
+        v6 = int(cli.wait_for(r"listening on \[::1\]:(\d+)").group(1))
+        cli.wait_for(rf"listening on unix:{re.escape(str(path))}")
+        cli.wait_for(rf"listening on 127\.0\.0\.1:{inherited.getsockname()[1]}")
+        cli.wait_for(r"metrics on http://127\.0\.0\.1:\d+/metrics", seen_too=True)
+        assert echo_once(data_first, b"a") == b"a"
+        assert echo_once(v6, b"b", host="::1") == b"b"
+        assert echo_once(inherited.getsockname()[1], b"c") == b"c"
+        with socket.socket(socket.AF_UNIX) as unix:
+            unix.settimeout(WAIT)
+            unix.connect(str(path))
+            unix.sendall(b"d")
+            unix.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(unix) == b"d"
+        cli.signal(signal.SIGTERM)
+        assert cli.wait_exit() == 0
+        assert not path.exists()  # the socket file it made is gone
+    finally:
+        cli.kill()
+        inherited.close()
+
+
+def test_settings_table_is_current() -> None:
+    """docs/settings.md is generated from the declarations: regenerate it with
+    python -m portside.settings > docs/settings.md"""
+    from portside.settings import table
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "settings.md").read_text()
+    assert committed == table()
+
+
+def test_ctl_imports_little(env: Env) -> None:
+    """portside ctl must answer fast: parsing its command line imports no server or engine."""
+    code = ("import sys\nfrom portside.cli import build_parser\n"
+            "build_parser()\nprint(' '.join(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=WAIT, check=True)
+    modules = set(result.stdout.split())
+    for heavy in ("portside.server", "portside.engine.connection", "portside.engine.epoll",
+                  "portside.workers.supervisor", "portside.handler", "asyncio", "ssl"):
+        assert heavy not in modules, heavy
 
 
 # -- the echo example, end to end ------------------------------------------------------------------
@@ -118,7 +302,7 @@ def test_echo_help(env: Env) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None:
-    cli = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+    cli = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                            "--defer-accept", "0", "--first-data-timeout", "0.5", "--engine",
                            engine], env=env)
     try:

@@ -138,7 +138,7 @@ def test_worker_series_keep_their_slot_across_a_restart(tmp_path: Path) -> None:
         proc.ports()
         port = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/metrics",
                                  seen_too=True).group(1))
-        old = [int(proc.wait_for(r"started worker (\d+) in slot \d").group(1)) for _ in "ab"]
+        old = [int(proc.wait_for(r"started worker \d+ \(pid (\d+)\)").group(1)) for _ in "ab"]
         before = worker_labels(samples(scrape(port)[1]), "portside_worker_uptime_seconds")
         proc.signal(signal.SIGHUP)
         for pid in old:

@@ -60,7 +60,7 @@ def test_shutdown_started_sees_accepting_stopped(serve: ServeFactory, clients: C
 
 def test_first_data_timeout_cannot_be_zero() -> None:
     """0 used to pass and then reset every data-first connection at once on epoll."""
-    with pytest.raises(ConfigError, match="first_data_timeout must be > 0"):
+    with pytest.raises(ConfigError, match="first_data_timeout must be a number of seconds > 0"):
         ListenerConfig(first_data_timeout=0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ENGINES
 from proc import PortsideProcess, echo_once
 
 WAIT = 20.0
@@ -35,10 +37,13 @@ def control(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def supervised(control: Path) -> Iterator[PortsideProcess]:
-    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+def supervised(control: Path, request: pytest.FixtureRequest) -> Iterator[PortsideProcess]:
+    """``echo --workers 2``; its workers run the engine given by indirect parametrization
+    (default: auto)."""
+    engine = getattr(request, "param", "auto")
+    proc = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                             "--defer-accept", "0", "--workers", "2", "--control", str(control),
-                            "--drain-timeout", "5"])
+                            "--drain-timeout", "30", "--engine", engine])
     try:
         yield proc
     finally:
@@ -46,30 +51,44 @@ def supervised(control: Path) -> Iterator[PortsideProcess]:
 
 
 def wait_workers(proc: PortsideProcess, count: int) -> list[int]:
-    return [int(proc.wait_for(r"started worker (\d+)").group(1)) for _ in range(count)]
+    """The pids of the next ``count`` workers to report that they serve."""
+    return [int(proc.wait_for(r"worker \d+ \(pid (\d+)\) is serving").group(1))
+            for _ in range(count)]
 
 
+@pytest.mark.parametrize("supervised", ENGINES, indirect=True)
 def test_workers_share_every_listener_and_spread_connections(
         supervised: PortsideProcess, control: Path) -> None:
+    """Every worker accepts on every listener. Which worker takes a connection is the kernel's
+    choice (under load they spread: bench/results/spread-latest.md; a trickle may all go to
+    the first idle one), so each worker in turn is stopped with SIGSTOP while connections
+    arrive: the other must take them all, on both listeners."""
     ports = supervised.ports()
-    workers = set(wait_workers(supervised, 2))
-    # Hold many connections open at once so that both workers must take some.
-    socks = []
-    for i in range(60):
-        port = ports["immediate"] if i % 2 else ports["data-first"]
-        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        sock.sendall(b"x")
-        assert sock.recv(1) == b"x"
-        socks.append(sock)
-    stats = ctl(control, "stats")
-    assert {worker["pid"] for worker in stats["workers"]} == workers
-    assert stats["totals"]["active"] == 60
-    busy = [worker for worker in stats["workers"] if worker["connections"] > 0]
-    assert len(busy) == 2, f"connections did not spread: {stats['workers']}"
-    assert {listener["name"]: listener["accepted"] for listener in stats["listeners"]} == \
-        {"data-first": 30, "immediate": 30}
-    for sock in socks:
-        sock.close()
+    workers = wait_workers(supervised, 2)
+    socks: list[socket.socket] = []
+    try:
+        for stopped in workers:
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                batch = [socket.create_connection(("127.0.0.1", ports[name]), timeout=WAIT)
+                         for name in ("data-first", "immediate") * 3]
+                socks.extend(batch)
+                for sock in batch:
+                    sock.sendall(b"x")
+                for sock in batch:
+                    assert sock.recv(1) == b"x"  # served while the other worker is stopped
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+        stats = ctl(control, "stats")
+        assert {worker["pid"] for worker in stats["workers"]} == set(workers)
+        assert [worker["connections"] for worker in stats["workers"]] == [6, 6], \
+            f"connections did not spread: {stats['workers']}"
+        assert stats["totals"]["active"] == len(socks)
+        assert {listener["name"]: listener["accepted"] for listener in stats["listeners"]} == \
+            {"data-first": 6, "immediate": 6}
+    finally:
+        for sock in socks:
+            sock.close()
     assert ctl(control, "shutdown") == {"shutting_down": True}
     assert supervised.wait_exit() == 0
     assert not control.exists()
@@ -131,6 +150,7 @@ def test_sigterm_drains_clients_then_exits_zero(supervised: PortsideProcess) -> 
     assert supervised.wait_exit() == 0
 
 
+@pytest.mark.parametrize("supervised", ENGINES, indirect=True)
 def test_sighup_restarts_workers_without_breaking_a_live_echo(
         supervised: PortsideProcess, control: Path) -> None:
     ports = supervised.ports()
@@ -188,7 +208,7 @@ def test_ctl_without_a_server_says_so(tmp_path: Path) -> None:
 
 
 def test_single_process_control_and_bad_requests(control: Path) -> None:
-    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+    proc = PortsideProcess(["echo", "--listen", "data-first@:0", "--listen", "immediate@:0",
                             "--control", str(control)])
     try:
         ports = proc.ports()
@@ -214,19 +234,20 @@ def _serve(handler: str, control: Path, *extra: str) -> PortsideProcess:
     tests_dir = str(Path(__file__).parent)
     return PortsideProcess(["serve", f"handlers:{handler}", "--listen", "immediate@127.0.0.1:0",
                             "--control", str(control), *extra],
-                           env={"PYTHONPATH": tests_dir})
+                           env={"PYTHONPATH": os.pathsep.join(
+                               filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))})
 
 
 def test_stuck_worker_is_replaced(control: Path) -> None:
     proc = _serve("StuckHandler", control, "--workers", "1", "--heartbeat-timeout", "1")
     try:
         port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
-        stuck = int(proc.wait_for(r"started worker (\d+)").group(1))
+        stuck = wait_workers(proc, 1)[0]
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
             sock.sendall(b"hang")
             proc.wait_for(rf"worker {stuck} has not answered")
             proc.wait_for(rf"worker {stuck} died .*SIGKILL")
-        proc.wait_for(r"started worker (\d+)")
+        wait_workers(proc, 1)
         assert echo_once(port) == b"ping"
         proc.signal(signal.SIGTERM)
         assert proc.wait_exit() == 0
@@ -239,7 +260,9 @@ def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
     try:
         deaths = []
         for _ in range(4):
-            deaths.append(proc.wait_for(r"^(\S+ \S+) WARNING .*worker \d+ died .*exit status 3"))
+            deaths.append(proc.wait_for(
+                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker \d+ died .*"
+                r"exit status 3"))
         stamps = [_seconds_of(match.group(1)) for match in deaths]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         # Back-off doubles from 0.1 s: a tight fork loop would show gaps of a few milliseconds.
@@ -256,3 +279,37 @@ def _seconds_of(stamp: str) -> float:
     hours, minutes, rest = clock.split(":")
     seconds, millis = rest.split(",")
     return int(hours) * 3600 + int(minutes) * 60 + int(seconds) + int(millis) / 1000
+
+
+@pytest.mark.parametrize("handler", ["NeverBoots", "missing_module:Handler"])
+def test_worker_that_fails_to_boot_stops_the_supervisor(control: Path, handler: str) -> None:
+    """Like gunicorn's "Worker failed to boot": a clear message and a non-zero status, not a
+    respawn loop; and no worker left behind."""
+    proc = _serve(handler, control, "--workers", "2")
+    try:
+        assert proc.wait_exit() == 3
+        text = proc.text()
+        assert "worker failed to boot 3 times in a row" in text, text
+        assert "Traceback" not in text, text
+        for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", text):
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(pid), 0)
+        assert not control.exists()
+    finally:
+        proc.kill()
+
+
+def test_log_lines_name_their_process(supervised: PortsideProcess) -> None:
+    supervised.ports()
+    pids = wait_workers(supervised, 2)
+    supervisor = supervised.proc.pid
+    supervised.wait_for(rf"\[{supervisor} supervisor\] INFO portside\.supervisor: serving ",
+                        seen_too=True)
+    for pid in pids:
+        supervised.wait_for(rf"\[{pid} worker [12]\] INFO portside: listening on",
+                            seen_too=True)
+    supervised.signal(signal.SIGTERM)
+    assert supervised.wait_exit() == 0
+    for line in supervised.lines:
+        assert re.match(r"\S+ \S+ \[\d+( supervisor| worker \d+)\] ", line), line
+    assert re.search(r"stopped after [\d.]+ s", supervised.lines[-1]), supervised.lines[-1]

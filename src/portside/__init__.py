@@ -1,22 +1,64 @@
-"""portside: reusable, high-performance TCP and Unix-socket servers; override callbacks."""
+"""portside: reusable, high-performance TCP and Unix-socket servers; override callbacks.
 
-from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
-from portside.engine.buffers import PoolStatistics
-from portside.engine.connection import CloseReason, Connection
-from portside.errors import (
-    ConfigError,
-    ConnectionClosedError,
-    ListenError,
-    PortsideError,
-    ProtocolError,
-    ServerStateError,
-)
-from portside.handler import Handler
-from portside.messages import MessageHandler
-from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
-from portside.server import Server, ServerState
-from portside.statistics import ConnectionCounters, ListenerStatistics, ServerStatistics
-from portside.streams import StreamHandler, StreamReader, StreamWriter
+The public API, re-exported here. The names are imported when first used (PEP 562), so that a
+light command such as ``portside ctl``, which imports ``portside.cli``, does not pay for the
+server and its engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
+    from portside.engine.buffers import PoolStatistics
+    from portside.engine.connection import CloseReason, Connection
+    from portside.errors import (
+        ConfigError,
+        ConnectionClosedError,
+        ListenError,
+        PortsideError,
+        ProtocolError,
+        ServerStateError,
+    )
+    from portside.handler import Handler
+    from portside.messages import MessageHandler
+    from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
+    from portside.server import Server, ServerState
+    from portside.statistics import ConnectionCounters, ListenerStatistics, ServerStatistics
+    from portside.streams import StreamHandler, StreamReader, StreamWriter
+
+_WHERE = {
+    "KIB": "config", "SECONDS": "config", "AcceptPolicy": "config", "Engine": "config",
+    "ListenerConfig": "config", "ServerConfig": "config",
+    "PoolStatistics": "engine.buffers",
+    "CloseReason": "engine.connection", "Connection": "engine.connection",
+    "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
+    "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
+    "Handler": "handler",
+    "MessageHandler": "messages",
+    "Framer": "protocols.framing", "LengthPrefixFramer": "protocols.framing",
+    "LineFramer": "protocols.framing",
+    "Server": "server", "ServerState": "server",
+    "ConnectionCounters": "statistics", "ListenerStatistics": "statistics",
+    "ServerStatistics": "statistics",
+    "StreamHandler": "streams", "StreamReader": "streams", "StreamWriter": "streams",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'portside' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"portside.{module}"), name)
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = [
     "KIB",

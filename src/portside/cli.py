@@ -1,40 +1,49 @@
-"""The ``portside`` command. Flags map onto config fields; their defaults come from config.py."""
+"""The ``portside`` command: run the examples or your handler, control a running server.
+
+Every flag of ``echo``, ``serve`` and ``resp`` is derived from the settings declared in
+``config.py`` (see ``settings.py``); this module only wires the commands. Its imports are lazy:
+``portside ctl`` must answer quickly, so it must not import the engine.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
-import importlib
 import logging
-import math
 import os
+import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from portside.config import (
-    AcceptPolicy,
-    Engine,
     ListenerConfig,
-    ServerConfig,
-    default_of,
-    parse_engine,
-    parse_policy,
-    parse_proxy_version,
+    parse_listen,
 )
-from portside.control.command import SERVER_CONTROL_HELP
-from portside.control.command import add_commands as add_control_commands
 from portside.errors import ConfigError, PortsideError
-from portside.handler import Handler
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-ECHO_DATA_FIRST_PORT = 5001  # the seed's example ports
-ECHO_IMMEDIATE_PORT = 5002
-RESP_PORT = 6380  # beside, not on, a real Redis's 6379
+if TYPE_CHECKING:
+    from portside.server import Server
+    from portside.workers.supervisor import Plan
+
+logger = logging.getLogger("portside")
+
+ECHO_LISTEN = ("data-first@127.0.0.1:5001", "immediate@127.0.0.1:5002")  # the seed's ports
+RESP_LISTEN = ("127.0.0.1:6380",)  # beside, not on, a real Redis's 6379
+EXAMPLES = {"echo": "portside.examples.echo:EchoHandler",
+            "resp": "portside.examples.resp:RespHandler"}
+EXIT_USAGE = 2  # bad input: a flag, a setting, a handler that cannot be loaded
+_MADE_PATHS: list[str] = []  # Unix socket files this process made beside fd://N listeners
+
+
+def _remove_made_paths() -> None:
+    import contextlib
+
+    while _MADE_PATHS:
+        with contextlib.suppress(OSError):
+            os.unlink(_MADE_PATHS.pop())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,21 +53,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _seconds(text: str) -> float:
+class _Version(argparse.Action):
+    """``--version``: looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version of portside and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"portside {version()}")
+        parser.exit(0)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+        return installed("portside")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
+def _seconds(text: str) -> float:
+    """A duration > 0 for a client (ctl --timeout, top --interval): 0 would never wait."""
+    from portside.config import parse_positive_seconds
+
+    try:
+        return parse_positive_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -73,313 +99,333 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return value
-
-
-def _proxy_version(text: str) -> Any:
-    try:
-        return parse_proxy_version(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _engine(text: str) -> Engine:
-    try:
-        return parse_engine(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-@dataclass(frozen=True)
-class _Option:
-    """One flag: which config field it sets and how its text is parsed."""
-
-    flag: str
-    owner: type[Any]
-    field: str
-    parse: Callable[[str], Any]
-    metavar: str
-    help: str
-
-    def add_to(self, parser: argparse.ArgumentParser) -> None:
-        default = default_of(self.owner, self.field)
-        shown = default.value if isinstance(default, enum.Enum) else default
-        parser.add_argument(self.flag, dest=self.field, type=self.parse, default=default,
-                            metavar=self.metavar, help=f"{self.help} (default: {shown})")
-
-
-LISTENER_OPTIONS = (
-    _Option("--first-data-timeout", ListenerConfig, "first_data_timeout", _positive_seconds,
-            "SECONDS",
-            "close data-first connections silent this many seconds after accept"),
-    _Option("--max-connections", ListenerConfig, "max_connections", _count(1), "N",
-            "per listener: stop accepting at this many open connections"),
-    _Option("--accept-batch", ListenerConfig, "accept_batch", _count(1), "N",
-            "connections accepted per wake-up"),
-    _Option("--idle-timeout", ListenerConfig, "idle_timeout", _seconds, "SECONDS",
-            "close connections with no traffic either way for this long (0: off)"),
-    _Option("--read-timeout", ListenerConfig, "read_timeout", _seconds, "SECONDS",
-            "close connections that leave a message unfinished this long (0: off)"),
-    _Option("--write-timeout", ListenerConfig, "write_timeout", _seconds, "SECONDS",
-            "reset connections whose peer takes none of our bytes this long (0: off)"),
-    _Option("--proxy-protocol", ListenerConfig, "proxy_protocol", _proxy_version,
-            "{off,v1,v2,any}", "expect a PROXY protocol header from a load balancer first"),
-    _Option("--defer-accept", ListenerConfig, "defer_accept", _count(0), "SECONDS",
-            "seconds of Linux TCP_DEFER_ACCEPT on data-first listeners (0: off)"),
-)
-SERVER_OPTIONS = (
-    _Option("--engine", ServerConfig, "engine", _engine, "{auto,compiled,epoll,asyncio,uvloop}",
-            "the event loop"),
-    _Option("--drain-timeout", ServerConfig, "drain_timeout", _seconds, "SECONDS",
-            "graceful shutdown waits this long for connections to finish"),
-)
-
-
-def _pick(args: argparse.Namespace, options: Sequence[_Option]) -> dict[str, Any]:
-    return {option.field: getattr(args, option.field) for option in options}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="portside", description=__doc__)
-    commands = parser.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    from portside.control.command import add_commands as add_control_commands
+    from portside.settings import add_flags
+
+    parser = _Parser(
+        prog="portside",
+        description="Run TCP and Unix-socket servers: the echo and Redis-protocol examples, or "
+                    "your own Handler class; control and watch a running one.",
+        epilog="Every setting can also come from a PORTSIDE_... environment variable or a "
+               "--config TOML file: see docs/settings.md.")
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(dest="subcommand", parser_class=_Parser, metavar="COMMAND")
     echo = commands.add_parser(
-        "echo", help="run the echo example (data-first and immediate listeners)",
-        description="Echo server: a data-first listener and an immediate one, as in the seed.")
-    echo.add_argument("--host", default=default_of(ListenerConfig, "host"),
-                      help="address to listen on (default: %(default)s)")
-    echo.add_argument("--data-first-port", type=_port, metavar="PORT", default=ECHO_DATA_FIRST_PORT,
-                      help="port of the data-first listener (default: %(default)s)")
-    echo.add_argument("--immediate-port", type=_port, metavar="PORT", default=ECHO_IMMEDIATE_PORT,
-                      help="port of the immediate listener (default: %(default)s)")
-    for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
-        option.add_to(echo)
-    _add_process_options(echo)
+        "echo", help="run the echo example: a data-first and an immediate listener",
+        description="An echo server. By default it listens on 127.0.0.1:5001 (data-first: a "
+                    "connection is handed over once the client sends bytes) and 127.0.0.1:5002 "
+                    "(immediate); --listen replaces both.")
+    add_flags(echo, skip=("app_dir",))
+    _legacy_address_flags(echo, ("--data-first-port", "--immediate-port"))
 
     serve = commands.add_parser(
         "serve", help="run your handler class: portside serve MODULE:CLASS --listen ...",
-        description="Serve a Handler subclass on any number of listeners.")
+        description="Serve a Handler subclass on any number of listeners. MODULE is imported "
+                    "from the current directory (or --app-dir), as gunicorn and uvicorn do.")
     serve.add_argument("handler", metavar="MODULE:CLASS",
                        help="the Handler subclass to serve, e.g. myapp.proto:MyHandler")
-    serve.add_argument("--listen", action="append", type=_listen_spec, required=True,
-                       metavar="[POLICY@]ADDRESS",
-                       help="a listener, repeatable: immediate@127.0.0.1:7000, "
-                            "data-first@[::1]:7001, unix:/run/app.sock")
-    for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
-        option.add_to(serve)
-    _add_process_options(serve)
+    add_flags(serve)
 
     resp = commands.add_parser(
         "resp", help="run the Redis-protocol example (PING ECHO GET SET DEL INCR)",
-        description="A small RESP2 server: redis-cli and redis-benchmark work against it.")
-    resp.add_argument("--host", default=default_of(ListenerConfig, "host"),
-                      help="address to listen on (default: %(default)s)")
-    resp.add_argument("--port", type=_port, default=RESP_PORT, metavar="PORT",
-                      help="(default: %(default)s)")
-    for option in (*LISTENER_OPTIONS, *SERVER_OPTIONS):
-        option.add_to(resp)
-    _add_process_options(resp)
+        description="A small RESP2 server on 127.0.0.1:6380 by default: redis-cli and "
+                    "redis-benchmark work against it.")
+    add_flags(resp, skip=("app_dir",))
+    _legacy_address_flags(resp, ("--port",))
 
-    add_control_commands(commands)
+    add_control_commands(commands)  # ctl and top
     return parser
 
 
-def _add_process_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
-                        help="run N worker processes under a supervisor (auto: one per CPU); "
-                             "without it, one process serves")
-    parser.add_argument("--control", metavar="PATH", default=None,
-                        help=SERVER_CONTROL_HELP)
-    parser.add_argument("--tls-cert", metavar="FILE", default=None,
-                        help="serve TLS on every listener with this certificate (PEM chain)")
-    parser.add_argument("--tls-key", metavar="FILE", default=None,
-                        help="the certificate's private key (PEM)")
-    parser.add_argument("--tls-alpn", metavar="PROTOCOLS", default=None,
-                        help="ALPN protocols to offer, comma-separated (e.g. h2,http/1.1)")
-    parser.add_argument("--metrics", metavar="HOST:PORT", default=None,
-                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    parser.add_argument("--heartbeat-timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                        help="replace a worker whose loop has not answered for this long "
-                             "(default: %(default)s)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
-                        help="(default: %(default)s)")
+def _legacy_address_flags(parser: argparse.ArgumentParser, ports: Sequence[str]) -> None:
+    """The examples' older address flags, kept working but out of the help: --listen is the
+    one way to name an address."""
+    parser.add_argument("--host", default=None, help=argparse.SUPPRESS)
+    for flag in ports:
+        parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
 
 
-def _workers(text: str) -> int:
-    if text == "auto":
-        return os.cpu_count() or 1
-    return _count(1)(text)
-
-
-def _listen_spec(text: str) -> ListenerConfig:
-    """``[POLICY@]HOST:PORT``, ``[POLICY@][V6]:PORT`` or ``[POLICY@]unix:PATH``."""
-    policy_text, _, address = text.rpartition("@")
-    try:
-        policy = parse_policy(policy_text) if policy_text else AcceptPolicy.IMMEDIATE
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if address.startswith("unix:"):
-        return ListenerConfig(path=address[5:], policy=policy)
-    host, colon, port_text = address.rpartition(":")
-    if not colon or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT or unix:PATH, got {address!r}")
-    return ListenerConfig(host=host.strip("[]"), port=_port(port_text), policy=policy)
-
-
-def run_echo(args: argparse.Namespace) -> int:
-    from portside.examples.echo import EchoHandler
-
-    listener_settings = _pick(args, LISTENER_OPTIONS)
-    listeners = [
-        ListenerConfig(host=args.host, port=args.data_first_port,
-                       policy=AcceptPolicy.DATA_FIRST, name="data-first", **listener_settings),
-        ListenerConfig(host=args.host, port=args.immediate_port,
-                       policy=AcceptPolicy.IMMEDIATE, name="immediate", **listener_settings),
-    ]
-    return _serve(EchoHandler, listeners, args)
-
-
-def run_resp(args: argparse.Namespace) -> int:
-    from portside.examples.resp import RespHandler
-
-    listener = ListenerConfig(host=args.host, port=args.port, name="resp",
-                              **_pick(args, LISTENER_OPTIONS))
-    return _serve(RespHandler, [listener], args)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    handler_class = _load_handler(args.handler)
-    listener_settings = _pick(args, LISTENER_OPTIONS)
-    listeners = [dataclasses.replace(spec, **listener_settings) for spec in args.listen]
-    return _serve(handler_class, listeners, args)
-
-
-def _load_handler(spec: str) -> Callable[[], Handler]:
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        raise ConfigError(f"expected MODULE:CLASS, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
-    handler_class = getattr(module, class_name, None)
-    if not (isinstance(handler_class, type) and issubclass(handler_class, Handler)):
-        raise ConfigError(f"{spec!r} is not a portside Handler subclass")
-    return handler_class
-
-
-def _serve(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
-           args: argparse.Namespace) -> int:
-    from portside.control.paths import ControlSocket
-
-    config = ServerConfig(**_pick(args, SERVER_OPTIONS))
-    tls = _tls_context(args)
-    if tls is not None:
-        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
-    listeners, sockets = _socket_activation(listeners)
-    with ControlSocket(args.control) as control:  # removed at exit, after a failed start too
-        return _run(handler_factory, listeners, config, sockets, control, args)
-
-
-def _run(handler_factory: Callable[[], Handler], listeners: list[ListenerConfig],
-         config: ServerConfig, sockets: list[socket.socket] | None, control: Any,
-         args: argparse.Namespace) -> int:
-    from portside.control.server import ControlServer
-    from portside.control.target import ServerTarget
-    from portside.metrics import MetricsServer
-    from portside.server import Server
-    from portside.workers.supervisor import Supervisor
-
-    if args.workers is not None:
-        supervisor = Supervisor(handler_factory, listeners, config, args.workers, control,
-                                heartbeat_timeout=args.heartbeat_timeout, sockets=sockets)
-        supervisor.start()
-        if args.metrics:
-            supervisor.serve_metrics(args.metrics)
-        return supervisor.run()
-    server = Server(handler_factory(), listeners, config, sockets=sockets)
-    server.start()
-    target = ServerTarget(server)
-    server.add_service(ControlServer(control, target))
-    if args.metrics:
-        server.add_service(MetricsServer(args.metrics, target))
-    server.run()
-    return 0
-
-
-def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """The server context from --tls-cert/--tls-key, or None; bad files are a ConfigError."""
-    if not args.tls_cert and not args.tls_key:
+def _legacy_listen(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--listen values equivalent to the legacy --host/--*-port flags, if any were given."""
+    names = ("host", "data_first_port", "immediate_port", "port")
+    if all(getattr(args, name, None) is None for name in names):
         return None
-    if not (args.tls_cert and args.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-        raise ConfigError(f"cannot load TLS certificate {args.tls_cert!r} and key "
-                          f"{args.tls_key!r}: {reason}") from None
-    if args.tls_alpn:
-        context.set_alpn_protocols([p.strip() for p in args.tls_alpn.split(",") if p.strip()])
-    return context
+    host = args.host or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    if args.subcommand == "echo":
+        data_first = args.data_first_port or ECHO_LISTEN[0].rpartition(":")[2]
+        immediate = args.immediate_port or ECHO_LISTEN[1].rpartition(":")[2]
+        return (f"data-first@{host}:{data_first}", f"immediate@{host}:{immediate}")
+    return (f"{host}:{args.port or RESP_LISTEN[0].rpartition(':')[2]}",)
 
 
-def _socket_activation(listeners: list[ListenerConfig]
-                       ) -> tuple[list[ListenerConfig], list[socket.socket] | None]:
-    """With systemd socket activation, serve the sockets it passed instead of binding.
+# -- from settings to a plan -----------------------------------------------------------------------
 
-    Sockets named (LISTEN_FDNAMES) like a listener ("data-first", "immediate", "resp") take
-    that listener's settings; the others pair with the listeners in order.
-    """
-    from portside.engine.activation import activated_sockets
+
+def make_plan(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> Plan:
+    """What to run, from the flags, the environment and the config file (again on reload)."""
+    from portside.settings import resolve
+    from portside.workers.supervisor import Plan
+
+    resolved = resolve(args, environ)
+    process = resolved.process
+    listen = process.listen
+    if not listen and args.subcommand != "serve":
+        listen = _legacy_listen(args) or (ECHO_LISTEN if args.subcommand == "echo"
+                                          else RESP_LISTEN)
+    if not listen:
+        raise ConfigError("nothing to listen on: give --listen ADDRESS (or listen in the "
+                          "config file)")
+    listeners = [dataclasses.replace(parse_listen(text), **resolved.listener)
+                 for text in listen]
+    listeners = _name(listeners, args.subcommand)
+    if args.subcommand == "serve":
+        handler, app_dir = args.handler, os.path.abspath(process.app_dir)
+    else:
+        handler, app_dir = EXAMPLES[args.subcommand], None
+    return Plan(handler, app_dir, listeners, resolved.server,
+                dataclasses.replace(process, listen=tuple(listen)))
+
+
+def _name(listeners: list[ListenerConfig], command: str) -> list[ListenerConfig]:
+    """The examples name their listeners (in logs, statistics, socket activation): echo by
+    policy, resp as "resp"; a name is given only where it is unique."""
+    if command == "echo":
+        policies = [listener.policy for listener in listeners]
+        return [dataclasses.replace(listener, name=listener.policy.value)
+                if policies.count(listener.policy) == 1 else listener for listener in listeners]
+    if command == "resp" and len(listeners) == 1:
+        return [dataclasses.replace(listeners[0], name="resp")]
+    return listeners
+
+
+def _sockets(listeners: list[ListenerConfig]
+             ) -> tuple[list[ListenerConfig], list[socket.socket] | None]:
+    """Sockets handed to us (systemd socket activation, an upgrade, fd://N), or None: then
+    the server binds its own. With fd://N beside other addresses, those are bound here, and
+    the Unix socket files made for them are listed in ``_MADE_PATHS`` for removal at exit."""
+    from portside.engine.activation import activated_sockets, apply_listener_options
 
     handed = activated_sockets()
-    if not handed:
+    if handed:
+        return _match_handed(listeners, handed, apply_listener_options)
+    if not any(listener.fd is not None for listener in listeners):
         return listeners, None
+    from portside.engine.listener import bind_listener
+    from portside.workers.app import inherited_socket
+
+    sockets = []
+    configs = []
+    try:
+        for listener in listeners:
+            if listener.fd is None:
+                sockets.append(bind_listener(listener))
+                if listener.path is not None:
+                    _MADE_PATHS.append(listener.path)
+                configs.append(listener)
+            else:
+                sock = inherited_socket(listener.fd)
+                apply_listener_options(sock, listener)
+                sockets.append(sock)
+                configs.append(_at_socket(listener, sock))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return configs, sockets
+
+
+def _at_socket(listener: ListenerConfig, sock: socket.socket) -> ListenerConfig:
+    """``listener`` with the address of the socket it was handed (for logs and statistics)."""
+    if sock.family == socket.AF_UNIX:
+        return dataclasses.replace(listener, path=str(sock.getsockname()), fd=None)
+    host, port = sock.getsockname()[:2]
+    return dataclasses.replace(listener, host=host, port=port, path=None, fd=None)
+
+
+def _match_handed(listeners: list[ListenerConfig], handed: list[Any],
+                  apply_options: Callable[[socket.socket, ListenerConfig], None]
+                  ) -> tuple[list[ListenerConfig], list[socket.socket]]:
+    """Sockets named like a listener ("data-first", "immediate", "resp") take that listener's
+    settings; the others pair with the listeners in order."""
     by_name = {listener.name: listener for listener in listeners if listener.name}
     unnamed = [listener for listener in listeners if listener.name not in
                {entry.name for entry in handed}]
     configs = []
     for entry in handed:
         base = by_name.get(entry.name) or (unnamed.pop(0) if unnamed else listeners[-1])
-        if entry.sock.family == socket.AF_UNIX:
-            config = dataclasses.replace(base, path=str(entry.sock.getsockname()),
-                                         name=entry.name or base.name)
-        else:
-            host, port = entry.sock.getsockname()[:2]
-            config = dataclasses.replace(base, host=host, port=port,
-                                         name=entry.name or base.name)
+        config = _at_socket(dataclasses.replace(base, name=entry.name or base.name),
+                            entry.sock)
+        apply_options(entry.sock, config)
         configs.append(config)
-    logging.getLogger("portside").info("serving %d socket(s) from systemd socket activation",
-                                       len(handed))
+    logger.info("serving %d socket(s) from systemd socket activation or an upgrade",
+                len(handed))
     return configs, [entry.sock for entry in handed]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
-                        stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# -- running ------------------------------------------------------------------------------------
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """echo, resp and serve: one process, or a supervisor with --workers."""
+    from portside.control.paths import ControlSocket
+    from portside.workers import logs
+
+    plan = make_plan(args, os.environ)
+    logs.configure(plan.process.log_level, plan.process.log_format)
+    # The control socket is bound first and removed at exit, after a failed start too.
+    with ControlSocket(plan.process.control or None) as control:
+        if plan.process.workers is not None:
+            return _run_supervisor(args, plan, control)
+        return _run_single(plan, control)
+
+
+def _run_supervisor(args: argparse.Namespace, plan: Plan, control: Any) -> int:
+    from portside.workers.supervisor import UPGRADE_FD_ENV, Supervisor
+
+    listeners, sockets = _sockets(plan.listeners)
+    plan.listeners = listeners
+    upgrade_fd = os.environ.pop(UPGRADE_FD_ENV, None)
+
+    def replan() -> Plan:
+        fresh = make_plan(args, os.environ)
+        if sockets is not None:  # the handed sockets' addresses stand, as on the first start
+            fresh.listeners = [dataclasses.replace(new, host=old.host, port=old.port,
+                                                   path=old.path, name=old.name, fd=None)
+                               for new, old in zip(fresh.listeners, listeners, strict=False)]
+        return fresh
+
+    supervisor = Supervisor(plan, replan, control,
+                            sockets=sockets,
+                            upgrade_fd=int(upgrade_fd) if upgrade_fd and upgrade_fd.isdigit()
+                            else None)
+    supervisor.start()
+    return supervisor.run()
+
+
+def _run_single(plan: Plan, control: Any) -> int:
+    from portside.control.server import ControlServer
+    from portside.control.target import ServerTarget
+    from portside.metrics import MetricsServer
+    from portside.server import Server
+    from portside.workers.app import load_handler, make_handler, tls_context
+
+    handler_class = load_handler(plan.handler, plan.app_dir)
+    tls = tls_context(plan.process)
+    handler = make_handler(handler_class, handler_class.__name__)
+    listeners, sockets = _sockets(plan.listeners)
+    if tls is not None:
+        listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
+    server = Server(handler, listeners, plan.server, sockets=sockets)
+    server.start()
+    target = ServerTarget(server)
     try:
-        if args.subcommand == "echo":
-            return run_echo(args)
-        if args.subcommand == "serve":
-            return run_serve(args)
-        if args.subcommand == "resp":
-            return run_resp(args)
+        if plan.process.metrics:
+            server.add_service(MetricsServer(plan.process.metrics, target))
+    except BaseException:
+        # A failed start leaves nothing behind: no listening socket (the control socket's
+        # context removes its file).
+        for listener in server.listeners:
+            listener.close()
+        raise
+    server.add_service(ControlServer(control, target))
+    server.add_service(_Systemd(server))
+    previous = {signum: signal.signal(signum, _without_workers)
+                for signum in (signal.SIGHUP, signal.SIGUSR2)}
+    _start_line(plan, server)
+    try:
+        server.run()
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    _final_line(server)
+    return 0
+
+
+def _without_workers(signum: int, frame: FrameType | None) -> None:
+    """SIGHUP (reload) and USR2 (upgrade) need a supervisor: say so rather than die."""
+    what = "reloading" if signum == signal.SIGHUP else "upgrading"
+    logger.warning("%s ignored: %s needs worker processes (--workers N)",
+                   signal.Signals(signum).name, what)
+
+
+class _Systemd:
+    """A service on a single server's loop: READY=1 once it runs, WATCHDOG=1 while it does,
+    STOPPING=1 at the end (a supervisor does the same for its workers)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def attach(self, reactor: Any) -> None:
+        from portside.workers import systemd
+
+        systemd.notify("READY=1", f"MAINPID={os.getpid()}")
+        interval = systemd.watchdog_interval()
+
+        def ping() -> None:
+            if self.server.state.value in ("running", "draining"):
+                systemd.notify("WATCHDOG=1")
+                reactor.call_later(interval, ping)
+        if interval is not None:
+            ping()
+
+    def close(self) -> None:
+        from portside.workers import systemd
+
+        systemd.notify("STOPPING=1")
+
+
+def _start_line(plan: Plan, server: Server) -> None:
+    listeners = plan.listeners
+    logger.info("portside %s serving %s in one process: engine %s, TLS %s, PROXY protocol %s, "
+                "at most %d connections per listener, first-data timeout %g s, drain %g s",
+                version(), plan.handler, server.engine.value,
+                "on" if plan.process.certfile else "off",
+                ",".join(sorted({listener.proxy_protocol.value for listener in listeners})),
+                min(listener.max_connections for listener in listeners),
+                min(listener.first_data_timeout for listener in listeners),
+                plan.server.drain_timeout)
+
+
+def _final_line(server: Server) -> None:
+    stats = server.statistics()
+    closed: dict[str, int] = {}
+    for listener in stats.listeners:
+        for reason, count in listener.closed_by_reason.items():
+            closed[reason] = closed.get(reason, 0) + count
+    logger.info("stopped: %d connection(s) accepted, %d bytes in, %d bytes out; closed: %s",
+                sum(listener.accepted for listener in stats.listeners),
+                sum(listener.bytes_in for listener in stats.listeners),
+                sum(listener.bytes_out for listener in stats.listeners),
+                ", ".join(f"{reason} {count}" for reason, count in sorted(closed.items()))
+                or "none")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    if args.subcommand is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.subcommand in ("ctl", "top"):
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.subcommand in ("echo", "serve", "resp"):
+            try:
+                return run_server(args)
+            finally:
+                _remove_made_paths()
         if args.subcommand in ("ctl", "top"):
             return int(args.run(args))
     except PortsideError as exc:
         print(f"portside: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    return 2
+    return EXIT_USAGE

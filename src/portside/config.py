@@ -1,9 +1,16 @@
-"""Every setting, declared once: its type, default and check live on the config dataclasses.
+"""Every setting, declared once: its type, default, check, command-line flag and help.
 
-``ListenerConfig`` holds what differs per listening socket (the seed ran one server object per
-port; portside runs one engine over many listeners, each with its own policy). ``ServerConfig``
-holds what the whole engine shares. The command line derives its defaults from these classes, so
-a default is written in exactly one place.
+Theory of operation. Each tunable field of the three config dataclasses carries a ``Setting``
+in its field metadata (what gunicorn's ``Setting`` classes hold): a ``Kind`` that parses text
+and checks values, the help text, and the flags. The dataclass field itself holds the type and
+the default. Everything else is derived from these declarations: the checks run by
+``__post_init__``, the ``portside`` command's flags and their help, the ``PORTSIDE_...``
+environment variables, the keys of a ``portside.toml`` file (``settings.py`` reads those
+three), and the table of settings in ``docs/settings.md`` (``python -m portside.settings``).
+
+``ListenerConfig`` holds what differs per listening socket; ``ServerConfig`` what one engine
+shares; ``ProcessConfig`` what only the command line's process needs (workers, logs, TLS files).
+This module imports nothing heavy: ``portside ctl`` reads it on its way to a quick answer.
 """
 
 from __future__ import annotations
@@ -11,16 +18,20 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
-import ssl
-from dataclasses import MISSING, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from portside.errors import ConfigError
 from portside.protocols.proxy import Version as ProxyVersion
 
+if TYPE_CHECKING:
+    import ssl
+
 SECONDS = 1.0
 KIB = 1024
 MIB = 1024 * KIB
+INT_MAX = 2**31 - 1  # the largest value a socket option (a C int) can carry
+MAX_SECONDS = 366 * 24 * 3600.0  # longer "timeouts" are mistakes, and overflow some loops
 
 
 class AcceptPolicy(enum.Enum):
@@ -42,11 +53,350 @@ class Engine(enum.Enum):
     UVLOOP = "uvloop"  #: the asyncio engine on a uvloop loop
 
 
+class LogFormat(enum.Enum):
+    """How log lines are written to stderr."""
+
+    TEXT = "text"  #: time, [pid], level, logger: message
+    JSON = "json"  #: one JSON object per line, for log shippers
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+# -- kinds: how a setting's text is read and its value checked ------------------------------------
+
+
+class Kind:
+    """How one kind of setting is parsed from text (flag, environment, file) and checked."""
+
+    metavar = "VALUE"
+
+    def parse(self, text: str) -> Any:
+        """The value ``text`` means; ValueError with the rule when it means none."""
+        return text
+
+    def coerce(self, value: Any) -> Any:
+        """A value from Python code or a TOML file, in this kind's type (text is parsed)."""
+        return self.parse(value) if isinstance(value, str) else value
+
+    def check(self, value: Any) -> str | None:
+        """None if ``value`` is acceptable, else the rule it breaks ("must be ...")."""
+        return None
+
+    def show(self, value: Any) -> str:
+        """``value`` as a user would write it (help texts and the docs table)."""
+        if isinstance(value, enum.Enum):
+            return str(value.value)
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(map(str, value)) or "(none)"
+        if value is None:
+            return "(none)"
+        return str(value)
+
+    def dump(self, value: Any) -> Any:
+        """``value`` as JSON data (what a worker process is sent)."""
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    def describe(self) -> str:
+        """The kind, for the docs table."""
+        return self.metavar.lower()
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    """A duration in seconds; ``positive`` rules out 0 (where 0 could only be a mistake)."""
+
+    positive: bool = False
+    off_at_zero: bool = False
+    metavar = "SECONDS"
+
+    def parse(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{self.rule()}, got {text!r}") from None
+        if self.check(value) is not None:
+            raise ValueError(f"{self.rule()}, got {text!r}")
+        return value
+
+    def coerce(self, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return super().coerce(value)
+
+    def rule(self) -> str:
+        low = "> 0" if self.positive else ">= 0"
+        return f"must be a number of seconds {low}, at most {MAX_SECONDS:.0f}"
+
+    def check(self, value: Any) -> str | None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value) and (value > 0 if self.positive else value >= 0) \
+            and value <= MAX_SECONDS
+        return None if ok else self.rule()
+
+    def describe(self) -> str:
+        return "seconds" + (" (0: off)" if self.off_at_zero else "")
+
+
+@dataclass(frozen=True)
+class Count(Kind):
+    """A whole number in ``minimum..maximum`` (a socket option's ceiling is INT_MAX)."""
+
+    minimum: int = 0
+    maximum: int = INT_MAX
+    unit: str = ""
+    metavar = "N"
+
+    def parse(self, text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"{self.rule()}, got {text!r}") from None
+        if self.check(value) is not None:
+            raise ValueError(f"{self.rule()}, got {text!r}")
+        return value
+
+    def rule(self) -> str:
+        return f"must be a whole number {self.minimum}-{self.maximum}"
+
+    def check(self, value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) \
+            and self.minimum <= value <= self.maximum
+        return None if ok else self.rule()
+
+    def describe(self) -> str:
+        return self.unit or "number"
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    """One of an enum's values."""
+
+    enum_class: type[enum.Enum] = LogLevel
+    noun: str = "value"  # in "unknown engine 'x' (choose from ...)"
+
+    @property
+    def metavar(self) -> str:  # type: ignore[override]
+        return "{" + ",".join(str(item.value) for item in self.enum_class) + "}"
+
+    def parse(self, text: str) -> enum.Enum:
+        try:
+            return self.enum_class(text.replace("_", "-").lower())
+        except ValueError:
+            raise ValueError(f"unknown {self.noun} {text!r} (choose from {self.choices()})"
+                             ) from None
+
+    def choices(self) -> str:
+        return ", ".join(str(item.value) for item in self.enum_class)
+
+    def check(self, value: Any) -> str | None:
+        return None if isinstance(value, self.enum_class) else f"must be one of {self.choices()}"
+
+    def describe(self) -> str:
+        return " / ".join(str(item.value) for item in self.enum_class)
+
+
+@dataclass(frozen=True)
+class Switch(Kind):
+    """On or off: a flag on the command line; 1/0, true/false, yes/no, on/off elsewhere."""
+
+    metavar = ""
+
+    def parse(self, text: str) -> bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"must be on or off (1/0, true/false, yes/no), got {text!r}")
+
+    def check(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else "must be on or off"
+
+    def describe(self) -> str:
+        return "on / off"
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    """Free text (a path, a name); ``optional`` allows None, never an empty string."""
+
+    metavar_text: str = "TEXT"
+    optional: bool = True
+
+    @property
+    def metavar(self) -> str:  # type: ignore[override]
+        return self.metavar_text
+
+    def check(self, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        return None if isinstance(value, str) and value else "must not be empty"
+
+    def describe(self) -> str:
+        return self.metavar_text.lower()
+
+
+@dataclass(frozen=True)
+class Networks(Kind):
+    """A comma-separated list of networks (CIDR) or single addresses."""
+
+    metavar = "CIDR,..."
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        value = tuple(part.strip() for part in text.split(",") if part.strip())
+        rule = self.check(value)
+        if rule is not None:
+            raise ValueError(rule)
+        return value
+
+    def coerce(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(str(item) for item in value)
+        return super().coerce(value)
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, tuple):
+            return "must be a list of networks"
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                return f"{network!r} is not an address or network (CIDR)"
+        return None
+
+    def describe(self) -> str:
+        return "networks (CIDR), comma-separated"
+
+
+@dataclass(frozen=True)
+class Address(Kind):
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback), for a side service like metrics."""
+
+    metavar = "HOST:PORT"
+
+    def parse(self, text: str) -> str:
+        host, port = parse_host_port(text)
+        return format_host_port(host, port)
+
+    def check(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse_host_port(value)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    def describe(self) -> str:
+        return "host:port (:PORT is 127.0.0.1)"
+
+
+@dataclass(frozen=True)
+class Workers(Kind):
+    """A number of worker processes, or ``auto`` (one per CPU)."""
+
+    metavar = "N|auto"
+
+    def parse(self, text: str) -> int:
+        if text.strip().lower() == "auto":
+            import os
+
+            return os.cpu_count() or 1
+        return Count(1, 1024).parse(text)
+
+    def check(self, value: Any) -> str | None:
+        return None if value is None else Count(1, 1024).check(value)
+
+    def describe(self) -> str:
+        return "number or auto"
+
+
+@dataclass(frozen=True)
+class Listens(Kind):
+    """Listening addresses, one per flag (``--listen`` is repeatable): see ``parse_listen``."""
+
+    metavar = "[POLICY@]ADDRESS"
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        parse_listen(text)  # checked now; kept as text, which is how a worker is told
+        return (text,)
+
+    def coerce(self, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            for item in value:
+                parse_listen(str(item))
+            return tuple(str(item) for item in value)
+        return value
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, tuple):
+            return "must be a list of addresses"
+        for item in value:
+            try:
+                parse_listen(item)
+            except ConfigError as exc:
+                return str(exc)
+        return None
+
+    def describe(self) -> str:
+        return "addresses, repeatable"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting's declaration beside its dataclass field (which holds type and default)."""
+
+    kind: Kind
+    help: str
+    #: Extra flags users of other servers look for (gunicorn's --bind, uvicorn's --ssl-certfile).
+    aliases: tuple[str, ...] = ()
+    #: Whether the setting can be given more than once on the command line (it is a list).
+    repeatable: bool = False
+    #: The default in words, where the value alone would say little ("one process").
+    default_text: str = ""
+    name: str = ""  # filled in by ``settings_of``
+
+    def show_default(self, default: Any) -> str:
+        return self.default_text or self.kind.show(default)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "PORTSIDE_" + self.name.upper()
+
+
+def setting(default: Any, kind: Kind, help: str, *, aliases: tuple[str, ...] = (),
+            repeatable: bool = False, default_text: str = "") -> Any:
+    """A dataclass field that is a setting: its default and its ``Setting`` declaration."""
+    return field(default=default, metadata={"setting": Setting(
+        kind, help, aliases, repeatable, default_text)})
+
+
+# -- the three groups of settings -----------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One listening socket and the policies that apply to its connections.
 
-    Give ``port`` (with ``host``) for TCP over IPv4 or IPv6, or ``path`` for a Unix-domain socket.
+    Give ``port`` (with ``host``) for TCP over IPv4 or IPv6, ``path`` for a Unix-domain socket,
+    or ``fd`` for a socket already listening that this process inherited.
     """
 
     host: str = "127.0.0.1"
@@ -54,72 +404,77 @@ class ListenerConfig:
     path: str | None = None
     policy: AcceptPolicy = AcceptPolicy.IMMEDIATE
     name: str | None = None
-    #: A data-first connection silent this long after accept is closed (the DoS defence).
-    first_data_timeout: float = 5 * SECONDS
-    #: Seconds for Linux TCP_DEFER_ACCEPT on data-first listeners; 0 leaves it off. See README.
-    defer_accept: int = 1
-    #: The ceiling on pending + active connections; accepting stops there, resumes below it.
-    max_connections: int = 10_000
-    #: Accepts per readiness wake-up (the seed's number of posted accepts).
-    accept_batch: int = 64
-    backlog: int = 1024
-    #: Under the ceiling's pressure, pending connections silent this long are closed first.
-    stale_pending_age: float = 1 * SECONDS
-    #: Unsent bytes above which reading pauses; below ``write_low_water`` it resumes.
-    write_high_water: int = 64 * KIB
-    write_low_water: int = 16 * KIB
-    #: Queued output past which a connection is reset: a peer that reads nothing while its
-    #: handler keeps writing (Redis's client-output-buffer-limit). Must be >= write_high_water.
-    write_limit: int = 64 * MIB
-    #: Close a connection with no bytes in either direction for this long (0: off).
-    idle_timeout: float = 0
-    #: Close a connection that owes us the rest of a message for this long (0: off).
-    read_timeout: float = 0
-    #: Reset a connection whose peer takes none of our queued bytes for this long (0: off).
-    write_timeout: float = 0
-    #: Serve TLS with this server-side context (None: plain TCP). See README.
+    fd: int | None = None
+    first_data_timeout: float = setting(
+        5 * SECONDS, Seconds(positive=True),
+        "Data-first listeners close a connection that sends nothing for this long after it "
+        "was accepted (the defence against silent connections; cannot be off).")
+    defer_accept: int = setting(
+        1, Count(0, INT_MAX, "seconds (0: off)"),
+        "Data-first listeners: how long the Linux kernel itself holds a silent new connection "
+        "before telling portside (TCP_DEFER_ACCEPT); 0 turns it off.")
+    max_connections: int = setting(
+        10_000, Count(1, INT_MAX, "connections"),
+        "Per listener: accepting stops at this many open connections and resumes below it.")
+    accept_batch: int = setting(
+        64, Count(1, 65_536, "connections"),
+        "How many connections are accepted each time the listener wakes up.")
+    backlog: int = setting(
+        1024, Count(1, INT_MAX, "connections"),
+        "Connections the kernel queues before portside accepts them (listen(2); the kernel "
+        "caps it at net.core.somaxconn).")
+    stale_pending_age: float = setting(
+        1 * SECONDS, Seconds(),
+        "At the connection ceiling, data-first connections silent this long are closed first "
+        "to make room.")
+    write_high_water: int = setting(
+        64 * KIB, Count(0, INT_MAX, "bytes"),
+        "Reading from a connection pauses while more than this many bytes wait to be sent "
+        "to it.")
+    write_low_water: int = setting(
+        16 * KIB, Count(0, INT_MAX, "bytes"),
+        "Reading resumes once the bytes waiting to be sent fall to this many.")
+    write_limit: int = setting(
+        64 * MIB, Count(0, 2**62, "bytes"),
+        "A connection with more than this many bytes waiting to be sent is reset (a client "
+        "that reads nothing; Redis's client-output-buffer-limit). At least --write-high-water.")
+    idle_timeout: float = setting(
+        0.0, Seconds(off_at_zero=True),
+        "Close a connection with no bytes in either direction for this long (0: off).")
+    read_timeout: float = setting(
+        0.0, Seconds(off_at_zero=True),
+        "Close a connection that leaves a message unfinished for this long (0: off).")
+    write_timeout: float = setting(
+        0.0, Seconds(off_at_zero=True),
+        "Reset a connection whose peer takes none of the bytes waiting for it this long "
+        "(0: off).")
+    #: Serve TLS with this server-side context (None: plain TCP); the command line makes it from
+    #: --certfile and --keyfile. See README.
     tls: ssl.SSLContext | None = None
-    #: Expect a PROXY protocol header (from a load balancer) first: off, v1, v2 or any.
-    proxy_protocol: ProxyVersion = ProxyVersion.OFF
-    #: Networks (CIDR) allowed to send a PROXY header; anyone else is refused. Empty (the
-    #: default) trusts no TCP source; Unix-socket peers are always trusted.
-    trusted_proxies: tuple[str, ...] = ()
+    proxy_protocol: ProxyVersion = setting(  # noqa: RUF009 (a field(), made once)
+        ProxyVersion.OFF, Choice(ProxyVersion, "PROXY protocol setting"),
+        "Expect a PROXY protocol header (sent by HAProxy or another load balancer) before "
+        "the data: off, v1, v2 or any.")
+    trusted_proxies: tuple[str, ...] = setting(
+        (), Networks(),
+        "Networks allowed to send a PROXY header; a header from anyone else is refused. "
+        "Empty trusts no TCP client (Unix-socket clients are always trusted).")
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, AcceptPolicy):
             object.__setattr__(self, "policy", parse_policy(str(self.policy)))
-        if not isinstance(self.proxy_protocol, ProxyVersion):
-            object.__setattr__(self, "proxy_protocol", parse_proxy_version(
-                str(self.proxy_protocol)))
-        if self.path is None:
-            _check(0 <= self.port <= 65535, "port", self.port, "must be 0-65535")
-        _check_duration("first_data_timeout", self.first_data_timeout)
-        # Unlike the optional timeouts, this one cannot be off: it is the DoS defence.
-        _check(self.first_data_timeout > 0, "first_data_timeout", self.first_data_timeout,
-               "must be > 0")
-        _check_duration("stale_pending_age", self.stale_pending_age)
-        for name in ("idle_timeout", "read_timeout", "write_timeout"):
-            _check_duration(name, getattr(self, name))
-        _check(self.defer_accept >= 0, "defer_accept", self.defer_accept, "must be >= 0")
-        _check(self.max_connections >= 1, "max_connections", self.max_connections, "must be >= 1")
-        _check(self.accept_batch >= 1, "accept_batch", self.accept_batch, "must be >= 1")
-        _check(self.backlog >= 1, "backlog", self.backlog, "must be >= 1")
-        _check(self.write_low_water >= 0, "write_low_water", self.write_low_water, "must be >= 0")
-        _check(
-            self.write_high_water >= self.write_low_water, "write_high_water",
-            self.write_high_water, "must be >= write_low_water",
-        )
+        if self.path is not None:
+            _check(bool(self.path), "path", self.path, "must not be empty (unix:PATH)")
+        elif self.fd is not None:
+            _check(0 <= self.fd <= INT_MAX, "fd", self.fd, "must be a descriptor number")
+        else:
+            _check(isinstance(self.port, int) and 0 <= self.port <= 65535, "port", self.port,
+                   "must be 0-65535")
+        _check_settings(self)
+        _check(self.write_high_water >= self.write_low_water, "write_high_water",
+               self.write_high_water, "must be >= write_low_water")
         _check(self.write_limit >= self.write_high_water, "write_limit", self.write_limit,
                "must be >= write_high_water")
-        if isinstance(self.trusted_proxies, str):
-            object.__setattr__(self, "trusted_proxies", tuple(
-                part.strip() for part in self.trusted_proxies.split(",") if part.strip()))
-        for network in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ConfigError(f"trusted_proxies: {network!r} is not an address or network "
-                                  "(CIDR)") from None
 
     @property
     def label(self) -> str:
@@ -128,10 +483,12 @@ class ListenerConfig:
 
     @property
     def address(self) -> str:
-        """The configured address, as ``host:port``, ``[v6]:port`` or ``unix:path``."""
+        """The configured address: ``host:port``, ``[v6]:port``, ``unix:path`` or ``fd://N``."""
         if self.path is not None:
             return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.fd is not None:
+            return f"fd://{self.fd}"
+        return format_host_port(self.host, self.port)
 
     @property
     def description(self) -> str:
@@ -143,36 +500,163 @@ class ListenerConfig:
 class ServerConfig:
     """Settings shared by every listener of one engine."""
 
-    engine: Engine = Engine.AUTO
-    #: Graceful shutdown waits this long for live connections to finish before closing them.
-    drain_timeout: float = 10 * SECONDS
-    #: After our FIN, how long to read and discard until the peer's FIN, before closing anyway.
-    linger_timeout: float = 2 * SECONDS
-    buffer_size: int = 64 * KIB
-    buffer_pool_max_free: int = 16
-    #: Connection objects made at start-up, and the most kept for reuse.
-    connection_pool_size: int = 64
-    connection_pool_max_free: int = 1024
-    #: On EMFILE and other capacity errors, accepting pauses this long before it retries.
-    accept_backoff: float = 0.1 * SECONDS
+    engine: Engine = setting(  # noqa: RUF009 (a field(), made once)
+        Engine.AUTO, Choice(Engine, "engine"),
+        "The event loop: auto (the compiled engine if it is built, else epoll), compiled, "
+        "epoll (portside's own, pure Python), asyncio or uvloop.")
+    drain_timeout: float = setting(
+        10 * SECONDS, Seconds(),
+        "Graceful shutdown lets open connections finish for this long, then closes them.",
+        aliases=("--graceful-timeout",))
+    linger_timeout: float = setting(
+        2 * SECONDS, Seconds(),
+        "After closing its side, portside waits this long for the client to close its own "
+        "before resetting the connection.")
+    buffer_size: int = setting(
+        64 * KIB, Count(1, 64 * MIB, "bytes"), "Bytes read from a connection at a time.")
+    buffer_pool_max_free: int = setting(
+        16, Count(0, 1_000_000, "buffers"), "Read buffers kept for reuse.")
+    connection_pool_size: int = setting(
+        64, Count(0, 1_000_000, "connections"),
+        "Connection objects made at start-up, ready for the first clients.")
+    connection_pool_max_free: int = setting(
+        1024, Count(0, 1_000_000, "connections"), "Closed connection objects kept for reuse.")
+    accept_backoff: float = setting(
+        0.1 * SECONDS, Seconds(),
+        "When the process runs out of file descriptors (EMFILE) or memory, accepting pauses "
+        "this long before it tries again.")
+    log_connections: bool = setting(
+        False, Switch(),
+        "Log one line per closed connection: client, listener, duration, bytes each way and "
+        "why it closed.")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.engine, Engine):
-            object.__setattr__(self, "engine", parse_engine(str(self.engine)))
-        _check_duration("drain_timeout", self.drain_timeout)
-        _check_duration("linger_timeout", self.linger_timeout)
-        _check_duration("accept_backoff", self.accept_backoff)
-        _check(self.buffer_size >= 1, "buffer_size", self.buffer_size, "must be >= 1")
-        for name in ("buffer_pool_max_free", "connection_pool_size", "connection_pool_max_free"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _check_settings(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessConfig:
+    """Settings of the ``portside`` command's process: listeners, workers, logs, TLS files."""
+
+    listen: tuple[str, ...] = setting(
+        (), Listens(),
+        "Listen here (repeatable): [POLICY@]HOST:PORT, [POLICY@][V6ADDR]:PORT, :PORT "
+        "(127.0.0.1), unix:PATH or fd://N (an inherited socket). POLICY is immediate (hand "
+        "over at once, the default) or data-first (only once the client has sent bytes). "
+        "Echo listens on data-first@127.0.0.1:5001 and immediate@127.0.0.1:5002, resp on "
+        "127.0.0.1:6380, unless this is given.",
+        aliases=("--bind", "-b"), repeatable=True, default_text="the command's own")
+    workers: int | None = setting(
+        None, Workers(),
+        "Run this many worker processes under a supervisor (auto: one per CPU). Without it, "
+        "one process serves and there are no reloads.", aliases=("-w",),
+        default_text="one process")
+    app_dir: str = setting(
+        ".", Text("DIR", optional=False),
+        "serve: import MODULE:CLASS from this directory (like uvicorn's --app-dir).")
+    control: str | None = setting(
+        None, Text("PATH"),
+        "The control socket that portside ctl and portside top talk to.",
+        default_text="PID.sock in a private directory: $XDG_RUNTIME_DIR/portside or "
+                     "/tmp/portside-UID")
+    certfile: str | None = setting(
+        None, Text("FILE"),
+        "Serve TLS on every listener with this certificate chain (PEM).",
+        aliases=("--tls-cert", "--ssl-certfile"), default_text="plain TCP")
+    keyfile: str | None = setting(
+        None, Text("FILE"), "The certificate's private key (PEM).", default_text="none",
+        aliases=("--tls-key", "--ssl-keyfile"))
+    tls_alpn: str | None = setting(
+        None, Text("PROTOCOLS"),
+        "ALPN protocols offered in the TLS handshake, comma-separated (e.g. h2,http/1.1).",
+        default_text="none")
+    metrics: str | None = setting(
+        None, Address(),
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (:PORT is 127.0.0.1:PORT).",
+        default_text="off")
+    heartbeat_timeout: float = setting(
+        10 * SECONDS, Seconds(positive=True),
+        "With --workers: a worker whose loop has not answered for this long is replaced.")
+    log_level: LogLevel = setting(  # noqa: RUF009 (a field(), made once)
+        LogLevel.INFO, Choice(LogLevel, "log level"), "The least important log lines written.")
+    log_format: LogFormat = setting(  # noqa: RUF009 (a field(), made once)
+        LogFormat.TEXT, Choice(LogFormat, "log format"),
+        "text (time [pid] level logger: message) or json (one object per line).")
+
+    def __post_init__(self) -> None:
+        _check_settings(self)
+
+
+CONFIG_CLASSES: tuple[type[Any], ...] = (ProcessConfig, ListenerConfig, ServerConfig)
+
+
+_SETTINGS: dict[type[Any], tuple[Setting, ...]] = {}
+
+
+def settings_of(cls: type[Any]) -> tuple[Setting, ...]:
+    """The declared settings of one config class, in declaration order, names filled in."""
+    known = _SETTINGS.get(cls)
+    if known is not None:
+        return known
+    found = []
+    for item in fields(cls):
+        declared = item.metadata.get("setting")
+        if declared is not None:
+            found.append(Setting(declared.kind, declared.help, declared.aliases,
+                                 declared.repeatable, declared.default_text, item.name))
+    known = _SETTINGS[cls] = tuple(found)
+    return known
 
 
 def default_of(cls: type[Any], name: str) -> Any:
-    """The declared default of a config field, for the command line's help and parsing."""
-    for field in fields(cls):
-        if field.name == name and field.default is not MISSING:
-            return field.default
+    """The declared default of a config field."""
+    for item in fields(cls):
+        if item.name == name:
+            return item.default
     raise KeyError(name)
+
+
+# -- shared value parsers -------------------------------------------------------------------------
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (127.0.0.1) as (host, port); ports 0-65535."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"unbalanced brackets in {text!r} (write [V6ADDR]:PORT)")
+    host = host[1:-1] if host.startswith("[") else host
+    if ":" in host and not text.startswith("["):
+        raise ConfigError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be 0-65535, got {port_text!r} in {text!r}")
+    return host or str(default_of(ListenerConfig, "host")), port
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_listen(text: str) -> ListenerConfig:
+    """``[POLICY@]HOST:PORT``, ``[POLICY@][V6]:PORT``, ``[POLICY@]:PORT``,
+    ``[POLICY@]unix:PATH`` or ``[POLICY@]fd://N`` as a listener with default settings."""
+    policy_text, _, address = text.rpartition("@")
+    policy = parse_policy(policy_text) if policy_text else AcceptPolicy.IMMEDIATE
+    if address.startswith("unix:"):
+        if not address[5:]:
+            raise ConfigError(f"empty path in {text!r} (write unix:PATH)")
+        return ListenerConfig(path=address[5:], policy=policy)
+    if address.startswith("fd://"):
+        if not address[5:].isdigit():
+            raise ConfigError(f"expected fd://N with a descriptor number, got {text!r}")
+        return ListenerConfig(fd=int(address[5:]), policy=policy)
+    host, port = parse_host_port(address)
+    return ListenerConfig(host=host, port=port, policy=policy)
 
 
 def parse_policy(text: str) -> AcceptPolicy:
@@ -200,13 +684,31 @@ def parse_engine(text: str) -> Engine:
         raise ConfigError(f"unknown engine {text!r} (choose from {choices})") from None
 
 
+def parse_positive_seconds(text: str) -> float:
+    """A duration > 0 from text (a client's ``--timeout``); ValueError says what is wrong."""
+    return float(Seconds(positive=True).parse(text))
+
+
+def _check_settings(config: Any) -> None:
+    """Coerce (text, lists) and check every declared setting of ``config``."""
+    for declared in settings_of(type(config)):
+        value = getattr(config, declared.name)
+        kind = declared.kind
+        if isinstance(value, (str, list, int)) and not isinstance(value, bool):
+            try:
+                coerced = kind.coerce(value)
+            except (ValueError, ConfigError) as exc:
+                message = str(exc)
+                raise ConfigError(message if message.startswith("unknown ")
+                                  else f"{declared.name} {message}") from None
+            if coerced is not value:
+                object.__setattr__(config, declared.name, coerced)
+                value = coerced
+        rule = kind.check(value)
+        if rule is not None:
+            raise ConfigError(f"{declared.name} {rule}, got {value!r}")
+
+
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{name} {rule}, got {value!r}")
-
-
-def _check_duration(name: str, value: float) -> None:
-    _check(
-        isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-        name, value, "must be a number of seconds >= 0",
-    )

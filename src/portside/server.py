@@ -16,7 +16,7 @@ import select
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any, Protocol
 
@@ -192,9 +192,27 @@ class Server:
             return compiled.CompiledListener
         return Listener
 
-    async def serve(self) -> None:
-        """Serve from the running asyncio (or uvloop) loop until shutdown completes."""
-        await self._serve(install_signal_handlers=False)
+    async def serve(self, install_signal_handlers: bool = False,
+                    shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Serve from the running asyncio (or uvloop) loop until shutdown completes.
+
+        With ``install_signal_handlers`` (on the main thread), SIGINT and SIGTERM start a
+        graceful shutdown, and a second one forces it. ``shutdown_trigger``, as in hypercorn's
+        ``serve()``: a graceful shutdown starts when the awaitable it returns completes (an
+        ``asyncio.Event().wait``, say). Otherwise call ``shutdown()``.
+        """
+        trigger: asyncio.Task[object] | None = None
+        if shutdown_trigger is not None:
+            async def watch() -> object:
+                result = await shutdown_trigger()
+                self.shutdown()
+                return result
+            trigger = asyncio.ensure_future(watch())
+        try:
+            await self._serve(install_signal_handlers)
+        finally:
+            if trigger is not None and not trigger.done():
+                trigger.cancel()
 
     def _run_epoll(self, install_signal_handlers: bool) -> None:
         reactor: Any
@@ -208,7 +226,7 @@ class Server:
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             def on_signal(signum: int, frame: FrameType | None) -> None:
                 reactor.call_soon_threadsafe(lambda: self._on_shutdown_signal(signum))
-            for signum in (*_SHUTDOWN_SIGNALS, signal.SIGHUP):
+            for signum in _SHUTDOWN_SIGNALS:  # SIGHUP is the application's (or a supervisor's)
                 previous[signum] = signal.signal(signum, on_signal)
         try:
             self._begin(reactor)
@@ -227,7 +245,7 @@ class Server:
         reactor = AsyncioReactor(loop)
         handled: list[signal.Signals] = []
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for signum in (*_SHUTDOWN_SIGNALS, signal.SIGHUP):
+            for signum in _SHUTDOWN_SIGNALS:
                 loop.add_signal_handler(signum, self._on_shutdown_signal, signum)
                 handled.append(signum)
         try:
@@ -347,10 +365,6 @@ class Server:
 
     def _on_shutdown_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        if signum == signal.SIGHUP:
-            logger.warning("SIGHUP ignored: a graceful restart needs worker processes "
-                           "(--workers N)")
-            return
         self._signals_seen += 1
         if self._signals_seen == 1:
             logger.info("%s: shutting down gracefully (again to force)", name)

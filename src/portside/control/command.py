@@ -16,9 +16,6 @@ from typing import Any
 from portside.control import protocol
 from portside.errors import ControlError
 
-SERVER_CONTROL_HELP = ("control socket for portside ctl and top (default: PID.sock in a private "
-                       "directory, $XDG_RUNTIME_DIR/portside or /tmp/portside-UID)")
-
 
 def _seconds(text: str) -> float:
     try:

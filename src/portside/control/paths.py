@@ -192,10 +192,16 @@ class ControlSocket:
         except ControlError as exc:
             raise ListenError(f"cannot create the control socket: {exc}") from None
         self.path = path
-        self.sock = self._bind(path)
+        self.closed = True
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Bind the socket (again, after ``close``: an upgrade that failed takes it back)."""
+        self.sock = self._bind(self.path)
         self._owner = os.getpid()
-        info = os.stat(path)
+        info = os.stat(self.path)
         self._identity = (info.st_dev, info.st_ino)
+        self.closed = False
 
     @staticmethod
     def _sweep(directory: str) -> None:
@@ -232,7 +238,12 @@ class ControlSocket:
         return sock
 
     def close(self) -> None:
-        """Close it and remove the file, only if it is still the one this process made."""
+        """Close it and remove the file, only if it is still the one this process made. Once:
+        after that the file at ``path`` is someone else's (an upgraded supervisor's), even if
+        the file system gave it the freed inode number again."""
+        if self.closed:
+            return
+        self.closed = True
         self.sock.close()
         if os.getpid() != self._owner:
             return  # a forked child: the socket file is the parent's

@@ -55,6 +55,7 @@ import socket as _socket_module
 
 from portside.engine.states import CloseReason
 from portside.engine.connection import _id_counter as id_counter
+from portside.engine.core import _log_closed as log_closed
 from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError
 from portside.handler import Handler
@@ -808,6 +809,7 @@ cdef class CoreBase:
     cdef public list _to_recycle
     cdef public object _on_idle
     cdef public object _connection_class
+    cdef public bint _log_connections
 
     def new_connection(self):
         """A connection object, from the pool."""
@@ -823,6 +825,8 @@ cdef class CoreBase:
 
     cdef int _connection_finished(self, conn) except -1:
         self.open -= 1
+        if self._log_connections:
+            log_closed(conn, monotonic())
         # Recycle on the next iteration: now, the closing call chain still references it.
         if not self._to_recycle:
             self.reactor.call_soon(self._recycle)

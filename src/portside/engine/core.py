@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from portside.handler import Handler
 
 logger = logging.getLogger("portside")
+connection_logger = logging.getLogger("portside.connections")
 
 
 class EngineCore:
@@ -42,6 +43,7 @@ class EngineCore:
         self.open = 0  # connections between attach and close
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
+        self._log_connections = config.log_connections  # off by default: one check per close
 
     def new_connection(self) -> Connection:
         """A connection object, from the pool (a TLS session is made per connection)."""
@@ -51,6 +53,8 @@ class EngineCore:
 
     def connection_finished(self, conn: Connection) -> None:
         self.open -= 1
+        if self._log_connections:
+            _log_closed(conn, self.reactor.time())
         # Recycle on the next iteration: now, the closing call chain still references it.
         if not self._to_recycle:
             self.reactor.call_soon(self._recycle)
@@ -77,3 +81,15 @@ class EngineCore:
             self.handler.error(conn, exc)
         except Exception:
             logger.exception("handler.error raised while reporting %r", exc)
+
+
+def _log_closed(conn: Connection, now: float) -> None:
+    """The per-connection line (``log_connections``): who, where, how long, how much, why."""
+    peer = conn.peer_address
+    if isinstance(peer, tuple):
+        host, port = peer[:2]
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+    connection_logger.info("closed peer=%s listener=%s duration=%.3f bytes_in=%d bytes_out=%d "
+                           "reason=%s", peer or "-", conn.listener.config.label,
+                           now - conn.accepted_at, conn.bytes_in, conn.bytes_out, reason)

@@ -1,0 +1,109 @@
+"""What one serving process needs from its settings: the handler class, imported from the app
+directory; the TLS context, from the certificate files; listeners on inherited descriptors.
+
+Both the single-process command and every worker process use these, so a handler is loaded
+the same way (and fails the same way: one ``ConfigError`` line) wherever it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from portside.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from portside.config import ProcessConfig
+    from portside.handler import Handler
+
+
+def load_handler(spec: str, app_dir: str | None = None) -> type[Handler]:
+    """Import ``MODULE:CLASS`` (from ``app_dir`` first, as gunicorn and uvicorn import from the
+    current directory); any failure, even an exception raised by the module, is one line."""
+    from portside.handler import Handler
+
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError(f"expected MODULE:CLASS, got {spec!r}")
+    if app_dir is not None:
+        directory = os.path.abspath(app_dir)
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--app-dir {app_dir!r} is not a directory")
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+    except BaseException as exc:  # a module may raise anything, even SystemExit
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        where = _where(exc)
+        raise ConfigError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
+                          f"{where}") from None
+    handler_class = getattr(module, class_name, None)
+    if not (isinstance(handler_class, type) and issubclass(handler_class, Handler)):
+        raise ConfigError(f"{spec!r} is not a portside Handler subclass")
+    return handler_class
+
+
+def make_handler(factory: Callable[[], Handler], name: str) -> Handler:
+    """Call the handler's constructor; its exception becomes one ``ConfigError`` line."""
+    try:
+        return factory()
+    except Exception as exc:
+        raise ConfigError(f"{name}() raised {type(exc).__name__}: {exc}{_where(exc)}") from None
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file.py:12)``: the innermost frame of a traceback, so a one-line error says where."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" ({os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+
+
+def tls_context(process: ProcessConfig) -> ssl.SSLContext | None:
+    """The server context from ``certfile``/``keyfile``, or None; bad files are one line."""
+    if not process.certfile and not process.keyfile:
+        return None
+    if not (process.certfile and process.keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(process.certfile, process.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError(f"cannot load TLS certificate {process.certfile!r} and key "
+                          f"{process.keyfile!r}: {reason}") from None
+    if process.tls_alpn:
+        context.set_alpn_protocols([p.strip() for p in process.tls_alpn.split(",")
+                                    if p.strip()])
+    return context
+
+
+def inherited_socket(fd: int) -> socket.socket:
+    """The listening stream socket at descriptor ``fd`` (``fd://N``), checked."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"fd://{fd} is not a socket: {exc.strerror or exc}") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigError(f"fd://{fd} is not a stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ConfigError(f"fd://{fd} is not listening")
+    os.set_inheritable(fd, True)
+    return sock
