@@ -1,9 +1,10 @@
-"""The RESP example beside a real Redis, under the same redis-benchmark load (issue 5).
+"""The RESP example beside a real Redis, under the same redis-benchmark load.
 
-Starts ``portside resp`` (its default engine, the compiled one) and Debian's ``redis-server`` one after the other on
-loopback, each pinned to CPU 1, and drives each with ``redis-benchmark`` pinned to CPU 0:
-``-t ping,set,get`` plain, pipelined (``-P 16``) and with a new connection per request
-(``-k 0``). Medians of several rounds go to ``bench/results/resp-latest.md`` (and ``.json``).
+Starts ``portside resp`` (its default engine, the compiled one) and Debian's ``redis-server``
+one after the other on loopback, each pinned to CPU 1, and drives each with
+``redis-benchmark`` pinned to CPU 0: ``-t ping,set,get`` plain, pipelined (``-P 16``) and with
+a new connection per request (``-k 0``). Medians of several rounds go to
+``bench/results/resp-latest.md`` (and ``.json``).
 
     python -m bench.resp [--rounds 3] [--requests 100000] [--clients 50]
 """
@@ -52,8 +53,8 @@ def start(server: str, port: int, cpu: int | None) -> subprocess.Popen[bytes]:
         argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--protected-mode", "no"]
     else:
-        argv = [sys.executable, "-m", "portside", "resp", "--listen", f"127.0.0.1:{port}", "--log-level",
-                "warning", "--control", f"/tmp/portside-bench-resp-{port}.ctl"]
+        argv = [sys.executable, "-m", "portside", "resp", "--listen", f"127.0.0.1:{port}",
+                "--log-level", "warning", "--control", f"/tmp/portside-bench-resp-{port}.ctl"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=child_setup(cpu, 65536), cwd=REPO)
     wait_listening(port, proc)
