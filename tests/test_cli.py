@@ -149,7 +149,9 @@ def test_bare_command_prints_usage_and_version(env: Env) -> None:
         assert command in bare.stdout
     version = run_cli(env, "--version")
     assert version.returncode == 0
-    assert re.fullmatch(r"portside \S+\n", version.stdout), version.stdout
+    # The version, and the engine a server runs by default (compiled where it built).
+    assert re.fullmatch(r"portside \S+, engine compiled, Python 3\.\S+\n", version.stdout), \
+        version.stdout
 
 
 def test_echo_help_shows_flags_aliases_and_defaults(env: Env) -> None:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import platform
 import signal
 import socket
 import sys
@@ -59,11 +60,19 @@ class _Version(argparse.Action):
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
                  **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version of portside and exit")
+                         help="print the version of portside, and the engine it runs by "
+                              "default, and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        print(f"portside {version()}")
+        from portside.config import Engine
+        from portside.engine import compiled
+        from portside.server import resolve_engine
+
+        engine = resolve_engine(Engine.AUTO).value
+        if not compiled.available():
+            engine += f" (compiled engine unavailable: {compiled.reason_unavailable()})"
+        print(f"portside {version()}, engine {engine}, Python {platform.python_version()}")
         parser.exit(0)
 
 
