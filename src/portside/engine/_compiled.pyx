@@ -1041,14 +1041,23 @@ DEF F_FAST = 128  # exactly the engine's plain class: no Python override to resp
 cdef class Extras:
     """What only some connections need: made on first use, dropped at the next accept."""
 
-    cdef object linger_timer
-    cdef object preamble
-    cdef object balancer_address
-    cdef object proxy
-    cdef object sock
-    cdef object peer
-    cdef object receiver
-    cdef object tls
+    cdef public object linger_timer
+    cdef public object preamble
+    cdef public object balancer_address
+    cdef public object proxy
+    cdef public object sock
+    cdef public object peer
+    cdef public object receiver
+    cdef public object tls
+
+
+#: The reference's attribute for each ConnectionBase._flags bit, and for each Extras field.
+FLAG_BITS = {"_eof": F_EOF, "_established": F_ESTABLISHED, "_flow_paused": F_FLOW_PAUSED,
+             "_held": F_HELD, "_reading": F_READING, "_user_paused": F_USER_PAUSED,
+             "_writing": F_WRITING}
+EXTRA_FIELDS = {"_linger_timer": "linger_timer", "_preamble": "preamble",
+                "balancer_address": "balancer_address", "proxy": "proxy",
+                "_receiver": "receiver", "_tls": "tls"}
 
 
 cdef class ConnectionBase:
@@ -1105,120 +1114,25 @@ cdef class ConnectionBase:
         else:
             self._flags &= ~flag
 
-    @property
-    def _eof(self):
-        return self._has(F_EOF)
+    # The flags and the rarely used fields, as the reference's plain attributes: compiled.py
+    # makes a property of each name in FLAG_BITS and EXTRA_FIELDS over these four.
+    def _get_flag(self, unsigned int flag):
+        return self._has(flag)
 
-    @_eof.setter
-    def _eof(self, bint on):
-        self._put(F_EOF, on)
+    def _set_flag(self, unsigned int flag, bint on):
+        self._put(flag, on)
 
-    @property
-    def _established(self):
-        return self._has(F_ESTABLISHED)
+    def _get_extra(self, str field):
+        return getattr(self._extras, field) if self._extras is not None else None
 
-    @_established.setter
-    def _established(self, bint on):
-        self._put(F_ESTABLISHED, on)
-
-    @property
-    def _flow_paused(self):
-        return self._has(F_FLOW_PAUSED)
-
-    @_flow_paused.setter
-    def _flow_paused(self, bint on):
-        self._put(F_FLOW_PAUSED, on)
-
-    @property
-    def _held(self):
-        return self._has(F_HELD)
-
-    @_held.setter
-    def _held(self, bint on):
-        self._put(F_HELD, on)
-
-    @property
-    def _reading(self):
-        return self._has(F_READING)
-
-    @_reading.setter
-    def _reading(self, bint on):
-        self._put(F_READING, on)
-
-    @property
-    def _user_paused(self):
-        return self._has(F_USER_PAUSED)
-
-    @_user_paused.setter
-    def _user_paused(self, bint on):
-        self._put(F_USER_PAUSED, on)
-
-    @property
-    def _writing(self):
-        return self._has(F_WRITING)
-
-    @_writing.setter
-    def _writing(self, bint on):
-        self._put(F_WRITING, on)
+    def _set_extra(self, str field, value):
+        if value is not None or self._extras is not None:
+            setattr(self._more(), field, value)
 
     cdef inline Extras _more(self):
         if self._extras is None:
             self._extras = Extras.__new__(Extras)
         return self._extras
-
-    @property
-    def _linger_timer(self):
-        return self._extras.linger_timer if self._extras is not None else None
-
-    @_linger_timer.setter
-    def _linger_timer(self, timer):
-        if timer is not None or self._extras is not None:
-            self._more().linger_timer = timer
-
-    @property
-    def _preamble(self):
-        return self._extras.preamble if self._extras is not None else None
-
-    @_preamble.setter
-    def _preamble(self, preamble):
-        if preamble is not None or self._extras is not None:
-            self._more().preamble = preamble
-
-    @property
-    def balancer_address(self):
-        return self._extras.balancer_address if self._extras is not None else None
-
-    @balancer_address.setter
-    def balancer_address(self, address):
-        if address is not None or self._extras is not None:
-            self._more().balancer_address = address
-
-    @property
-    def proxy(self):
-        return self._extras.proxy if self._extras is not None else None
-
-    @proxy.setter
-    def proxy(self, header):
-        if header is not None or self._extras is not None:
-            self._more().proxy = header
-
-    @property
-    def _receiver(self):
-        return self._extras.receiver if self._extras is not None else None
-
-    @_receiver.setter
-    def _receiver(self, receiver):
-        if receiver is not None or self._extras is not None:
-            self._more().receiver = receiver
-
-    @property
-    def _tls(self):
-        return self._extras.tls if self._extras is not None else None
-
-    @_tls.setter
-    def _tls(self, session):
-        if session is not None or self._extras is not None:
-            self._more().tls = session
 
     @property
     def _sock(self):

@@ -21,6 +21,8 @@ from portside.engine.listener import Listener
 
 try:
     from portside.engine._compiled import (
+        EXTRA_FIELDS,
+        FLAG_BITS,
         BufferPool,
         ConnectionBase,
         CoreBase,
@@ -59,6 +61,18 @@ def _borrow(target: type, reference: type, compiled: frozenset[str] = frozenset(
         setattr(target, name, value)
 
 
+def _flag(bit: int) -> property:
+    """One of the reference's boolean attributes, as a bit of ``ConnectionBase._flags``."""
+    return property(lambda conn: conn._get_flag(bit),
+                    lambda conn, on: conn._set_flag(bit, on))
+
+
+def _extra(field: str) -> property:
+    """One of the reference's rarely set attributes, kept in the connection's ``Extras``."""
+    return property(lambda conn: conn._get_extra(field),
+                    lambda conn, value: conn._set_extra(field, value))
+
+
 if available():
     class CompiledConnection(ConnectionBase):
         """``Connection`` with compiled read, write and life-cycle paths."""
@@ -73,6 +87,10 @@ if available():
     class CompiledCore(CoreBase):
         """``EngineCore`` with compiled per-connection methods and pools."""
 
+    for name, bit in FLAG_BITS.items():
+        setattr(CompiledConnection, name, _flag(bit))
+    for name, field in EXTRA_FIELDS.items():
+        setattr(CompiledConnection, name, _extra(field))
     _borrow(CompiledConnection, Connection, frozenset(vars(ConnectionBase)))
     _borrow(CompiledListener, Listener, frozenset(vars(ListenerBase)))
     _borrow(CompiledCore, EngineCore, frozenset(vars(CoreBase)))
