@@ -7,7 +7,15 @@ import socket
 import threading
 
 import pytest
-from conftest import ENGINES, WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
+from conftest import (
+    ENGINES,
+    HAVE_UVLOOP,
+    WAIT,
+    Clients,
+    ServeFactory,
+    recv_exactly,
+    recv_until_eof,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -196,12 +204,31 @@ def test_shutdown_drains_async_connections(serve: ServeFactory, clients: Clients
     assert not rs.thread.is_alive()
 
 
-def test_epoll_engine_refuses_async_handlers() -> None:
-    server = Server(PlainEcho(), [ListenerConfig()], ServerConfig(engine=Engine.EPOLL))
+@pytest.mark.parametrize("engine", [Engine.EPOLL, Engine.COMPILED])
+def test_epoll_engines_refuse_async_handlers(engine: Engine) -> None:
+    server = Server(PlainEcho(), [ListenerConfig()], ServerConfig(engine=engine))
     with pytest.raises(ConfigError, match="asyncio or uvloop engine"):
         server.run(install_signal_handlers=False)
     for listener in server.listeners:
         listener.close()
+
+
+def test_auto_runs_async_handlers_on_an_asyncio_loop(clients: Clients) -> None:
+    """The default engine is compiled, but a handler that runs coroutines gets uvloop (or
+    stdlib asyncio) instead of an error."""
+    server = Server(PlainEcho(), [ListenerConfig()])
+    assert server.engine is (Engine.UVLOOP if HAVE_UVLOOP else Engine.ASYNCIO)
+    thread = threading.Thread(target=server.run, kwargs={"install_signal_handlers": False})
+    thread.start()
+    try:
+        assert server.started.wait(WAIT)
+        sock = clients.connect(("127.0.0.1", server.listeners[0].port))
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+    finally:
+        server.shutdown(drain_timeout=0)
+        thread.join(WAIT)
+    assert not thread.is_alive()
 
 
 class Bounded(AsyncEcho):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib.util
 import logging
 import select
 import signal
@@ -162,7 +163,8 @@ class Server:
         """
         self.start()
         engine = self.engine
-        if engine is Engine.EPOLL and getattr(self.handler, "requires_asyncio", False):
+        if engine in (Engine.EPOLL, Engine.COMPILED) and \
+                getattr(self.handler, "requires_asyncio", False):
             raise ConfigError(f"{type(self.handler).__name__} runs coroutines: use the asyncio "
                               "or uvloop engine")
         if engine in (Engine.EPOLL, Engine.COMPILED):
@@ -181,7 +183,10 @@ class Server:
 
     @property
     def engine(self) -> Engine:
-        """The engine ``run()`` uses: the configured one, with ``auto`` resolved."""
+        """The engine ``run()`` uses: the configured one, with ``auto`` resolved (for a handler
+        that runs coroutines, ``auto`` means an asyncio loop: uvloop where it is installed)."""
+        if self.config.engine is Engine.AUTO and getattr(self.handler, "requires_asyncio", False):
+            return Engine.UVLOOP if importlib.util.find_spec("uvloop") else Engine.ASYNCIO
         return resolve_engine(self.config.engine)
 
     @property
