@@ -38,7 +38,10 @@ class BufferPool:
     buffer taken is given back or still in use, so hits = given back + in use - allocated.
     """
 
-    def __init__(self, buffer_size: int, max_free: int, preallocate: int = 1) -> None:
+    def __init__(self, buffer_size: int, max_free: int, preallocate: int = 3) -> None:
+        # Three, not one: the read path pops a buffer and appends it back on every read, and
+        # CPython resizes (reallocs) a list whose size falls below half its allocation; three
+        # free buffers in an allocation of four never cross that line.
         self.buffer_size = buffer_size
         self.max_free = max_free
         self.free: list[bytearray] = [
