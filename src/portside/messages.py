@@ -22,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from portside.engine.connection import CloseReason, Connection
@@ -47,6 +48,15 @@ def shared_executor(workers: int) -> ThreadPoolExecutor:
         return _shared_executor
 
 
+@dataclass(slots=True, eq=False)
+class MessageSession(Generic[M]):
+    """What ``MessageHandler`` keeps for each connection, in the connection's one slot for the
+    layer between the engine and the handler (``conn.layer``)."""
+
+    framer: Framer[M]
+    sequencer: ReplySequencer
+
+
 class MessageHandler(Handler, Generic[M]):
     """Subclass, give ``make_framer`` and ``message_received``; reply with ``reply`` or
     ``offload``. Messages may be views of a lent buffer: copy one (``bytes(m)``) before
@@ -68,7 +78,7 @@ class MessageHandler(Handler, Generic[M]):
 
     def encode_reply(self, conn: Connection, reply: Any) -> list[Any]:
         """The chunks to write for ``reply``; by default the framer's encoding."""
-        framer: Framer[M] = conn.framer
+        framer: Framer[M] = conn.layer.framer
         return framer.encode(reply)
 
     def offload_failed(self, conn: Connection, exc: BaseException) -> None:
@@ -89,7 +99,7 @@ class MessageHandler(Handler, Generic[M]):
         """Send ``reply`` after every earlier request's reply."""
         if not conn.is_open:
             return  # closed (by the peer, an error or an earlier reply): nobody to answer
-        sequencer: ReplySequencer = conn.sequencer
+        sequencer: ReplySequencer = conn.layer.sequencer
         # Nothing in flight: straight out, no number needed (``outstanding``, inlined).
         if sequencer.next_issue == sequencer.next_release:
             self._send(conn, sequencer, self.encode_reply(conn, reply))
@@ -112,7 +122,7 @@ class MessageHandler(Handler, Generic[M]):
 
     def offload(self, conn: Connection, work: Callable[..., Any], *args: Any) -> None:
         """Run ``work(*args)`` on the pool; its result is the reply, sent in request order."""
-        sequencer: ReplySequencer = conn.sequencer
+        sequencer: ReplySequencer = conn.layer.sequencer
         seq = sequencer.issue()
         conn_id = conn.id
         executor = self.executor or shared_executor(self.offload_workers)
@@ -128,12 +138,12 @@ class MessageHandler(Handler, Generic[M]):
         isolates failures itself, as the engine does for callbacks: an exception while the
         reply is encoded or sent, or while held requests are started, reaches ``error`` and
         aborts this connection at once (never just a log line and a client left waiting)."""
-        if conn.id != conn_id or conn.sequencer is None:
+        if conn.id != conn_id or conn.layer is None:
             return  # the connection closed meanwhile: nobody is waiting for this reply
         try:
             error = done.exception()
             outcome = Outcome(error=error) if error is not None else Outcome(done.result())
-            sequencer: ReplySequencer = conn.sequencer
+            sequencer: ReplySequencer = conn.layer.sequencer
             self._release(conn, sequencer.complete(seq, outcome))
             if sequencer.held and sequencer.outstanding <= self.max_outstanding // 2:
                 self._dispatch(conn, sequencer, ())  # start the held requests first, in order
@@ -156,7 +166,7 @@ class MessageHandler(Handler, Generic[M]):
                 conn.close()  # the peer had finished, and the last held request is answered
 
     def _release(self, conn: Connection, ready: list[Outcome]) -> None:
-        sequencer: ReplySequencer = conn.sequencer
+        sequencer: ReplySequencer = conn.layer.sequencer
         for outcome in ready:
             if not conn.is_open:
                 return
@@ -174,18 +184,17 @@ class MessageHandler(Handler, Generic[M]):
     # -- the stream side -------------------------------------------------------------------------
 
     def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
-        conn.framer = self.make_framer()
-        conn.sequencer = ReplySequencer()
+        conn.layer = MessageSession(self.make_framer(), ReplySequencer())
         super().connection_made(conn, first_data)
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
-        framer: Framer[M] = conn.framer
+        framer: Framer[M] = conn.layer.framer
         try:
             messages = framer.feed(data)
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
-        sequencer: ReplySequencer = conn.sequencer
+        sequencer: ReplySequencer = conn.layer.sequencer
         if len(messages) > 1:
             # A pipelined batch: its replies leave in one send, not one send per reply.
             conn.cork()
@@ -207,7 +216,7 @@ class MessageHandler(Handler, Generic[M]):
         """Hand messages to ``message_received`` until too many are outstanding or the write
         queue is over high water; hold the rest (copied: they may be views of a lent buffer)
         and stop reading until replies catch up."""
-        framer: Framer[M] = conn.framer
+        framer: Framer[M] = conn.layer.framer
         held = sequencer.held
         limit = self.max_outstanding
         high_water = conn.listener.config.write_high_water
@@ -233,22 +242,23 @@ class MessageHandler(Handler, Generic[M]):
         self._take_held(conn)
 
     def _take_held(self, conn: Connection) -> None:
-        sequencer: ReplySequencer | None = conn.sequencer
-        if sequencer is None or not sequencer.held or not conn.is_open:
+        session: MessageSession[M] | None = conn.layer
+        if session is None or not session.sequencer.held or not conn.is_open:
             return
+        sequencer = session.sequencer
         if sequencer.outstanding < self.max_outstanding:
             self._dispatch(conn, sequencer, ())
             self._caught_up(conn, sequencer)
 
     def eof_received(self, conn: Connection) -> None:
         """The peer finished sending: answer what is in flight, then close."""
-        framer: Framer[M] = conn.framer
+        framer: Framer[M] = conn.layer.framer
         try:
             framer.eof()
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
-        sequencer: ReplySequencer = conn.sequencer
+        sequencer: ReplySequencer = conn.layer.sequencer
         if sequencer.outstanding or sequencer.held:
             sequencer.close_when_drained = True
         else:

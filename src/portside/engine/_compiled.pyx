@@ -1077,10 +1077,9 @@ cdef class ConnectionBase:
     cdef public long long bytes_in
     cdef public long long bytes_out
     cdef public object close_reason
-    cdef public object framer
+    cdef public object layer
     cdef public long long id
     cdef public object listener
-    cdef public object sequencer
     cdef public object user_data
     cdef public long long _read_mark
     cdef public int _silent_looks
@@ -1220,8 +1219,7 @@ cdef class ConnectionBase:
             self._queue.clear()
         self._buffered = 0
         self._corked = None
-        self.framer = None
-        self.sequencer = None
+        self.layer = None
         self._read_mark = 0
         self._silent_looks = 0
         if pending:  # a PROXY header, TLS or the first bytes come before the handler

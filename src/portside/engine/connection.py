@@ -106,12 +106,11 @@ class Connection:
         "bytes_in",
         "bytes_out",
         "close_reason",
-        "framer",
         "id",
+        "layer",
         "listener",
         "peer_address",
         "proxy",
-        "sequencer",
         "user_data",
     )
 
@@ -150,9 +149,10 @@ class Connection:
         self._corked: list[bytes] | None = None
         self._user_paused = self._flow_paused = self._held = self._writing = False
         self._reading = True
-        #: Per-connection state of the message layer (MessageHandler): framer and reply order.
-        self.framer: Any = None
-        self.sequencer: Any = None
+        #: The state of the layer between the engine and the handler, if any (MessageHandler
+        #: keeps its ``MessageSession`` here: framer and reply order): one slot, its type the
+        #: layer's own.
+        self.layer: Any = None
         #: Behind a PROXY-protocol balancer: its header, and the balancer's own address
         #: (``peer_address`` is then the original client's).
         self.proxy: ProxyHeader | None = None
