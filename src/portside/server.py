@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import importlib.util
 import logging
 import select
@@ -181,10 +182,11 @@ class Server:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(self._serve(install_signal_handlers))
 
-    @property
+    @functools.cached_property
     def engine(self) -> Engine:
         """The engine ``run()`` uses: the configured one, with ``auto`` resolved (for a handler
-        that runs coroutines, ``auto`` means an asyncio loop: uvloop where it is installed)."""
+        that runs coroutines, ``auto`` means an asyncio loop: uvloop where it is installed).
+        Resolved once: statistics ask for it every second."""
         if self.config.engine is Engine.AUTO and getattr(self.handler, "requires_asyncio", False):
             return Engine.UVLOOP if importlib.util.find_spec("uvloop") else Engine.ASYNCIO
         return resolve_engine(self.config.engine)

@@ -51,10 +51,9 @@ import logging
 import threading
 from collections import deque
 
-import socket as _socket_module
-
-from portside.engine.states import CloseReason
+from portside.engine.connection import _LINGER_RST
 from portside.engine.connection import _id_counter as id_counter
+from portside.engine.states import CloseReason
 from portside.engine.core import _log_closed as log_closed
 from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError
@@ -68,7 +67,7 @@ cdef object PEER_EOF_REASON = CloseReason.PEER_EOF
 cdef object HANDLER_ERROR_REASON = CloseReason.HANDLER_ERROR
 cdef object SOCKET_ERROR_REASON = CloseReason.SOCKET_ERROR
 cdef object RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-cdef bytes LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close sends RST
+cdef bytes LINGER_RST = _LINGER_RST  # SO_LINGER on, 0 s: close sends RST (connection.py's)
 
 cdef extern from "<sys/epoll.h>" nogil:
     cdef union epoll_data_t "epoll_data":
@@ -102,14 +101,11 @@ cdef extern from "<sys/socket.h>" nogil:
     cdef struct sockaddr_storage:
         sa_family_t ss_family
     ssize_t c_recv "recv"(int fd, void *buf, size_t n, int flags)
-    ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     int c_setsockopt "setsockopt"(int fd, int level, int name, const void *value, socklen_t len)
     int c_shutdown "shutdown"(int fd, int how)
     int c_getsockname "getsockname"(int fd, sockaddr *addr, socklen_t *addrlen)
-    int c_getpeername "getpeername"(int fd, sockaddr *addr, socklen_t *addrlen)
     enum:
-        MSG_NOSIGNAL
         SOCK_NONBLOCK
         SOCK_CLOEXEC
         AF_INET
@@ -322,9 +318,12 @@ cdef class Loop:
         return 0
 
     def register(self, int fd, target, bint readable, bint writable):
-        cdef int interest = (WANT_READ if readable else 0) | (WANT_WRITE if writable else 0)
         if fd < 0:
             raise ValueError(f"bad file descriptor {fd}")
+        self._register(fd, target, (WANT_READ if readable else 0)
+                       | (WANT_WRITE if writable else 0))
+
+    cdef int _register(self, int fd, target, int interest) except -1:
         self._grow(fd)
         if interest:
             self._ctl(EPOLL_CTL_ADD, fd, interest)
@@ -332,15 +331,6 @@ cdef class Loop:
             self._count += 1
         self._targets[fd] = target
         self._masks[fd] = KNOWN | interest
-
-    cdef int _register_reader(self, int fd, target) except -1:
-        """``register(fd, target, True, False)``, for the accept path."""
-        self._grow(fd)
-        self._ctl(EPOLL_CTL_ADD, fd, WANT_READ)
-        if self._targets[fd] is None:
-            self._count += 1
-        self._targets[fd] = target
-        self._masks[fd] = KNOWN | WANT_READ
         return 0
 
     def modify(self, int fd, bint readable, bint writable):
@@ -892,16 +882,14 @@ cdef object address_from(const sockaddr *addr, socklen_t length):
 @cython.final
 @cython.no_gc
 cdef class FdSocket:
-    """The few socket calls the connection's colder paths make (shutdown, options, close,
-    addresses, reads for TLS and lingering), on a bare descriptor: an accepted connection
-    needs no ``socket.socket`` object, and only gets this one when such a path runs."""
+    """The socket calls the connection's colder paths make (shutdown, SO_LINGER, close,
+    ``local_address``, the lingering read), on a bare descriptor: an accepted connection
+    needs no ``socket.socket`` object, and gets this one only when such a path runs."""
 
     cdef int fd
-    cdef int family
 
-    def __cinit__(self, int fd, int family):
+    def __cinit__(self, int fd):
         self.fd = fd
-        self.family = family
 
     def fileno(self):
         return self.fd
@@ -910,10 +898,6 @@ cdef class FdSocket:
         if self.fd >= 0:
             c_close(self.fd)
             self.fd = -1
-
-    def detach(self):
-        fd, self.fd = self.fd, -1
-        return fd
 
     def shutdown(self, int how):
         if c_shutdown(self.fd, how) < 0:
@@ -933,29 +917,12 @@ cdef class FdSocket:
         if result < 0:
             raise os_error(errno)
 
-    def getsockopt(self, int level, int name, int size=0):
-        with _socket_module.socket(fileno=os_dup(self.fd)) as sock:
-            return sock.getsockopt(level, name) if not size else sock.getsockopt(level, name,
-                                                                                 size)
-
     def getsockname(self):
         cdef sockaddr_storage addr
         cdef socklen_t length = sizeof(addr)
         if c_getsockname(self.fd, <sockaddr *>&addr, &length) < 0:
             raise os_error(errno)
         return address_from(<sockaddr *>&addr, length)
-
-    def getpeername(self):
-        cdef sockaddr_storage addr
-        cdef socklen_t length = sizeof(addr)
-        if c_getpeername(self.fd, <sockaddr *>&addr, &length) < 0:
-            raise os_error(errno)
-        return address_from(<sockaddr *>&addr, length)
-
-    def setblocking(self, bint flag):
-        import os
-
-        os.set_blocking(self.fd, flag)
 
     def recv_into(self, buffer, Py_ssize_t nbytes=0, int flags=0):
         cdef Py_buffer view
@@ -968,31 +935,6 @@ cdef class FdSocket:
         if received < 0:
             raise os_error(errno)
         return received
-
-    def recv(self, Py_ssize_t size, int flags=0):
-        buffer = bytearray(size)
-        return bytes(buffer[:self.recv_into(buffer, size, flags)])
-
-    def send(self, data, int flags=0):
-        cdef Py_buffer view
-        cdef ssize_t sent
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        sent = c_send(self.fd, view.buf, <size_t>view.len, flags | MSG_NOSIGNAL)
-        PyBuffer_Release(&view)
-        if sent < 0:
-            raise os_error(errno)
-        return sent
-
-    def sendall(self, data):
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[self.send(view):]
-
-
-cdef int os_dup(int fd) except -1:
-    import os
-
-    return os.dup(fd)
 
 
 # Which of a handler's callbacks are Handler's own defaults: those the compiled paths do
@@ -1034,7 +976,6 @@ DEF F_HELD = 8
 DEF F_READING = 16
 DEF F_USER_PAUSED = 32
 DEF F_WRITING = 64
-DEF F_FAST = 128  # exactly the engine's plain class: no Python override to respect
 
 
 @cython.final
@@ -1099,8 +1040,6 @@ cdef class ConnectionBase:
     def __cinit__(self):
         self._state = CLOSED
         self._fd = -1
-        if type(self) is fast_connection_type:
-            self._flags = F_FAST
 
     # -- fields the reference keeps plainly, as it sees them ---------------------------------
 
@@ -1137,9 +1076,7 @@ cdef class ConnectionBase:
     def _sock(self):
         cdef Extras more = self._more()
         if more.sock is None and self._fd >= 0:
-            family = AF_UNIX if self._peer_family == AF_UNIX else (
-                AF_INET6 if self._peer_family == AF_INET6 else AF_INET)
-            more.sock = FdSocket(self._fd, family)
+            more.sock = FdSocket(self._fd)
         return more.sock
 
     @_sock.setter
@@ -1214,7 +1151,7 @@ cdef class ConnectionBase:
         self._idle = listener.idle
         self._fd = fd
         self._state = PENDING if pending else OPEN
-        self._flags = (self._flags & F_FAST) | F_READING
+        self._flags = F_READING
         if self._queue is not None:
             self._queue.clear()
         self._buffered = 0
@@ -1226,7 +1163,7 @@ cdef class ConnectionBase:
             (<object>self)._start_layers()
         reactor = core.reactor
         if type(reactor) is Loop:
-            (<Loop>reactor)._register_reader(fd, self)
+            (<Loop>reactor)._register(fd, self, WANT_READ)
         else:
             reactor.register(fd, self, True, False)
         return 0
@@ -1766,7 +1703,7 @@ cdef class ListenerBase:
             if self.trusted is not None:  # a PROXY-protocol listener: only balancers may speak
                 peer = address_from(<sockaddr *>&addr, length)
                 if not trusted_peer(peer, self.trusted):
-                    self._refuse(FdSocket(fd, self._family), peer)
+                    self._refuse(FdSocket(fd), peer)
                     continue
             self._admit_fd(fd, <sockaddr *>&addr, length)
 
