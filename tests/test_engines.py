@@ -93,6 +93,34 @@ def test_a_lent_buffer_kept_by_a_handler_is_never_reused(serve: ServeFactory,
     kept.clear()
 
 
+def test_each_read_is_lent_at_its_own_length(serve: ServeFactory, clients: Clients) -> None:
+    """The view lent for a read (reused from read to read where nobody kept it) shows exactly
+    that read's bytes, long reads and short ones alike; a view kept whole is released."""
+    from portside import Handler
+
+    seen: list[tuple[int, int, bytes]] = []
+    kept: list[memoryview] = []
+
+    class Recorder(Handler):
+        def data_received(self, conn: Connection, data: memoryview) -> None:
+            seen.append((len(data), data.nbytes, data.tobytes()))
+            if data[:4] == b"KEEP":
+                kept.append(data)
+            conn.write(b"%d;" % len(data))
+
+    rs = serve(ListenerConfig(), handler=Recorder())
+    sock = clients.connect(rs.address())
+    chunks = [b"x" * 3000, b"ab", b"KEEP-this", b"y" * 700, b"z"]
+    for chunk in chunks:
+        sock.sendall(chunk)  # one read each: the next is sent once this one is answered
+        answer = b"%d;" % len(chunk)
+        assert recv_exactly(sock, len(answer)) == answer
+    assert seen == [(len(chunk), len(chunk), chunk) for chunk in chunks]
+    with pytest.raises(ValueError):
+        bytes(kept[0])  # released when its callback returned: never another read's bytes
+    kept.clear()
+
+
 def test_a_connection_pending_on_its_proxy_header_is_drained_at_shutdown(
         serve: ServeFactory, clients: Clients) -> None:
     """Immediate listener behind a balancer: the connection was accepted when it connected, so

@@ -15,7 +15,9 @@ On the echo path a read is: ``epoll_wait`` -> ``recv`` into a pooled buffer -> o
 (``handler.data_received``) -> ``conn.write``, a C method that ``send``s at once when nothing is
 queued. A handler is lent a view of the pooled buffer; a buffer some view still exports when the
 callback returns is dropped from the pool, never reused, so a kept view never shows another
-connection's bytes.
+connection's bytes. Each buffer keeps the memoryview it lends and lends it again, resized to the
+read, for as long as no handler keeps it or a slice of it: making and freeing a memoryview (two
+garbage-collected objects and a buffer export) per read was a fifth of the engine's own time.
 """
 
 cimport cython
@@ -59,6 +61,19 @@ from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError
 from portside.handler import Handler
 from portside.statistics import TTFB_BUCKETS
+
+cdef extern from "Python.h":
+    # CPython's memoryview and its managed buffer, by field name (the layout is the compiler's):
+    # the read path resizes the view it lends and counts who else holds it.
+    ctypedef struct _PyManagedBufferObject:
+        Py_ssize_t exports  # views made over this one export, slices included
+    ctypedef struct PyMemoryViewObject:
+        _PyManagedBufferObject *mbuf
+        int flags
+        Py_ssize_t exports  # buffers exported from this view (bytes(view) and the like)
+        Py_buffer view
+    enum: _Py_MEMORYVIEW_RELEASED
+    int PyBuffer_IsContiguous(const Py_buffer *view, char order)
 
 cdef object CLOSED_REASON = CloseReason.CLOSED
 cdef object ABORTED_REASON = CloseReason.ABORTED
@@ -512,6 +527,7 @@ cdef class IOBuffer:
     cdef Py_ssize_t length
     cdef Py_ssize_t exports
     cdef Py_ssize_t shape[1]
+    cdef object lent  # the memoryview the read path lends, kept for the next read; or None
 
     def __cinit__(self, Py_ssize_t size):
         self.data = <char *>malloc(size if size > 0 else 1)
@@ -550,14 +566,15 @@ cdef class IOBuffer:
 cdef class BufferPool:
     """The twin of buffers.BufferPool, over ``IOBuffer``s: same interface, same statistics.
 
-    The free buffers are the first ``_free_count`` slots of ``_slots``, a stack that never
-    shrinks: popping and appending a list on every read made the list resize (realloc) twice
-    per read."""
+    The free buffers are ``_hot`` (the one given back last, which the next read takes) and the
+    first ``_free_count`` slots of ``_slots``, a stack that never shrinks: popping and appending
+    a list on every read made the list resize (realloc) twice per read."""
 
     cdef public Py_ssize_t buffer_size
     cdef public Py_ssize_t max_free
     cdef list _slots
-    cdef Py_ssize_t _free_count
+    cdef Py_ssize_t _free_count  # in _slots; the hot buffer, if any, is one more
+    cdef IOBuffer _hot
     cdef Py_ssize_t _created
     cdef Py_ssize_t _misses
     cdef public Py_ssize_t returned
@@ -575,7 +592,10 @@ cdef class BufferPool:
 
     cdef inline IOBuffer _acquire(self):
         cdef IOBuffer buffer
-        if self._free_count:
+        if self._hot is not None:  # the buffer the last read gave back
+            buffer = self._hot
+            self._hot = None
+        elif self._free_count:
             self._free_count -= 1
             buffer = <IOBuffer>self._slots[self._free_count]
             self._slots[self._free_count] = None
@@ -588,10 +608,14 @@ cdef class BufferPool:
 
     cdef inline void _give_back(self, IOBuffer buffer):
         self.returned += 1
-        if buffer.exports:  # a view of it outlived its loan: never reuse it
+        # Beyond its own lent view (one export while kept), a view of it outlived its loan:
+        # never reuse it.
+        if buffer.exports > (buffer.lent is not None):
             self._discarded += 1
             self._created -= 1
-        elif self._free_count < self.max_free:
+        elif self._hot is None and self._free_count < self.max_free:
+            self._hot = buffer  # one field, not the list: a read takes it straight back
+        elif self._free_count + 1 < self.max_free:
             if self._free_count < len(self._slots):
                 self._slots[self._free_count] = buffer
             else:
@@ -621,8 +645,9 @@ cdef class BufferPool:
     def statistics(self):
         from portside.engine.buffers import PoolStatistics
 
-        in_use = self._created - self._free_count
-        return PoolStatistics(self.buffer_size, self._free_count, in_use, self.max_free,
+        free = self._free_count + (self._hot is not None)
+        in_use = self._created - free
+        return PoolStatistics(self.buffer_size, free, in_use, self.max_free,
                               self.returned + in_use - self._misses, self._misses,
                               self._discarded)
 
@@ -1135,7 +1160,7 @@ cdef class ConnectionBase:
     cdef int _attach_accepted(self, ListenerBase listener, int fd, const sockaddr *addr,
                               socklen_t length, bint pending) except -1:
         """``Connection.attach`` for a descriptor the compiled accept loop took."""
-        core = listener._core
+        cdef CoreBase core = <CoreBase>listener._core
         self.id = next(id_counter)
         self.user_data = None
         self.listener = listener
@@ -1200,6 +1225,8 @@ cdef class ConnectionBase:
         cdef BufferPool pool
         cdef ssize_t received
         cdef int code
+        cdef PyMemoryViewObject *view
+        cdef Py_ssize_t held
         if state >= CLOSING:
             if state == LINGERING:
                 self._discard_until_eof()
@@ -1222,8 +1249,14 @@ cdef class ConnectionBase:
         self.bytes_in += received
         if self._idle is not None:
             self._idle.start(self)
-        buffer.length = received
-        data = PyMemoryView_FromObject(buffer)
+        data = buffer.lent
+        if data is None:
+            data = PyMemoryView_FromObject(buffer)  # over the whole buffer: length is its size
+            buffer.lent = data
+        view = <PyMemoryViewObject *>data
+        view.view.len = received
+        view.view.shape[0] = received
+        held = Py_REFCNT(data)
         try:
             if self._extras is None or self._extras.receiver is None:
                 self._handler.data_received(self, data)
@@ -1232,10 +1265,12 @@ cdef class ConnectionBase:
         except Exception as exc:
             self._handler_failed(exc)
         finally:
-            # A handler that kept ``data`` gets an error, not another peer's bytes; a slice or
-            # export it kept holds an export of the buffer, which the pool then drops. Held by
-            # nobody else, the view is just dropped (its end releases it), without the call.
-            if Py_REFCNT(data) > 1:
+            # Nobody kept the view, a slice of it or an export from it: lend it again next
+            # time. Otherwise a handler that kept ``data`` gets an error, not another peer's
+            # bytes; a slice or export it kept holds an export of the buffer, which the pool
+            # then drops.
+            if Py_REFCNT(data) != held or view.exports or view.mbuf.exports != 1:
+                buffer.lent = None
                 try:
                     data.release()
                 except BufferError:
@@ -1294,10 +1329,18 @@ cdef class ConnectionBase:
         if self._corked is not None:
             self._corked.append(bytes(data))  # copied: ``data`` may be a lent buffer
             return
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        size = view.len
-        sent = portside_send(self._fd, view.buf, <size_t>size)
-        PyBuffer_Release(&view)
+        if type(data) is memoryview and not (
+                (<PyMemoryViewObject *>data).flags & _Py_MEMORYVIEW_RELEASED) and \
+                PyBuffer_IsContiguous(&(<PyMemoryViewObject *>data).view, b'C'):
+            # What the handler was lent, written back (the echo path): its bytes are right
+            # there, without asking the view for an export and releasing it.
+            size = (<PyMemoryViewObject *>data).view.len
+            sent = portside_send(self._fd, (<PyMemoryViewObject *>data).view.buf, <size_t>size)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            size = view.len
+            sent = portside_send(self._fd, view.buf, <size_t>size)
+            PyBuffer_Release(&view)
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
@@ -1572,7 +1615,7 @@ cdef class ConnectionBase:
             self._extras.linger_timer.cancel()
             self._extras.linger_timer = None
         core = self._core
-        reactor = core.reactor
+        reactor = (<CoreBase>core).reactor if isinstance(core, CoreBase) else core.reactor
         if type(reactor) is Loop:
             (<Loop>reactor)._unregister(self._fd, True)
         else:
@@ -1761,16 +1804,24 @@ cdef class ListenerBase:
     cdef int _connection_finished(self, conn, bint was_pending) except -1:
         # Byte counts live on the connections while they are open (one add per read, not two)
         # and are folded into the listener's when they close.
-        self.bytes_in += conn.bytes_in
-        self.bytes_out += conn.bytes_out
+        if isinstance(conn, ConnectionBase):
+            self.bytes_in += (<ConnectionBase>conn).bytes_in
+            self.bytes_out += (<ConnectionBase>conn).bytes_out
+        else:
+            self.bytes_in += conn.bytes_in
+            self.bytes_out += conn.bytes_out
         for tracker in self.trackers:
-            tracker.stop(conn)
+            if type(tracker) is TimeoutTracker:
+                (<TimeoutTracker>tracker).queue._discard(conn)
+            else:
+                tracker.stop(conn)
         if was_pending:
             self.pending_count -= 1
         else:
             self.active_count -= 1
         self.closed += 1
-        reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+        # ``_value_`` is the member's own field; ``.value`` runs a Python-level property.
+        reason = conn.close_reason._value_ if conn.close_reason is not None else "closed"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
         if self._at_ceiling and (self.pending_count + self.active_count
                                  < self._max_connections):
