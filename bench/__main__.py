@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import chart, report
+from bench import baseline, chart, report
 from bench.build import BuildError
 from bench.harness import Harness
 from bench.machine import commit, machine
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TCP_DEFER_ACCEPT seconds on portside's data-first port in (e); "
                         "0 turns it off (worst case for portside) (default: %(default)s, "
                         "portside's own default)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure the pure-Python engine as it was at git revision "
+                        "REV (portside_epoll@REV), side by side with the others")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where results are written (default: bench/results)")
     return parser
@@ -97,8 +100,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError("--defer-accept must be >= 0")
     cpus = usable_cpus()
     server_cpu, loadgen_cpu = (1, 0) if {0, 1} <= set(cpus) else (None, None)
+    servers = list(args.servers or default_servers(args.quick))
+    if args.baseline:
+        servers.append(baseline.add(args.baseline))
     return Plan(
-        servers=check_servers(args.servers or default_servers(args.quick)),
+        servers=check_servers(tuple(servers)),
         scenarios=expand_scenarios(args.scenarios, args.idle_counts or (
             QUICK_IDLE_COUNTS if args.quick else FULL_IDLE_COUNTS)),
         rounds=rounds, seconds=seconds, warmup=warmup, quick=args.quick,
@@ -113,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         plan = make_plan(args)
-    except ValueError as exc:
+    except (ValueError, baseline.BaselineError) as exc:
         parser.error(str(exc))
     # A smoke run is labelled as one and never takes the name of a real run's files.
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")

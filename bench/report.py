@@ -108,6 +108,23 @@ def _targets_section(result: RunResult) -> list[str]:
             "targets; the other engines are shown for comparison.", ""]
 
 
+def _baseline_section(result: RunResult) -> list[str]:
+    """Each engine against itself at an earlier commit (``--baseline``), figure by figure."""
+    rows = []
+    for past in result.servers:
+        current = past.split("@", 1)[0]
+        if SERVERS[past].tree is None or current not in result.servers:
+            continue
+        rows += [[current, past, f.key, _ratio(result.ratio(current, f, past))]
+                 for f in result.figures() if f.compared]
+    if not rows:
+        return []
+    return ["## Against an earlier commit", "",
+            *_table(["server", "earlier", "figure", "now / then"], rows, align_left=3), "",
+            "Per-round ratio of the engine now to the same engine at the earlier commit, "
+            "measured in the same round; median.", ""]
+
+
 def markdown(result: RunResult, ctx: Context) -> str:
     plan, machine, commit = ctx.plan, ctx.machine, ctx.commit
     dirty = commit["dirty"]
@@ -129,6 +146,7 @@ def markdown(result: RunResult, ctx: Context) -> str:
     elif ctx.chart_note:
         lines += [f"(No chart: {ctx.chart_note}.)", ""]
     lines += _targets_section(result)
+    lines += _baseline_section(result)
     for scenario in plan.scenarios:
         lines += _scenario_section(result, plan, scenario)
     lines += ["## Method", "",

@@ -44,11 +44,11 @@ def command(spec: ServerSpec, max_seconds: float, extra: tuple[str, ...]) -> lis
     return [sys.executable, "-m", spec.module, *spec.args, "--port", "0", *lifetime, *extra]
 
 
-def _environment() -> dict[str, str]:
-    """Children import ``bench`` from this tree and ``portside`` from its src/ (the commit
+def _environment(tree: Path) -> dict[str, str]:
+    """Children import ``bench`` from ``tree`` and ``portside`` from its src/ (the commit
     being measured), whatever is installed."""
     env = dict(os.environ)
-    paths = [str(REPO / "src"), str(REPO)]
+    paths = [str(tree / "src"), str(tree)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -63,7 +63,8 @@ def running(spec: ServerSpec, *, cpu: int | None, nofile: int, max_seconds: floa
     The server's stderr goes to ``log``; it stops by itself after ``max_seconds`` anyway.
     """
     proc = subprocess.Popen(command(spec, max_seconds, extra), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=log, cwd=REPO, env=_environment(),
+                            stdout=subprocess.PIPE, stderr=log, cwd=spec.tree or REPO,
+                            env=_environment(spec.tree or REPO),
                             preexec_fn=child_setup(cpu, nofile))
     try:
         assert proc.stdout is not None

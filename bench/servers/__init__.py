@@ -24,6 +24,8 @@ class ServerSpec:
     c_source: Path | None = None
     #: portside servers also run the slowloris scenario (they have a data-first listener).
     is_portside: bool = False
+    #: A source tree to run the server from (portside and bench), instead of this one.
+    tree: Path | None = None
 
 
 def _aio(name: str, loop: str, style: str, description: str) -> ServerSpec:
@@ -35,6 +37,15 @@ def _portside(engine: str) -> ServerSpec:
     return ServerSpec(f"portside_{engine}", f"portside EchoHandler, {engine} engine",
                       module="bench.servers.portside_echo", args=("--engine", engine),
                       is_portside=True)
+
+
+def baseline(engine: str, revision: str, tree: Path) -> ServerSpec:
+    """portside's ``engine`` as it was at ``revision``, checked out in ``tree``: the same
+    engine before and after a change, side by side in one run."""
+    return ServerSpec(f"portside_{engine}@{revision}",
+                      f"portside EchoHandler, {engine} engine, at commit {revision}",
+                      module="bench.servers.portside_echo", args=("--engine", engine),
+                      is_portside=True, tree=tree)
 
 
 SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
