@@ -104,7 +104,7 @@ def test_each_read_is_lent_at_its_own_length(serve: ServeFactory, clients: Clien
     class Recorder(Handler):
         def data_received(self, conn: Connection, data: memoryview) -> None:
             seen.append((len(data), data.nbytes, data.tobytes()))
-            if data[:4] == b"KEEP":
+            if bytes(data[:4]) == b"KEEP":
                 kept.append(data)
             conn.write(b"%d;" % len(data))
 
