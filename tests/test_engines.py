@@ -12,6 +12,7 @@ from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
 from hypothesis import given
 from hypothesis import strategies as st
 
+import portside
 from portside import Engine, ListenerConfig, ServerConfig
 from portside.engine import compiled
 from portside.engine.connection import Connection
@@ -76,7 +77,7 @@ def test_a_lent_buffer_kept_by_a_handler_is_never_reused(serve: ServeFactory,
     kept: list[memoryview] = []
 
     class Keeper(Handler):
-        def data_received(self, conn: Connection, data: memoryview) -> None:
+        def data_received(self, conn: portside.Connection, data: memoryview) -> None:
             kept.append(data[:4])  # a slice outlives the callback
             conn.write(b"ok")
 
@@ -102,7 +103,7 @@ def test_each_read_is_lent_at_its_own_length(serve: ServeFactory, clients: Clien
     kept: list[memoryview] = []
 
     class Recorder(Handler):
-        def data_received(self, conn: Connection, data: memoryview) -> None:
+        def data_received(self, conn: portside.Connection, data: memoryview) -> None:
             seen.append((len(data), data.nbytes, data.tobytes()))
             if bytes(data[:4]) == b"KEEP":
                 kept.append(data)

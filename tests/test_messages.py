@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portside import CloseReason, Connection, ListenerConfig, Server
+from portside.connection import as_layer
 from portside.messages import MessageHandler
 from portside.ordering import Outcome, ReplySequencer
 from portside.protocols.framing import LengthPrefixFramer, Message
@@ -69,7 +70,8 @@ class Worker(MessageHandler[Message]):
             self.reply(conn, request.upper())
         else:
             self.offload(conn, self.work, request)
-        self.peak_outstanding = max(self.peak_outstanding, conn.layer.sequencer.outstanding)
+        outstanding = as_layer(conn).layer.sequencer.outstanding
+        self.peak_outstanding = max(self.peak_outstanding, outstanding)
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
         super().data_received(conn, data)
@@ -180,8 +182,8 @@ class BigReplies(MessageHandler[Message]):
     def message_received(self, conn: Connection, message: Message) -> None:
         self.answered += 1  # before the reply: the client may have it before this line runs
         self.reply(conn, len(self.value).to_bytes(4, "big") + bytes(message) + b"|" + self.value)
-        held = sum(len(m) for m in conn.layer.sequencer.held)
-        room = conn.layer.sequencer.cork_room
+        held = sum(len(m) for m in as_layer(conn).layer.sequencer.held)
+        room = as_layer(conn).layer.sequencer.cork_room
         corked = 0 if room is None else conn.listener.config.write_high_water - room
         self.peak = max(self.peak, conn.write_buffer_size + corked + held)
 
@@ -190,7 +192,7 @@ class BigReplies(MessageHandler[Message]):
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
         super().data_received(conn, data)
-        if conn.layer.sequencer.held:
+        if as_layer(conn).layer.sequencer.held:
             self.held_seen.set()
 
     def error(self, conn: Connection | None, exc: BaseException) -> None:

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
+    from portside.connection import Connection
     from portside.engine.buffers import PoolStatistics
-    from portside.engine.connection import CloseReason, Connection
+    from portside.engine.states import CloseReason
     from portside.errors import (
         ConfigError,
         ConnectionClosedError,
@@ -33,7 +34,7 @@ _WHERE = {
     "KIB": "config", "SECONDS": "config", "AcceptPolicy": "config", "Engine": "config",
     "ListenerConfig": "config", "ServerConfig": "config",
     "PoolStatistics": "engine.buffers",
-    "CloseReason": "engine.connection", "Connection": "engine.connection",
+    "CloseReason": "engine.states", "Connection": "connection",
     "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
     "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
     "Handler": "handler",

@@ -12,7 +12,8 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from portside.engine.connection import CloseReason, Connection
+    from portside.connection import Connection
+    from portside.engine.states import CloseReason
     from portside.server import Server
 
 logger = logging.getLogger("portside")

@@ -25,7 +25,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from portside.engine.connection import CloseReason, Connection
+from portside.connection import Connection, LayerConnection, as_layer
+from portside.engine.states import CloseReason
 from portside.errors import ProtocolError
 from portside.handler import Handler
 from portside.ordering import Outcome, ReplySequencer
@@ -78,7 +79,7 @@ class MessageHandler(Handler, Generic[M]):
 
     def encode_reply(self, conn: Connection, reply: Any) -> list[Any]:
         """The chunks to write for ``reply``; by default the framer's encoding."""
-        framer: Framer[M] = conn.layer.framer
+        framer: Framer[M] = as_layer(conn).layer.framer
         return framer.encode(reply)
 
     def offload_failed(self, conn: Connection, exc: BaseException) -> None:
@@ -91,7 +92,7 @@ class MessageHandler(Handler, Generic[M]):
     def protocol_error(self, conn: Connection, exc: ProtocolError) -> None:
         """The peer broke the framing. Default: log one line and close the connection."""
         logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address, exc)
-        conn.close_for(CloseReason.PROTOCOL_ERROR)
+        as_layer(conn).close_for(CloseReason.PROTOCOL_ERROR)
 
     # -- replies ---------------------------------------------------------------------------------
 
@@ -99,14 +100,15 @@ class MessageHandler(Handler, Generic[M]):
         """Send ``reply`` after every earlier request's reply."""
         if not conn.is_open:
             return  # closed (by the peer, an error or an earlier reply): nobody to answer
-        sequencer: ReplySequencer = conn.layer.sequencer
+        layered = as_layer(conn)
+        sequencer: ReplySequencer = layered.layer.sequencer
         # Nothing in flight: straight out, no number needed (``outstanding``, inlined).
         if sequencer.next_issue == sequencer.next_release:
-            self._send(conn, sequencer, self.encode_reply(conn, reply))
+            self._send(layered, sequencer, self.encode_reply(conn, reply))
             return
-        self._release(conn, sequencer.complete(sequencer.issue(), Outcome(reply)))
+        self._release(layered, sequencer.complete(sequencer.issue(), Outcome(reply)))
 
-    def _send(self, conn: Connection, sequencer: ReplySequencer, chunks: list[Any]) -> None:
+    def _send(self, conn: LayerConnection, sequencer: ReplySequencer, chunks: list[Any]) -> None:
         """Write one reply. Inside a corked batch, count it, and flush the cork once it holds
         more than high water: corked bytes are invisible to the engine's flow control."""
         conn.writelines(chunks)
@@ -122,18 +124,20 @@ class MessageHandler(Handler, Generic[M]):
 
     def offload(self, conn: Connection, work: Callable[..., Any], *args: Any) -> None:
         """Run ``work(*args)`` on the pool; its result is the reply, sent in request order."""
-        sequencer: ReplySequencer = conn.layer.sequencer
+        layered = as_layer(conn)
+        sequencer: ReplySequencer = layered.layer.sequencer
         seq = sequencer.issue()
         conn_id = conn.id
         executor = self.executor or shared_executor(self.offload_workers)
         future = executor.submit(work, *args)
 
         def finished(done: Future[Any]) -> None:  # on a pool thread
-            conn.call_soon_threadsafe(lambda: self._offload_done(conn, conn_id, seq, done))
+            conn.call_soon_threadsafe(lambda: self._offload_done(layered, conn_id, seq, done))
 
         future.add_done_callback(finished)
 
-    def _offload_done(self, conn: Connection, conn_id: int, seq: int, done: Future[Any]) -> None:
+    def _offload_done(self, conn: LayerConnection, conn_id: int, seq: int,
+                      done: Future[Any]) -> None:
         """On the loop: the pool finished ``seq``. Runs outside any engine callback, so it
         isolates failures itself, as the engine does for callbacks: an exception while the
         reply is encoded or sent, or while held requests are started, reaches ``error`` and
@@ -151,21 +155,21 @@ class MessageHandler(Handler, Generic[M]):
         except Exception as exc:
             self._failed(conn, conn_id, exc)
 
-    def _failed(self, conn: Connection, conn_id: int, exc: Exception) -> None:
+    def _failed(self, conn: LayerConnection, conn_id: int, exc: Exception) -> None:
         if conn.id == conn_id and conn.is_open:
             try:
                 self.error(conn, exc)
             finally:
                 conn.abort_for(CloseReason.HANDLER_ERROR)
 
-    def _caught_up(self, conn: Connection, sequencer: ReplySequencer) -> None:
+    def _caught_up(self, conn: LayerConnection, sequencer: ReplySequencer) -> None:
         """Resume reading once nothing is held; close if the peer had finished."""
         if not sequencer.held and conn.is_open:
             conn.hold_reading(False)
             if sequencer.close_when_drained and sequencer.outstanding == 0:
                 conn.close()  # the peer had finished, and the last held request is answered
 
-    def _release(self, conn: Connection, ready: list[Outcome]) -> None:
+    def _release(self, conn: LayerConnection, ready: list[Outcome]) -> None:
         sequencer: ReplySequencer = conn.layer.sequencer
         for outcome in ready:
             if not conn.is_open:
@@ -184,34 +188,35 @@ class MessageHandler(Handler, Generic[M]):
     # -- the stream side -------------------------------------------------------------------------
 
     def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
-        conn.layer = MessageSession(self.make_framer(), ReplySequencer())
+        as_layer(conn).layer = MessageSession(self.make_framer(), ReplySequencer())
         super().connection_made(conn, first_data)
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
-        framer: Framer[M] = conn.layer.framer
+        layered = as_layer(conn)
+        framer: Framer[M] = layered.layer.framer
         try:
             messages = framer.feed(data)
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
-        sequencer: ReplySequencer = conn.layer.sequencer
+        sequencer: ReplySequencer = layered.layer.sequencer
         if len(messages) > 1:
             # A pipelined batch: its replies leave in one send, not one send per reply.
             conn.cork()
             sequencer.cork_room = conn.listener.config.write_high_water
             try:
-                self._dispatch(conn, sequencer, messages)
+                self._dispatch(layered, sequencer, messages)
             finally:
                 sequencer.cork_room = None
                 conn.uncork()
         else:
-            self._dispatch(conn, sequencer, messages)
+            self._dispatch(layered, sequencer, messages)
         if framer.error is not None and conn.is_open:  # after the messages before the bad one
             self.protocol_error(conn, framer.error)
             return
         conn.awaiting_data(framer.buffered > 0)  # a message begun: read_timeout runs
 
-    def _dispatch(self, conn: Connection, sequencer: ReplySequencer,
+    def _dispatch(self, conn: LayerConnection, sequencer: ReplySequencer,
                   messages: Iterable[M]) -> None:
         """Hand messages to ``message_received`` until too many are outstanding or the write
         queue is over high water; hold the rest (copied: they may be views of a lent buffer)
@@ -235,13 +240,13 @@ class MessageHandler(Handler, Generic[M]):
 
     def resume_writing(self, conn: Connection) -> None:
         """The write queue fell to low water: take the held messages on (call ``super()``)."""
-        self._take_held(conn)
+        self._take_held(as_layer(conn))
 
     def write_drained(self, conn: Connection) -> None:
         """Everything queued is sent (call ``super()`` when overriding)."""
-        self._take_held(conn)
+        self._take_held(as_layer(conn))
 
-    def _take_held(self, conn: Connection) -> None:
+    def _take_held(self, conn: LayerConnection) -> None:
         session: MessageSession[M] | None = conn.layer
         if session is None or not session.sequencer.held or not conn.is_open:
             return
@@ -252,13 +257,14 @@ class MessageHandler(Handler, Generic[M]):
 
     def eof_received(self, conn: Connection) -> None:
         """The peer finished sending: answer what is in flight, then close."""
-        framer: Framer[M] = conn.layer.framer
+        layered = as_layer(conn)
+        framer: Framer[M] = layered.layer.framer
         try:
             framer.eof()
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
-        sequencer: ReplySequencer = conn.layer.sequencer
+        sequencer: ReplySequencer = layered.layer.sequencer
         if sequencer.outstanding or sequencer.held:
             sequencer.close_when_drained = True
         else:

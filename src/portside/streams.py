@@ -24,7 +24,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-from portside.engine.connection import CloseReason, Connection
+from portside.connection import Connection, as_layer
+from portside.engine.states import CloseReason
 from portside.errors import ProtocolError
 from portside.handler import Handler
 from portside.protocols.framing import Framer
@@ -43,7 +44,7 @@ class StreamReader:
     """
 
     def __init__(self, conn: Connection, limit: int) -> None:
-        self._conn = conn
+        self._conn = as_layer(conn)  # reading is held on the reader's own account
         self._limit = limit
         self._buffer = bytearray()
         self._eof = False
@@ -250,7 +251,6 @@ class StreamHandler(Handler):
     reader_limit = 64 * 1024
 
     def __init__(self) -> None:
-        self._streams: dict[Connection, tuple[StreamReader, StreamWriter]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, reader: StreamReader, writer: StreamWriter) -> None:
@@ -259,7 +259,7 @@ class StreamHandler(Handler):
     def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
         reader = StreamReader(conn, self.reader_limit)
         writer = StreamWriter(conn)
-        self._streams[conn] = (reader, writer)
+        as_layer(conn).layer = (reader, writer)  # the connection's one slot for its layer
         if first_data is not None:
             reader.feed_data(first_data)
         task = asyncio.get_running_loop().create_task(self._run(conn, reader, writer))
@@ -278,32 +278,44 @@ class StreamHandler(Handler):
             if conn.id == conn_id and conn.is_open:
                 logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address,
                                exc)
-                conn.close_for(CloseReason.PROTOCOL_ERROR)
+                as_layer(conn).close_for(CloseReason.PROTOCOL_ERROR)
             return
         except Exception as exc:
             if conn.id == conn_id and conn.is_open:
                 self.error(conn, exc)
-                conn.abort_for(CloseReason.HANDLER_ERROR)
+                as_layer(conn).abort_for(CloseReason.HANDLER_ERROR)
             return
         if conn.id == conn_id and conn.is_open:
             conn.close()
 
+    @staticmethod
+    def _reader(conn: Connection) -> StreamReader:
+        reader: StreamReader = as_layer(conn).layer[0]
+        return reader
+
+    @staticmethod
+    def _writer(conn: Connection) -> StreamWriter:
+        writer: StreamWriter = as_layer(conn).layer[1]
+        return writer
+
     def data_received(self, conn: Connection, data: memoryview) -> None:
-        self._streams[conn][0].feed_data(data)
+        self._reader(conn).feed_data(data)
 
     def eof_received(self, conn: Connection) -> None:
-        self._streams[conn][0].feed_eof()  # the coroutine decides when to close
+        self._reader(conn).feed_eof()  # the coroutine decides when to close
 
     def pause_writing(self, conn: Connection) -> None:
-        self._streams[conn][1].pause()
+        self._writer(conn).pause()
 
     def resume_writing(self, conn: Connection) -> None:
-        self._streams[conn][1].resume()
+        self._writer(conn).resume()
 
     def connection_closed(self, conn: Connection, reason: CloseReason) -> None:
-        streams = self._streams.pop(conn, None)
+        layered = as_layer(conn)
+        streams: tuple[StreamReader, StreamWriter] | None = layered.layer
         if streams is None:
             return
+        layered.layer = None
         reader, writer = streams
         if not reader.at_eof():
             reader.set_exception(ConnectionResetError(f"connection closed ({reason.value})"))

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from portside import CloseReason, Connection
+from portside import Connection
 from portside.errors import ProtocolError
 from portside.messages import MessageHandler
 from portside.protocols.resp import (
@@ -160,9 +160,8 @@ class RespHandler(MessageHandler[Command]):
 
     def protocol_error(self, conn: Connection, exc: ProtocolError) -> None:
         """As Redis does: an error reply, then close (and one log line)."""
-        logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address, exc)
         self.reply(conn, encode_error(f"ERR Protocol error: {exc}"))
-        conn.close_for(CloseReason.PROTOCOL_ERROR)
+        super().protocol_error(conn, exc)
 
     # -- the keyspace ----------------------------------------------------------------------------
 
