@@ -236,6 +236,9 @@ class ClientAdmission:
         self.keys = keys
         self.clock = clock
         self._held: dict[int, Client] = {}
+        #: Called with the key of a client admitted untracked, the table being full of live
+        #: clients (the listener logs it: the table is smaller than it should be).
+        self.on_full: Callable[[bytes], None] | None = None
 
     @classmethod
     def for_listener(cls, config: ListenerConfig) -> ClientAdmission | None:
@@ -249,8 +252,8 @@ class ClientAdmission:
 
     @property
     def tracked(self) -> int:
-        """Clients in the table now (those whose rate window has passed dropped first)."""
-        self.table.expire(self.clock())
+        """Clients in the table now. Read-only, as statistics may be read from any thread:
+        clients whose rate window has passed are dropped by the next admission."""
         return len(self.table)
 
     @property
@@ -277,6 +280,8 @@ class ClientAdmission:
             self.table.release(stale, self.clock())
         if verdict is not None:
             self._held[holder] = verdict
+        elif self.on_full is not None:
+            self.on_full(key)
         return None
 
     def release(self, holder: int) -> None:

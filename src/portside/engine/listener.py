@@ -43,7 +43,7 @@ import stat
 from typing import TYPE_CHECKING, NoReturn
 
 from portside.config import AcceptPolicy, ListenerConfig
-from portside.engine.admission import ClientAdmission, Refusal
+from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker
@@ -184,6 +184,8 @@ class Listener:
         self.admission = ClientAdmission.for_listener(config)
         self._admit_at_accept = (self.admission is not None and self.is_tcp
                                  and self.proxy_protocol is None)
+        if self.admission is not None:
+            self.admission.on_full = self._client_table_full
         if config.tls is not None:
             remember_server_names(config.tls)
         self.bytes_in = self.bytes_out = 0
@@ -411,6 +413,14 @@ class Listener:
                      "limit",
                      "refused %s on %s: over %s", _peer_label(peer), self.address,
                      refusal.value)
+
+    def _client_table_full(self, key: bytes) -> None:
+        self.log.log("client-table-full", logging.WARNING,
+                     f"admitted {{count}} more clients untracked on {self.address}: the "
+                     "per-client table is full",
+                     "admitted %s on %s untracked: client_table_size=%d clients all hold open "
+                     "connections (make it at least max_connections)", describe_key(key),
+                     self.address, self.config.client_table_size)
 
     def _accept(self) -> tuple[_socket.socket, object]:
         """accept(), wrapping the descriptor in the C socket type rather than socket.socket:

@@ -1,0 +1,193 @@
+"""Per-client admission on every engine, with real sockets on loopback: the open-connection
+and rate limits per client address (other 127.0.0.x sources unaffected), IPv6 on ::1 and
+grouping by prefix, the client a PROXY header names, the reset a refused client sees, the
+table's bound, and the statistics."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+import pytest
+from conftest import Clients, RunningServer, ServeFactory, recv_exactly
+from test_lifecycle import ipv6_loopback_available
+
+from portside import CloseReason, ListenerConfig
+from portside.protocols.proxy import encode_v1, encode_v2
+
+BALANCED = ("198.51.100.1", 443)
+BALANCED6 = ("2001:db8::443", 443)
+TRUST = ("127.0.0.1/32",)
+
+
+def connect_from(clients: Clients, source: str, address: tuple[str, int]) -> socket.socket:
+    """A client socket bound to ``source`` (any 127.0.0.0/8 address is this machine's)."""
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    clients.sockets.append(sock)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(address)
+    return sock
+
+
+def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:
+    sock.sendall(data)
+    return recv_exactly(sock, len(data)) == data
+
+
+def assert_reset(connect: Callable[[], socket.socket], data: bytes = b"hello") -> None:
+    """The server reset the connection (RST, not FIN) without answering. On loopback the
+    reset can beat connect() back to user space, or reach sendall() first, or recv()."""
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        sock = connect()
+        sock.sendall(data)
+        answer = sock.recv(100)
+        raise AssertionError(f"expected a reset, got {answer!r} (b'' is a FIN)")
+
+
+def closed_on_server(rs: RunningServer, count: int) -> None:
+    rs.handler.wait(lambda: rs.handler.closed_count() >= count, f"{count} connections closed")
+
+
+def test_open_connections_per_address(serve: ServeFactory, clients: Clients,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    rs = serve(ListenerConfig(max_connections_per_client=2))
+    address = rs.address()
+    first = [connect_from(clients, "127.0.0.2", address) for _ in range(2)]
+    assert all(echoes(sock) for sock in first)
+    assert_reset(lambda: connect_from(clients, "127.0.0.2", address))
+    # Another address is a client of its own.
+    others = [connect_from(clients, "127.0.0.3", address) for _ in range(2)]
+    assert all(echoes(sock) for sock in others)
+    # One of the first client's connections ends: it may open one again, not two.
+    first[0].close()
+    closed_on_server(rs, 1)
+    again = connect_from(clients, "127.0.0.2", address)
+    assert echoes(again)
+    assert_reset(lambda: connect_from(clients, "127.0.0.2", address))
+    stats = rs.server.statistics().listeners[0]
+    assert stats.client_refused == 2
+    assert stats.closed_by_reason == {"closed": 1, "client-limit": 2}
+    assert stats.accepted == 7 and stats.active == 4
+    assert stats.clients_tracked == 2
+    assert len(rs.handler.made) == 5  # the handler never heard of the refused ones
+    lines = [r.getMessage() for r in caplog.records if "per-client" in r.getMessage()
+             or "over max_connections_per_client" in r.getMessage()]
+    assert sum("refused 127.0.0.2:" in line for line in lines) == 2
+    # Every connection gone, every count back to zero.
+    clients.close_all()
+    closed_on_server(rs, 5)
+    assert rs.server.statistics().listeners[0].clients_tracked == 0
+
+
+def test_connection_rate_per_address(serve: ServeFactory, clients: Clients) -> None:
+    """Three per minute: the fourth within the minute is reset, whether the first three are
+    still open or not; another address is not affected. (When the window lets a client in
+    again is tested with a hand-held clock in test_admission_policy.)"""
+    rs = serve(ListenerConfig(max_connection_rate_per_client=3, client_rate_period=60))
+    address = rs.address()
+    for _ in range(3):
+        sock = connect_from(clients, "127.0.0.4", address)
+        assert echoes(sock)
+        sock.close()
+    assert_reset(lambda: connect_from(clients, "127.0.0.4", address))
+    for _ in range(3):
+        assert echoes(connect_from(clients, "127.0.0.5", address))
+    assert_reset(lambda: connect_from(clients, "127.0.0.5", address))
+    stats = rs.server.statistics().listeners[0]
+    assert stats.client_refused == 2 and stats.closed_by_reason["client-limit"] == 2
+    assert stats.clients_tracked == 2  # remembered while their window lasts
+
+
+def test_ipv6_on_loopback(serve: ServeFactory, clients: Clients) -> None:
+    if not ipv6_loopback_available():
+        pytest.skip("::1 is not available on this machine")
+    rs = serve(ListenerConfig(host="::1", max_connections_per_client=1))
+    address = rs.address()
+    held = connect_from(clients, "::1", address)
+    assert echoes(held)
+    assert_reset(lambda: connect_from(clients, "::1", address))
+    held.close()
+    closed_on_server(rs, 1)
+    assert echoes(connect_from(clients, "::1", address))
+    assert rs.server.statistics().listeners[0].client_refused == 1
+
+
+def proxied(clients: Clients, rs: RunningServer, client: tuple[str, int]) -> socket.socket:
+    """A connection from the trusted balancer (127.0.0.1) on behalf of ``client``."""
+    sock = connect_from(clients, "127.0.0.1", rs.address())
+    sock.sendall(encode_v1(client, BALANCED6 if ":" in client[0] else BALANCED))
+    return sock
+
+
+def test_behind_a_proxy_the_header_names_the_client(serve: ServeFactory,
+                                                    clients: Clients) -> None:
+    """Every connection comes from the balancer's one address; the limit counts the clients
+    its headers name, checked once the header is parsed."""
+    rs = serve(ListenerConfig(proxy_protocol="any", trusted_proxies=TRUST,  # type: ignore[arg-type]
+                              max_connections_per_client=1))
+    held = proxied(clients, rs, ("203.0.113.7", 40001))
+    assert echoes(held)
+    assert_reset(lambda: proxied(clients, rs, ("203.0.113.7", 40002)))
+    assert echoes(proxied(clients, rs, ("203.0.113.8", 40003)))
+    # A LOCAL header (the balancer's health check) names no client: never limited.
+    for _ in range(2):
+        check = connect_from(clients, "127.0.0.1", rs.address())
+        check.sendall(encode_v2(None, None))
+        assert echoes(check)
+    held.close()
+    closed_on_server(rs, 2)  # the refused one, then the one closed here
+    assert echoes(proxied(clients, rs, ("203.0.113.7", 40004)))
+    stats = rs.server.statistics().listeners[0]
+    assert stats.client_refused == 1 and stats.proxy_refused == 0
+    assert stats.closed_by_reason == {"client-limit": 1, "closed": 1}
+    assert stats.clients_tracked == 2
+    refused = [reasons for reasons in rs.handler.closed.values()
+               if reasons == [CloseReason.CLIENT_LIMIT]]
+    assert len(refused) == 1  # told as any pending connection's end, never made
+    clients.close_all()
+    closed_on_server(rs, 6)
+    assert rs.server.statistics().listeners[0].clients_tracked == 0
+
+
+def test_ipv6_clients_are_grouped_by_prefix(serve: ServeFactory, clients: Clients) -> None:
+    """Behind a balancer, IPv6 clients in one /64 (the default) count as one client."""
+    rs = serve(ListenerConfig(proxy_protocol="v1", trusted_proxies=TRUST,  # type: ignore[arg-type]
+                              max_connections_per_client=1),
+               ListenerConfig(proxy_protocol="v1", trusted_proxies=TRUST,  # type: ignore[arg-type]
+                              max_connections_per_client=1, client_ipv6_prefix=128))
+    assert echoes(proxied(clients, rs, ("2001:db8:1:2::1", 40001)))
+    assert_reset(lambda: proxied(clients, rs, ("2001:db8:1:2:ffff::9", 40002)))
+    assert echoes(proxied(clients, rs, ("2001:db8:1:3::1", 40003)))
+    # A /128 listener tells the two addresses apart.
+    sock = connect_from(clients, "127.0.0.1", rs.address(1))
+    sock.sendall(encode_v1(("2001:db8:1:2::1", 40004), BALANCED6))
+    assert echoes(sock)
+    sock = connect_from(clients, "127.0.0.1", rs.address(1))
+    sock.sendall(encode_v1(("2001:db8:1:2:ffff::9", 40005), BALANCED6))
+    assert echoes(sock)
+    stats = rs.server.statistics().listeners
+    assert (stats[0].client_refused, stats[1].client_refused) == (1, 0)
+
+
+def test_table_bound_under_many_addresses(serve: ServeFactory, clients: Clients,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """40 distinct addresses, a table of 8: those with a window to remember make way for new
+    ones, and once 8 hold connections newcomers are let in untracked (failing open)."""
+    caplog.set_level(logging.INFO, "portside")
+    rs = serve(ListenerConfig(max_connection_rate_per_client=5, client_rate_period=60,
+                              client_table_size=8))
+    address = rs.address()
+    for number in range(40):
+        sock = connect_from(clients, f"127.0.1.{number + 1}", address)
+        assert echoes(sock)
+        sock.close()
+        stats = rs.server.statistics().listeners[0]
+        assert stats.clients_tracked <= 8
+    held = [connect_from(clients, f"127.0.2.{number + 1}", address) for number in range(12)]
+    assert all(echoes(sock) for sock in held)
+    stats = rs.server.statistics().listeners[0]
+    assert stats.clients_tracked == 8 and stats.client_refused == 0
+    assert any("client_table_size" in r.getMessage() for r in caplog.records)
