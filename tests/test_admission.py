@@ -5,12 +5,20 @@ table's bound, and the statistics."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import Clients, RunningServer, ServeFactory, recv_exactly
+from proc import PortsideProcess
+from prometheus_client.parser import text_string_to_metric_families
 from test_lifecycle import ipv6_loopback_available
 
 from portside import CloseReason, ListenerConfig
@@ -191,3 +199,45 @@ def test_table_bound_under_many_addresses(serve: ServeFactory, clients: Clients,
     stats = rs.server.statistics().listeners[0]
     assert stats.clients_tracked == 8 and stats.client_refused == 0
     assert any("client_table_size" in r.getMessage() for r in caplog.records)
+
+
+def test_statistics_in_ctl_stats_metrics_and_top(tmp_path: Path) -> None:
+    """The two figures reach every place statistics go: ``ctl stats``, Prometheus and top."""
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--max-connections-per-client", "1", "--metrics", "127.0.0.1:0",
+                            "--control", str(control)])
+    try:
+        port = proc.ports()["immediate"]
+        metrics_port = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/metrics",
+                                         seen_too=True).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+            assert echoes(held)
+            assert_reset(lambda: socket.create_connection(("127.0.0.1", port), timeout=10))
+
+            def run(*args: str) -> str:
+                done = subprocess.run([sys.executable, "-m", "portside", *args,
+                                       "--control", str(control)], capture_output=True,
+                                      text=True, timeout=20, check=True,
+                                      env={**os.environ, "COLUMNS": "250"})
+                return done.stdout
+
+            document = json.loads(run("ctl", "--json", "stats"))
+            (entry,) = [item for item in document["listeners"] if item["name"] == "immediate"]
+            assert entry["client_refused"] == 1 and entry["clients_tracked"] == 1
+            assert entry["closed_by_reason"] == {"client-limit": 1}
+            top = run("top", "--once")
+            assert "client rej/s" in top and "clients" in top
+            top_json = json.loads(run("top", "--once", "--json"))
+            assert any(item["clients_tracked"] == 1
+                       for item in top_json["stats"]["listeners"])
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                          timeout=20).read().decode()
+        found = {(sample.name, sample.labels.get("listener")): sample.value
+                 for family in text_string_to_metric_families(body)
+                 for sample in family.samples}
+        assert found[("portside_client_refused_total", "immediate")] == 1
+        assert found[("portside_clients_tracked", "immediate")] == 1
+        assert found[("portside_client_refused_total", "data-first")] == 0
+    finally:
+        proc.kill()
