@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -16,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Clients, RunningServer, ServeFactory, recv_exactly
+from conftest import Clients, RecordingHandler, RunningServer, ServeFactory, recv_exactly
 from proc import PortsideProcess
 from prometheus_client.parser import text_string_to_metric_families
 from test_lifecycle import ipv6_loopback_available
 
-from portside import CloseReason, ListenerConfig
+from portside import AcceptPolicy, CloseReason, Connection, ListenerConfig
 from portside.protocols.proxy import encode_v1, encode_v2
 
 BALANCED = ("198.51.100.1", 443)
@@ -199,6 +200,72 @@ def test_table_bound_under_many_addresses(serve: ServeFactory, clients: Clients,
     stats = rs.server.statistics().listeners[0]
     assert stats.clients_tracked == 8 and stats.client_refused == 0
     assert any("client_table_size" in r.getMessage() for r in caplog.records)
+
+
+def test_every_ending_gives_the_place_back(serve: ServeFactory, clients: Clients) -> None:
+    """One connection per client: after each way a connection can end (the client's FIN, its
+    reset, the first-data deadline, behind a balancer too) the client may connect again, and
+    nothing stays counted."""
+    rs = serve(ListenerConfig(policy=AcceptPolicy.DATA_FIRST, defer_accept=0,
+                              first_data_timeout=0.3, max_connections_per_client=1),
+               ListenerConfig(proxy_protocol="v1", trusted_proxies=TRUST,  # type: ignore[arg-type]
+                              max_connections_per_client=1))
+    address = rs.address()
+    endings = 0
+
+    def ended() -> None:
+        nonlocal endings
+        endings += 1
+        closed_on_server(rs, endings)
+
+    sock = connect_from(clients, "127.0.0.6", address)
+    assert echoes(sock)
+    sock.close()  # FIN
+    ended()
+    sock = connect_from(clients, "127.0.0.6", address)
+    assert echoes(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    ended()
+    silent = connect_from(clients, "127.0.0.6", address)  # says nothing: the deadline ends it
+    ended()
+    assert list(rs.handler.closed.values())[-1] == [CloseReason.FIRST_DATA_TIMEOUT]
+    silent.close()
+    assert echoes(connect_from(clients, "127.0.0.6", address))
+    # Behind the balancer: a client whose header came whole, then its end by the handler's
+    # side (a write after our FIN would be refused: here the client half-closes).
+    sock = connect_from(clients, "127.0.0.1", rs.address(1))
+    sock.sendall(encode_v1(("203.0.113.9", 1), BALANCED) + b"ping")
+    assert recv_exactly(sock, 4) == b"ping"
+    sock.shutdown(socket.SHUT_WR)
+    assert sock.recv(10) == b""
+    ended()
+    sock = connect_from(clients, "127.0.0.1", rs.address(1))
+    sock.sendall(encode_v1(("203.0.113.9", 2), BALANCED) + b"ping")
+    assert recv_exactly(sock, 4) == b"ping"
+    clients.close_all()
+    closed_on_server(rs, endings + 2)
+    stats = rs.server.statistics().listeners
+    assert [item.clients_tracked for item in stats] == [0, 0]
+    assert [item.client_refused for item in stats] == [0, 0]
+
+
+class ClosingHandler(RecordingHandler):
+    """Closes every connection inside connection_made: its end comes before accept returns."""
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        super().connection_made(conn, first_data)
+        conn.close()
+
+
+def test_a_close_inside_connection_made(serve: ServeFactory, clients: Clients) -> None:
+    rs = serve(ListenerConfig(max_connections_per_client=1), handler=ClosingHandler())
+    for number in range(3):
+        sock = connect_from(clients, "127.0.0.7", rs.address())
+        assert sock.recv(10) == b""  # a FIN each time: never refused
+        closed_on_server(rs, number + 1)
+    stats = rs.server.statistics().listeners[0]
+    assert stats.client_refused == 0 and stats.clients_tracked == 0
 
 
 def test_statistics_in_ctl_stats_metrics_and_top(tmp_path: Path) -> None:
