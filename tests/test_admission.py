@@ -263,6 +263,7 @@ def test_a_close_inside_connection_made(serve: ServeFactory, clients: Clients) -
     for number in range(3):
         sock = connect_from(clients, "127.0.0.7", rs.address())
         assert sock.recv(10) == b""  # a FIN each time: never refused
+        sock.close()  # our FIN ends the server's linger
         closed_on_server(rs, number + 1)
     stats = rs.server.statistics().listeners[0]
     assert stats.client_refused == 0 and stats.clients_tracked == 0
