@@ -22,7 +22,15 @@ from proc import PortsideProcess
 from prometheus_client.parser import text_string_to_metric_families
 from test_lifecycle import ipv6_loopback_available
 
-from portside import AcceptPolicy, CloseReason, Connection, ListenerConfig
+from portside import (
+    AcceptPolicy,
+    CloseReason,
+    Connection,
+    Engine,
+    ListenerConfig,
+    Server,
+    ServerConfig,
+)
 from portside.protocols.proxy import encode_v1, encode_v2
 
 BALANCED = ("198.51.100.1", 443)
@@ -309,3 +317,22 @@ def test_statistics_in_ctl_stats_metrics_and_top(tmp_path: Path) -> None:
         assert found[("portside_client_refused_total", "data-first")] == 0
     finally:
         proc.kill()
+
+
+def test_an_inherited_unix_socket_says_the_limits_do_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Unix socket handed over as fd://N cannot be told from TCP when the settings are
+    checked: the listener says at start that its clients have no address to count."""
+    path = str(tmp_path / "inherited.sock")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(path)
+    listening.listen()
+    config = ListenerConfig(fd=listening.fileno(), max_connections_per_client=1)
+    server = Server(RecordingHandler(), [config], ServerConfig(engine=Engine.EPOLL),
+                    sockets=[listening])
+    server.start()
+    try:
+        assert any("per-client limits do nothing" in r.getMessage() for r in caplog.records)
+    finally:
+        server.shutdown(0)
+        listening.close()

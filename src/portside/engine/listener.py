@@ -186,6 +186,10 @@ class Listener:
                                  and self.proxy_protocol is None)
         if self.admission is not None:
             self.admission.on_full = self._client_table_full
+            if not self.is_tcp and self.proxy_protocol is None:  # an inherited Unix socket
+                logger.warning("%s is a Unix socket without the PROXY protocol: its clients "
+                               "have no address, so the per-client limits do nothing there",
+                               config.description)
         if config.tls is not None:
             remember_server_names(config.tls)
         self.bytes_in = self.bytes_out = 0
