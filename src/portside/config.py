@@ -459,6 +459,31 @@ class ListenerConfig:
         (), Networks(),
         "Networks allowed to send a PROXY header; a header from anyone else is refused. "
         "Empty trusts no TCP client (Unix-socket clients are always trusted).")
+    max_connections_per_client: int = setting(
+        0, Count(0, INT_MAX, "connections (0: off)"),
+        "Per listener: open connections one client (an address, or an IPv6 prefix) may hold; "
+        "more are reset at accept, before a byte is read (nginx limit_conn). Behind a PROXY "
+        "header the client is the address it names. 0: no limit.")
+    max_connection_rate_per_client: int = setting(
+        0, Count(0, INT_MAX, "connections per period (0: off)"),
+        "Per listener: new connections one client may open per --client-rate-period (a "
+        "sliding window, HAProxy's conn_rate); more are reset at accept. 0: no limit.")
+    client_rate_period: float = setting(
+        1 * SECONDS, Seconds(positive=True),
+        "The period of --max-connection-rate-per-client.")
+    client_ipv6_prefix: int = setting(
+        64, Count(1, 128, "bits"),
+        "IPv6 clients in the same prefix of this length count as one client (one host or "
+        "site usually holds a whole /64).")
+    client_ipv4_prefix: int = setting(
+        32, Count(1, 32, "bits"),
+        "IPv4 clients in the same prefix of this length count as one client (32: each "
+        "address on its own).")
+    client_table_size: int = setting(
+        16_384, Count(1, INT_MAX, "clients"),
+        "Per listener: clients the per-client limits remember at most. Clients without open "
+        "connections make way, least recently seen first; at least --max-connections keeps "
+        "every client with an open connection in it.")
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, AcceptPolicy):
@@ -475,6 +500,11 @@ class ListenerConfig:
                self.write_high_water, "must be >= write_low_water")
         _check(self.write_limit >= self.write_high_water, "write_limit", self.write_limit,
                "must be >= write_high_water")
+        if self.path is not None and self.proxy_protocol is ProxyVersion.OFF:
+            # A Unix socket's clients have no address to count by (a PROXY header gives one).
+            for name in ("max_connections_per_client", "max_connection_rate_per_client"):
+                _check(not getattr(self, name), name, getattr(self, name),
+                       "needs a TCP listener, or a PROXY header naming the client")
 
     @property
     def label(self) -> str:

@@ -149,6 +149,17 @@ class ListenerStatistics:
     #: not in ``trusted_proxies`` (also in ``closed_by_reason["refused"]``).
     proxy_refused: int = field(default=0, metadata=figure(
         "counter", "Connections refused at accept: a PROXY header from an untrusted source."))
+    #: Connections refused by a per-client limit (max_connections_per_client or
+    #: max_connection_rate_per_client): reset at accept, or once their PROXY header named the
+    #: client (also in ``closed_by_reason["client-limit"]``).
+    client_refused: int = field(default=0, metadata=figure(
+        "counter", "Connections refused by a per-client limit (open connections or rate).",
+        column="client rej/s", short="crej/s", rate=True, priority=46))
+    #: Clients the per-client limits track now (at most client_table_size per listener and
+    #: process).
+    clients_tracked: int = field(default=0, metadata=figure(
+        "gauge", "Clients the per-client limits are tracking now.", column="clients",
+        short="cli", priority=47))
 
 
 @dataclass(frozen=True, slots=True)

@@ -904,6 +904,16 @@ cdef object address_from(const sockaddr *addr, socklen_t length):
     return None
 
 
+cdef object packed_address(const sockaddr *addr):
+    """The peer's IP address as the kernel gave it (4 or 16 bytes), the input of the per-client
+    limits' key (admission.py): no tuple and no text. None for any other family."""
+    if addr.sa_family == AF_INET:
+        return PyBytes_FromStringAndSize(<char *>&(<const sockaddr_in *>addr).sin_addr, 4)
+    if addr.sa_family == AF_INET6:
+        return PyBytes_FromStringAndSize(<char *>&(<const sockaddr_in6 *>addr).sin6_addr, 16)
+    return None
+
+
 @cython.final
 @cython.no_gc
 cdef class FdSocket:
@@ -1708,6 +1718,8 @@ cdef class ListenerBase:
     cdef public list ttfb_buckets
     cdef public double ttfb_sum
     cdef public int _family
+    cdef public object admission
+    cdef public bint _admit_at_accept
     cdef int _handler_defaults
 
     def __cinit__(self):
@@ -1748,10 +1760,24 @@ cdef class ListenerBase:
                 if not trusted_peer(peer, self.trusted):
                     self._refuse(FdSocket(fd), peer)
                     continue
+            if self._admit_at_accept and not self._check_client_c(fd, <sockaddr *>&addr, length):
+                continue
             self._admit_fd(fd, <sockaddr *>&addr, length)
 
     def handle_write(self):  # listeners are never watched for writing
         pass
+
+    cdef int _check_client_c(self, int fd, const sockaddr *addr, socklen_t length) except -1:
+        """``Listener._check_client``: the per-client limits at accept; 1 if admitted, else 0
+        and the connection is refused (reset)."""
+        packed = packed_address(addr)
+        if packed is None:
+            return 1
+        refusal = self.admission.admit(fd, packed)
+        if refusal is None:
+            return 1
+        self._refuse_client(FdSocket(fd), address_from(addr, length), refusal)
+        return 0
 
     cdef int _admit_fd(self, int fd, const sockaddr *addr, socklen_t length) except -1:
         cdef int one = 1
@@ -1815,6 +1841,8 @@ cdef class ListenerBase:
                 (<TimeoutTracker>tracker).queue._discard(conn)
             else:
                 tracker.stop(conn)
+        if self.admission is not None:
+            self.admission.release(conn._fd)
         if was_pending:
             self.pending_count -= 1
         else:

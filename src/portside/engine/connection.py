@@ -555,6 +555,12 @@ class Connection:
         if header.source is not None:
             self.peer_address = header.source
         self._preamble = None
+        # The per-client limits count the client the header names (a LOCAL header, the
+        # balancer's own health check, names none and is not counted).
+        if listener.admission is not None and header.source is not None and \
+                not listener.admit_client(self):
+            self._abort(CloseReason.CLIENT_LIMIT)
+            return None
         return memoryview(bytes(preamble[header.length:]))
 
     def handle_write(self) -> None:

@@ -19,6 +19,14 @@ no connection object, and the handler never hears of it), counted in ``proxy_ref
 ``closed_by_reason["refused"]``. Unix-socket peers are always trusted. Log lines about what
 clients do (timeouts, refusals, bad headers, failed handshakes) go through one ``LogLimiter``
 per listener, so a flood leaves a few lines and a summary while the counters count everything.
+
+Admission per client (``admission.py``). With a per-client limit on, each TCP connection is
+checked against its client's counts at accept, right after the trust check and before a byte
+is read; a refused one is reset like an untrusted PROXY source, counted in ``client_refused``
+and ``closed_by_reason["client-limit"]``. On a PROXY-protocol listener the client is the one the
+header names, so the check waits for the header (``Connection._take_proxy_header``). Either way
+the place a connection holds is given back in ``connection_finished``, the one exit every
+connection passes, keyed by its descriptor.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import stat
 from typing import TYPE_CHECKING, NoReturn
 
 from portside.config import AcceptPolicy, ListenerConfig
+from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker
@@ -160,7 +169,7 @@ class Listener:
                               if tracker is not None)
         self.accepted = self.closed = 0
         self.evicted = self.limited = self.accept_errors = self.proxy_errors = 0
-        self.tls_failures = self.proxy_refused = 0
+        self.tls_failures = self.proxy_refused = self.client_refused = 0
         #: Rate-limited log lines about clients (timeouts, refusals, bad headers, handshakes).
         self.log = LogLimiter(logger)
         #: The networks allowed to send a PROXY header; None when nothing is checked (no PROXY
@@ -170,6 +179,17 @@ class Listener:
             self.trusted = tuple(ipaddress.ip_network(network, strict=False)
                                  for network in config.trusted_proxies)
         self.closed_by_reason: dict[str, int] = {}
+        #: The per-client limits (None when off); checked at accept unless a PROXY header
+        #: will name the client (then by the connection, once the header is parsed).
+        self.admission = ClientAdmission.for_listener(config)
+        self._admit_at_accept = (self.admission is not None and self.is_tcp
+                                 and self.proxy_protocol is None)
+        if self.admission is not None:
+            self.admission.on_full = self._client_table_full
+            if not self.is_tcp and self.proxy_protocol is None:  # an inherited Unix socket
+                logger.warning("%s is a Unix socket without the PROXY protocol: its clients "
+                               "have no address, so the per-client limits do nothing there",
+                               config.description)
         if config.tls is not None:
             remember_server_names(config.tls)
         self.bytes_in = self.bytes_out = 0
@@ -270,6 +290,8 @@ class Listener:
         self._core = core
         self.log.clock = core.reactor.time
         self.log.schedule = core.reactor.call_later
+        if self.admission is not None:
+            self.admission.clock = core.reactor.time
         for tracker in self.trackers:
             tracker.attach(core.reactor)
         if self.trusted == ():
@@ -328,6 +350,8 @@ class Listener:
         if self.trusted is not None and not _trusted(peer, self.trusted):
             self._refuse(sock, peer)
             return True
+        if self._admit_at_accept and not self._check_client(sock, peer):
+            return True
         self._admit(sock, peer)
         return True
 
@@ -355,6 +379,52 @@ class Listener:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         sock.close()
+
+    def _check_client(self, sock: _socket.socket, peer: object) -> bool:
+        """The per-client limits, at accept: True if admitted, else it is refused."""
+        assert self.admission is not None
+        refusal = self.admission.admit_text(sock.fileno(), peer[0])  # type: ignore[index]
+        if refusal is None:
+            return True
+        self._refuse_client(sock, peer, refusal)
+        return False
+
+    def admit_client(self, conn: Connection) -> bool:
+        """The per-client limits, once a PROXY header has named ``conn``'s client: True if
+        admitted; else it is counted and logged, and the caller resets it."""
+        assert self.admission is not None
+        refusal = self.admission.admit_text(conn._fd, conn.peer_address[0])
+        if refusal is None:
+            return True
+        self._count_client_refusal(conn.peer_address, refusal)
+        return False
+
+    def _refuse_client(self, sock: _socket.socket, peer: object, refusal: Refusal) -> None:
+        """Over a per-client limit at accept: reset before reading anything, as ``_refuse``."""
+        self._count_client_refusal(peer, refusal)
+        self.accepted += 1
+        self.closed += 1
+        reason = CloseReason.CLIENT_LIMIT.value
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        sock.close()
+
+    def _count_client_refusal(self, peer: object, refusal: Refusal) -> None:
+        self.client_refused += 1
+        self.log.log("client-limit", logging.WARNING,
+                     f"refused {{count}} more connections on {self.address} over a per-client "
+                     "limit",
+                     "refused %s on %s: over %s", _peer_label(peer), self.address,
+                     refusal.value)
+
+    def _client_table_full(self, key: bytes) -> None:
+        self.log.log("client-table-full", logging.WARNING,
+                     f"admitted {{count}} more clients untracked on {self.address}: the "
+                     "per-client table is full",
+                     "admitted %s on %s untracked: client_table_size=%d clients all hold open "
+                     "connections (make it at least max_connections)", describe_key(key),
+                     self.address, self.config.client_table_size)
 
     def _accept(self) -> tuple[_socket.socket, object]:
         """accept(), wrapping the descriptor in the C socket type rather than socket.socket:
@@ -457,6 +527,8 @@ class Listener:
         self.bytes_out += conn.bytes_out
         for tracker in self.trackers:
             tracker.stop(conn)
+        if self.admission is not None:
+            self.admission.release(conn._fd)
         if was_pending:
             self.pending_count -= 1
         else:
@@ -522,7 +594,8 @@ class Listener:
             closed=self.closed, first_data_timeouts=self.first_data_timeouts,
             evicted=self.evicted, limited=self.limited, accept_errors=self.accept_errors,
             proxy_errors=self.proxy_errors, tls_failures=self.tls_failures,
-            proxy_refused=self.proxy_refused,
+            proxy_refused=self.proxy_refused, client_refused=self.client_refused,
+            clients_tracked=self.admission.tracked if self.admission is not None else 0,
             idle_timeouts=self.idle.expired if self.idle else 0,
             read_timeouts=self.read.expired if self.read else 0,
             write_timeouts=self.write.expired if self.write else 0,

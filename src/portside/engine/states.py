@@ -25,6 +25,8 @@ class CloseReason(enum.Enum):
     SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
     OUTPUT_LIMIT = "output-limit"  #: queued output passed the listener's write_limit
     REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
+    #: refused by a per-client limit: max_connections_per_client or the connection rate
+    CLIENT_LIMIT = "client-limit"
 
 
 class State(enum.IntEnum):
