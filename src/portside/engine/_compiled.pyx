@@ -1145,7 +1145,7 @@ cdef class ConnectionBase:
         self.accepted_at = monotonic()
         self.close_reason = None
         self._core = core
-        self._handler = core.handler
+        self._handler = listener.handler  # each listener may speak its own protocol
         self._defaults = listener._handler_defaults
         self._pool = core.buffers
         self._idle = listener.idle
@@ -1665,6 +1665,7 @@ cdef class ListenerBase:
     cdef public list ttfb_buckets
     cdef public double ttfb_sum
     cdef public int _family
+    cdef public object handler  # what serves this listener's connections (Listener.attach)
     cdef int _handler_defaults
 
     def __cinit__(self):
@@ -1678,7 +1679,7 @@ cdef class ListenerBase:
         cdef sockaddr_storage addr
         cdef socklen_t length
         if self._handler_defaults < 0:
-            self._handler_defaults = handler_defaults(self._core.handler)
+            self._handler_defaults = handler_defaults(self.handler)
         for i in range(batch):
             if self._closed:
                 return  # a handler shut the server down from connection_made
