@@ -10,6 +10,16 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import (
+    HAVE_UVLOOP,
+    WAIT,
+    Clients,
+    RecordingHandler,
+    ServeFactory,
+    recv_exactly,
+    recv_until_eof,
+)
+from proc import PortsideProcess
 
 from portside import (
     CloseReason,
@@ -25,16 +35,6 @@ from portside import (
 )
 from portside.config import parse_listen
 from portside.examples.echo import EchoHandler
-from tests.conftest import (
-    HAVE_UVLOOP,
-    WAIT,
-    Clients,
-    RecordingHandler,
-    ServeFactory,
-    recv_exactly,
-    recv_until_eof,
-)
-from tests.proc import PortsideProcess
 
 
 class Shouter(RecordingHandler):
