@@ -181,7 +181,9 @@ class Server:
         (the server-level callbacks go once to each)."""
         found: list[Handler] = []
         for handler in (self.handler, *(config.handler for config in self.listener_configs)):
-            if isinstance(handler, Handler) and not any(handler is seen for seen in found):
+            if handler is None or isinstance(handler, str):
+                continue  # none, or text refused by the constructor
+            if not any(handler is seen for seen in found):
                 found.append(handler)
         return tuple(found)
 
