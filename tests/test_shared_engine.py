@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import WAIT, Clients, RecordingHandler, open_fds, recv_exactly
@@ -214,3 +219,52 @@ def test_a_pool_serves_from_a_running_asyncio_loop(clients: Clients, fds: None) 
         thread.join(WAIT)
     assert not thread.is_alive()
     assert [handler.names()[-1] for handler in handlers] == ["server_stopped"] * 2
+
+
+POOL_SCRIPT = """
+import logging, sys
+from portside import IOPool, ListenerConfig, Server, ServerConfig
+from portside.examples.echo import EchoHandler
+from portside.examples.resp import RespHandler
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+pool = IOPool(ServerConfig(engine=sys.argv[1]))
+Server(EchoHandler(), [ListenerConfig()], io_pool=pool)
+Server(RespHandler(), [ListenerConfig()], io_pool=pool)
+pool.run()
+print("pool stopped", file=sys.stderr)
+"""
+
+
+def test_sigterm_stops_every_server_of_a_pool(engine: str, tmp_path: Path) -> None:
+    """``pool.run()`` on the main thread: SIGTERM shuts every server down, and the process
+    ends cleanly; a client mid-conversation is answered first."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), engine], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr is not None
+        ports: list[int] = []
+        while len(ports) < 2:
+            line = proc.stderr.readline()
+            assert line, "the pool's process ended before listening"
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                ports.append(int(match.group(1)))
+        with socket.create_connection(("127.0.0.1", ports[0]), WAIT) as echo, \
+                socket.create_connection(("127.0.0.1", ports[1]), WAIT) as resp:
+            _echo(echo, b"before")
+            resp.sendall(b"PING\r\n")
+            assert recv_exactly(resp, 7) == b"+PONG\r\n"
+            proc.send_signal(signal.SIGTERM)
+            # Draining: the open connections still converse, until their clients leave.
+            _echo(echo, b"during")
+        rest = proc.stderr.read()
+        assert proc.wait(WAIT) == 0
+        assert "pool stopped" in rest and "Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        if proc.stderr is not None:
+            proc.stderr.close()
