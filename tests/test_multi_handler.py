@@ -268,3 +268,37 @@ def test_serve_without_any_handler_is_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in proc.text()
     finally:
         proc.kill()
+
+
+class Refuser(EchoHandler):
+    """Aborts every connection at once, leaving ``connection_closed`` as Handler has it."""
+
+    def __init__(self) -> None:
+        self.aborted = threading.Event()
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        conn.abort()
+        self.aborted.set()
+
+
+def test_a_reused_connection_object_serves_its_new_listeners_handler(
+        serve: ServeFactory, clients: Clients) -> None:
+    """A connection object that served one listener's handler, then taken from the pool for
+    a connection another listener takes from its backlog at shutdown, calls that listener's
+    ``connection_closed`` (the compiled engine must not keep the first handler's inlined
+    defaults)."""
+    refuser, recording = Refuser(), RecordingHandler()
+    running = serve(ListenerConfig(), ListenerConfig(handler=recording), handler=refuser,
+                    linger_timeout=0.1)
+    first = clients.connect(running.address(0))
+    assert refuser.aborted.wait(WAIT)
+    first.close()
+    running.server.pause_accepting()
+    barrier = threading.Event()
+    running.server.call_soon_threadsafe(barrier.set)  # after the pause, and the recycling
+    assert barrier.wait(WAIT)
+    clients.connect(running.address(1))  # waits in the backlog: accepting is paused
+    running.stop(drain_timeout=0)
+    assert len(recording.closed) == 1
+    assert [len(reasons) for reasons in recording.closed.values()] == [1]
+    assert recording.names()[-1] == "server_stopped"

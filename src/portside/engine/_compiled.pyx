@@ -1595,6 +1595,10 @@ cdef class ConnectionBase:
                 self._handler.connection_closed(self, self.close_reason)
             except Exception as exc:
                 core.report_error(self, exc)
+        # Its next life may start through the reference's attach (a listener closing takes
+        # its backlog, an outbound connection), which knows nothing of these bits, and for
+        # another listener's handler: none inlined until _attach_accepted says otherwise.
+        self._defaults = 0
         if self._extras is not None:  # not for the connection this object serves next
             self._extras.receiver = None
             self._extras.tls = None
