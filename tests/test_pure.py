@@ -104,7 +104,7 @@ def test_bad_server_settings_are_config_errors() -> None:
 def test_public_api_is_exactly_what_init_exports() -> None:
     assert sorted(portside.__all__) == sorted([
         "KIB", "SECONDS", "AcceptPolicy", "CloseReason", "ConfigError", "Connection",
-        "ConnectionClosedError", "ConnectionCounters", "Engine", "Framer", "Handler",
+        "ConnectionClosedError", "ConnectionCounters", "Engine", "Framer", "Handler", "IOPool",
         "LengthPrefixFramer", "LineFramer", "ListenError", "ListenerConfig",
         "ListenerStatistics", "MessageHandler", "PoolStatistics", "PortsideError",
         "ProtocolError", "Server", "ServerConfig", "ServerState", "ServerStateError",

@@ -82,7 +82,7 @@ def test_unix_and_fd_forms() -> None:
 def test_every_field_a_user_tunes_is_a_setting() -> None:
     """Fields without a declaration are only the ones --listen and --certfile fill in."""
     for cls, not_settings in ((ListenerConfig, {"host", "port", "path", "policy", "name", "fd",
-                                                "tls"}),
+                                                "tls", "handler"}),
                               (ServerConfig, set()), (ProcessConfig, set())):
         declared = {setting.name for setting in settings_of(cls)}
         fields = set(cls.__dataclass_fields__)

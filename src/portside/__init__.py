@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from portside.handler import Handler
     from portside.messages import MessageHandler
     from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
-    from portside.server import Server, ServerState
+    from portside.server import IOPool, Server, ServerState
     from portside.statistics import ConnectionCounters, ListenerStatistics, ServerStatistics
     from portside.streams import StreamHandler, StreamReader, StreamWriter
 
@@ -41,7 +41,7 @@ _WHERE = {
     "MessageHandler": "messages",
     "Framer": "protocols.framing", "LengthPrefixFramer": "protocols.framing",
     "LineFramer": "protocols.framing",
-    "Server": "server", "ServerState": "server",
+    "IOPool": "server", "Server": "server", "ServerState": "server",
     "ConnectionCounters": "statistics", "ListenerStatistics": "statistics",
     "ServerStatistics": "statistics",
     "StreamHandler": "streams", "StreamReader": "streams", "StreamWriter": "streams",
@@ -73,6 +73,7 @@ __all__ = [
     "Engine",
     "Framer",
     "Handler",
+    "IOPool",
     "LengthPrefixFramer",
     "LineFramer",
     "ListenError",

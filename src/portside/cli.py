@@ -131,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run your handler class: portside serve MODULE:CLASS --listen ...",
         description="Serve a Handler subclass on any number of listeners. MODULE is imported "
-                    "from the current directory (or --app-dir), as gunicorn and uvicorn do.")
-    serve.add_argument("handler", metavar="MODULE:CLASS",
-                       help="the Handler subclass to serve, e.g. myapp.proto:MyHandler")
+                    "from the current directory (or --app-dir), as gunicorn and uvicorn do. "
+                    "A listener may have its own: --listen ADDRESS=MODULE:CLASS (several "
+                    "protocols, one process, one set of workers).")
+    serve.add_argument("handler", metavar="MODULE:CLASS", nargs="?", default=None,
+                       help="the Handler subclass to serve, e.g. myapp.proto:MyHandler: on "
+                            "every --listen that names none (optional when each does)")
     add_flags(serve)
 
     resp = commands.add_parser(
@@ -193,6 +196,11 @@ def make_plan(args: argparse.Namespace, environ: dict[str, str] | os._Environ[st
         handler, app_dir = args.handler, os.path.abspath(process.app_dir)
     else:
         handler, app_dir = EXAMPLES[args.subcommand], None
+    if handler is None:
+        for listener in listeners:
+            if listener.handler is None:
+                raise ConfigError(f"{listener.description} has no handler: give MODULE:CLASS, "
+                                  "or --listen ADDRESS=MODULE:CLASS")
     return Plan(handler, app_dir, listeners, resolved.server,
                 dataclasses.replace(process, listen=tuple(listen)))
 
@@ -318,12 +326,21 @@ def _run_single(plan: Plan, control: Any) -> int:
     from portside.control.target import ServerTarget
     from portside.metrics import MetricsServer
     from portside.server import Server
-    from portside.workers.app import load_handler, make_handler, tls_context
+    from portside.workers.app import (
+        load_handler,
+        load_listener_handlers,
+        make_handler,
+        tls_context,
+    )
 
-    handler_class = load_handler(plan.handler, plan.app_dir)
+    handler = default = None
+    if plan.handler is not None:
+        handler_class = load_handler(plan.handler, plan.app_dir)
+        handler = make_handler(handler_class, handler_class.__name__)
+        default = (plan.handler, handler)
     tls = tls_context(plan.process)
-    handler = make_handler(handler_class, handler_class.__name__)
     listeners, sockets = _sockets(plan.listeners)
+    listeners = load_listener_handlers(listeners, plan.app_dir, default)
     if tls is not None:
         listeners = [dataclasses.replace(listener, tls=tls) for listener in listeners]
     server = Server(handler, listeners, plan.server, sockets=sockets)
@@ -386,10 +403,12 @@ class _Systemd:
 
 
 def _start_line(plan: Plan, server: Server) -> None:
+    from portside.workers.app import describe_handlers
+
     listeners = plan.listeners
     logger.info("portside %s serving %s in one process: engine %s, TLS %s, PROXY protocol %s, "
                 "at most %d connections per listener, first-data timeout %g s, drain %g s",
-                version(), plan.handler, server.engine.value,
+                version(), describe_handlers(plan.handler, listeners), server.engine.value,
                 "on" if plan.process.certfile else "off",
                 ",".join(sorted({listener.proxy_protocol.value for listener in listeners})),
                 min(listener.max_connections for listener in listeners),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ from portside.protocols.proxy import Version as ProxyVersion
 
 if TYPE_CHECKING:
     import ssl
+
+    from portside.handler import Handler
 
 SECONDS = 1.0
 KIB = 1024
@@ -324,9 +327,10 @@ class Workers(Kind):
 
 @dataclass(frozen=True)
 class Listens(Kind):
-    """Listening addresses, one per flag (``--listen`` is repeatable): see ``parse_listen``."""
+    """Listening addresses, one per flag (``--listen`` is repeatable), each with the handler
+    that serves it if not the command's own: see ``parse_listen``."""
 
-    metavar = "[POLICY@]ADDRESS"
+    metavar = "[POLICY@]ADDRESS[=MODULE:CLASS]"
 
     def parse(self, text: str) -> tuple[str, ...]:
         parse_listen(text)  # checked now; kept as text, which is how a worker is told
@@ -352,7 +356,7 @@ class Listens(Kind):
         return None
 
     def describe(self) -> str:
-        return "addresses, repeatable"
+        return "addresses (each =MODULE:CLASS optional), repeatable"
 
 
 @dataclass(frozen=True)
@@ -484,6 +488,11 @@ class ListenerConfig:
         "Per listener: clients the per-client limits remember at most. Clients without open "
         "connections make way, least recently seen first; at least --max-connections keeps "
         "every client with an open connection in it.")
+    #: The handler that serves this listener's connections (None: the server's own), so one
+    #: server can speak a protocol per port. The command line sets the text ``MODULE:CLASS``
+    #: of ``--listen ADDRESS=MODULE:CLASS``; each serving process imports it and puts the
+    #: instance here (``workers.app.load_listener_handlers``): a ``Server`` takes instances.
+    handler: Handler | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, AcceptPolicy):
@@ -574,7 +583,9 @@ class ProcessConfig:
         "(127.0.0.1), unix:PATH or fd://N (an inherited socket). POLICY is immediate (hand "
         "over at once, the default) or data-first (only once the client has sent bytes). "
         "Echo listens on data-first@127.0.0.1:5001 and immediate@127.0.0.1:5002, resp on "
-        "127.0.0.1:6380, unless this is given.",
+        "127.0.0.1:6380, unless this is given. ADDRESS=MODULE:CLASS serves that listener with "
+        "its own handler class (e.g. :6379=portside.examples.resp:RespHandler); the others "
+        "get the command's.",
         aliases=("--bind", "-b"), repeatable=True, default_text="the command's own")
     workers: int | None = setting(
         None, Workers(),
@@ -672,21 +683,31 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# MODULE:CLASS after the last "=" of a --listen value: dotted identifiers, so a Unix path
+# that happens to hold "=" is not mistaken for one.
+_HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
 def parse_listen(text: str) -> ListenerConfig:
     """``[POLICY@]HOST:PORT``, ``[POLICY@][V6]:PORT``, ``[POLICY@]:PORT``,
-    ``[POLICY@]unix:PATH`` or ``[POLICY@]fd://N`` as a listener with default settings."""
-    policy_text, _, address = text.rpartition("@")
+    ``[POLICY@]unix:PATH`` or ``[POLICY@]fd://N`` as a listener with default settings, each
+    optionally followed by ``=MODULE:CLASS``, the handler that serves it (kept as text)."""
+    address_text, equals, spec = text.rpartition("=")
+    if not equals or not _HANDLER_SPEC.fullmatch(spec):
+        address_text, spec = text, ""
+    policy_text, _, address = address_text.rpartition("@")
     policy = parse_policy(policy_text) if policy_text else AcceptPolicy.IMMEDIATE
+    handler = spec or None
     if address.startswith("unix:"):
         if not address[5:]:
             raise ConfigError(f"empty path in {text!r} (write unix:PATH)")
-        return ListenerConfig(path=address[5:], policy=policy)
+        return ListenerConfig(path=address[5:], policy=policy, handler=handler)
     if address.startswith("fd://"):
         if not address[5:].isdigit():
             raise ConfigError(f"expected fd://N with a descriptor number, got {text!r}")
-        return ListenerConfig(fd=int(address[5:]), policy=policy)
+        return ListenerConfig(fd=int(address[5:]), policy=policy, handler=handler)
     host, port = parse_host_port(address)
-    return ListenerConfig(host=host, port=port, policy=policy)
+    return ListenerConfig(host=host, port=port, policy=policy, handler=handler)
 
 
 def parse_policy(text: str) -> AcceptPolicy:

@@ -5,6 +5,12 @@ running -> draining (graceful shutdown) -> stopped. Shutdown stops accepting, cl
 data-first connections, lets the others finish their conversation until ``drain_timeout``, then
 closes what is left with FIN, and after ``linger_timeout`` more resets whatever still remains. Every
 connection gets ``connection_closed``; the handler's ``server_stopped`` comes last.
+
+Several protocols, one engine. Each listener may have its own handler (``ListenerConfig.handler``;
+the server's is the default); the server-level callbacks go once to each distinct handler. Several
+servers may share one engine, an ``IOPool``: one loop thread, one buffer pool, one pool of
+connection objects, while each server keeps its listeners, handlers, statistics, pausing and
+shutdown. The pool's loop ends when its last server has stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Protocol
 from portside.config import Engine, ListenerConfig, ServerConfig
 from portside.engine.buffers import PoolStatistics
 from portside.engine.connection import CloseReason, Connection
-from portside.engine.core import EngineCore
+from portside.engine.core import EngineCore, Pools
 from portside.engine.epoll import EpollReactor
 from portside.engine.listener import Listener, bind_listener
 from portside.engine.reactor import Reactor, TimerHandle
@@ -68,6 +74,37 @@ def resolve_engine(engine: Engine) -> Engine:
 _fallback_reported = False
 
 
+def choose_engine(engine: Engine, handlers: Iterable[Handler]) -> Engine:
+    """The engine for a set of handlers: ``auto`` means an asyncio loop (uvloop where it is
+    installed) as soon as one handler runs coroutines, since every listener of one engine runs
+    on the same loop; plain handlers run on it unchanged. Otherwise as ``resolve_engine``."""
+    if engine is Engine.AUTO and any(_runs_coroutines(handler) for handler in handlers):
+        return Engine.UVLOOP if importlib.util.find_spec("uvloop") else Engine.ASYNCIO
+    return resolve_engine(engine)
+
+
+def _runs_coroutines(handler: Handler) -> bool:
+    return bool(getattr(handler, "requires_asyncio", False))
+
+
+def _check_engine(engine: Engine, handlers: Iterable[Handler]) -> None:
+    """A handler that runs coroutines on an epoll engine named explicitly: one clear error."""
+    if engine in (Engine.EPOLL, Engine.COMPILED):
+        for handler in handlers:
+            if _runs_coroutines(handler):
+                raise ConfigError(f"{type(handler).__name__} runs coroutines: use the asyncio "
+                                  "or uvloop engine (every listener of one engine shares it)")
+
+
+def _epoll_loop(engine: Engine) -> Any:
+    """A new loop of one of portside's own epoll engines."""
+    if engine is Engine.COMPILED:
+        from portside.engine import compiled
+
+        return compiled.Loop()
+    return EpollReactor()
+
+
 class Service(Protocol):
     """Something else that runs on the server's loop, like the control socket."""
 
@@ -85,23 +122,36 @@ class ServerState(enum.Enum):
 
 
 class Server:
-    """One handler, any number of listeners, one engine: the seed's socket server class.
+    """A handler, any number of listeners, one engine: the seed's socket server class.
 
     Resource handling: ``start()`` binds every listener (or none: a failure closes the ones
     already bound). ``run()`` serves until shutdown and then releases every socket it made.
     Error handling: bind failures raise ``ListenError`` with a one-line message; exceptions from
-    handler callbacks are reported to ``Handler.error`` and close only their connection.
+    handler callbacks are reported to that handler's ``error`` and close only their connection.
     """
 
-    def __init__(self, handler: Handler, listeners: Iterable[ListenerConfig],
+    def __init__(self, handler: Handler | None, listeners: Iterable[ListenerConfig],
                  config: ServerConfig | None = None,
-                 sockets: Sequence[socket.socket] | None = None) -> None:
-        """``sockets``, if given, are already listening (one per listener, in order), shared
-        with other processes: the server serves them instead of binding its own."""
+                 sockets: Sequence[socket.socket] | None = None,
+                 io_pool: IOPool | None = None) -> None:
+        """``handler`` serves every listener whose config names no handler of its own (it may
+        be None when each does). ``sockets``, if given, are already listening (one per
+        listener, in order), shared with other processes: the server serves them instead of
+        binding its own. ``io_pool``: run on that shared engine (``IOPool.run``) instead of
+        one of the server's own."""
         self.handler = handler
         self.listener_configs = tuple(listeners)
         if not self.listener_configs:
             raise ConfigError("a server needs at least one listener")
+        for listener_config in self.listener_configs:
+            own = listener_config.handler
+            if isinstance(own, str):
+                raise ConfigError(f"the handler of {listener_config.description} is the text "
+                                  f"{own!r}: give a Handler instance (the command line imports "
+                                  "it with portside.workers.app.load_listener_handlers)")
+            if own is None and handler is None:
+                raise ConfigError(f"{listener_config.description} has no handler: give the "
+                                  "server one, or the listener its own")
         if sockets is not None and len(sockets) != len(self.listener_configs):
             raise ConfigError("give exactly one listening socket per listener")
         self._given_sockets = tuple(sockets) if sockets is not None else None
@@ -119,7 +169,23 @@ class Server:
         self._drain_timer: TimerHandle | None = None
         self._signals_seen = 0
         self._shutdown_requested: tuple[float | None] | None = None
+        self._announcing = False  # shutdown_started is being called: do not finish meanwhile
         self.loop_lag = self.loop_lag_max = 0.0
+        self._io_pool = io_pool
+        if io_pool is not None:
+            io_pool._add(self)
+
+    @property
+    def handlers(self) -> tuple[Handler, ...]:
+        """Every distinct handler this server runs: its own, then the listeners' own, in order
+        (the server-level callbacks go once to each)."""
+        found: list[Handler] = []
+        for handler in (self.handler, *(config.handler for config in self.listener_configs)):
+            if handler is None or isinstance(handler, str):
+                continue  # none, or text refused by the constructor
+            if not any(handler is seen for seen in found):
+                found.append(handler)
+        return tuple(found)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -133,6 +199,8 @@ class Server:
                 sock.setblocking(False)
                 self._listeners.append(self._listener_class(listener_config, sock, owned=False))
             self.state = ServerState.STARTED
+            if self._io_pool is not None:
+                self._io_pool._join(self)
             return
         try:
             for listener_config in self.listener_configs:
@@ -144,6 +212,8 @@ class Server:
             self._listeners.clear()
             raise
         self.state = ServerState.STARTED
+        if self._io_pool is not None:
+            self._io_pool._join(self)
 
     def add_service(self, service: Service) -> None:
         """Run ``service`` on this server's loop while it runs (the control socket, say)."""
@@ -162,12 +232,10 @@ class Server:
         With ``install_signal_handlers`` (and on the main thread), SIGINT and SIGTERM start a
         graceful shutdown, and a second one forces it.
         """
+        self._not_pooled()
         self.start()
         engine = self.engine
-        if engine in (Engine.EPOLL, Engine.COMPILED) and \
-                getattr(self.handler, "requires_asyncio", False):
-            raise ConfigError(f"{type(self.handler).__name__} runs coroutines: use the asyncio "
-                              "or uvloop engine")
+        _check_engine(engine, self.handlers)
         if engine in (Engine.EPOLL, Engine.COMPILED):
             self._run_epoll(install_signal_handlers)
         elif engine is Engine.ASYNCIO:
@@ -182,14 +250,18 @@ class Server:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(self._serve(install_signal_handlers))
 
+    def _not_pooled(self) -> None:
+        if self._io_pool is not None:
+            raise ServerStateError("this server runs on an IOPool: run the pool, not the server")
+
     @functools.cached_property
     def engine(self) -> Engine:
-        """The engine ``run()`` uses: the configured one, with ``auto`` resolved (for a handler
-        that runs coroutines, ``auto`` means an asyncio loop: uvloop where it is installed).
-        Resolved once: statistics ask for it every second."""
-        if self.config.engine is Engine.AUTO and getattr(self.handler, "requires_asyncio", False):
-            return Engine.UVLOOP if importlib.util.find_spec("uvloop") else Engine.ASYNCIO
-        return resolve_engine(self.config.engine)
+        """The engine ``run()`` uses: the configured one, with ``auto`` resolved (when one of
+        the handlers runs coroutines, ``auto`` means an asyncio loop: uvloop where it is
+        installed); on an ``IOPool``, the pool's. Resolved once: statistics ask every second."""
+        if self._io_pool is not None:
+            return self._io_pool.engine
+        return choose_engine(self.config.engine, self.handlers)
 
     @property
     def _listener_class(self) -> type[Listener]:
@@ -208,6 +280,7 @@ class Server:
         ``serve()``: a graceful shutdown starts when the awaitable it returns completes (an
         ``asyncio.Event().wait``, say). Otherwise call ``shutdown()``.
         """
+        self._not_pooled()
         trigger: asyncio.Task[object] | None = None
         if shutdown_trigger is not None:
             async def watch() -> object:
@@ -222,13 +295,7 @@ class Server:
                 trigger.cancel()
 
     def _run_epoll(self, install_signal_handlers: bool) -> None:
-        reactor: Any
-        if self.engine is Engine.COMPILED:
-            from portside.engine import compiled
-
-            reactor = compiled.Loop()
-        else:
-            reactor = EpollReactor()
+        reactor = _epoll_loop(self.engine)
         previous: dict[signal.Signals, object] = {}
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -263,7 +330,9 @@ class Server:
                 loop.remove_signal_handler(signum)
             self._release()
 
-    def _begin(self, reactor: Reactor) -> None:
+    def _begin(self, reactor: Reactor, pools: Pools | None = None) -> None:
+        """Serve on ``reactor``: with the engine's shared ``pools`` on an IOPool, else with
+        pools of the server's own."""
         if self.state is not ServerState.STARTED:
             raise ServerStateError(f"cannot run a server that is {self.state.value}")
         self._reactor = reactor
@@ -273,7 +342,7 @@ class Server:
 
             core_class = compiled.CompiledCore
         self._core = core_class(reactor, self.handler, self.config, on_idle=self._on_idle,
-                                compiled=self.engine is Engine.COMPILED)
+                                compiled=self.engine is Engine.COMPILED, pools=pools)
         for listener in self._listeners:
             if self._accepting_paused:
                 listener.paused = True
@@ -282,9 +351,11 @@ class Server:
         self._probe_loop_lag(reactor.time() + _LAG_PROBE_INTERVAL)
         for service in self._services:
             service.attach(reactor)
+        several = len(self.handlers) > 1  # then each line names the listener's handler
         for listener in self._listeners:
-            logger.info("listening on %s (%s)", listener.address, listener.config.policy.value)
-        self._call_handler(self.handler.server_started)
+            logger.info("listening on %s (%s)%s", listener.address, listener.config.policy.value,
+                        f" for {type(listener.handler).__name__}" if several else "")
+        self._call_handlers("server_started")
         self.started.set()
         if self._shutdown_requested is not None:  # asked for before the loop existed
             reactor.call_soon(lambda: self._shutdown(*self._shutdown_requested or (None,)))
@@ -300,6 +371,8 @@ class Server:
         reactor.call_later(_LAG_PROBE_INTERVAL, lambda: self._probe_loop_lag(due))
 
     def _release(self) -> None:
+        if self.stopped.is_set():
+            return  # released already (a server on an IOPool releases as it stops)
         for listener in self._listeners:
             listener.close()
         for service in self._services:
@@ -389,10 +462,13 @@ class Server:
         self.state = ServerState.DRAINING
         for listener in self._listeners:
             listener.close()  # connections it takes from the backlog are live, and pending
-        # Accepting has stopped (as the callback's contract says); it may close connections.
-        self._call_handler(self.handler.shutdown_started)
-        if self.state is not ServerState.DRAINING:
-            return  # the handler closed everything: the server has already stopped
+        # Accepting has stopped (as the callback's contract says); it may close connections,
+        # but the server finishes only once every handler has heard.
+        self._announcing = True
+        try:
+            self._call_handlers("shutdown_started")
+        finally:
+            self._announcing = False
         for conn in core.live():
             # A data-first connection is not accepted until it speaks: close it now. One that
             # is pending only while its PROXY header or TLS handshake arrives was accepted
@@ -427,7 +503,7 @@ class Server:
             self._finish()
 
     def _on_idle(self) -> None:
-        if self.state is ServerState.DRAINING:
+        if self.state is ServerState.DRAINING and not self._announcing:
             self._finish()
 
     def _finish(self) -> None:
@@ -437,13 +513,237 @@ class Server:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
-        self._call_handler(self.handler.server_stopped)
+        self._call_handlers("server_stopped")
+        if self._io_pool is not None:  # the loop goes on for the pool's other servers
+            self._release()
+            self._io_pool._server_stopped()
+            return
         assert self._reactor is not None
         self._reactor.stop()
 
-    def _call_handler(self, callback: Callable[[Server], None]) -> None:
+    def _call_handlers(self, callback: str) -> None:
+        """A server-level callback, once for each distinct handler; what one raises goes to
+        that handler's ``error``."""
+        for handler in self.handlers:
+            try:
+                getattr(handler, callback)(self)
+            except Exception as exc:
+                assert self._core is not None
+                self._core.report_error(None, exc, handler)
+
+
+class IOPool:
+    """One engine that several servers share: one loop thread, one buffer pool, one pool of
+    connection objects (the article's single IO pool for several servers).
+
+    Make the pool, then each ``Server(..., io_pool=pool)``, then ``pool.run()``. Each server
+    keeps its own listeners, handlers, statistics, ``pause_accepting``/``resume_accepting``
+    and ``shutdown``: shutting one down drains its connections only, while the others serve
+    on. The pool's ``config`` chooses the engine and sizes the pools (a server's own
+    ``buffer_size`` and pool sizes are not used; its drain, linger, back-off and logging
+    settings are). A server made (or started) while the pool runs joins the running loop.
+
+    Resource handling: ``run()`` binds every server's listeners (or none), serves until the
+    last server has stopped (one by one, or all with ``shutdown()``), then releases every
+    socket and the loop. Error handling: as ``Server``; a server that names an engine other
+    than the pool's is a ``ConfigError``.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        #: Set once the loop runs and every server attached by then serves.
+        self.started = threading.Event()
+        #: Set once the loop has ended and released everything.
+        self.stopped = threading.Event()
+        self._servers: list[Server] = []
+        self._engine: Engine | None = None
+        self._reactor: Reactor | None = None
+        self._pools: Pools | None = None
+        self._stopping = False
+        self._lock = threading.Lock()  # servers join from any thread
+        self._signals_seen = 0
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        return tuple(self._servers)
+
+    @property
+    def engine(self) -> Engine:
+        """The pool's engine, resolved once, at first need, over the handlers of the servers
+        attached by then (``auto`` picks an asyncio loop if one of them runs coroutines)."""
+        if self._engine is None:
+            self._engine = choose_engine(self.config.engine, [
+                handler for server in self._servers for handler in server.handlers])
+        return self._engine
+
+    @property
+    def pools(self) -> Pools | None:
+        """The buffer and connection pools every server shares (None until the pool runs)."""
+        return self._pools
+
+    def _add(self, server: Server) -> None:
+        """A new server (from its constructor)."""
+        if self.stopped.is_set() or self._stopping:
+            raise ServerStateError("this IOPool has stopped")
+        named = server.config.engine
+        if named is not Engine.AUTO and named is not self.config.engine:
+            raise ConfigError(f"a server on an IOPool runs on the pool's engine "
+                              f"({self.config.engine.value}), not {named.value}")
+        if self._engine is not None:
+            _check_engine(self._engine, server.handlers)
+        self._servers.append(server)
+
+    def _join(self, server: Server) -> None:
+        """A server has bound its listeners: serve it now if the loop runs (else ``run``
+        will)."""
+        with self._lock:
+            reactor, pools = self._reactor, self._pools
+            if reactor is None or pools is None:
+                return
+            if self._stopping:
+                for listener in server.listeners:
+                    listener.close()
+                raise ServerStateError("this IOPool is stopping")
+            _check_engine(self.engine, server.handlers)
+            reactor.call_soon_threadsafe(lambda: self._begin(server))
+
+    def _begin(self, server: Server) -> None:
+        """Serve ``server`` on the loop, unless it is serving already (``_open`` and ``_join``
+        may both have seen it started) or has stopped meanwhile."""
+        if server.state is ServerState.STARTED and not self._stopping:
+            assert self._reactor is not None
+            server._begin(self._reactor, self._pools)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def run(self, install_signal_handlers: bool = True) -> None:
+        """Serve every server on one loop until the last has stopped; blocks the calling
+        thread. With ``install_signal_handlers`` (and on the main thread), SIGINT and SIGTERM
+        shut every server down gracefully, and a second one forces it."""
+        engine = self._prepare()
+        if engine in (Engine.EPOLL, Engine.COMPILED):
+            self._run_epoll(engine, install_signal_handlers)
+            return
+        loop_factory = None
+        if engine is Engine.UVLOOP:
+            try:
+                import uvloop
+            except ImportError:
+                raise ConfigError("the uvloop engine needs the uvloop package "
+                                  "(pip install 'portside[uvloop]')") from None
+            loop_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(self._serve(install_signal_handlers))
+
+    async def serve(self, install_signal_handlers: bool = False) -> None:
+        """Serve every server from the running asyncio (or uvloop) loop until the last has
+        stopped."""
+        self._prepare()
+        await self._serve(install_signal_handlers)
+
+    def _prepare(self) -> Engine:
+        if self._reactor is not None or self.stopped.is_set():
+            raise ServerStateError("an IOPool runs once")
+        if not self._servers:
+            raise ConfigError("an IOPool needs at least one server")
+        engine = self.engine
+        for server in self._servers:
+            _check_engine(engine, server.handlers)
+        started: list[Server] = []
         try:
-            callback(self)
-        except Exception as exc:
-            assert self._core is not None
-            self._core.report_error(None, exc)
+            for server in self._servers:
+                if server.state is ServerState.NEW:
+                    server.start()
+                    started.append(server)
+        except BaseException:
+            for server in started:  # every server binds, or none
+                for listener in server.listeners:
+                    listener.close()
+                server._listeners.clear()
+                server.state = ServerState.NEW
+            raise
+        return engine
+
+    def _run_epoll(self, engine: Engine, install_signal_handlers: bool) -> None:
+        reactor = _epoll_loop(engine)
+        previous: dict[signal.Signals, object] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                reactor.call_soon_threadsafe(lambda: self._on_signal(signum))
+            for signum in _SHUTDOWN_SIGNALS:
+                previous[signum] = signal.signal(signum, on_signal)
+        try:
+            self._open(reactor)
+            reactor.run()
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)  # type: ignore[arg-type]
+            self._close()
+            reactor.close()
+
+    async def _serve(self, install_signal_handlers: bool) -> None:
+        from portside.engine.asyncio_loop import AsyncioReactor
+
+        loop = asyncio.get_running_loop()
+        reactor = AsyncioReactor(loop)
+        handled: list[signal.Signals] = []
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for signum in _SHUTDOWN_SIGNALS:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                handled.append(signum)
+        try:
+            self._open(reactor)
+            await reactor.stopped.wait()
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            self._close()
+
+    def _open(self, reactor: Reactor) -> None:
+        pools = Pools(self.config, compiled=self.engine is Engine.COMPILED)
+        with self._lock:
+            self._reactor, self._pools = reactor, pools
+            ready = [server for server in self._servers if server.state is ServerState.STARTED]
+        for server in ready:
+            self._begin(server)
+        self.started.set()
+        self._server_stopped()  # every server may have been shut down before the loop ran
+
+    def _close(self) -> None:
+        with self._lock:
+            self._stopping = True
+        for server in self._servers:
+            server._release()
+        self.stopped.set()
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Shut every server down gracefully (from any thread); the loop ends after the last."""
+        for server in self._servers:
+            server.shutdown(drain_timeout)
+
+    def _server_stopped(self) -> None:
+        """A server stopped (on the loop thread): end the loop once none is serving or about
+        to (a server made but never started does not keep the loop running)."""
+        with self._lock:
+            if self._stopping or self._reactor is None:
+                return
+            if any(server.state in (ServerState.STARTED, ServerState.RUNNING,
+                                    ServerState.DRAINING) for server in self._servers):
+                return
+            self._stopping = True
+            reactor = self._reactor
+        reactor.stop()
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        self._signals_seen += 1
+        forced = self._signals_seen > 1
+        logger.info("%s: %s", name, "forcing shutdown" if forced
+                    else "shutting down every server gracefully (again to force)")
+        for server in self._servers:
+            if forced:
+                server._force_close()
+            else:
+                server._shutdown(None)

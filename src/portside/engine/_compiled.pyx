@@ -1180,7 +1180,7 @@ cdef class ConnectionBase:
         self.accepted_at = monotonic()
         self.close_reason = None
         self._core = core
-        self._handler = core.handler
+        self._handler = listener.handler  # each listener may speak its own protocol
         self._defaults = listener._handler_defaults
         self._pool = core.buffers
         self._idle = listener.idle
@@ -1648,6 +1648,10 @@ cdef class ConnectionBase:
                 self._handler.connection_closed(self, self.close_reason)
             except Exception as exc:
                 core.report_error(self, exc)
+        # Its next life may start through the reference's attach (a listener closing takes
+        # its backlog, an outbound connection), which knows nothing of these bits, and for
+        # another listener's handler: none inlined until _attach_accepted says otherwise.
+        self._defaults = 0
         if self._extras is not None:  # not for the connection this object serves next
             self._extras.receiver = None
             self._extras.tls = None
@@ -1720,6 +1724,7 @@ cdef class ListenerBase:
     cdef public int _family
     cdef public object admission
     cdef public bint _admit_at_accept
+    cdef public object handler  # what serves this listener's connections (Listener.attach)
     cdef int _handler_defaults
 
     def __cinit__(self):
@@ -1733,7 +1738,7 @@ cdef class ListenerBase:
         cdef sockaddr_storage addr
         cdef socklen_t length
         if self._handler_defaults < 0:
-            self._handler_defaults = handler_defaults(self._core.handler)
+            self._handler_defaults = handler_defaults(self.handler)
         for i in range(batch):
             if self._closed:
                 return  # a handler shut the server down from connection_made

@@ -135,7 +135,7 @@ class Connection:
         self.accepted_at = core.reactor.time()
         self.close_reason: CloseReason | None = None
         self._core = core
-        self._handler = core.handler
+        self._handler = listener.handler  # each listener may speak its own protocol
         self._pool = core.buffers
         self._idle = listener.idle
         self._sock = sock
@@ -242,7 +242,7 @@ class Connection:
             self._read_mark = self.bytes_in
             silence.start(self)
         try:
-            self._core.handler.connection_made(self, first_data)
+            self._handler.connection_made(self, first_data)
         except Exception as exc:
             self._handler_failed(exc)
 
@@ -715,7 +715,7 @@ class Connection:
         self._buffered = 0
         self.listener.connection_finished(self, was_pending=not self._established)
         try:
-            core.handler.connection_closed(self, reason)
+            self._handler.connection_closed(self, reason)
         except Exception as exc:
             core.report_error(self, exc)
         self._receiver = None
@@ -753,7 +753,7 @@ class Connection:
 
     def _call(self, callback: str) -> None:
         try:
-            getattr(self._core.handler, callback)(self)
+            getattr(self._handler, callback)(self)
         except Exception as exc:
             self._handler_failed(exc)
 

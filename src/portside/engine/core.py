@@ -1,6 +1,10 @@
-"""What the listeners and connections of one engine run share: loop, handler, pools, and the
-count of live connections (the connections themselves are the reactor's registrations: a set
-of them too would cost some 50 bytes per idle connection at 10,000)."""
+"""What the listeners and connections of one server share: loop, default handler, pools, and
+the count of live connections (the connections themselves are the reactor's registrations: a
+set of them too would cost some 50 bytes per idle connection at 10,000).
+
+Several servers may run on one loop (``IOPool``): each has its own core (its handler, settings,
+count of live connections and idle callback) over the same reactor and the same ``Pools``, so
+connections are told apart by their core, never by the loop they are registered with."""
 
 from __future__ import annotations
 
@@ -21,25 +25,39 @@ logger = logging.getLogger("portside")
 connection_logger = logging.getLogger("portside.connections")
 
 
-class EngineCore:
-    """Owns the pools and counts live connections; recycles connection objects."""
+class Pools:
+    """The read buffers and connection objects of one engine (one loop), however many servers
+    it runs: made from the engine's ``ServerConfig``."""
 
-    def __init__(self, reactor: Reactor, handler: Handler, config: ServerConfig,
-                 on_idle: Callable[[], None], compiled: bool = False) -> None:
-        self.reactor = reactor
-        self.handler = handler
-        self.config = config
+    def __init__(self, config: ServerConfig, compiled: bool = False) -> None:
         connection_class: type[Connection] = Connection
-        pools: tuple[type[Any], type[Any]] = (BufferPool, ObjectPool)
+        kinds: tuple[type[Any], type[Any]] = (BufferPool, ObjectPool)
         if compiled:  # the same pools and classes, with compiled hot paths
             from portside.engine import compiled as native
 
             connection_class = native.CompiledConnection
-            pools = (native.BufferPool, native.ObjectPool)
-        self.buffers: BufferPool = pools[0](config.buffer_size, config.buffer_pool_max_free)
-        self.connections: ObjectPool[Connection] = pools[1](
+            kinds = (native.BufferPool, native.ObjectPool)
+        self.connection_class = connection_class
+        self.buffers: BufferPool = kinds[0](config.buffer_size, config.buffer_pool_max_free)
+        self.connections: ObjectPool[Connection] = kinds[1](
             connection_class, config.connection_pool_max_free, config.connection_pool_size)
-        self._connection_class = connection_class
+
+
+class EngineCore:
+    """One server's share of an engine: counts its live connections, recycles their objects
+    into the pools, and reports errors to the handler concerned."""
+
+    def __init__(self, reactor: Reactor, handler: Handler | None, config: ServerConfig,
+                 on_idle: Callable[[], None], compiled: bool = False,
+                 pools: Pools | None = None) -> None:
+        self.reactor = reactor
+        #: The server's handler: what serves a listener whose config names none.
+        self.handler = handler
+        self.config = config
+        pools = pools or Pools(config, compiled)
+        self.buffers = pools.buffers
+        self.connections = pools.connections
+        self._connection_class = pools.connection_class
         self.open = 0  # connections between attach and close
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
@@ -63,10 +81,11 @@ class EngineCore:
             self._on_idle()
 
     def live(self) -> list[Connection]:
-        """The open connections, pending ones included: every connection is registered with
-        the loop from accept to close."""
+        """This server's open connections, pending ones included: every connection is
+        registered with the loop from accept to close (a shared loop holds other servers')."""
         kind = self._connection_class
-        return [target for target in self.reactor.targets() if isinstance(target, kind)]
+        return [target for target in self.reactor.targets()
+                if isinstance(target, kind) and target._core is self]
 
     def _recycle(self) -> None:
         pending, self._to_recycle = self._to_recycle, []
@@ -75,10 +94,19 @@ class EngineCore:
             self.connections.recycle(conn)
             del conn
 
-    def report_error(self, conn: Connection | None, exc: BaseException) -> None:
-        """Tell the handler once; if its ``error`` callback raises too, log both."""
+    def report_error(self, conn: Connection | None, exc: BaseException,
+                     handler: Handler | None = None) -> None:
+        """Tell the handler concerned once (the connection's, else ``handler``, else the
+        server's); if its ``error`` callback raises too, log both."""
+        if conn is not None:
+            handler = conn._handler
+        if handler is None:
+            handler = self.handler
+        if handler is None:
+            logger.error("error: %r", exc, exc_info=exc)
+            return
         try:
-            self.handler.error(conn, exc)
+            handler.error(conn, exc)
         except Exception:
             logger.exception("handler.error raised while reporting %r", exc)
 

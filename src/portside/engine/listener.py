@@ -48,13 +48,14 @@ from portside.engine.connection import _LINGER_RST, CloseReason, Connection, Sta
 from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker
 from portside.engine.tls import remember_server_names
-from portside.errors import ListenError
+from portside.errors import ConfigError, ListenError
 from portside.protocols.proxy import Version as ProxyVersion
 from portside.statistics import TTFB_BUCKETS, ListenerStatistics
 
 if TYPE_CHECKING:
     from portside.engine.core import EngineCore
     from portside.engine.reactor import TimerHandle
+    from portside.handler import Handler
 
 logger = logging.getLogger("portside")
 
@@ -135,6 +136,9 @@ class Listener:
 
     #: What keeps each kind of deadline (the compiled engine has its own).
     tracker_class: type[TimeoutTracker] = TimeoutTracker
+    #: The handler that serves this listener's connections: ``config.handler``, else the
+    #: server's (set by ``attach``).
+    handler: Handler
 
     def __init__(self, config: ListenerConfig, sock: socket.socket, owned: bool = True) -> None:
         self.config = config
@@ -287,6 +291,11 @@ class Listener:
         return "at-ceiling" if self._at_ceiling else "accepting"
 
     def attach(self, core: EngineCore) -> None:
+        handler = self.config.handler if self.config.handler is not None else core.handler
+        if handler is None or isinstance(handler, str):
+            raise ConfigError(f"{self.address} has no handler to serve it" + (
+                f" ({handler!r} is to be imported first: see workers.app)" if handler else ""))
+        self.handler = handler
         self._core = core
         self.log.clock = core.reactor.time
         self.log.schedule = core.reactor.call_later

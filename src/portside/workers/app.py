@@ -1,5 +1,6 @@
-"""What one serving process needs from its settings: the handler class, imported from the app
-directory; the TLS context, from the certificate files; listeners on inherited descriptors.
+"""What one serving process needs from its settings: the handler classes (the command's and each
+listener's own), imported from the app directory; the TLS context, from the certificate files;
+listeners on inherited descriptors.
 
 Both the single-process command and every worker process use these, so a handler is loaded
 the same way (and fails the same way: one ``ConfigError`` line) wherever it runs.
@@ -7,11 +8,12 @@ the same way (and fails the same way: one ``ConfigError`` line) wherever it runs
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from portside.errors import ConfigError
@@ -19,7 +21,7 @@ from portside.errors import ConfigError
 if TYPE_CHECKING:
     import ssl
 
-    from portside.config import ProcessConfig
+    from portside.config import ListenerConfig, ProcessConfig
     from portside.handler import Handler
 
 
@@ -59,6 +61,37 @@ def make_handler(factory: Callable[[], Handler], name: str) -> Handler:
         return factory()
     except Exception as exc:
         raise ConfigError(f"{name}() raised {type(exc).__name__}: {exc}{_where(exc)}") from None
+
+
+def load_listener_handlers(listeners: Sequence[ListenerConfig], app_dir: str | None,
+                           default: tuple[str, Handler] | None = None) -> list[ListenerConfig]:
+    """The listeners with each ``MODULE:CLASS`` handler text (``--listen ADDRESS=MODULE:CLASS``)
+    imported and made: one instance per distinct text, shared by the listeners that name it,
+    and the ``default`` (text, instance) where a listener names the command's own class."""
+    made: dict[str, Handler] = dict([default]) if default is not None else {}
+    loaded = []
+    for listener in listeners:
+        spec = listener.handler
+        if isinstance(spec, str):
+            if spec not in made:
+                handler_class = load_handler(spec, app_dir)
+                made[spec] = make_handler(handler_class, handler_class.__name__)
+            listener = dataclasses.replace(listener, handler=made[spec])
+        elif spec is None and default is None:
+            raise ConfigError(f"{listener.description} has no handler: give MODULE:CLASS, or "
+                              "--listen ADDRESS=MODULE:CLASS")
+        loaded.append(listener)
+    return loaded
+
+
+def describe_handlers(default: str | None, listeners: Sequence[ListenerConfig]) -> str:
+    """The handler classes served, for the start-up line: the default first."""
+    specs = [default] if default else []
+    for listener in listeners:
+        spec = listener.handler if isinstance(listener.handler, str) else None
+        if spec and spec not in specs:
+            specs.append(spec)
+    return ", ".join(specs)
 
 
 def _where(exc: BaseException) -> str:

@@ -48,6 +48,7 @@ from portside.errors import PortsideError, ProtocolError
 from portside.metrics import MetricsServer
 from portside.server import resolve_engine
 from portside.workers import logs, systemd
+from portside.workers.app import describe_handlers
 from portside.workers.worker import BOOT_FAILED, WORKER_ENV, worker_document
 
 logger = logging.getLogger("portside.supervisor")
@@ -62,7 +63,7 @@ UPGRADE_FD_ENV = "PORTSIDE_UPGRADE_FD"
 class Plan:
     """What the supervisor runs; made anew from the settings' sources on every reload."""
 
-    handler: str  # MODULE:CLASS, imported by each worker
+    handler: str | None  # MODULE:CLASS, imported by each worker (None: each listener names one)
     app_dir: str | None
     listeners: list[ListenerConfig]
     server: ServerConfig
@@ -359,7 +360,8 @@ class Supervisor:
         plan = self.plan
         logger.info("serving %s with %d worker(s): engine %s, TLS %s, PROXY protocol %s, "
                     "at most %d connections per listener per worker, drain %g s",
-                    plan.handler, self.worker_count, resolve_engine(plan.server.engine).value,
+                    describe_handlers(plan.handler, plan.listeners), self.worker_count,
+                    resolve_engine(plan.server.engine).value,
                     "on" if plan.process.certfile else "off",
                     ",".join(sorted({lc.proxy_protocol.value for lc in plan.listeners})),
                     min(lc.max_connections for lc in plan.listeners),

@@ -44,11 +44,12 @@ def describe(config: Any) -> dict[str, Any]:
                 for declared in settings_of(type(config))}
     if isinstance(config, ListenerConfig):
         document.update(host=config.host, port=config.port, path=config.path,
-                        policy=config.policy.value, name=config.name)
+                        policy=config.policy.value, name=config.name,
+                        handler=config.handler if isinstance(config.handler, str) else None)
     return document
 
 
-def worker_document(handler: str, app_dir: str | None, number: int,
+def worker_document(handler: str | None, app_dir: str | None, number: int,
                     listeners: list[ListenerConfig], server: ServerConfig,
                     process: ProcessConfig, fds: list[int], link: int) -> str:
     """What a worker is told (``PORTSIDE_WORKER``): JSON, so a new interpreter can read it."""
@@ -122,17 +123,26 @@ def main() -> int:
 
 def _build(document: dict[str, Any]) -> Any:
     from portside.server import Server
-    from portside.workers.app import load_handler, make_handler, tls_context
+    from portside.workers.app import (
+        load_handler,
+        load_listener_handlers,
+        make_handler,
+        tls_context,
+    )
 
     process = ProcessConfig(**{key: document["process"][key] for key in
                                ("certfile", "keyfile", "tls_alpn")})
-    handler_class = load_handler(document["handler"], document["app_dir"])
+    handler = default = None
+    if document["handler"] is not None:
+        handler_class = load_handler(document["handler"], document["app_dir"])
+        handler = make_handler(handler_class, handler_class.__name__)
+        default = (document["handler"], handler)
     tls = tls_context(process)
     listeners = [dataclasses.replace(ListenerConfig(**entry), tls=tls)
                  for entry in document["listeners"]]
     sockets = [socket.socket(fileno=fd) for fd in document["fds"]]
     link = socket.socket(fileno=document["link"])
-    handler = make_handler(handler_class, handler_class.__name__)
+    listeners = load_listener_handlers(listeners, document["app_dir"], default)
     server = Server(handler, listeners, ServerConfig(**document["server"]), sockets=sockets)
     server.start()
     server.add_service(SupervisorLink(link, server))
