@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
     from portside.engine.buffers import PoolStatistics
     from portside.engine.connection import CloseReason, Connection
+    from portside.engine.listener import AcceptingReason
     from portside.errors import (
         ConfigError,
         ConnectionClosedError,
+        ErrorOrigin,
         ListenError,
         PortsideError,
         ProtocolError,
@@ -34,6 +36,7 @@ _WHERE = {
     "ListenerConfig": "config", "ServerConfig": "config",
     "PoolStatistics": "engine.buffers",
     "CloseReason": "engine.connection", "Connection": "engine.connection",
+    "AcceptingReason": "engine.listener", "ErrorOrigin": "errors",
     "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
     "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
     "Handler": "handler",
@@ -64,12 +67,14 @@ __all__ = [
     "KIB",
     "SECONDS",
     "AcceptPolicy",
+    "AcceptingReason",
     "CloseReason",
     "ConfigError",
     "Connection",
     "ConnectionClosedError",
     "ConnectionCounters",
     "Engine",
+    "ErrorOrigin",
     "Framer",
     "Handler",
     "LengthPrefixFramer",

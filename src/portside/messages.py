@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from portside.engine.connection import CloseReason, Connection
-from portside.errors import ProtocolError
-from portside.handler import Handler
+from portside.errors import ErrorOrigin, ProtocolError
+from portside.handler import Handler, report_error
 from portside.ordering import Outcome, ReplySequencer
 from portside.protocols.framing import Framer, LineFramer
 
@@ -154,7 +154,7 @@ class MessageHandler(Handler, Generic[M]):
     def _failed(self, conn: Connection, conn_id: int, exc: Exception) -> None:
         if conn.id == conn_id and conn.is_open:
             try:
-                self.error(conn, exc)
+                report_error(self, conn, exc, ErrorOrigin.OFFLOAD)
             finally:
                 conn.abort_for(CloseReason.HANDLER_ERROR)
 

@@ -11,6 +11,8 @@ from portside.config import ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
 from portside.engine.reactor import Reactor
+from portside.errors import ErrorOrigin
+from portside.handler import report_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -75,10 +77,12 @@ class EngineCore:
             self.connections.recycle(conn)
             del conn
 
-    def report_error(self, conn: Connection | None, exc: BaseException) -> None:
-        """Tell the handler once; if its ``error`` callback raises too, log both."""
+    def report_error(self, conn: Connection | None, exc: BaseException,
+                     origin: ErrorOrigin = ErrorOrigin.CALLBACK) -> None:
+        """Tell the handler once, with where the error came from; if its ``error`` callback
+        raises too, log both."""
         try:
-            self.handler.error(conn, exc)
+            report_error(self.handler, conn, exc, origin)
         except Exception:
             logger.exception("handler.error raised while reporting %r", exc)
 
