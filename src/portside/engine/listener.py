@@ -528,6 +528,7 @@ class Listener:
         core = self._core
         assert hook is not None and core is not None
         sock = socket.socket(self._family, self._type, self._proto, fileno=fd)
+        sock.setblocking(False)  # as the descriptor is: the object would say blocking
         failure: Exception | None = None
         try:
             hook(self, sock)
