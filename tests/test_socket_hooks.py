@@ -46,7 +46,8 @@ class ShapingHandler(RecordingHandler):
 
     def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
         names = WATCHED if self.tcp else {key: WATCHED[key] for key in ("rcvbuf", "sndbuf")}
-        options = {name: sock.getsockopt(*where) for name, where in names.items()}
+        options: dict[str, Any] = {name: sock.getsockopt(*where)
+                                   for name, where in names.items()}
         options["listener"] = listener.address
         options["blocking"] = sock.getblocking()
         self.record("socket_accepted", None, options)
