@@ -340,7 +340,7 @@ class Listener:
             return "paused"
         if self._backing_off:
             return "backing-off"
-        return "at-ceiling" if self._at_ceiling else "accepting"
+        return "at-ceiling" if self._at_ceiling or self._probing else "accepting"
 
     def attach(self, core: EngineCore) -> None:
         self._core = core
