@@ -5,6 +5,7 @@ taken down, so no packet, FIN or RST, reaches either side)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ import pytest
 from conftest import Clients, RecordingHandler, ServeFactory, recv_exactly, require
 
 from portside import CloseReason, Connection, ErrorOrigin, ListenerConfig
-from portside.engine.listener import Listener
+from portside.engine.listener import Listener, socket_options
+from portside.errors import ConfigError
+from portside.settings import add_flags, resolve
 
 #: What the hook reads back from each accepted socket: (level, option) by name.
 WATCHED = {
@@ -63,6 +66,38 @@ class ShapingHandler(RecordingHandler):
         with self._cond:
             self.origins.append(origin)
         super().error(conn, exc)
+
+
+def test_the_settings_read_as_users_write_them() -> None:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    flags = parser.parse_args(["--no-tcp-nodelay", "--so-keepalive", "30m::5",
+                               "--tcp-user-timeout", "20", "--rcvbuf", "262144"])
+    resolved = resolve(flags, {"PORTSIDE_SNDBUF": "65536", "PORTSIDE_SO_KEEPALIVE": "on"})
+    assert resolved.listener == {"tcp_nodelay": False, "so_keepalive": "1800::5",
+                                 "tcp_user_timeout": 20.0, "rcvbuf": 262_144,
+                                 "sndbuf": 65_536}
+    config = ListenerConfig(**resolved.listener)
+    assert socket_options(config, tcp=True) == (
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1800),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 20_000),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, 262_144),
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, 65_536))
+    assert socket_options(config, tcp=False) == (
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, 262_144),
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, 65_536))
+    assert socket_options(ListenerConfig(), tcp=True) == ()  # the defaults cost nothing
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("so_keepalive", "1:2"), ("so_keepalive", "0:1:1"), ("so_keepalive", "1:1:128"),
+    ("so_keepalive", "40000::"), ("so_keepalive", "m::"), ("tcp_user_timeout", 0.0001),
+    ("tcp_user_timeout", 3_000_000.0), ("rcvbuf", -1), ("sndbuf", 2**31)])
+def test_bad_values_are_one_clear_error(name: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=name):
+        ListenerConfig(**{name: value})
 
 
 def echo_once(clients: Clients, address: Any, payload: bytes = b"ping") -> None:

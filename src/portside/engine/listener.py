@@ -682,7 +682,7 @@ class Listener:
         live = [conn for conn in core.live() if conn.listener is self] if core else []
         return ListenerStatistics(
             name=self.config.label, address=self.address,
-            policy=self.config.policy.value, accepting=self._watching,
+            policy=self.config.policy.value, accepting=self._accepting,
             accept_state=self.accept_state, max_connections=self._max_connections,
             peak_connections=self.peak_connections,
             accepted=self.accepted, pending=self.pending_count, active=self.active_count,
