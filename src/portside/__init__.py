@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
     from portside.connection import Connection
     from portside.engine.buffers import PoolStatistics
+    from portside.engine.listener import AcceptingReason
     from portside.engine.states import CloseReason
     from portside.errors import (
         ConfigError,
         ConnectionClosedError,
+        ErrorOrigin,
         ListenError,
         PortsideError,
         ProtocolError,
@@ -35,6 +37,7 @@ _WHERE = {
     "ListenerConfig": "config", "ServerConfig": "config",
     "PoolStatistics": "engine.buffers",
     "CloseReason": "engine.states", "Connection": "connection",
+    "AcceptingReason": "engine.listener", "ErrorOrigin": "errors",
     "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
     "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
     "Handler": "handler",
@@ -65,12 +68,14 @@ __all__ = [
     "KIB",
     "SECONDS",
     "AcceptPolicy",
+    "AcceptingReason",
     "CloseReason",
     "ConfigError",
     "Connection",
     "ConnectionClosedError",
     "ConnectionCounters",
     "Engine",
+    "ErrorOrigin",
     "Framer",
     "Handler",
     "IOPool",

@@ -360,6 +360,68 @@ class Listens(Kind):
 
 
 @dataclass(frozen=True)
+class Keepalive(Kind):
+    """nginx's ``so_keepalive``: off, on (the kernel's timings), or IDLE:INTERVAL:COUNT, each
+    part optional (empty: the kernel's), times in seconds or with an s, m or h suffix."""
+
+    metavar = "off|on|IDLE:INTVL:CNT"
+
+    def parse(self, text: str) -> str:
+        timings = parse_keepalive(text)  # ValueError with the rule
+        if timings is None:
+            return "off"
+        if timings == (0, 0, 0):
+            return "on"
+        return ":".join(str(part) if part else "" for part in timings)
+
+    def check(self, value: Any) -> str | None:
+        try:
+            parse_keepalive(value)
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    def describe(self) -> str:
+        return "off / on / idle:interval:count"
+
+
+#: The kernel's ceilings for TCP_KEEPIDLE, TCP_KEEPINTVL (seconds) and TCP_KEEPCNT.
+_KEEPALIVE_LIMITS = (32_767, 32_767, 127)
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_keepalive(text: str) -> tuple[int, int, int] | None:
+    """``so_keepalive`` text as (idle, interval, count), 0 where the kernel's default applies;
+    None when off. ValueError says what is wrong."""
+    rule = ("must be off, on or IDLE:INTERVAL:COUNT (nginx's so_keepalive; idle and interval "
+            "in seconds, or with s/m/h; idle and interval at most 32767 s, count at most 127)")
+    if not isinstance(text, str):
+        raise TypeError(rule)
+    lowered = text.strip().lower()
+    if lowered in ("off", "0", "no", "false"):
+        return None
+    if lowered in ("on", "1", "yes", "true"):
+        return (0, 0, 0)
+    parts = lowered.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"{rule}, got {text!r}")
+    values = []
+    for index, part in enumerate(parts):
+        scale = 1
+        if index < 2 and part[-1:] in _TIME_UNITS:
+            part, scale = part[:-1], _TIME_UNITS[part[-1]]
+        if not part:
+            if scale != 1:
+                raise ValueError(f"{rule}, got {text!r}")
+            values.append(0)
+            continue
+        if not part.isdigit() or not 1 <= int(part) * scale <= _KEEPALIVE_LIMITS[index]:
+            raise ValueError(f"{rule}, got {text!r}")
+        values.append(int(part) * scale)
+    return (values[0], values[1], values[2])
+
+
+@dataclass(frozen=True)
 class Setting:
     """One setting's declaration beside its dataclass field (which holds type and default)."""
 
@@ -452,6 +514,30 @@ class ListenerConfig:
         0.0, Seconds(off_at_zero=True),
         "Reset a connection whose peer takes none of the bytes waiting for it this long "
         "(0: off).")
+    # The accepted sockets' options, under the names nginx's listen directive uses
+    # (tcp_nodelay, so_keepalive=on|off|IDLE:INTVL:CNT, rcvbuf, sndbuf); tcp_user_timeout is
+    # HAProxy's "tcp-ut", under the kernel's name. The defaults set nothing but TCP_NODELAY.
+    tcp_nodelay: bool = setting(
+        True, Switch(),
+        "Set TCP_NODELAY on accepted TCP connections, so small replies are not held back by "
+        "Nagle's algorithm (nginx's tcp_nodelay).")
+    so_keepalive: str = setting(
+        "off", Keepalive(),
+        "TCP keepalive on accepted connections, as nginx's so_keepalive: off, on (the "
+        "kernel's timings) or IDLE:INTERVAL:COUNT (e.g. 60:10:5 probes after 60 s idle, every "
+        "10 s, and drops the connection after 5 unanswered; empty parts: the kernel's).")
+    tcp_user_timeout: float = setting(
+        0.0, Seconds(off_at_zero=True),
+        "Drop an accepted connection whose sent data the peer has not acknowledged for this "
+        "long (TCP_USER_TIMEOUT; HAProxy's tcp-ut); 0 leaves the kernel's retries (minutes).")
+    rcvbuf: int = setting(
+        0, Count(0, INT_MAX // 2, "bytes (0: kernel default)"),
+        "The receive buffer of each accepted socket (SO_RCVBUF; nginx's rcvbuf); 0 leaves "
+        "the kernel's default and autotuning.")
+    sndbuf: int = setting(
+        0, Count(0, INT_MAX // 2, "bytes (0: kernel default)"),
+        "The send buffer of each accepted socket (SO_SNDBUF; nginx's sndbuf); 0 leaves the "
+        "kernel's default and autotuning.")
     #: Serve TLS with this server-side context (None: plain TCP); the command line makes it from
     #: --certfile and --keyfile. See README.
     tls: ssl.SSLContext | None = None
@@ -514,6 +600,9 @@ class ListenerConfig:
             for name in ("max_connections_per_client", "max_connection_rate_per_client"):
                 _check(not getattr(self, name), name, getattr(self, name),
                        "needs a TCP listener, or a PROXY header naming the client")
+        _check(not self.tcp_user_timeout or 0.001 <= self.tcp_user_timeout <= INT_MAX / 1000,
+               "tcp_user_timeout", self.tcp_user_timeout,
+               f"must be 0 (off) or 0.001-{INT_MAX // 1000} seconds")
 
     @property
     def label(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class PortsideError(Exception):
     """Base of every error portside raises deliberately."""
@@ -33,3 +35,16 @@ class ProtocolError(PortsideError, ValueError):
 class ControlError(PortsideError):
     """The control socket could not be used: no server there, several to choose from, a
     directory or peer that fails the ownership checks, or the server's error reply."""
+
+
+class ErrorOrigin(enum.Enum):
+    """Where an error reported to ``Handler.error`` came from: the handler's own code, or
+    portside's (so a bug in portside's PROXY or TLS layer is never taken for the handler's)."""
+
+    CALLBACK = "callback"  #: a handler callback raised (data_received, connection_made, ...)
+    OFFLOAD = "offload"  #: MessageHandler: offloaded work's completion, or offload_failed, raised
+    SOCKET_HOOK = "socket-hook"  #: Handler.socket_accepted raised (the connection was reset)
+    READ = "read"  #: the operating system failed a read, or the engine's read path raised
+    WRITE = "write"  #: the operating system failed a send
+    PROXY = "proxy-header"  #: portside's PROXY-protocol layer raised (a bad header is no error)
+    TLS = "tls"  #: portside's TLS layer raised (a failed handshake or bad record is no error)

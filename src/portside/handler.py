@@ -8,11 +8,19 @@ callback raises, portside reports it to ``error`` once and aborts that connectio
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from portside.errors import ErrorOrigin
 
 if TYPE_CHECKING:
+    import socket
+
     from portside.connection import Connection
+    from portside.engine.listener import AcceptingReason, Listener
     from portside.engine.states import CloseReason
     from portside.server import Server
 
@@ -36,7 +44,23 @@ class Handler:
     def server_stopped(self, server: Server) -> None:
         """Every connection has closed (``connection_closed`` came for each). Called once, last."""
 
+    def accepting_stopped(self, listener: Listener, reason: AcceptingReason) -> None:
+        """``listener`` stopped accepting: paused, at its ceiling, backing off after a
+        capacity error (EMFILE...), broken, or shutting down (``reason`` says which). Called
+        once per change, not again while the reason changes with accepting still stopped."""
+
+    def accepting_started(self, listener: Listener, reason: AcceptingReason) -> None:
+        """``listener`` accepts (again): at start, resumed, below its ceiling, or its back-off
+        over (``reason`` says which). Called once per change."""
+
     # -- connection life cycle -------------------------------------------------------------------
+
+    def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
+        """A socket was accepted on ``listener``: shape it (``setsockopt``, ``getsockopt``)
+        before portside uses it; the listener's socket options are already set. Do not close,
+        keep or read from it. Called only when a handler overrides it (it costs a Python call
+        and a socket object per accept). An exception resets this connection only, without
+        ``connection_closed``, and is reported to ``error`` with origin ``socket-hook``."""
 
     def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
         """A connection is yours. On a data-first listener ``first_data`` holds its first bytes
@@ -81,6 +105,58 @@ class Handler:
 
     def error(self, conn: Connection | None, exc: BaseException) -> None:
         """A callback raised, or a socket failed unexpectedly. Called once per failure; the
-        connection (if any) is then aborted. The default logs the traceback."""
-        where = f"connection {conn.id} from {conn.peer_address!r}" if conn is not None else "server"
-        logger.error("error on %s: %r", where, exc, exc_info=exc)
+        connection (if any) is then aborted. The default logs the traceback, with where the
+        error came from.
+
+        To be told where, declare a keyword-only ``origin`` in the override:
+        ``def error(self, conn, exc, *, origin: ErrorOrigin = ErrorOrigin.CALLBACK)``. It is
+        the handler's own code (callback, offload, socket-hook) or portside's (read, write,
+        proxy-header, tls). Overrides without it keep working: portside looks once per
+        override and leaves the keyword out (a type checker accepts both forms).
+        """
+        _log_error(conn, exc, None)
+
+
+def _log_error(conn: Connection | None, exc: BaseException, origin: ErrorOrigin | None) -> None:
+    where = f"connection {conn.id} from {conn.peer_address!r}" if conn is not None else "server"
+    source = f" ({origin.value})" if origin is not None else ""
+    logger.error("error%s on %s: %r", source, where, exc, exc_info=exc)
+
+
+#: Whether each ``error`` function takes ``origin`` (looked at once per function).
+_TAKES_ORIGIN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def report_error(handler: Handler, conn: Connection | None, exc: BaseException,
+                 origin: ErrorOrigin) -> None:
+    """Call ``handler.error``, with ``origin`` if the override declares it (keyword-only, as
+    ``Handler.error`` explains); overrides without it keep working, told less. Origin is a
+    keyword the override opts into, rather than a parameter of ``Handler.error`` itself, so
+    that existing two-argument overrides still satisfy a type checker."""
+    method: Any = handler.error
+    key = getattr(method, "__func__", method)
+    if key is Handler.error:
+        _log_error(conn, exc, origin)
+        return
+    try:
+        takes = _TAKES_ORIGIN.get(key)
+    except TypeError:  # not weakly referable (a builtin): looked at every time
+        takes = None
+    if takes is None:
+        takes = _takes_origin(method)
+        with contextlib.suppress(TypeError):
+            _TAKES_ORIGIN[key] = takes
+    if takes:
+        method(conn, exc, origin=origin)
+    else:
+        method(conn, exc)
+
+
+def _takes_origin(method: Any) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(parameter.kind is inspect.Parameter.VAR_KEYWORD or (
+        parameter.name == "origin" and parameter.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for parameter in parameters)

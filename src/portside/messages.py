@@ -27,8 +27,8 @@ from typing import Any, Generic, TypeVar
 
 from portside.connection import Connection, LayerConnection, as_layer
 from portside.engine.states import CloseReason
-from portside.errors import ProtocolError
-from portside.handler import Handler
+from portside.errors import ErrorOrigin, ProtocolError
+from portside.handler import Handler, report_error
 from portside.ordering import Outcome, ReplySequencer
 from portside.protocols.framing import Framer, LineFramer
 
@@ -158,7 +158,7 @@ class MessageHandler(Handler, Generic[M]):
     def _failed(self, conn: LayerConnection, conn_id: int, exc: Exception) -> None:
         if conn.id == conn_id and conn.is_open:
             try:
-                self.error(conn, exc)
+                report_error(self, conn, exc, ErrorOrigin.OFFLOAD)
             finally:
                 conn.abort_for(CloseReason.HANDLER_ERROR)
 

@@ -529,7 +529,7 @@ class Server:
                 getattr(handler, callback)(self)
             except Exception as exc:
                 assert self._core is not None
-                self._core.report_error(None, exc, handler)
+                self._core.report_error(None, exc, handler=handler)
 
 
 class IOPool:

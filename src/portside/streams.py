@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 from portside.connection import Connection, as_layer
 from portside.engine.states import CloseReason
-from portside.errors import ProtocolError
-from portside.handler import Handler
+from portside.errors import ErrorOrigin, ProtocolError
+from portside.handler import Handler, report_error
 from portside.protocols.framing import Framer
 
 logger = logging.getLogger("portside")
@@ -282,7 +282,7 @@ class StreamHandler(Handler):
             return
         except Exception as exc:
             if conn.id == conn_id and conn.is_open:
-                self.error(conn, exc)
+                report_error(self, conn, exc, ErrorOrigin.CALLBACK)
                 as_layer(conn).abort_for(CloseReason.HANDLER_ERROR)
             return
         if conn.id == conn_id and conn.is_open:

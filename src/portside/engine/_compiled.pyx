@@ -54,11 +54,12 @@ import threading
 from collections import deque
 
 from portside.engine.connection import _LINGER_RST
+from portside.engine.connection import layer_origin
 from portside.engine.connection import _id_counter as id_counter
 from portside.engine.states import CloseReason
 from portside.engine.core import _log_closed as log_closed
 from portside.engine.listener import _trusted as trusted_peer
-from portside.errors import ConnectionClosedError
+from portside.errors import ConnectionClosedError, ErrorOrigin
 from portside.handler import Handler
 from portside.statistics import TTFB_BUCKETS
 
@@ -81,6 +82,9 @@ cdef object RESET_REASON = CloseReason.RESET
 cdef object PEER_EOF_REASON = CloseReason.PEER_EOF
 cdef object HANDLER_ERROR_REASON = CloseReason.HANDLER_ERROR
 cdef object SOCKET_ERROR_REASON = CloseReason.SOCKET_ERROR
+cdef object READ_ORIGIN = ErrorOrigin.READ
+cdef object WRITE_ORIGIN = ErrorOrigin.WRITE
+cdef object CALLBACK_ORIGIN = ErrorOrigin.CALLBACK
 cdef object RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 cdef bytes LINGER_RST = _LINGER_RST  # SO_LINGER on, 0 s: close sends RST (connection.py's)
 
@@ -1248,7 +1252,7 @@ cdef class ConnectionBase:
             code = errno
             pool._give_back(buffer)
             if code != EAGAIN and code != EINTR:
-                self._failed(os_error(code))
+                self._failed(os_error(code), READ_ORIGIN)
             return 0
         if received == 0:
             pool._give_back(buffer)
@@ -1267,13 +1271,16 @@ cdef class ConnectionBase:
         view.view.len = received
         view.view.shape[0] = received
         held = Py_REFCNT(data)
+        receiver = self._extras.receiver if self._extras is not None else None
         try:
-            if self._extras is None or self._extras.receiver is None:
+            if receiver is None:
                 self._handler.data_received(self, data)
             else:  # a PROXY header, TLS, or a data-first connection's first bytes
-                self._extras.receiver(self, data)
+                receiver(self, data)
         except Exception as exc:
-            self._handler_failed(exc)
+            # What escapes a receiver is portside's own (connection.layer_origin).
+            self._handler_failed(exc, CALLBACK_ORIGIN if receiver is None
+                                 else layer_origin(receiver))
         finally:
             # Nobody kept the view, a slice of it or an export from it: lend it again next
             # time. Otherwise a handler that kept ``data`` gets an error, not another peer's
@@ -1354,7 +1361,7 @@ cdef class ConnectionBase:
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
-                self._failed(os_error(code))
+                self._failed(os_error(code), WRITE_ORIGIN)
                 return
             sent = 0
         if sent:
@@ -1392,7 +1399,7 @@ cdef class ConnectionBase:
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
-                self._failed(os_error(code))
+                self._failed(os_error(code), WRITE_ORIGIN)
                 return
             sent = 0
         self._count_sent(sent)
@@ -1435,7 +1442,7 @@ cdef class ConnectionBase:
         if sent < 0:
             code = errno
             if code != EAGAIN and code != EINTR:
-                self._failed(os_error(code))
+                self._failed(os_error(code), WRITE_ORIGIN)
             return 0
         self._count_sent(sent)
         self._buffered -= sent
@@ -1587,10 +1594,13 @@ cdef class ConnectionBase:
         self._finalize_c()
         return 0
 
-    def _socket_failed(self, exc):
-        self._failed(exc)
+    def _socket_failed(self, exc, origin=READ_ORIGIN):
+        self._failed(exc, origin)
 
-    cdef int _failed(self, exc) except -1:
+    cdef int _failed(self, exc, origin) except -1:
+        if isinstance(exc, TimeoutError):  # keepalive or tcp_user_timeout: the peer is gone
+            (<object>self)._peer_timed_out()
+            return 0
         if isinstance(exc, RESET_ERRORS):
             first = self.close_reason is None
             if self._state != CLOSED:
@@ -1603,12 +1613,12 @@ cdef class ConnectionBase:
         if self._state != CLOSED:
             self._set_reason_c(SOCKET_ERROR_REASON)
             if self._flags & F_ESTABLISHED:
-                self._core.report_error(self, exc)
+                self._core.report_error(self, exc, origin)
             self._finalize_c()
         return 0
 
-    def _handler_failed(self, exc):
-        self._core.report_error(self, exc)
+    def _handler_failed(self, exc, origin=CALLBACK_ORIGIN):
+        self._core.report_error(self, exc, origin)
         if self._state != CLOSED:
             self._abort_c(HANDLER_ERROR_REASON)
 
@@ -1725,7 +1735,17 @@ cdef class ListenerBase:
     cdef public object admission
     cdef public bint _admit_at_accept
     cdef public object handler  # what serves this listener's connections (Listener.attach)
+    cdef public bint nodelay
+    cdef public object socket_options
+    cdef public object _socket_hook
+    cdef public bint _probing
     cdef int _handler_defaults
+    # socket_options as C arrays, made at the first accept (the reference's tuple of
+    # (level, name, value)); at the defaults there are none, so an accept costs no more.
+    cdef int _option_count
+    cdef int _option_level[8]
+    cdef int _option_name[8]
+    cdef int _option_value[8]
 
     def __cinit__(self):
         self._handler_defaults = -1
@@ -1739,6 +1759,7 @@ cdef class ListenerBase:
         cdef socklen_t length
         if self._handler_defaults < 0:
             self._handler_defaults = handler_defaults(self.handler)
+            self._load_options()
         for i in range(batch):
             if self._closed:
                 return  # a handler shut the server down from connection_made
@@ -1784,13 +1805,32 @@ cdef class ListenerBase:
         self._refuse_client(FdSocket(fd), address_from(addr, length), refusal)
         return 0
 
+    cdef int _load_options(self) except -1:
+        options = self.socket_options or ()
+        if len(options) > 8:
+            raise ValueError("more socket options than the compiled accept path holds")
+        self._option_count = 0
+        for level, name, value in options:
+            self._option_level[self._option_count] = level
+            self._option_name[self._option_count] = name
+            self._option_value[self._option_count] = value
+            self._option_count += 1
+        return 0
+
     cdef int _admit_fd(self, int fd, const sockaddr *addr, socklen_t length) except -1:
         cdef int one = 1
+        cdef int i
         cdef ConnectionBase conn
         core = self._core
-        if self.is_tcp:
+        if self.nodelay:
             # Request/response protocols must not wait 40 ms for Nagle's algorithm.
             c_setsockopt(fd, IPPROTO_TCP_, TCP_NODELAY, &one, sizeof(int))
+        for i in range(self._option_count):  # as listener.py: checked values, errors ignored
+            c_setsockopt(fd, self._option_level[i], self._option_name[i],
+                         &self._option_value[i], sizeof(int))
+        if self._socket_hook is not None:
+            if not self._run_socket_hook(fd, address_from(addr, length)):
+                return 0  # the hook raised: reset, counted and reported there
         self.accepted += 1
         conn = (<CoreBase>core)._new_connection()
         conn._attach_accepted(self, fd, addr, length, self.starts_pending)
@@ -1856,8 +1896,8 @@ cdef class ListenerBase:
         # ``_value_`` is the member's own field; ``.value`` runs a Python-level property.
         reason = conn.close_reason._value_ if conn.close_reason is not None else "closed"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
-        if self._at_ceiling and (self.pending_count + self.active_count
-                                 < self._max_connections):
-            self._at_ceiling = False
+        if (self._at_ceiling or self._probing) and (self.pending_count + self.active_count
+                                                    < self._max_connections):
+            self._at_ceiling = self._probing = False
             self._update_watch()
         return 0

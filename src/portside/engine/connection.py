@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
 from portside.engine.tls import TlsSession
-from portside.errors import ConnectionClosedError, ProtocolError
+from portside.errors import ConnectionClosedError, ErrorOrigin, ProtocolError
 from portside.protocols.proxy import ProxyHeader, parse_proxy_header
 from portside.statistics import ConnectionCounters
 
@@ -223,15 +223,23 @@ class Connection:
             self.listener.became_active(self)
             self.establish(data)
         elif self._state == State.OPEN:
-            self._handler.data_received(self, data)
+            try:  # the handler's exception is its own, not the TLS layer's
+                self._handler.data_received(self, data)
+            except Exception as exc:
+                self._handler_failed(exc)
 
     def _pass_on(self, data: memoryview) -> None:
-        """Bytes for whoever receives them now."""
+        """Bytes for whoever receives them now (after a PROXY header); an exception is
+        reported as that receiver's, or the handler's, never the PROXY layer's."""
         receiver = self._receiver
-        if receiver is not None:
-            receiver(self, data)
-        elif self._state == State.OPEN:
-            self._handler.data_received(self, data)
+        try:
+            if receiver is not None:
+                receiver(self, data)
+            elif self._state == State.OPEN:
+                self._handler.data_received(self, data)
+        except Exception as exc:
+            self._handler_failed(exc, ErrorOrigin.CALLBACK if receiver is None
+                                 else layer_origin(receiver))
 
     def establish(self, first_data: memoryview | None) -> None:
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
@@ -331,7 +339,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._socket_failed(exc)
+            self._socket_failed(exc, ErrorOrigin.WRITE)
             return
         if sent:
             self.bytes_out += sent
@@ -364,7 +372,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._socket_failed(exc)
+            self._socket_failed(exc, ErrorOrigin.WRITE)
             return
         self._count_sent(sent)
         if sent != size:
@@ -488,7 +496,7 @@ class Connection:
             return
         except OSError as exc:
             free.append(buffer)
-            self._socket_failed(exc)
+            self._socket_failed(exc, ErrorOrigin.READ)
             return
         if not received:
             free.append(buffer)
@@ -500,14 +508,17 @@ class Connection:
         if self._idle is not None:
             self._idle.start(self)
         data = memoryview(buffer)[:received]
+        receiver = self._receiver
         try:
-            receiver = self._receiver
             if receiver is None:
                 self._handler.data_received(self, data)
             else:  # a PROXY header, TLS, or a data-first connection's first bytes
                 receiver(self, data)
         except Exception as exc:
-            self._handler_failed(exc)
+            # The layers catch the handler's exceptions where they hand bytes on, so what
+            # escapes a receiver is portside's own (see layer_origin).
+            self._handler_failed(exc, ErrorOrigin.CALLBACK if receiver is None
+                                 else layer_origin(receiver))
         finally:
             # A handler that kept ``data`` gets an error, not another peer's bytes; if it kept
             # a slice or an export of it, the pool sees the buffer is still in use and drops it.
@@ -575,7 +586,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._socket_failed(exc)
+            self._socket_failed(exc, ErrorOrigin.WRITE)
             return
         self._count_sent(sent)
         self._buffered -= sent
@@ -677,7 +688,10 @@ class Connection:
         self._update_reading()
         self._call("eof_received")
 
-    def _socket_failed(self, exc: OSError) -> None:
+    def _socket_failed(self, exc: OSError, origin: ErrorOrigin = ErrorOrigin.READ) -> None:
+        if isinstance(exc, TimeoutError):
+            self._peer_timed_out()
+            return
         if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
             first = self.close_reason is None
             if self._state != State.CLOSED:
@@ -690,11 +704,27 @@ class Connection:
         if self._state != State.CLOSED:
             self._set_reason(CloseReason.SOCKET_ERROR)
             if self._established:
-                self._core.report_error(self, exc)
+                self._core.report_error(self, exc, origin)
             self._finalize()
 
-    def _handler_failed(self, exc: Exception) -> None:
-        self._core.report_error(self, exc)
+    def _peer_timed_out(self) -> None:
+        """ETIMEDOUT: keepalive or TCP_USER_TIMEOUT (the listener's so_keepalive and
+        tcp_user_timeout) found the peer gone. Asked for, so not an error: counted by its
+        close reason and logged at a limited rate."""
+        if self._state == State.CLOSED:
+            return
+        listener = self.listener
+        listener.log.log("peer-timeout", logging.INFO,
+                         f"closed {{count}} more connections on {listener.address}: the peer "
+                         "stopped answering (keepalive or tcp_user_timeout)",
+                         "closed %r on %s: the peer stopped answering (keepalive or "
+                         "tcp_user_timeout)", self.peer_address, listener.address)
+        self._set_reason(CloseReason.PEER_TIMEOUT)
+        self._finalize()
+
+    def _handler_failed(self, exc: Exception,
+                        origin: ErrorOrigin = ErrorOrigin.CALLBACK) -> None:
+        self._core.report_error(self, exc, origin)
         if self._state != State.CLOSED:
             self._abort(CloseReason.HANDLER_ERROR)
 
@@ -760,3 +790,14 @@ class Connection:
     def __repr__(self) -> str:
         return (f"<Connection {getattr(self, 'id', '?')} {State(self._state).name.lower()} "
                 f"peer={getattr(self, 'peer_address', None)!r}>")
+
+
+def layer_origin(receiver: Receiver) -> ErrorOrigin:
+    """Which of portside's layers ``receiver`` is: what an exception escaping it is reported
+    as (each layer catches the handler's exceptions where it hands bytes on). The compiled
+    connection borrows these two functions, so the test holds on both engines."""
+    if receiver is Connection._receive_proxy_header:
+        return ErrorOrigin.PROXY
+    if receiver is Connection._receive_tls:
+        return ErrorOrigin.TLS
+    return ErrorOrigin.READ

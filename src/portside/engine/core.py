@@ -15,6 +15,8 @@ from portside.config import ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
 from portside.engine.reactor import Reactor
+from portside.errors import ErrorOrigin
+from portside.handler import report_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -95,18 +97,20 @@ class EngineCore:
             del conn
 
     def report_error(self, conn: Connection | None, exc: BaseException,
+                     origin: ErrorOrigin = ErrorOrigin.CALLBACK,
                      handler: Handler | None = None) -> None:
         """Tell the handler concerned once (the connection's, else ``handler``, else the
-        server's); if its ``error`` callback raises too, log both."""
+        server's), with where the error came from; if its ``error`` callback raises too, log
+        both."""
         if conn is not None:
             handler = conn._handler
         if handler is None:
             handler = self.handler
         if handler is None:
-            logger.error("error: %r", exc, exc_info=exc)
+            logger.error("error (%s): %r", origin.value, exc, exc_info=exc)
             return
         try:
-            handler.error(conn, exc)
+            report_error(handler, conn, exc, origin)
         except Exception:
             logger.exception("handler.error raised while reporting %r", exc)
 

@@ -12,6 +12,12 @@ Data-first connections wait in a ``DeadlineQueue`` until their first bytes; one 
 the silent ones (the seed's SO_CONNECT_TIME check). At the ceiling, pending connections that
 have been silent for ``stale_pending_age`` are closed first, so a flood of silent connections
 cannot hold every slot against real clients (the seed's reaction to FD_ACCEPT).
+``_update_watch`` is the one place that decides whether the socket is watched, so it is also
+where the handler hears ``accepting_stopped`` / ``accepting_started``, once per change.
+
+Shaping. Each accepted socket gets the listener's socket options (``tcp_nodelay``,
+``so_keepalive``, ``tcp_user_timeout``, ``rcvbuf``, ``sndbuf``; see ``socket_options``), then,
+if the handler overrides it, ``Handler.socket_accepted`` sees it before a byte is read.
 
 Trust. On a PROXY-protocol listener the header names the client, so only a balancer may send
 one: a TCP peer outside ``trusted_proxies`` is refused at accept, before a byte is read (an RST,
@@ -34,21 +40,24 @@ from __future__ import annotations
 import _socket
 import bisect
 import contextlib
+import enum
 import errno
 import ipaddress
 import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from portside.config import AcceptPolicy, ListenerConfig
+from portside.config import AcceptPolicy, ListenerConfig, parse_keepalive
 from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker
 from portside.engine.tls import remember_server_names
-from portside.errors import ConfigError, ListenError
+from portside.errors import ConfigError, ErrorOrigin, ListenError
+from portside.handler import Handler
 from portside.protocols.proxy import Version as ProxyVersion
 from portside.statistics import TTFB_BUCKETS, ListenerStatistics
 
@@ -71,6 +80,62 @@ _SHUTDOWN_ACCEPT_LIMIT = 4096  # connections taken from the backlog at shutdown 
 _SILENCE_LOOKS = 4
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+SocketOption = tuple[int, int, int]  # (level, name, value) for setsockopt
+
+
+class AcceptingReason(enum.Enum):
+    """Why a listener stopped or started accepting (``Handler.accepting_stopped`` and
+    ``accepting_started``; the article's OnStopAcceptingConnections / OnStart...)."""
+
+    #: Stopped: ``Server.pause_accepting``.
+    PAUSED = "paused"
+    #: Stopped: ``max_connections`` open.
+    CEILING = "ceiling"
+    #: Stopped: accept() ran out of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM); retried
+    #: after ``accept_backoff``.
+    BACKOFF = "backoff"
+    #: Stopped: the listener closed (shutdown or reload).
+    SHUTDOWN = "shutdown"
+    #: Stopped: accept() failed in a way that means the listening socket is broken (logged).
+    ERROR = "error"
+    #: Started: the first time.
+    START = "start"
+    #: Started: ``Server.resume_accepting``.
+    RESUMED = "resumed"
+    #: Started: a connection closed (or the ceiling was raised) below ``max_connections``.
+    BELOW_CEILING = "below-ceiling"
+    #: Started: the back-off after a capacity error is over (accept() is tried again).
+    BACKOFF_OVER = "backoff-over"
+
+
+_STARTED_AFTER = {AcceptingReason.PAUSED: AcceptingReason.RESUMED,
+                  AcceptingReason.CEILING: AcceptingReason.BELOW_CEILING,
+                  AcceptingReason.BACKOFF: AcceptingReason.BACKOFF_OVER}
+#: The settings that mean nothing on a Unix socket, with their defaults.
+_TCP_ONLY = {"tcp_nodelay": True, "so_keepalive": "off", "tcp_user_timeout": 0.0}
+
+
+def socket_options(config: ListenerConfig, tcp: bool) -> tuple[SocketOption, ...]:
+    """The options set on each accepted socket besides TCP_NODELAY; empty at the defaults, so
+    they cost nothing then. Keepalive and the user timeout apply to TCP only; the buffer
+    sizes to Unix sockets too. Values were checked when configured, within the kernel's own
+    limits, so setsockopt takes them."""
+    options: list[SocketOption] = []
+    keepalive = parse_keepalive(config.so_keepalive) if tcp else None
+    if keepalive is not None:
+        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        for name, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT),
+                               keepalive, strict=True):
+            if value:  # 0: the kernel's default (net.ipv4.tcp_keepalive_*)
+                options.append((socket.IPPROTO_TCP, name, value))
+    if tcp and config.tcp_user_timeout:
+        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        max(1, round(config.tcp_user_timeout * 1000))))
+    if config.rcvbuf:
+        options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, config.rcvbuf))
+    if config.sndbuf:
+        options.append((socket.SOL_SOCKET, socket.SO_SNDBUF, config.sndbuf))
+    return tuple(options)
 
 
 def bind_listener(config: ListenerConfig) -> socket.socket:
@@ -150,6 +215,12 @@ class Listener:
         self.is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self._family, self._type, self._proto = sock.family, sock.type, sock.proto
         self.data_first = config.policy is AcceptPolicy.DATA_FIRST
+        #: TCP_NODELAY on each accepted socket (TCP, unless tcp_nodelay is off), and the other
+        #: options set on each (see ``socket_options``).
+        self.nodelay = self.is_tcp and config.tcp_nodelay
+        self.socket_options = socket_options(config, self.is_tcp)
+        #: ``Handler.socket_accepted``, when the handler overrides it (set at ``attach``).
+        self._socket_hook: Callable[[Listener, socket.socket], None] | None = None
         #: The PROXY header versions expected first, or None when the listener takes none.
         self.proxy_protocol = (config.proxy_protocol
                                if config.proxy_protocol is not ProxyVersion.OFF else None)
@@ -209,6 +280,11 @@ class Listener:
         self._broken = False
         self._closed = False
         self._watching = False
+        #: Whether the handler was last told accepting started (see ``_update_watch``); why it
+        #: stopped; whether it ever started; and whether the socket is watched at the ceiling
+        #: only to see if a client waits behind silent pending connections (``_recheck_ceiling``).
+        self._accepting = self._ever_accepted = self._probing = False
+        self._stopped_by: AcceptingReason | None = None
         self._pressure_timer: TimerHandle | None = None
         #: The port the kernel bound (the chosen one when 0 was asked for); 0 for Unix sockets.
         self.port = int(sock.getsockname()[1]) if self.is_tcp else 0
@@ -275,8 +351,8 @@ class Listener:
     @max_connections.setter
     def max_connections(self, value: int) -> None:
         self._max_connections = value
-        if self._at_ceiling and self.pending_count + self.active_count < value:
-            self._at_ceiling = False
+        if (self._at_ceiling or self._probing) and self.pending_count + self.active_count < value:
+            self._at_ceiling = self._probing = False
             self._update_watch()
 
     @property
@@ -288,7 +364,7 @@ class Listener:
             return "paused"
         if self._backing_off:
             return "backing-off"
-        return "at-ceiling" if self._at_ceiling else "accepting"
+        return "at-ceiling" if self._at_ceiling or self._probing else "accepting"
 
     def attach(self, core: EngineCore) -> None:
         handler = self.config.handler if self.config.handler is not None else core.handler
@@ -306,6 +382,15 @@ class Listener:
         if self.trusted == ():
             logger.warning("%s expects a PROXY header but trusted_proxies is empty: every TCP "
                            "connection will be refused", self.address)
+        if not self.is_tcp:
+            ignored = [name for name, default in _TCP_ONLY.items()
+                       if getattr(self.config, name) != default]
+            if ignored:
+                logger.warning("%s is not a TCP socket: %s ignored there", self.address,
+                               ", ".join(ignored))
+        if getattr(type(handler), "socket_accepted", None) is not Handler.socket_accepted or \
+                "socket_accepted" in getattr(handler, "__dict__", {}):
+            self._socket_hook = handler.socket_accepted
         core.reactor.register(self.fd, self, readable=False, writable=False)
         self._update_watch()
 
@@ -317,13 +402,52 @@ class Listener:
         self.paused = False
         self._update_watch()
 
+    def _stop_reason(self) -> AcceptingReason | None:
+        """Why the listener does not accept now (the most lasting reason first), or None."""
+        if self._closed:
+            return AcceptingReason.SHUTDOWN
+        if self._broken:
+            return AcceptingReason.ERROR
+        if self.paused:
+            return AcceptingReason.PAUSED
+        if self._backing_off:
+            return AcceptingReason.BACKOFF
+        if self._at_ceiling or self._probing:
+            return AcceptingReason.CEILING
+        return None
+
     def _update_watch(self) -> None:
-        if self._core is None or self._closed:
+        """The one place that decides whether the socket is watched: called after every
+        change of the flags above, it tells the handler when accepting stops or starts."""
+        core = self._core
+        if core is None:
             return
-        watch = not (self.paused or self._backing_off or self._at_ceiling or self._broken)
-        if watch != self._watching:
-            self._watching = watch
-            self._core.reactor.modify(self.fd, readable=watch, writable=False)
+        stopped = self._stop_reason()
+        if not self._closed:
+            # At the ceiling the socket may be watched without accepting: a probe for a client
+            # waiting behind stale pending connections (see _recheck_ceiling).
+            watch = stopped is None or (self._probing and stopped is AcceptingReason.CEILING)
+            if watch != self._watching:
+                self._watching = watch
+                core.reactor.modify(self.fd, readable=watch, writable=False)
+        previous, self._stopped_by = self._stopped_by, stopped
+        if (stopped is None) == self._accepting:
+            return
+        # Recorded before the callback, which may pause or resume (and so come back here).
+        self._accepting = stopped is None
+        if stopped is None:
+            reason = AcceptingReason.START
+            if self._ever_accepted and previous is not None:
+                reason = _STARTED_AFTER.get(previous, reason)
+            self._ever_accepted = True
+            callback = self.handler.accepting_started
+        else:
+            reason = stopped
+            callback = self.handler.accepting_stopped
+        try:
+            callback(self, reason)
+        except Exception as exc:
+            core.report_error(None, exc, ErrorOrigin.CALLBACK, handler=self.handler)
 
     # -- the accept loop -------------------------------------------------------------------------
 
@@ -450,9 +574,15 @@ class Listener:
         core = self._core
         assert core is not None
         sock.setblocking(False)
-        if self.is_tcp:
+        if self.nodelay:
             # Request/response protocols must not wait 40 ms for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for level, name, value in self.socket_options:
+            with contextlib.suppress(OSError):  # as in C: checked values; a dead peer's fails
+                sock.setsockopt(level, name, value)
+        if self._socket_hook is not None and not self._run_socket_hook(sock.fileno(), peer):
+            sock.detach()  # closed (reset) by _run_socket_hook
+            return
         self.accepted += 1
         conn = core.new_connection()
         conn.attach(core, self, sock, peer, pending=self.starts_pending)
@@ -466,6 +596,37 @@ class Listener:
             conn.establish(None)
         if self.pending_count + self.active_count > self.peak_connections:
             self.peak_connections = self.pending_count + self.active_count
+
+    def _run_socket_hook(self, fd: int, peer: object) -> bool:
+        """``Handler.socket_accepted`` on a socket object over ``fd``, detached afterwards so
+        the connection keeps the descriptor. False when the hook raised (or closed the
+        socket): then the connection was reset here, counted, and reported with origin
+        ``socket-hook``; it never reaches the handler otherwise (no ``connection_closed``)."""
+        hook = self._socket_hook
+        core = self._core
+        assert hook is not None and core is not None
+        sock = socket.socket(self._family, self._type, self._proto, fileno=fd)
+        sock.setblocking(False)  # as the descriptor is: the object would say blocking
+        failure: Exception | None = None
+        try:
+            hook(self, sock)
+        except Exception as exc:
+            failure = exc
+        if sock.fileno() == fd and failure is None:
+            sock.detach()
+            return True
+        if failure is None:  # the hook closed the descriptor: that was not its to close
+            failure = RuntimeError("socket_accepted closed the accepted socket")
+        elif sock.fileno() == fd:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            sock.close()
+        self.accepted += 1
+        self.closed += 1
+        reason = CloseReason.HANDLER_ERROR.value
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        core.report_error(None, failure, ErrorOrigin.SOCKET_HOOK, handler=self.handler)
+        return False
 
     def _back_off(self, exc: OSError) -> None:
         core = self._core
@@ -501,6 +662,7 @@ class Listener:
                          "%s reached max_connections=%d; accepting paused",
                          self.address, self._max_connections)
         self._at_ceiling = at_ceiling
+        self._probing = False
         due = self.pending.next_due()
         if at_ceiling and due is not None and self._pressure_timer is None:
             # Look at the backlog again once the oldest pending connection has been silent
@@ -513,7 +675,10 @@ class Listener:
     def _recheck_ceiling(self) -> None:
         self._pressure_timer = None
         if self._at_ceiling:
-            self._at_ceiling = False  # watch the socket: readable means a client is waiting
+            # Watch the socket (a probe, still at the ceiling): readable means a client is
+            # waiting, and handle_read's _reach_ceiling then evicts a stale connection for it.
+            self._at_ceiling = False
+            self._probing = True
             self._update_watch()
 
     # -- connection bookkeeping ------------------------------------------------------------------
@@ -546,8 +711,8 @@ class Listener:
         reason = conn.close_reason.value if conn.close_reason is not None else "closed"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
         open_now = self.pending_count + self.active_count
-        if self._at_ceiling and open_now < self._max_connections:
-            self._at_ceiling = False
+        if (self._at_ceiling or self._probing) and open_now < self._max_connections:
+            self._at_ceiling = self._probing = False
             self._update_watch()
 
     def _first_data_expired(self, conn: Connection) -> None:
@@ -590,13 +755,14 @@ class Listener:
         if self.config.path is not None and self.owned:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.path)
+        self._update_watch()  # accepting_stopped(SHUTDOWN), if it was accepting
 
     def statistics(self) -> ListenerStatistics:
         core = self._core
         live = [conn for conn in core.live() if conn.listener is self] if core else []
         return ListenerStatistics(
             name=self.config.label, address=self.address,
-            policy=self.config.policy.value, accepting=self._watching,
+            policy=self.config.policy.value, accepting=self._accepting,
             accept_state=self.accept_state, max_connections=self._max_connections,
             peak_connections=self.peak_connections,
             accepted=self.accepted, pending=self.pending_count, active=self.active_count,

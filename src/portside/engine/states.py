@@ -24,6 +24,7 @@ class CloseReason(enum.Enum):
     TLS_ERROR = "tls-error"  #: the TLS handshake failed, or a TLS record was bad
     SOCKET_ERROR = "socket-error"  #: the operating system reported an error on the socket
     OUTPUT_LIMIT = "output-limit"  #: queued output passed the listener's write_limit
+    PEER_TIMEOUT = "peer-timeout"  #: keepalive or tcp_user_timeout found the peer gone
     REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
     #: refused by a per-client limit: max_connections_per_client or the connection rate
     CLIENT_LIMIT = "client-limit"
