@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -34,6 +35,7 @@ from portside import (
     StreamWriter,
 )
 from portside.config import parse_listen
+from portside.engine.listener import AcceptingReason, Listener
 from portside.examples.echo import EchoHandler
 
 
@@ -117,6 +119,43 @@ def test_errors_go_to_the_listeners_handler(serve: ServeFactory, clients: Client
     good = clients.connect(running.address(0))
     good.sendall(b"still here")
     assert recv_exactly(good, 10) == b"still here"
+
+
+class Hooked(RecordingHandler):
+    """Overrides the listener-level hooks: they too belong to the listener's own handler."""
+
+    def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
+        self.record("socket_accepted", None, listener.address)
+
+    def accepting_started(self, listener: Listener, reason: AcceptingReason) -> None:
+        self.record("accepting_started", None, reason)
+
+    def accepting_stopped(self, listener: Listener, reason: AcceptingReason) -> None:
+        self.record("accepting_stopped", None, reason)
+
+
+def test_listener_hooks_go_to_the_listeners_handler(serve: ServeFactory,
+                                                    clients: Clients) -> None:
+    own, main = Hooked(), Hooked()
+    running = serve(ListenerConfig(), ListenerConfig(handler=own), handler=main)
+    own.wait(lambda: "accepting_started" in own.names(), "accepting_started (own)")
+    main.wait(lambda: "accepting_started" in main.names(), "accepting_started (main)")
+    for index in (0, 1):
+        sock = clients.connect(running.address(index))
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+    addresses = [listener.address for listener in running.server.listeners]
+
+    def accepted(handler: Hooked) -> list[Any]:
+        return [e.detail for e in handler.events if e.name == "socket_accepted"]
+
+    assert accepted(main) == [addresses[0]] and accepted(own) == [addresses[1]]
+    assert main.names().count("accepting_started") == 1
+    assert own.names().count("accepting_started") == 1
+    clients.close_all()
+    running.stop()
+    assert own.names().count("accepting_stopped") == 1
+    assert main.names().count("accepting_stopped") == 1
 
 
 def test_a_server_without_a_handler_of_its_own(serve: ServeFactory, clients: Clients,
