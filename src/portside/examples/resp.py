@@ -26,22 +26,29 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from portside import CloseReason, Connection
 from portside.errors import ProtocolError
-from portside.messages import MessageHandler
+from portside.messages import MessageHandler, MessageSession
+from portside.ordering import ReplySequencer
+from portside.protocols.framing import Framer
 from portside.protocols.resp import (
     NULL2,
     NULL3,
     Command,
-    RespFramer,
+    CompiledRespFramer,
     encode_array,
     encode_bulk,
     encode_error,
     encode_integer,
     encode_map,
     encode_simple,
+    new_framer,
 )
+
+if TYPE_CHECKING:
+    from portside.protocols._resp import RespFramer as CompiledFramer
 
 logger = logging.getLogger("portside")
 
@@ -109,8 +116,8 @@ class RespHandler(MessageHandler[Command]):
             b"MULTI": (self.multi, 1), b"EXEC": (self.exec, 1), b"DISCARD": (self.discard, 1),
         }
 
-    def make_framer(self) -> RespFramer:
-        return RespFramer()
+    def make_framer(self) -> Framer[Command]:
+        return new_framer()
 
     def encode_reply(self, conn: Connection, reply: bytes) -> list[bytes]:
         return [reply]
@@ -123,7 +130,64 @@ class RespHandler(MessageHandler[Command]):
         deadlines = self._deadlines
         if deadlines and deadlines[0][0] <= now_ms():
             self.reclaim_expired(now_ms())
-        super().data_received(conn, data)
+        session: MessageSession[Command] = conn.layer
+        framer = session.framer
+        if type(framer) is CompiledRespFramer:
+            self._serve(conn, session.sequencer, framer, data)
+        else:
+            super().data_received(conn, data)
+
+    def _serve(self, conn: Connection, sequencer: ReplySequencer, framer: CompiledFramer,
+               data: memoryview) -> None:
+        """``MessageHandler.data_received`` with the compiled framer's fast path: the plain
+        PING/ECHO/GET/SET/INCR/DECR of a read are answered in C, in one reply buffer written
+        once; any other command stops it and goes through ``_dispatch`` as usual, after the
+        replies before it. The fast path runs only while replies cannot be reordered or held:
+        nothing outstanding or held, the write queue under high water, no MULTI."""
+        client: Client = conn.user_data
+        high_water = conn.listener.config.write_high_water
+        if (sequencer.next_issue != sequencer.next_release or sequencer.held
+                or client.queued is not None or conn.write_buffer_size > high_water):
+            super().data_received(conn, data)
+            return
+        try:
+            replies, command = framer.serve(data, self.store, self.expires, client.resp3,
+                                            high_water)
+        except ProtocolError as exc:
+            self.protocol_error(conn, exc)
+            return
+        corked = False
+        try:
+            while True:
+                if replies:
+                    if corked:
+                        self._send(conn, sequencer, [replies])
+                    else:
+                        conn.write(replies)
+                if command is not None:
+                    if not corked and framer.reading:
+                        # Commands answered in Python between fast ones: one send still.
+                        conn.cork()
+                        sequencer.cork_room = high_water
+                        corked = True
+                    self._dispatch(conn, sequencer, (command,))
+                if not framer.reading:
+                    break
+                if (not conn.is_open or sequencer.next_issue != sequencer.next_release
+                        or sequencer.held or client.queued is not None
+                        or conn.write_buffer_size > high_water):
+                    self._dispatch(conn, sequencer, framer.rest(data))  # held, in order
+                    break
+                replies, command = framer.resume(data, self.store, self.expires, client.resp3,
+                                                 high_water)
+        finally:
+            if corked:
+                sequencer.cork_room = None
+                conn.uncork()
+        if framer.error is not None and conn.is_open:  # after the commands before the bad one
+            self.protocol_error(conn, framer.error)
+            return
+        conn.awaiting_data(framer.buffered > 0)  # a command begun: read_timeout runs
 
     def message_received(self, conn: Connection, message: Command) -> None:
         name = message[0].upper()
