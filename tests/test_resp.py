@@ -7,7 +7,9 @@ import os
 import shutil
 import socket
 import subprocess
+import types
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from proc import PortsideProcess
 
 from portside.errors import ProtocolError
-from portside.examples.resp import RespHandler
+from portside.examples.resp import Client, RespHandler
 from portside.protocols.framing import Framer
 from portside.protocols.resp import (
     Command,
@@ -157,6 +159,95 @@ def test_compiled_and_reference_give_identical_events(
     assert CompiledRespFramer is not None
     assert feed_events(limited(CompiledRespFramer, limits), stream, cuts) == \
         feed_events(limited(RespFramer, limits), stream, cuts)
+
+
+keys = st.sampled_from([b"k", b"n", b"K", b"x"])
+values = st.sampled_from([b"", b"v", b"0", b"-0", b"007", b"1", b"-1", b"+1", b"1 ", b"9" * 18,
+                          b"-" + b"9" * 18, b"9" * 19, b"9223372036854775807",
+                          b"-9223372036854775808", b"\r\n", b"x" * 300])
+names = st.sampled_from([b"PING", b"ping", b"ECHO", b"GET", b"get", b"GeT", b"SET", b"set",
+                         b"INCR", b"incr", b"DECR", b"MGET", b"DEL", b"EXPIRE", b"PERSIST",
+                         b"GETS", b"PINGX", b"SETX", b"NOPE"])
+# Commands near and in the fast path's plain forms: right and wrong arities, odd values,
+# keys with a time to live (EXPIRE), commands it does not take.
+server_commands = st.lists(st.one_of(
+    st.tuples(names, keys).map(list),
+    st.tuples(names, keys, values).map(list),
+    st.tuples(names).map(list),
+    st.tuples(st.just(b"EXPIRE"), keys, st.just(b"1000")).map(list),
+    st.tuples(names, keys, values, values).map(list),
+), max_size=40)
+
+
+def run_command(handler: RespHandler, conn: Any, command: Command) -> bytes:
+    """What ``RespHandler.message_received`` answers (outside MULTI), as bytes."""
+    entry = handler.commands.get(command[0].upper())
+    if entry is None:
+        return b"-unknown\r\n"
+    implementation, arity = entry
+    if (arity > 0 and len(command) != arity) or len(command) < -arity:
+        return b"-arity\r\n"
+    reply = implementation(conn, command)
+    assert reply is not None
+    return reply
+
+
+@pytest.mark.skipif(CompiledRespFramer is None, reason="the compiled framer is not built")
+@given(server_commands, st.booleans(), cut_lists, st.sampled_from([0, 10, 100, 1 << 20]),
+       st.lists(st.booleans(), max_size=40), st.binary(max_size=8))
+def test_serve_answers_as_the_python_commands_do(
+        commands_: list[Command], resp3: bool, cuts: list[int], limit: int,
+        use_rest: list[bool], tail: bytes) -> None:
+    """The fast path's replies and store are the Python commands' own, for any cuts, any reply
+    limit, and any mix of resume and rest; a malformed tail gives the same error after the
+    same replies."""
+    assert CompiledRespFramer is not None
+    stream = b"".join(encode_command(c) for c in commands_) + tail
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+
+    def conn() -> Any:
+        return types.SimpleNamespace(user_data=Client(resp3=resp3), id=1)
+
+    reference, reference_conn = RespHandler(), conn()
+    pure = RespFramer()
+    expected = b""
+    for start, end in itertools.pairwise(bounds):
+        try:
+            for whole in pure.feed(stream[start:end]):
+                expected += run_command(reference, reference_conn, whole)
+        except ProtocolError:
+            break
+        if pure.error is not None:
+            break
+
+    served, served_conn = RespHandler(), conn()
+    framer = CompiledRespFramer()
+    got = b""
+    choices = iter(use_rest)
+    for start, end in itertools.pairwise(bounds):
+        piece = stream[start:end]
+        store, expires = served.store, served.expires
+        try:
+            replies, command = framer.serve(piece, store, expires, resp3, limit)
+        except ProtocolError:
+            break
+        while True:
+            got += replies
+            if command is not None:
+                got += run_command(served, served_conn, command)
+            if not framer.reading:
+                break
+            if next(choices, False):
+                for whole in framer.rest(piece):
+                    got += run_command(served, served_conn, whole)
+                break
+            replies, command = framer.resume(piece, store, expires, resp3, limit)
+        if framer.error is not None:
+            break
+    assert got == expected
+    assert served.store == reference.store
+    assert served.expires.keys() == reference.expires.keys()
+    assert str(framer.error) == str(pure.error)
 
 
 class GeneralOnly(RespFramer):
@@ -342,6 +433,38 @@ def test_pipelined_batch_then_quit_sends_every_reply(resp_port: int) -> None:
         while data := sock.recv(4096):
             got += data
         assert got == b"+PONG\r\n" * 50 + b"+OK\r\n"  # nothing after QUIT, nothing lost
+
+
+def exchange(port: int, request: bytes, last: bytes) -> bytes:
+    """Send ``request`` in one write; read until what arrived ends with ``last``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        got = b""
+        while not got.endswith(last):
+            data = sock.recv(65536)
+            assert data, got
+            got += data
+        return got
+
+
+def test_one_read_mixing_fast_and_other_commands_keeps_every_contract(resp_port: int) -> None:
+    """A pipelined read whose plain commands the fast path answers, around commands it hands
+    back: MULTI queues what follows (a plain SET too), HELLO 3 changes the null a later GET
+    gets, a key with a time to live is read the careful way; all replies in order."""
+    request = b"".join(encode_command(c) for c in [
+        [b"SET", b"k", b"1"], [b"MULTI"], [b"SET", b"k", b"2"], [b"INCR", b"k"], [b"EXEC"],
+        [b"GET", b"k"], [b"GET", b"none"], [b"HELLO", b"3"], [b"GET", b"none"],
+        [b"SET", b"t", b"v"], [b"EXPIRE", b"t", b"100"], [b"GET", b"t"], [b"INCR", b"t"],
+        [b"DECR", b"k"], [b"ping"], [b"MGET", b"k", b"t"], [b"ECHO", b"e"],
+    ]) + b"PING\r\n"
+    hello = (b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$5\r\n7.0.0\r\n"
+             b"$5\r\nproto\r\n:3\r\n$2\r\nid\r\n")
+    before = (b"+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n:3\r\n$1\r\n3\r\n$-1\r\n")
+    after = (b"_\r\n+OK\r\n:1\r\n$1\r\nv\r\n-ERR value is not an integer or out of range\r\n"
+             b":2\r\n+PONG\r\n*2\r\n$1\r\n2\r\n$1\r\nv\r\n$1\r\ne\r\n+PONG\r\n")
+    got = exchange(resp_port, request, after)
+    assert got.startswith(before + hello)  # the rest of HELLO's map holds the connection's id
+    assert got.endswith(b"$7\r\nmodules\r\n*0\r\n" + after)
 
 
 def peak_rss(pid: int) -> int:
