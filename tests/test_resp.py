@@ -198,11 +198,15 @@ def run_command(handler: RespHandler, conn: Any, command: Command) -> bytes:
 def test_serve_answers_as_the_python_commands_do(
         commands_: list[Command], resp3: bool, cuts: list[int], limit: int,
         use_rest: list[bool], tail: bytes) -> None:
-    """The fast path's replies and store are the Python commands' own, for any cuts, any reply
-    limit, and any mix of resume and rest; a malformed tail gives the same error after the
-    same replies."""
+    """The fast path's replies and store are the Python commands' own, for arrays and inline
+    commands, any cuts, any reply limit, and any mix of resume and rest; a malformed tail gives
+    the same error after the same replies."""
     assert CompiledRespFramer is not None
-    stream = b"".join(encode_command(c) for c in commands_) + tail
+    inline = iter(use_rest[::-1])
+    stream = b"".join(
+        b" ".join(c) + b"\r\n" if next(inline, False) and all(
+            a and not any(ch in a for ch in b" \t\r\n\x0b\x0c\"'*") for a in c)
+        else encode_command(c) for c in commands_) + tail
     bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
 
     def conn() -> Any:

@@ -40,6 +40,9 @@ cdef Py_ssize_t NO_COMMAND = -1
 cdef Py_ssize_t HUGE = 1 << 62  # stands for any length past every cap (Python's int is unbounded)
 cdef Py_ssize_t OUT_KEEP = 64 * 1024  # an output buffer larger than this is freed after use
 
+cdef enum:
+    SPANS = 8  # arguments of a command the fast path looks at, at most
+
 cdef enum Mode:
     LIST = 0  # whole commands go to a list (feed, split, rest)
     SERVE = 1  # whole commands go to _execute (serve, resume)
@@ -109,17 +112,29 @@ cdef list split_words(const unsigned char *raw, Py_ssize_t size):
     return words
 
 
-cdef inline bint named(object arg, const char *upper, Py_ssize_t size) noexcept:
+cdef inline bint named(const char *arg, Py_ssize_t size, const char *upper,
+                       Py_ssize_t length) noexcept:
     """``arg.upper() == upper``, for an all-letters ``upper``, without making the bytes."""
-    cdef const unsigned char *p
     cdef Py_ssize_t i
-    if PyBytes_GET_SIZE(arg) != size:
+    if size != length:
         return False
-    p = <const unsigned char *>PyBytes_AS_STRING(arg)
     for i in range(size):
-        if (p[i] | 0x20) != (<unsigned char>upper[i] | 0x20):
+        if (<unsigned char>arg[i] | 0x20) != (<unsigned char>upper[i] | 0x20):
             return False
     return True
+
+
+cdef inline Py_ssize_t plain_length(const unsigned char *raw, Py_ssize_t size) noexcept:
+    """A length of 1 to 18 ASCII digits, or -1 for anything else (which the general parser
+    reads, with int())."""
+    cdef Py_ssize_t i, value = 0
+    if not 0 < size <= 18:
+        return -1
+    for i in range(size):
+        if not 48 <= raw[i] <= 57:
+            return -1
+        value = value * 10 + (raw[i] - 48)
+    return value
 
 
 cdef class RespFramer:
@@ -386,6 +401,7 @@ cdef class RespFramer:
         cdef Py_ssize_t end, count, size, body, command_start = at, stop
         cdef const unsigned char *found
         cdef bint ok
+        cdef Py_ssize_t answered
         try:
             while at < total:
                 if left == NO_COMMAND:
@@ -403,10 +419,27 @@ cdef class RespFramer:
                         if (memchr(raw + command_start, 34, end - command_start) != NULL
                                 or memchr(raw + command_start, 39, end - command_start) != NULL):
                             raise ProtocolError("quoted inline arguments are not supported")
+                        if self._mode == SERVE:
+                            answered = self._inline(raw + command_start, end - command_start)
+                            if answered == 0:
+                                continue
+                            if answered > 0:
+                                if self._out_len > self._out_limit:
+                                    self._stop = True
+                                    return at
+                                continue
                         inline = split_words(raw + command_start, end - command_start)
                         if inline and self._deliver(inline):
                             return at
                         continue
+                    if self._mode == SERVE:
+                        end = self._whole(raw, total, at)
+                        if end >= 0:
+                            at = end
+                            if self._out_len > self._out_limit:
+                                self._stop = True
+                                return at
+                            continue
                     end = find_crlf(raw, at, min(at + LINE_MAX, total))
                     if end < 0:
                         if total - at >= LINE_MAX:
@@ -482,36 +515,102 @@ cdef class RespFramer:
     # -- the fast path: plain string commands ----------------------------------------------------
 
     cdef bint _execute(self, list command) except -1:
-        """Answer ``command`` if it is a plain form of a command taken here; False if not (the
-        caller's own dispatch then runs it, with its arity checks and error texts)."""
-        cdef Py_ssize_t count = PyList_GET_SIZE(command)
-        cdef object name = <object>PyList_GET_ITEM(command, 0)
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(name)
-        if size == 3:
-            if count == 2 and named(name, b"GET", 3):
-                return self._get(<object>PyList_GET_ITEM(command, 1))
-            if count == 3 and named(name, b"SET", 3):
-                key = <object>PyList_GET_ITEM(command, 1)
-                PyDict_SetItem(self._store, key, <object>PyList_GET_ITEM(command, 2))
+        """``_answer`` for a command parsed into a list (one that spanned reads)."""
+        cdef const char *arg[SPANS]
+        cdef Py_ssize_t size[SPANS]
+        cdef Py_ssize_t i, count = PyList_GET_SIZE(command)
+        if count > SPANS:
+            return False
+        for i in range(count):
+            item = <object>PyList_GET_ITEM(command, i)
+            arg[i] = PyBytes_AS_STRING(item)
+            size[i] = PyBytes_GET_SIZE(item)
+        return self._answer(arg, size, count)
+
+    cdef Py_ssize_t _whole(self, const unsigned char *raw, Py_ssize_t total,
+                           Py_ssize_t at) except -2:
+        """The plain, whole command at ``at`` (``*N`` and ``$N`` headers of digits only,
+        within every cap), answered from spans of ``raw`` without making a list; the position
+        after it, or -1 where it is anything else, for the general parser to take as usual."""
+        cdef const char *arg[SPANS]
+        cdef Py_ssize_t size[SPANS]
+        cdef Py_ssize_t count, i, end, length, body, start = at
+        end = find_crlf(raw, at, min(at + LINE_MAX, total))
+        if end < 0:
+            return -1
+        count = plain_length(raw + at + 1, end - at - 1)
+        if not 0 < count <= SPANS or count > self.max_arguments:
+            return -1
+        at = end + 2
+        for i in range(count):
+            if at >= total or raw[at] != 36:
+                return -1
+            end = find_crlf(raw, at, min(at + LINE_MAX, total))
+            if end < 0:
+                return -1
+            length = plain_length(raw + at + 1, end - at - 1)
+            body = end + 2
+            if (length < 0 or length > self.max_bulk or body + length + 2 > total
+                    or raw[body + length] != 13 or raw[body + length + 1] != 10):
+                return -1
+            arg[i] = <const char *>raw + body
+            size[i] = length
+            at = body + length + 2
+        if at - start > self.max_request or not self._answer(arg, size, count):
+            return -1
+        return at
+
+    cdef Py_ssize_t _inline(self, const unsigned char *raw, Py_ssize_t size) except -2:
+        """The words of an inline line (no quotes, checked), answered from spans: 1 if it
+        was, 0 for an empty line, -1 for anything else."""
+        cdef const char *arg[SPANS]
+        cdef Py_ssize_t length[SPANS]
+        cdef Py_ssize_t count = 0, at = 0, start
+        while at < size:
+            while at < size and is_space(raw[at]):
+                at += 1
+            if at == size:
+                break
+            start = at
+            while at < size and not is_space(raw[at]):
+                at += 1
+            if count == SPANS:
+                return -1
+            arg[count] = <const char *>raw + start
+            length[count] = at - start
+            count += 1
+        if not count:
+            return 0
+        return 1 if self._answer(arg, length, count) else -1
+
+    cdef bint _answer(self, const char **arg, Py_ssize_t *size, Py_ssize_t count) except -1:
+        """Answer a command given as spans, if it is a plain form of one taken here; False if
+        not (the caller's own dispatch then runs it, with its arity checks and error texts)."""
+        if size[0] == 3:
+            if count == 2 and named(arg[0], 3, b"GET", 3):
+                return self._get(PyBytes_FromStringAndSize(arg[1], size[1]))
+            if count == 3 and named(arg[0], 3, b"SET", 3):
+                key = PyBytes_FromStringAndSize(arg[1], size[1])
+                PyDict_SetItem(self._store, key, PyBytes_FromStringAndSize(arg[2], size[2]))
                 if PyDict_Size(self._expires):
                     self._expires.pop(key, None)
                 self._append(b"+OK\r\n", 5)
                 return True
-        elif size == 4:
-            if named(name, b"PING", 4):
+        elif size[0] == 4:
+            if named(arg[0], 4, b"PING", 4):
                 if count == 1:
                     self._append(b"+PONG\r\n", 7)
                     return True
                 if count == 2:
-                    self._bulk_reply(<object>PyList_GET_ITEM(command, 1))
+                    self._bulk_reply(arg[1], size[1])
                     return True
-            elif count == 2 and named(name, b"ECHO", 4):
-                self._bulk_reply(<object>PyList_GET_ITEM(command, 1))
+            elif count == 2 and named(arg[0], 4, b"ECHO", 4):
+                self._bulk_reply(arg[1], size[1])
                 return True
-            elif count == 2 and named(name, b"INCR", 4):
-                return self._add(<object>PyList_GET_ITEM(command, 1), 1)
-            elif count == 2 and named(name, b"DECR", 4):
-                return self._add(<object>PyList_GET_ITEM(command, 1), -1)
+            elif count == 2 and named(arg[0], 4, b"INCR", 4):
+                return self._add(PyBytes_FromStringAndSize(arg[1], size[1]), 1)
+            elif count == 2 and named(arg[0], 4, b"DECR", 4):
+                return self._add(PyBytes_FromStringAndSize(arg[1], size[1]), -1)
         return False
 
     cdef bint _get(self, key) except -1:
@@ -527,7 +626,7 @@ cdef class RespFramer:
             return True
         if not PyBytes_CheckExact(<object>value):
             return False
-        self._bulk_reply(<object>value)
+        self._bulk_reply(PyBytes_AS_STRING(<object>value), PyBytes_GET_SIZE(<object>value))
         return True
 
     cdef bint _add(self, key, long long by) except -1:
@@ -591,15 +690,14 @@ cdef class RespFramer:
         self._out_len += size
         return 0
 
-    cdef int _bulk_reply(self, bytes value) except -1:
+    cdef int _bulk_reply(self, const char *value, Py_ssize_t size) except -1:
         cdef char digits[24]
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(value)
         cdef Py_ssize_t length = format_integer(size, digits)
         self._reserve(size + length + 5)
         self._append(b"$", 1)
         self._append(digits, length)
         self._append(b"\r\n", 2)
-        self._append(PyBytes_AS_STRING(value), size)
+        self._append(value, size)
         self._append(b"\r\n", 2)
         return 0
 
