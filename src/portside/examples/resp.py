@@ -127,35 +127,49 @@ class RespHandler(MessageHandler[Command]):
         super().connection_made(conn, first_data)
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
+        """``MessageHandler.data_received``, with the compiled framer's fast path: the plain
+        PING/ECHO/GET/SET/INCR/DECR of a read are answered in C into one reply buffer, written
+        once; any other command stops it and goes through ``_dispatch`` as usual, after the
+        replies before it. The fast path runs only where a reply cannot be reordered or held:
+        nothing outstanding or held, the write queue under high water, not inside MULTI. One
+        Python frame per read: this one."""
         deadlines = self._deadlines
         if deadlines and deadlines[0][0] <= now_ms():
             self.reclaim_expired(now_ms())
         session: MessageSession[Command] = conn.layer
         framer = session.framer
-        if type(framer) is CompiledRespFramer:
-            self._serve(conn, session.sequencer, framer, data)
-        else:
-            super().data_received(conn, data)
-
-    def _serve(self, conn: Connection, sequencer: ReplySequencer, framer: CompiledFramer,
-               data: memoryview) -> None:
-        """``MessageHandler.data_received`` with the compiled framer's fast path: the plain
-        PING/ECHO/GET/SET/INCR/DECR of a read are answered in C, in one reply buffer written
-        once; any other command stops it and goes through ``_dispatch`` as usual, after the
-        replies before it. The fast path runs only while replies cannot be reordered or held:
-        nothing outstanding or held, the write queue under high water, no MULTI."""
+        sequencer = session.sequencer
         client: Client = conn.user_data
         high_water = conn.listener.config.write_high_water
-        if (sequencer.next_issue != sequencer.next_release or sequencer.held
-                or client.queued is not None or conn.write_buffer_size > high_water):
+        if (type(framer) is not CompiledRespFramer or client.queued is not None
+                or sequencer.next_issue != sequencer.next_release or sequencer.held
+                or conn.write_buffer_size > high_water):
             super().data_received(conn, data)
             return
+        fast: CompiledFramer = framer
         try:
-            replies, command = framer.serve(data, self.store, self.expires, client.resp3,
-                                            high_water)
+            replies, command = fast.serve(data, self.store, self.expires, client.resp3,
+                                          high_water)
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
+        if command is None and not fast.reading:  # the common case: every command answered
+            if replies:
+                conn.write(replies)
+        else:
+            self._serve_rest(conn, sequencer, fast, data, replies, command)
+        if fast.error is not None and conn.is_open:  # after the commands before the bad one
+            self.protocol_error(conn, fast.error)
+            return
+        conn.awaiting_data(fast.buffered > 0)  # a command begun: read_timeout runs
+
+    def _serve_rest(self, conn: Connection, sequencer: ReplySequencer, framer: CompiledFramer,
+                    data: memoryview, replies: bytes, command: Command | None) -> None:
+        """A read the fast path stopped in: the command it handed back through ``_dispatch``,
+        then the fast path again while the state allows it, else the rest through
+        ``_dispatch`` (which holds what must wait)."""
+        client: Client = conn.user_data
+        high_water = conn.listener.config.write_high_water
         corked = False
         try:
             while True:
@@ -166,28 +180,24 @@ class RespHandler(MessageHandler[Command]):
                         conn.write(replies)
                 if command is not None:
                     if not corked and framer.reading:
-                        # Commands answered in Python between fast ones: one send still.
+                        # Commands answered in Python between fast ones: still one send.
                         conn.cork()
                         sequencer.cork_room = high_water
                         corked = True
                     self._dispatch(conn, sequencer, (command,))
                 if not framer.reading:
-                    break
+                    return
                 if (not conn.is_open or sequencer.next_issue != sequencer.next_release
                         or sequencer.held or client.queued is not None
                         or conn.write_buffer_size > high_water):
                     self._dispatch(conn, sequencer, framer.rest(data))  # held, in order
-                    break
+                    return
                 replies, command = framer.resume(data, self.store, self.expires, client.resp3,
                                                  high_water)
         finally:
             if corked:
                 sequencer.cork_room = None
                 conn.uncork()
-        if framer.error is not None and conn.is_open:  # after the commands before the bad one
-            self.protocol_error(conn, framer.error)
-            return
-        conn.awaiting_data(framer.buffered > 0)  # a command begun: read_timeout runs
 
     def message_received(self, conn: Connection, message: Command) -> None:
         name = message[0].upper()
