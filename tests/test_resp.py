@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import test_parse_work as parse_work
 from hypothesis import given
 from hypothesis import strategies as st
 from proc import PortsideProcess
@@ -252,6 +253,20 @@ def test_serve_answers_as_the_python_commands_do(
     assert served.store == reference.store
     assert served.expires.keys() == reference.expires.keys()
     assert str(framer.error) == str(pure.error)
+
+
+@pytest.mark.skipif(CompiledRespFramer is None, reason="the compiled framer is not built")
+@pytest.mark.parametrize("case", ["resp-arguments", "resp-bulk", "resp-inline"])
+def test_compiled_framer_does_linear_work(case: str) -> None:
+    """test_parse_work's bound, for the compiled twin: a trickled command costs about what it
+    costs in one piece."""
+    assert CompiledRespFramer is not None
+    stream = parse_work.CASES[case][1]
+    piece = 16 if case == "resp-inline" else parse_work.PIECE
+    whole, whole_count = parse_work.parse_cpu(CompiledRespFramer, stream, len(stream))
+    trickled, trickled_count = parse_work.parse_cpu(CompiledRespFramer, stream, piece)
+    assert whole_count == trickled_count == 1
+    assert trickled <= 5 * whole + 0.3, (case, whole, trickled)
 
 
 class GeneralOnly(RespFramer):
