@@ -16,6 +16,14 @@ Expiry, as Redis does it: a key past its deadline is gone for every command that
 at most ``EXPIRE_BATCH`` per read: never a scan of all keys. Stale heap entries (a key whose
 deadline changed) are skipped when they surface and dropped when they outnumber live ones.
 The store is a dict in each process (with several workers, each has its own).
+
+The hot path. With the compiled RESP framer (``protocols/_resp.pyx``, chosen by
+``new_framer``), ``data_received`` hands each read to its ``serve``, which answers the plain
+forms of PING, ECHO, GET, SET, INCR and DECR in C on ``store`` and ``expires`` and returns one
+reply buffer: a pipelined read of those costs one Python call and one send. Every other
+command, form or case (a key with a time to live, MULTI, errors, replies past high water) is
+handed back and runs through ``MessageHandler``'s dispatch and the methods below, which stay
+the reference for what the fast path answers (a differential test holds them to it).
 """
 
 from __future__ import annotations
