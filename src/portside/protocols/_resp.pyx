@@ -38,7 +38,9 @@ cdef Py_ssize_t MIB = 1024 * KIB
 cdef Py_ssize_t LINE_MAX = 32  # resp.py's _LINE_MAX
 cdef Py_ssize_t NO_COMMAND = -1
 cdef Py_ssize_t HUGE = 1 << 62  # stands for any length past every cap (Python's int is unbounded)
-cdef Py_ssize_t OUT_KEEP = 64 * 1024  # an output buffer larger than this is freed after use
+cdef Py_ssize_t OUT_KEEP = 64 * 1024  # a reply buffer larger than this is freed after use
+cdef char *spare = NULL  # the reply buffer between serve() calls, shared by every framer
+cdef Py_ssize_t spare_cap = 0
 
 cdef enum:
     SPANS = 8  # arguments of a command the fast path looks at, at most
@@ -286,22 +288,29 @@ cdef class RespFramer:
 
     cdef tuple _serve(self, data, dict store, dict expires, bint resp3, Py_ssize_t limit,
                       bint first):
+        global spare, spare_cap
         self._mode = SERVE
         self._store = store
         self._expires = expires
         self._resp3 = resp3
         self._out_limit = limit
-        self._out_len = 0
         self._stopped = None
-        self._run(data, first)
+        # The process's reply buffer, for this call only: an idle connection keeps none. (A
+        # call nested in this one, were there any, would find it taken and make its own.)
+        self._out, self._out_cap, self._out_len = spare, spare_cap, 0
+        spare, spare_cap = NULL, 0
+        try:
+            self._run(data, first)
+            replies = PyBytes_FromStringAndSize(self._out, self._out_len) if self._out_len \
+                else b""
+        finally:
+            if spare == NULL and self._out_cap <= OUT_KEEP:
+                spare, spare_cap = self._out, self._out_cap
+            else:  # a large reply's buffer is not kept
+                free(self._out)
+            self._out, self._out_cap = NULL, 0
+            self._store = self._expires = None
         command, self._stopped = self._stopped, None
-        if not self._out_len:
-            return b"", command
-        replies = PyBytes_FromStringAndSize(self._out, self._out_len)
-        if self._out_cap > OUT_KEEP:  # a large reply: do not keep its buffer per connection
-            free(self._out)
-            self._out = NULL
-            self._out_cap = 0
         return replies, command
 
     cdef int _run(self, data, bint first) except -1:
