@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,6 +53,22 @@ def test_the_compiled_framer_is_built_and_chosen() -> None:
     assert type(new_framer()) is CompiledRespFramer
     assert isinstance(new_framer(), Framer)
     assert type(RespHandler().make_framer()) is CompiledRespFramer
+
+
+def test_without_the_compiled_framer_the_reference_serves_and_says_so() -> None:
+    """As if ``_resp`` were not built: the example runs on the pure framer, with one log line."""
+    code = (
+        "import logging, sys\n"
+        "sys.modules['portside.protocols._resp'] = None  # as if it were not built\n"
+        "logging.basicConfig()\n"
+        "from portside.examples.resp import RespHandler\n"
+        "framer = RespHandler().make_framer()\n"
+        "print(type(framer).__module__, framer.feed(b'PING\\r\\n'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=WAIT, check=True)
+    assert done.stdout.split() == ["portside.protocols.resp", "[[b'PING']]"]
+    assert "compiled RESP framer unavailable" in done.stderr
+    assert done.stderr.count("\n") == 1
 
 
 def split_feed(framer: Framer[Command], stream: bytes,

@@ -46,6 +46,8 @@ from portside.protocols.resp import (
     NULL3,
     Command,
     CompiledRespFramer,
+    compiled_available,
+    compiled_unavailable_reason,
     encode_array,
     encode_bulk,
     encode_error,
@@ -103,6 +105,9 @@ class RespHandler(MessageHandler[Command]):
     """Answers each RESP command; one store shared by every connection of this process."""
 
     def __init__(self) -> None:
+        if not compiled_available():
+            logger.warning("compiled RESP framer unavailable (%s); using the pure-Python one",
+                           compiled_unavailable_reason())
         self.store: dict[bytes, bytes] = {}
         #: Keys with a time to live: their deadline (monotonic milliseconds).
         self.expires: dict[bytes, int] = {}
