@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -501,6 +502,41 @@ def test_one_read_mixing_fast_and_other_commands_keeps_every_contract(resp_port:
     got = exchange(resp_port, request, after)
     assert got.startswith(before + hello)  # the rest of HELLO's map holds the connection's id
     assert got.endswith(b"$7\r\nmodules\r\n*0\r\n" + after)
+
+
+@pytest.mark.parametrize("server", ["compiled", "compiled-pure-framer"])
+def test_a_command_left_unfinished_hits_the_read_timeout(tmp_path: os.PathLike[str],
+                                                         server: str) -> None:
+    """The fast path reports what the peer owes as the message layer does: a command cut
+    short is closed after read_timeout (not before), one that sent whole commands is not."""
+    proc = PortsideProcess([*SERVERS[server], "--read-timeout", "0.5",
+                            "--control", os.path.join(tmp_path, "ctl")])
+    try:
+        port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as whole, \
+                socket.create_connection(("127.0.0.1", port), timeout=WAIT) as cut:
+            whole.sendall(encode_command([b"SET", b"k", b"v"]) + b"GET k\r\n")
+            assert exchange_on(whole, b"$1\r\nv\r\n") == b"+OK\r\n$1\r\nv\r\n"
+            cut.sendall(encode_command([b"PING"]) + b"*2\r\n$3\r\nGET\r\n$1\r\n")
+            started = time.monotonic()
+            assert exchange_on(cut, b"+PONG\r\n") == b"+PONG\r\n"
+            assert cut.recv(100) == b""  # closed by the server
+            waited = time.monotonic() - started
+            assert 0.45 <= waited < 0.5 + 10, waited
+            whole.sendall(b"PING\r\n")  # owed nothing: still open
+            assert exchange_on(whole, b"+PONG\r\n") == b"+PONG\r\n"
+    finally:
+        proc.kill()
+
+
+def exchange_on(sock: socket.socket, last: bytes) -> bytes:
+    """Read from ``sock`` until what arrived ends with ``last``."""
+    got = b""
+    while not got.endswith(last):
+        data = sock.recv(65536)
+        assert data, got
+        got += data
+    return got
 
 
 def peak_rss(pid: int) -> int:
