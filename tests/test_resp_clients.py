@@ -69,7 +69,7 @@ def redis_port() -> Iterator[int]:
             proc.stdout.close()
 
 
-@pytest.fixture(scope="module", params=["epoll", "asyncio"])
+@pytest.fixture(scope="module", params=["compiled", "epoll", "asyncio"])
 def portside_port(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                   ) -> Iterator[int]:
     control = tmp_path_factory.mktemp("ctl") / "ctl"

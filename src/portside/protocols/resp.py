@@ -33,6 +33,10 @@ optional accelerator, but it parses replies, not requests: no inline commands, n
 buffers any announced bulk length), and it accepts ``+simple``, ``:integer``, null and nested
 elements inside a command, some indistinguishable from bulk strings once parsed. Making it
 refuse exactly what this parser refuses costs per-argument Python work, most of its gain.
+So portside has its own: ``_resp.pyx`` is this parser's compiled twin (same state, limits and
+error texts; the same property tests run against both, and a differential test compares
+them), with a fast path for a server's plain string commands. ``new_framer`` is the one place
+that picks it when it imports; ``RespFramer`` here stays the reference.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ from typing import Final
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import Buffer, Framer
+
+try:
+    from portside.protocols._resp import RespFramer as _Compiled
+except ImportError as exc:  # not built (no compiler at install time) or built for another Python
+    _Compiled = None  # type: ignore[assignment,misc]
+    _import_error = str(exc)
+else:
+    _import_error = ""
 
 Command = list[bytes]
 
@@ -249,6 +261,28 @@ class RespFramer(Framer[Command]):
 
     def encode(self, message: Buffer) -> list[Buffer]:
         return [message]  # replies are encoded whole by the encode_* functions
+
+
+#: The compiled twin of ``RespFramer`` (``_resp.pyx``), or None where it did not build.
+CompiledRespFramer: type[_Compiled] | None = _Compiled
+
+
+def compiled_available() -> bool:
+    """Whether the compiled framer (``_resp.pyx``) imports; ``compiled_unavailable_reason``
+    says why not."""
+    return CompiledRespFramer is not None
+
+
+def compiled_unavailable_reason() -> str:
+    return _import_error
+
+
+def new_framer(max_bulk: int = MAX_BULK, max_arguments: int = MAX_ARGUMENTS,
+               max_request: int = MAX_REQUEST, max_inline: int = MAX_INLINE) -> Framer[Command]:
+    """A RESP framer with these limits: the compiled one where it imports, else the reference
+    (they behave the same; the compiled one also has ``serve``)."""
+    kind = CompiledRespFramer if CompiledRespFramer is not None else RespFramer
+    return kind(max_bulk, max_arguments, max_request, max_inline)
 
 
 # -- replies ---------------------------------------------------------------------------------------
