@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from portside import Connection
+from portside.connection import LayerConnection, as_layer
 from portside.errors import ProtocolError
 from portside.messages import MessageHandler, MessageSession
 from portside.ordering import ReplySequencer
@@ -149,7 +150,8 @@ class RespHandler(MessageHandler[Command]):
         deadlines = self._deadlines
         if deadlines and deadlines[0][0] <= now_ms():
             self.reclaim_expired(now_ms())
-        session: MessageSession[Command] = conn.layer
+        layered = as_layer(conn)  # the session and reply order MessageHandler keeps
+        session: MessageSession[Command] = layered.layer
         framer = session.framer
         sequencer = session.sequencer
         client: Client = conn.user_data
@@ -170,13 +172,13 @@ class RespHandler(MessageHandler[Command]):
             if replies:
                 conn.write(replies)
         else:
-            self._serve_rest(conn, sequencer, fast, data, replies, command)
+            self._serve_rest(layered, sequencer, fast, data, replies, command)
         if fast.error is not None and conn.is_open:  # after the commands before the bad one
             self.protocol_error(conn, fast.error)
             return
         conn.awaiting_data(fast.buffered > 0)  # a command begun: read_timeout runs
 
-    def _serve_rest(self, conn: Connection, sequencer: ReplySequencer, framer: CompiledFramer,
+    def _serve_rest(self, conn: LayerConnection, sequencer: ReplySequencer, framer: CompiledFramer,
                     data: memoryview, replies: bytes, command: Command | None) -> None:
         """A read the fast path stopped in: the command it handed back through ``_dispatch``,
         then the fast path again while the state allows it, else the rest through
