@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from portside.engine.connection import CloseReason, Connection
+    from portside.engine.outbound import ConnectAttempt
     from portside.server import Server
 
 logger = logging.getLogger("portside")
@@ -77,6 +78,12 @@ class Handler:
         """The connection is gone. Called exactly once for every connection the kernel handed
         portside, pending data-first ones included (those never saw ``connection_made``:
         check ``reason``). The object may be reused afterwards: drop references to it."""
+
+    def connect_failed(self, attempt: ConnectAttempt, exc: OSError) -> None:
+        """An outbound connect (``Server.connect``) failed: refused, unreachable, timed out
+        (``TimeoutError``), cancelled or cut short by shutdown (``ConnectionAbortedError``).
+        Called once per attempt, instead of ``connection_made``. The default logs a line."""
+        logger.warning("connect to %s failed: %s", attempt.address, exc.strerror or exc)
 
     def error(self, conn: Connection | None, exc: BaseException) -> None:
         """A callback raised, or a socket failed unexpectedly. Called once per failure; the

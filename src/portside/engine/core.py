@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from portside.config import ServerConfig
+from portside.config import ListenerConfig, ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
+from portside.engine.outbound import DEFAULT_OUTBOUND, Connector
 from portside.engine.reactor import Reactor
 
 if TYPE_CHECKING:
@@ -44,6 +45,22 @@ class EngineCore:
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
         self._log_connections = config.log_connections  # off by default: one check per close
+        #: Outbound connections' policies and counters, one per ListenerConfig used to connect.
+        self.connectors: dict[ListenerConfig, Connector] = {}
+
+    def connector(self, config: ListenerConfig | None = None) -> Connector:
+        """The ``Connector`` for outbound connections under ``config``'s policies."""
+        config = config or DEFAULT_OUTBOUND
+        found = self.connectors.get(config)
+        if found is None:
+            found = self.connectors[config] = Connector(self, config)
+        return found
+
+    def close_outbound(self) -> None:
+        """Shutdown: connects under way fail, and no new one starts (connections made go on
+        until the server closes them with the others)."""
+        for connector in self.connectors.values():
+            connector.close()
 
     def new_connection(self) -> Connection:
         """A connection object, from the pool (a TLS session is made per connection)."""
@@ -76,9 +93,11 @@ class EngineCore:
             del conn
 
     def report_error(self, conn: Connection | None, exc: BaseException) -> None:
-        """Tell the handler once; if its ``error`` callback raises too, log both."""
+        """Tell the handler once (the connection's own: an outbound one may have its own);
+        if its ``error`` callback raises too, log both."""
+        handler = conn._handler if conn is not None else self.handler
         try:
-            self.handler.error(conn, exc)
+            handler.error(conn, exc)
         except Exception:
             logger.exception("handler.error raised while reporting %r", exc)
 

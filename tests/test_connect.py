@@ -1,0 +1,249 @@
+"""Outbound connections (``Server.connect``) on every engine, over real loopback sockets: the
+callbacks, the write path, the connect deadline on both sides, failures, statistics, shutdown."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import (
+    CLOCK_SLACK,
+    WAIT,
+    RecordingHandler,
+    ServeFactory,
+    recv_exactly,
+)
+
+from portside import CloseReason, Connection, ListenerConfig
+from portside.engine.outbound import ConnectAttempt
+from portside.errors import ConfigError
+
+
+class Outbound(RecordingHandler):
+    """Records an outbound connection's callbacks; does not echo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[tuple[ConnectAttempt, OSError, float]] = []
+        self.user_data: dict[int, Any] = {}
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        self.user_data[conn.id] = conn.user_data
+        super().connection_made(conn, first_data)
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        self.received.setdefault(conn.id, bytearray()).extend(data)
+        self.record("data_received", conn, len(data))
+
+    def connect_failed(self, attempt: ConnectAttempt, exc: OSError) -> None:
+        with self._cond:
+            self.failures.append((attempt, exc, time.monotonic()))
+        self.record("connect_failed", None, exc)
+
+
+def on_loop(server: Any, action: Any) -> Any:
+    """Run ``action`` on the server's loop and return its result."""
+    done = threading.Event()
+    result: list[Any] = []
+
+    def run() -> None:
+        result.append(action())
+        done.set()
+
+    server.call_soon_threadsafe(run)
+    assert done.wait(WAIT)
+    return result[0]
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[tuple[socket.socket, tuple[str, int]]]:
+    """A listening socket whose backlog is full and that never accepts: a connect to it
+    neither succeeds nor fails (the kernel drops its SYNs) until the connect's deadline."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=WAIT)  # fills it
+    yield listener, listener.getsockname()
+    filler.close()
+    listener.close()
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then closed: a connect there is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_connect_round_trip(serve: ServeFactory) -> None:
+    rs = serve()
+    host, port = rs.address()
+    client = Outbound()
+    attempt = rs.server.connect(host, port, client, user_data="mine")
+    client.wait(lambda: "connection_made" in client.names(), "connection_made")
+    assert attempt.state == "connected" and attempt.connection is not None
+    conn = attempt.connection
+    assert client.made[conn.id] is None  # no first data on an outbound connection
+    assert client.user_data[conn.id] == "mine"
+    assert conn.peer_address[:2] == (host, port)
+    on_loop(rs.server, lambda: conn.write(b"hello outbound"))
+    client.wait(lambda: bytes(client.received.get(conn.id, b"")) == b"hello outbound", "echo")
+    stats = rs.server.statistics().outbound[0]
+    assert (stats.name, stats.active, stats.connected, stats.connecting) == ("outbound", 1, 1, 0)
+    on_loop(rs.server, conn.close)
+    client.wait(lambda: conn.id in client.closed, "connection_closed")
+    assert client.closed[conn.id] == [CloseReason.CLOSED]
+    rs.handler.wait(lambda: rs.handler.closed_count() == 1, "the accepted side closed")
+    stats = rs.server.statistics().outbound[0]
+    assert (stats.active, stats.closed, stats.closed_by_reason) == (0, 1, {"closed": 1})
+    assert stats.bytes_out == stats.bytes_in == len(b"hello outbound")
+    assert stats.connect_count == 1
+    # Counted apart from the listener's figures: the listener saw one accepted connection.
+    assert rs.server.statistics().listeners[0].accepted == 1
+    assert not client.errors
+
+
+def test_connect_unix_and_peer_half_close(serve: ServeFactory, tmp_path: Any) -> None:
+    path = str(tmp_path / "echo.sock")
+    rs = serve(ListenerConfig(path=path))
+    client = Outbound()
+    attempt = rs.server.connect_unix(path, client)
+    client.wait(lambda: attempt.state == "connected", "connected")
+    conn = attempt.connection
+    assert conn is not None
+    on_loop(rs.server, lambda: (conn.write(b"abc"), conn.write_eof()))
+    # The echo server gets our FIN, echoes what it had and closes (its eof_received default).
+    client.wait(lambda: conn.id in client.closed, "closed after both FINs")
+    assert bytes(client.received[conn.id]) == b"abc"
+    assert "eof_received" in client.names()
+    assert client.closed[conn.id] == [CloseReason.CLOSED]
+
+
+def test_connect_by_name_resolves_off_the_loop(serve: ServeFactory) -> None:
+    rs = serve()
+    _, port = rs.address()
+    client = Outbound()
+    attempt = rs.server.connect("localhost", port, client)
+    client.wait(lambda: attempt.state != "connecting", "the attempt to end")
+    if attempt.state == "failed":  # localhost resolved to ::1 first, and nothing listens there
+        assert isinstance(attempt.error, ConnectionRefusedError)
+    else:
+        assert attempt.connection is not None
+        on_loop(rs.server, attempt.connection.close)
+        client.wait(lambda: bool(client.closed), "closed")
+
+
+def test_connect_refused_is_reported_and_counted(serve: ServeFactory) -> None:
+    rs = serve()
+    client = Outbound()
+    attempt = rs.server.connect("127.0.0.1", free_port(), client)
+    client.wait(lambda: bool(client.failures), "connect_failed")
+    assert attempt.state == "failed"
+    assert isinstance(client.failures[0][1], ConnectionRefusedError)
+    assert "connection_made" not in client.names()
+    stats = rs.server.statistics().outbound[0]
+    assert (stats.connect_failed, stats.connect_timeouts, stats.connected) == (1, 0, 0)
+
+
+def test_connect_timeout_neither_early_nor_late(serve: ServeFactory,
+                                                silent_peer: Any) -> None:
+    rs = serve()
+    _, (host, port) = silent_peer
+    client = Outbound()
+    timeout = 0.5
+    started = time.monotonic()
+    rs.server.connect(host, port, client, timeout=timeout)
+    client.wait(lambda: bool(client.failures), "connect_failed")
+    _, exc, failed_at = client.failures[0]
+    assert isinstance(exc, TimeoutError)
+    elapsed = failed_at - started
+    assert elapsed >= timeout - CLOCK_SLACK, f"timed out early, after {elapsed:.3f} s"
+    assert elapsed < timeout + 1.0, f"timed out late, after {elapsed:.3f} s"
+    stats = rs.server.statistics().outbound[0]
+    assert (stats.connect_failed, stats.connect_timeouts, stats.connecting) == (1, 1, 0)
+
+
+def test_cancel_reports_once(serve: ServeFactory, silent_peer: Any) -> None:
+    rs = serve()
+    _, (host, port) = silent_peer
+    client = Outbound()
+    attempt = rs.server.connect(host, port, client, timeout=WAIT)
+    on_loop(rs.server, attempt.cancel)
+    on_loop(rs.server, attempt.cancel)  # a second cancel does nothing
+    client.wait(lambda: bool(client.failures), "connect_failed")
+    assert len(client.failures) == 1
+    assert isinstance(client.failures[0][1], ConnectionAbortedError)
+
+
+def test_bad_timeout_is_refused(serve: ServeFactory) -> None:
+    rs = serve()
+    host, port = rs.address()
+    for timeout in (0.0, -1.0, float("inf")):
+        with pytest.raises(ConfigError):
+            rs.server.connect(host, port, Outbound(), timeout=timeout)
+
+
+def test_shutdown_closes_outbound_connections_and_fails_attempts(
+        serve: ServeFactory, silent_peer: Any) -> None:
+    rs = serve()
+    # A peer that accepts and then says nothing: the outbound connection stays open.
+    quiet = socket.socket()
+    quiet.bind(("127.0.0.1", 0))
+    quiet.listen(8)
+    client = Outbound()
+    try:
+        attempt = rs.server.connect(*quiet.getsockname(), client)
+        client.wait(lambda: attempt.state == "connected", "connected")
+        accepted, _ = quiet.accept()
+        pending = rs.server.connect(*silent_peer[1], client, timeout=WAIT)
+        on_loop(rs.server, lambda: None)  # the loop has started the attempt by now
+        assert rs.server.statistics().outbound[0].connecting == 1
+        rs.stop(drain_timeout=0.2)
+        assert pending.state == "failed"
+        assert isinstance(pending.error, ConnectionAbortedError)
+        assert attempt.connection is not None
+        assert client.closed[attempt.connection.id] == [CloseReason.SHUTDOWN]
+        assert recv_exactly(accepted, 0) == b""
+        accepted.close()
+    finally:
+        quiet.close()
+
+
+def test_outbound_backpressure(serve: ServeFactory) -> None:
+    """A peer that does not read: writes queue, pause_writing past high water, reading from
+    the peer pauses; once the peer reads, resume_writing and write_drained."""
+    rs = serve()
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(8)
+    client = Outbound()
+    config = ListenerConfig(name="tight", write_high_water=64 * 1024, write_low_water=16 * 1024)
+    try:
+        attempt = rs.server.connect(*sink.getsockname(), client, config=config)
+        client.wait(lambda: attempt.state == "connected", "connected")
+        peer, _ = sink.accept()
+        conn = attempt.connection
+        assert conn is not None
+        chunk = b"x" * 65536
+        total = 0
+        while "pause_writing" not in client.names():
+            on_loop(rs.server, lambda: conn.write(chunk))
+            total += len(chunk)
+            assert total < 64 * 1024 * 1024, "never paused"
+        assert on_loop(rs.server, lambda: conn.reading_paused)
+        got = 0
+        peer.settimeout(WAIT)
+        while got < total:
+            got += len(peer.recv(1 << 20))
+        client.wait(lambda: "resume_writing" in client.names(), "resume_writing")
+        client.wait(lambda: "write_drained" in client.names(), "write_drained")
+        assert rs.server.statistics().outbound[0].name == "tight"
+        on_loop(rs.server, conn.abort)
+        client.wait(lambda: conn.id in client.closed, "closed")
+        peer.close()
+    finally:
+        sink.close()
