@@ -115,7 +115,11 @@ def test_connect_unix_and_peer_half_close(serve: ServeFactory, tmp_path: Any) ->
     client.wait(lambda: attempt.state == "connected", "connected")
     conn = attempt.connection
     assert conn is not None
-    on_loop(rs.server, lambda: (conn.write(b"abc"), conn.write_eof()))
+    def write_then_half_close() -> None:
+        conn.write(b"abc")
+        conn.write_eof()
+
+    on_loop(rs.server, write_then_half_close)
     # The echo server gets our FIN, echoes what it had and closes (its eof_received default).
     client.wait(lambda: conn.id in client.closed, "closed after both FINs")
     assert bytes(client.received[conn.id]) == b"abc"
@@ -196,10 +200,10 @@ def test_shutdown_closes_outbound_connections_and_fails_attempts(
     quiet.listen(8)
     client = Outbound()
     try:
-        attempt = rs.server.connect(*quiet.getsockname(), client)
+        attempt = rs.server.connect("127.0.0.1", quiet.getsockname()[1], client)
         client.wait(lambda: attempt.state == "connected", "connected")
         accepted, _ = quiet.accept()
-        pending = rs.server.connect(*silent_peer[1], client, timeout=WAIT)
+        pending = rs.server.connect("127.0.0.1", silent_peer[1][1], client, timeout=WAIT)
         on_loop(rs.server, lambda: None)  # the loop has started the attempt by now
         assert rs.server.statistics().outbound[0].connecting == 1
         rs.stop(drain_timeout=0.2)
@@ -223,7 +227,7 @@ def test_outbound_backpressure(serve: ServeFactory) -> None:
     client = Outbound()
     config = ListenerConfig(name="tight", write_high_water=64 * 1024, write_low_water=16 * 1024)
     try:
-        attempt = rs.server.connect(*sink.getsockname(), client, config=config)
+        attempt = rs.server.connect("127.0.0.1", sink.getsockname()[1], client, config=config)
         client.wait(lambda: attempt.state == "connected", "connected")
         peer, _ = sink.accept()
         conn = attempt.connection
