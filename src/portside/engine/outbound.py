@@ -142,8 +142,8 @@ class ConnectAttempt:
                                                       writable=True)
                 return
             sock.close()  # failed at once (a Unix socket's full backlog is EAGAIN: failed too)
-            last = OSError(code, f"connect to {self.address}: {os.strerror(code)}")
-        self._fail(last or OSError(errno.EADDRNOTAVAIL, f"{self.address}: no address"))
+            last = OSError(code, os.strerror(code))
+        self._fail(last or OSError(errno.EADDRNOTAVAIL, "no address to connect to"))
 
     def handle_write(self) -> None:
         """The handshake ended (or failed): ``SO_ERROR`` says which."""
@@ -156,7 +156,7 @@ class ConnectAttempt:
             self._connected()
             return
         self._drop_socket()
-        self._next(OSError(code, f"connect to {self.address}: {os.strerror(code)}"))
+        self._next(OSError(code, os.strerror(code)))
 
     handle_read = handle_write  # never watched for reading; an error event means the same
 
@@ -185,14 +185,12 @@ class ConnectAttempt:
         self._deadline = None
         if self.state == "connecting":
             self._connector.timeouts += 1
-            self._fail(TimeoutError(errno.ETIMEDOUT, f"connect to {self.address} timed out "
-                                                     f"after {self.timeout:g} s"))
+            self._fail(TimeoutError(errno.ETIMEDOUT, f"timed out after {self.timeout:g} s"))
 
     def cancel(self) -> None:
         """Give up (the handler still hears ``connect_failed``, with ConnectionAbortedError)."""
         if self.state == "connecting":
-            self._fail(ConnectionAbortedError(errno.ECONNABORTED,
-                                              f"connect to {self.address} cancelled"))
+            self._fail(ConnectionAbortedError(errno.ECONNABORTED, "cancelled"))
 
     def _drop_socket(self) -> None:
         sock, self._sock = self._sock, None
