@@ -29,6 +29,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING, Any
 
 from portside.config import ListenerConfig
@@ -164,7 +165,6 @@ class ConnectAttempt:
         sock, self._sock = self._sock, None
         assert sock is not None
         connector = self._connector
-        self._end("connected")
         core = connector.core
         conn = core.new_connection()
         try:
@@ -173,7 +173,8 @@ class ConnectAttempt:
             peer = self.address
         conn.attach_outbound(core, connector, sock, peer, self.handler)
         conn.user_data = self.user_data
-        self.connection = conn
+        self.connection = conn  # before the state says so: other threads may look
+        self._end("connected")
         connector.connected += 1
         connector.active_count += 1
         connector.record_connect(core.reactor.time() - self.started_at)
@@ -252,6 +253,10 @@ class Connector:
         self.connect_sum = 0.0
         self.tls_failures = self.proxy_errors = 0  # never counted: no TLS, no PROXY header
         self._resolver: concurrent.futures.ThreadPoolExecutor | None = None
+        # Held by a resolver thread while it hands its answer to the loop, and by close():
+        # after close() no thread touches the reactor, which may be closed (its wake-up
+        # descriptor number reused) once the server has stopped.
+        self._resolver_lock = threading.Lock()
 
     def _optional(self, timeout: float, reason: CloseReason,
                   abort: bool) -> TimeoutTracker | None:
@@ -299,7 +304,9 @@ class Connector:
                 result: Any = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 result = exc
-            reactor.call_soon_threadsafe(lambda: attempt._resolved(result))
+            with self._resolver_lock:
+                if self._resolver is not None:
+                    reactor.call_soon_threadsafe(lambda: attempt._resolved(result))
 
         self._resolver.submit(work)
 
@@ -310,9 +317,10 @@ class Connector:
         for attempt in list(self.attempts):
             attempt._fail(ConnectionAbortedError(errno.ECONNABORTED,
                                                  "the server is shutting down"))
-        if self._resolver is not None:
-            self._resolver.shutdown(wait=False, cancel_futures=True)
-            self._resolver = None
+        with self._resolver_lock:
+            resolver, self._resolver = self._resolver, None
+        if resolver is not None:
+            resolver.shutdown(wait=False, cancel_futures=True)
         self.log.flush()
 
     # -- what the connections report (the listener's interface) ----------------------------------
