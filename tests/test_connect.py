@@ -251,3 +251,43 @@ def test_outbound_backpressure(serve: ServeFactory) -> None:
         peer.close()
     finally:
         sink.close()
+
+
+def test_outbound_figures_reach_ctl_metrics_and_top() -> None:
+    """Pure: the outbound figures, declared once, are merged over workers in the ``stats``
+    document, become Prometheus families labelled by ``outbound``, and columns in ``top``."""
+    import dataclasses
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from portside.control.target import combine
+    from portside.metrics import exposition
+    from portside.statistics import TTFB_BUCKETS, OutboundStatistics
+    from portside.top import fit, outbound_columns, render
+
+    def entry(connected: int) -> dict[str, Any]:
+        stats = OutboundStatistics(
+            name="upstream", connecting=1, active=2, connected=connected, connect_failed=1,
+            connect_timeouts=1, closed=3, idle_timeouts=0, write_timeouts=0, bytes_in=10,
+            bytes_out=20, closed_by_reason={"closed": 3},
+            connect_buckets=tuple(1 for _ in TTFB_BUCKETS), connect_sum=0.5,
+            connect_count=len(TTFB_BUCKETS))
+        return dataclasses.asdict(stats)
+
+    def worker(slot: str, connected: int) -> dict[str, Any]:
+        return {"process": {"slot": slot, "pid": int(slot) + 10, "state": "running",
+                            "uptime": 1, "connections": 0, "loop_lag": 0, "loop_lag_max": 0,
+                            "open_fds": 1, "max_fds": 2, "memory_bytes": 3, "cpu_seconds": 0},
+                "engine": "epoll", "accepting_paused": False, "listeners": [],
+                "outbound": [entry(connected)], "pools": {}}
+
+    document = combine([worker("0", 3), worker("1", 4)], 1.0)
+    (merged,) = document["outbound"]
+    assert merged["connected"] == 7 and merged["closed_by_reason"] == {"closed": 6}
+    families = {family.name: family for family in
+                text_string_to_metric_families(exposition(document).decode())}
+    (sample,) = families["portside_outbound_connected"].samples
+    assert sample.labels == {"outbound": "upstream"} and sample.value == 7
+    assert "portside_outbound_connect_seconds" in families
+    assert fit(outbound_columns(1.0), [(merged, None)], 80).columns
+    assert render(document, None, None, 1.0, width=120) is not None
