@@ -291,3 +291,22 @@ def test_outbound_figures_reach_ctl_metrics_and_top() -> None:
     assert "portside_outbound_connect_seconds" in families
     assert fit(outbound_columns(1.0), [(merged, None)], 80).columns
     assert render(document, None, None, 1.0, width=120) is not None
+
+
+def test_connect_unix_to_nothing_and_a_failing_callback(serve: ServeFactory,
+                                                        tmp_path: Any) -> None:
+    """A path nobody listens on fails at once (FileNotFoundError), reported once; an exception
+    from connect_failed goes to that handler's error, and the server goes on."""
+    rs = serve()
+
+    class Raising(Outbound):
+        def connect_failed(self, attempt: ConnectAttempt, exc: OSError) -> None:
+            super().connect_failed(attempt, exc)
+            raise RuntimeError("bug in connect_failed")
+
+    client = Raising()
+    rs.server.connect_unix(str(tmp_path / "nobody.sock"), client)
+    rs.server.connect_unix(str(tmp_path / ("x" * 200)), client)  # too long for sun_path
+    client.wait(lambda: len(client.errors) == 2, "both errors reported")
+    assert [type(exc) for _, exc, _ in client.failures] == [FileNotFoundError, OSError]
+    assert all(isinstance(exc, RuntimeError) for exc in client.errors)

@@ -128,11 +128,20 @@ class ConnectAttempt:
         """Try the next address; when none is left, fail with the last error."""
         while self._addresses:
             family, address = self._addresses.pop(0)
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                 | socket.SOCK_CLOEXEC)
-            if family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            code = sock.connect_ex(address)
+            try:  # out of descriptors (EMFILE), a path too long for a Unix socket: next
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                last = exc
+                continue
+            try:
+                if family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                code = sock.connect_ex(address)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
             if code == 0:
                 self._sock = sock
                 self._connected()
@@ -214,8 +223,11 @@ class ConnectAttempt:
         connector.failed += 1
         try:
             self.handler.connect_failed(self, exc)
-        except Exception as raised:
-            connector.core.report_error(None, raised)
+        except Exception as raised:  # reported to the attempt's own handler, like a callback
+            try:
+                self.handler.error(None, raised)
+            except Exception:
+                logger.exception("handler.error raised while reporting %r", raised)
 
     def __repr__(self) -> str:
         return f"<ConnectAttempt {self.address} {self.state}>"
