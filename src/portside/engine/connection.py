@@ -9,6 +9,10 @@ unread bytes makes the kernel send RST, which can destroy replies the peer has n
 ``_finalize`` is the single exit: it closes the descriptor and calls ``connection_closed``
 exactly once. A read borrows a pool buffer only for the callback; writes try ``send`` at once
 and queue only what the kernel did not take, copied, since the caller's buffer may be a loan.
+``write_eof`` half-closes an OPEN connection: its FIN goes out once the queue is empty, and
+reading goes on. An outbound connection (``attach_outbound``) enters OPEN with its connect
+already done (``outbound.py`` keeps connecting sockets away from these paths); its own handler
+receives its callbacks, and its ``Connector`` stands where a listener would.
 
 Close reasons. ``close_reason`` says why a connection ended, and the first reason recorded wins
 (``_set_reason`` is the only place that decides): what began the end is what the handler is
