@@ -309,3 +309,33 @@ def test_relay_command_line_bad_input_is_one_line() -> None:
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
 
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["single", "workers"])
+def test_portside_relay_command(workers: tuple[str, ...]) -> None:
+    """``portside relay`` as a real process (and with workers, which read the relay's options
+    from the environment the command sets): refusing upstream skipped, bytes relayed, SIGTERM
+    ends it cleanly."""
+    import signal
+
+    from proc import PortsideProcess, echo_once
+
+    echo = PortsideProcess(["echo", "--listen", "127.0.0.1:0"])
+    relay: PortsideProcess | None = None
+    try:
+        echo_port = int(echo.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        relay = PortsideProcess(["relay", "--listen", "127.0.0.1:0", "--upstream",
+                                 f"127.0.0.1:{free_port()},127.0.0.1:{echo_port}", *workers])
+        port = int(relay.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        relay.wait_for(r"relaying to 127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+", seen_too=True)
+        for number in range(6):
+            assert echo_once(port, b"through the relay %d" % number) == \
+                b"through the relay %d" % number
+        relay.signal(signal.SIGTERM)
+        assert relay.wait_exit() == 0
+        echo.signal(signal.SIGTERM)
+        assert echo.wait_exit() == 0
+    finally:
+        if relay is not None:
+            relay.kill()
+        echo.kill()
