@@ -18,8 +18,7 @@ from conftest import (
     recv_exactly,
 )
 
-from portside import CloseReason, Connection, ListenerConfig
-from portside.engine.outbound import ConnectAttempt
+from portside import CloseReason, ConnectAttempt, Connection, ListenerConfig
 from portside.errors import ConfigError
 
 

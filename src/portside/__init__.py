@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
     from portside.engine.buffers import PoolStatistics
     from portside.engine.connection import CloseReason, Connection
+    from portside.engine.outbound import ConnectAttempt
     from portside.errors import (
         ConfigError,
         ConnectionClosedError,
@@ -26,7 +27,12 @@ if TYPE_CHECKING:
     from portside.messages import MessageHandler
     from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
     from portside.server import Server, ServerState
-    from portside.statistics import ConnectionCounters, ListenerStatistics, ServerStatistics
+    from portside.statistics import (
+        ConnectionCounters,
+        ListenerStatistics,
+        OutboundStatistics,
+        ServerStatistics,
+    )
     from portside.streams import StreamHandler, StreamReader, StreamWriter
 
 _WHERE = {
@@ -34,6 +40,7 @@ _WHERE = {
     "ListenerConfig": "config", "ServerConfig": "config",
     "PoolStatistics": "engine.buffers",
     "CloseReason": "engine.connection", "Connection": "engine.connection",
+    "ConnectAttempt": "engine.outbound",
     "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
     "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
     "Handler": "handler",
@@ -42,6 +49,7 @@ _WHERE = {
     "LineFramer": "protocols.framing",
     "Server": "server", "ServerState": "server",
     "ConnectionCounters": "statistics", "ListenerStatistics": "statistics",
+    "OutboundStatistics": "statistics",
     "ServerStatistics": "statistics",
     "StreamHandler": "streams", "StreamReader": "streams", "StreamWriter": "streams",
 }
@@ -66,6 +74,7 @@ __all__ = [
     "AcceptPolicy",
     "CloseReason",
     "ConfigError",
+    "ConnectAttempt",
     "Connection",
     "ConnectionClosedError",
     "ConnectionCounters",
@@ -78,6 +87,7 @@ __all__ = [
     "ListenerConfig",
     "ListenerStatistics",
     "MessageHandler",
+    "OutboundStatistics",
     "PoolStatistics",
     "PortsideError",
     "ProtocolError",
