@@ -220,7 +220,7 @@ def test_refusing_upstream_is_skipped(serve: ServeFactory, clients: Any) -> None
 
 def test_all_upstreams_refuse(serve: ServeFactory, clients: Any,
                               caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="portside.relay")
+    caplog.set_level(logging.INFO, logger="portside")
     rs = start_relay(serve, [Upstream("127.0.0.1", free_port(), None),
                              Upstream("127.0.0.1", free_port(), None)])
     sock = clients.connect(rs.address())

@@ -82,8 +82,11 @@ class Handler:
     def connect_failed(self, attempt: ConnectAttempt, exc: OSError) -> None:
         """An outbound connect (``Server.connect``) failed: refused, unreachable, timed out
         (``TimeoutError``), cancelled or cut short by shutdown (``ConnectionAbortedError``).
-        Called once per attempt, instead of ``connection_made``. The default logs a line."""
-        logger.warning("connect to %s failed: %s", attempt.address, exc.strerror or exc)
+        Called once per attempt, instead of ``connection_made``. The default logs a line
+        (rate-limited: a few per interval, then a summary)."""
+        attempt.log.log("connect-failed", logging.WARNING,
+                        f"{{count}} more connects to {attempt.address} failed",
+                        "connect to %s failed: %s", attempt.address, exc.strerror or exc)
 
     def error(self, conn: Connection | None, exc: BaseException) -> None:
         """A callback raised, or a socket failed unexpectedly. Called once per failure; the

@@ -197,6 +197,12 @@ class ConnectAttempt:
             self._connector.timeouts += 1
             self._fail(TimeoutError(errno.ETIMEDOUT, f"timed out after {self.timeout:g} s"))
 
+    @property
+    def log(self) -> LogLimiter:
+        """Rate-limited log lines for what happens to attempts like this one (a few lines per
+        kind and a summary, as for clients): a flood of failures cannot flood the log."""
+        return self._connector.log
+
     def cancel(self) -> None:
         """Give up (the handler still hears ``connect_failed``, with ConnectionAbortedError)."""
         if self.state == "connecting":

@@ -254,14 +254,20 @@ class UpstreamSide(Handler):
             return  # cancelled because the client left
         pair.tried += 1
         relay = self.relay
+        # Through the connector's rate-limited log: with every upstream down, a flood of
+        # clients leaves a few lines and a summary, not a line each.
         if pair.tried < len(relay.upstreams):
-            logger.info("upstream %s failed (%s); trying the next", attempt.address,
-                        exc.strerror or exc)
+            attempt.log.log(f"upstream-failed {attempt.address}", logging.INFO,
+                            f"{{count}} more connects to upstream {attempt.address} failed",
+                            "upstream %s failed (%s); trying the next", attempt.address,
+                            exc.strerror or exc)
             relay.dial(pair)
             return
-        logger.warning("closed client %s: no upstream took it (%d tried; last: %s, %s)",
-                       _label(pair.client.peer_address), pair.tried, attempt.address,
-                       exc.strerror or exc)
+        attempt.log.log("no-upstream", logging.WARNING,
+                        "closed {count} more clients: no upstream took them",
+                        "closed client %s: no upstream took it (%d tried; last: %s, %s)",
+                        _label(pair.client.peer_address), pair.tried, attempt.address,
+                        exc.strerror or exc)
         pair.client.close()
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
