@@ -399,7 +399,8 @@ class Server:
             listeners=tuple(listener.statistics() for listener in self._listeners),
             buffer_pool=core.buffers.statistics() if core else empty,
             connection_pool=core.connections.statistics() if core else empty,
-            outbound=tuple(connector.statistics() for connector in core.connectors.values())
+            # A copy first (one C call): another thread's connect() may add a connector.
+            outbound=tuple(connector.statistics() for connector in list(core.connectors.values()))
             if core else (),
         )
 

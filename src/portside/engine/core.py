@@ -5,6 +5,7 @@ of them too would cost some 50 bytes per idle connection at 10,000)."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from portside.config import ListenerConfig, ServerConfig
@@ -47,19 +48,21 @@ class EngineCore:
         self._log_connections = config.log_connections  # off by default: one check per close
         #: Outbound connections' policies and counters, one per ListenerConfig used to connect.
         self.connectors: dict[ListenerConfig, Connector] = {}
+        self._connectors_lock = threading.Lock()  # connect() may be called from any thread
 
     def connector(self, config: ListenerConfig | None = None) -> Connector:
         """The ``Connector`` for outbound connections under ``config``'s policies."""
         config = config or DEFAULT_OUTBOUND
-        found = self.connectors.get(config)
-        if found is None:
-            found = self.connectors[config] = Connector(self, config)
+        with self._connectors_lock:
+            found = self.connectors.get(config)
+            if found is None:
+                found = self.connectors[config] = Connector(self, config)
         return found
 
     def close_outbound(self) -> None:
         """Shutdown: connects under way fail, and no new one starts (connections made go on
         until the server closes them with the others)."""
-        for connector in self.connectors.values():
+        for connector in list(self.connectors.values()):
             connector.close()
 
     def new_connection(self) -> Connection:
