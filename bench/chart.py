@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.figures import SLOWLORIS_TARGET, Figure, figures_for
 from bench.results import RunResult
-from bench.servers import SERVERS, UVLOOP_REFERENCE
+from bench.servers import SERVERS, references, takes_part
 
 PORTSIDE_COLOUR = "#d95f02"
 OTHER_COLOUR = "#7570b3"
@@ -20,9 +20,12 @@ class ChartUnavailable(RuntimeError):
 def _panels(result: RunResult) -> list[Figure]:
     """The figures worth a panel, in scenario order: per server CPU-second where the server's
     own cost is the point (the machine is shared), RSS per connection for (d)."""
-    wanted = {"a": ("req_cpu_s", "p99_us"), "b": ("req_cpu_s",), "c": ("conn_cpu_s",)}
+    wanted = {"a": ("req_cpu_s", "p99_us"), "b": ("req_cpu_s",), "c": ("conn_cpu_s",),
+              "r": ("req_cpu_s",)}
     panels: list[Figure] = []
     for scenario in result.scenarios:
+        if not any(takes_part(server, scenario) for server in result.servers):
+            continue  # (r) without relays, say
         names = wanted.get(scenario, ("rss_per_conn_b",) if scenario.startswith("d")
                            else ("throughput_ratio",))
         panels += [f for f in figures_for(scenario) if f.name in names]
@@ -58,13 +61,12 @@ def draw(result: RunResult, path: Path, title: str) -> None:
             ax.set_visible(False)
             continue
         figure = panels[index]
-        servers = [s for s in result.servers
-                   if figure.scenario != "e" or SERVERS[s].is_portside]
+        servers = [s for s in result.servers if takes_part(s, figure.scenario)]
         values = [result.median(s, figure) or 0.0 for s in servers]
         rounds = [result.values(s, figure) or [0.0] for s in servers]
         low = [value - min(each) for value, each in zip(values, rounds, strict=True)]
         high = [max(each) - value for value, each in zip(values, rounds, strict=True)]
-        colours = [PORTSIDE_COLOUR if SERVERS[s].is_portside
+        colours = [PORTSIDE_COLOUR if "portside" in s
                    else C_COLOUR if SERVERS[s].c_source else OTHER_COLOUR for s in servers]
         positions = list(range(len(servers)))
         ax.barh(positions, values, color=colours, xerr=[low, high],
@@ -76,7 +78,7 @@ def draw(result: RunResult, path: Path, title: str) -> None:
         ax.tick_params(axis="x", labelsize=8)
         ax.xaxis.set_major_formatter(thousands)
         ax.set_xlim(left=0)
-        reference = result.median(UVLOOP_REFERENCE, figure)
+        reference = result.median(references(figure.scenario)[0], figure)
         if reference and figure.scenario != "e":
             ax.axvline(reference, color="black", linestyle="--", linewidth=0.8)
         if figure.key == SLOWLORIS_TARGET.figure:
@@ -91,7 +93,7 @@ def draw(result: RunResult, path: Path, title: str) -> None:
               Patch(color=OTHER_COLOUR, label="asyncio / uvloop servers"),
               Patch(color=C_COLOUR, label="C epoll server (the limit)"),
               Line2D([], [], color="black", linestyle="--", linewidth=0.8,
-                     label="uvloop Protocol (ratios are to it)"),
+                     label="uvloop Protocol, HAProxy in (r) (ratios are to it)"),
               Line2D([], [], color="#222222", marker="|", linestyle="-", linewidth=0.8,
                      label=f"lowest..highest of {result_rounds(result)} rounds")]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8,

@@ -82,6 +82,8 @@ def figures_for(scenario: str) -> tuple[Figure, ...]:
         return idle_figures(scenario)
     if scenario == "e":
         return SLOWLORIS_FIGURES
+    if scenario == "r":
+        return _load_figures("r", "req")
     raise KeyError(scenario)
 
 

@@ -8,6 +8,7 @@ allocator; the slowloris scenario (e) runs portside servers with a data-first li
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from bench.loadgen import Loadgen, LoadgenError
 from bench.plan import Plan
 from bench.results import Failure, Measurement, RunResult
 from bench.serverproc import RunningServer, ServerStartError, running
-from bench.servers import SERVERS, ServerSpec
+from bench.servers import RELAY_SCENARIO, SERVERS, ServerSpec
 
 Scenario = Callable[[RunningServer], scenarios.Figures]
 MEASURE_ERRORS = (LoadgenError, ServerStartError, BuildError, OSError, ValueError)
@@ -48,6 +49,11 @@ class Harness:
 
     def sessions(self, spec: ServerSpec) -> list[Session]:
         plan, lg = self.plan, self.loadgen
+        if spec.relays_to is not None:  # a relay is measured in (r) only
+            if RELAY_SCENARIO not in plan.scenarios:
+                return []
+            return [Session(((RELAY_SCENARIO, lambda s: scenarios.persistent(
+                plan, lg, s, plan.small_size)),))]
         load: list[tuple[str, Scenario]] = []
         if "a" in plan.scenarios:
             load.append(("a", lambda s: scenarios.persistent(plan, lg, s, plan.small_size)))
@@ -93,10 +99,18 @@ class Harness:
         names = ",".join(name for name, _ in session.scenarios)
         log_path = self.log_dir / f"{spec.name}-r{round_no}-{names}.log"
         try:
-            with log_path.open("w") as log, running(
+            with log_path.open("w") as log, contextlib.ExitStack() as stack:
+                extra = session.server_args
+                if spec.relays_to is not None:
+                    # The server relayed to runs beside the load generator, so the relay has
+                    # its CPU to itself; only the relay's CPU is measured.
+                    upstream = stack.enter_context(running(
+                        SERVERS[spec.relays_to], cpu=plan.loadgen_cpu, nofile=self.nofile(),
+                        max_seconds=self.session_budget(), log=log))
+                    extra = (*extra, "--upstream", f"127.0.0.1:{upstream.port}")
+                server = stack.enter_context(running(
                     spec, cpu=plan.server_cpu, nofile=self.nofile(),
-                    max_seconds=self.session_budget(), log=log,
-                    extra=session.server_args) as server:
+                    max_seconds=self.session_budget(), log=log, extra=extra))
                 warm = scenarios.warm_up(plan, self.loadgen, server)
                 if warm.completed == 0:
                     raise LoadgenError(f"warm-up completed no connection "
@@ -130,7 +144,7 @@ def _headline(scenario: str, figures: scenarios.Figures) -> str:
     """One progress line's worth of a measurement."""
     def get(name: str, fmt: str) -> str:
         return format(figures[name], fmt) if name in figures else "-"
-    if scenario in ("a", "b"):
+    if scenario in ("a", "b", "r"):
         return (f"{get('req_s', ',.0f')} req/s  p99 {get('p99_us', ',.0f')} µs  "
                 f"srv {get('srv_cpu', '.0%')} lg {get('lg_cpu', '.0%')}  "
                 f"failures {get('failures', '.0f')}")

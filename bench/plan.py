@@ -8,7 +8,7 @@ from typing import Any
 from bench.servers import DEFAULT_SERVERS, QUICK_SERVERS, SERVERS
 
 #: Scenario letters as the command line takes them; "d" expands to one scenario per idle count.
-SCENARIO_LETTERS = ("a", "b", "c", "d", "e")
+SCENARIO_LETTERS = ("a", "b", "c", "d", "e", "r")
 FULL_IDLE_COUNTS = (1_000, 10_000)
 QUICK_IDLE_COUNTS = (1_000,)
 
@@ -50,6 +50,9 @@ class Plan:
             return (f"slowloris: {self.slowloris_conns:,} silent connections on the data-first "
                     f"port (defer_accept={self.defer_accept}) while {self.clients} clients "
                     f"echo {self.small_size} B on the immediate port (portside only)")
+        if scenario == "r":
+            return (f"relay: persistent, {self.clients} clients, {self.small_size} B messages "
+                    "through the relay to the C echo server (relays only)")
         raise KeyError(scenario)
 
     def as_dict(self) -> dict[str, Any]:

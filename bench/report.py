@@ -11,12 +11,20 @@ from typing import Any
 
 from bench.figures import Figure, figures_for
 from bench.plan import Plan
-from bench.results import REFERENCES, RunResult
-from bench.servers import C_REFERENCE, HELD_TO_TARGETS, SERVERS, UVLOOP_REFERENCE
+from bench.results import RunResult
+from bench.servers import (
+    C_REFERENCE,
+    HELD_TO_TARGETS,
+    RELAY_REFERENCE,
+    SERVERS,
+    UVLOOP_REFERENCE,
+    references,
+    takes_part,
+)
 
 LOADGEN_BOUND = 0.9  # loadgen CPU share at which the client may have set the figure
 NOISY = 0.25  # CPU share other processes took during a window that makes its figure suspect
-SHORT = {UVLOOP_REFERENCE: "vs uvloop", C_REFERENCE: "vs C"}
+SHORT = {UVLOOP_REFERENCE: "vs uvloop", C_REFERENCE: "vs C", RELAY_REFERENCE: "vs HAProxy"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,9 @@ def _scenario_section(result: RunResult, plan: Plan, scenario: str) -> list[str]
     title = f"## ({scenario[0]}) {plan.describe(scenario)}"
     out = [title, ""]
     main = figures[0]
-    servers = [s for s in result.servers
-               if scenario != "e" or SERVERS[s].is_portside]
+    servers = [s for s in result.servers if takes_part(s, scenario)]
+    if not servers:
+        return []
     lg_figure = next((f for f in figures if f.name == "lg_cpu"), None)
     other_figure = next((f for f in figures if f.name == "other_cpu"), None)
     header = ["server", *(f.label for f in figures), f"{main.label} per round"]
@@ -88,9 +97,10 @@ def _scenario_section(result: RunResult, plan: Plan, scenario: str) -> list[str]
     compared = [f for f in figures if f.compared]
     if compared:
         out += ["", "Ratios (per-round ratio to the reference in the same round, median):", ""]
-        header = ["server", *(f"{f.label} {SHORT[ref]}" for f in compared for ref in REFERENCES)]
+        refs = references(scenario)
+        header = ["server", *(f"{f.label} {SHORT[ref]}" for f in compared for ref in refs)]
         rows = [[server, *(_ratio(result.ratio(server, f, ref))
-                           for f in compared for ref in REFERENCES)] for server in servers]
+                           for f in compared for ref in refs)] for server in servers]
         out += _table(header, rows)
     return [*out, ""]
 

@@ -7,9 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.figures import Figure, Target, figures_for, targets_for
-from bench.servers import C_REFERENCE, HELD_TO_TARGETS, SERVERS, UVLOOP_REFERENCE
+from bench.servers import (
+    C_REFERENCE,
+    HELD_TO_TARGETS,
+    RELAY_REFERENCE,
+    SERVERS,
+    UVLOOP_REFERENCE,
+    references,
+)
 
-REFERENCES = (UVLOOP_REFERENCE, C_REFERENCE)
+REFERENCES = (UVLOOP_REFERENCE, C_REFERENCE, RELAY_REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,7 @@ class RunResult:
                     medians[server][figure.key] = value
                 if not figure.compared:
                     continue
-                for ref in REFERENCES:
+                for ref in references(figure.scenario):
                     ratio = self.ratio(server, figure, ref)
                     if ratio is not None:
                         ratios[ref].setdefault(server, {})[figure.key] = ratio

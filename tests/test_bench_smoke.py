@@ -90,3 +90,25 @@ def test_every_figure_measured_without_failures(quick_run: tuple[Path, dict[str,
     verdicts = {target["verdict"] for target in document["targets"]}
     assert verdicts <= {"PASS", "MISS", "n/a"}
     assert "n/a" not in verdicts  # every target had both its figures
+
+
+def test_relay_scenario_runs_side_by_side_with_haproxy(tmp_path: Path) -> None:
+    """(r): portside's relay and HAProxy (mode tcp), each relaying to the C echo server, in
+    one quick run: both measured, no failure, every echoed byte checked by the loadgen."""
+    if shutil.which("haproxy") is None:
+        if IN_CI:
+            pytest.fail("haproxy is missing in CI (scripts/test installs it)")
+        pytest.skip("haproxy is missing (scripts/test installs it)")
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--servers",
+                           "relay_portside,relay_haproxy", "--scenarios", "r",
+                           "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    document: dict[str, Any] = json.loads((tmp_path / "quick-latest.json").read_text())
+    assert document["failures"] == []
+    for server in ("relay_portside", "relay_haproxy"):
+        figures = document["medians"][server]
+        assert figures["r.req_s"] > 0 and figures["r.req_cpu_s"] > 0, server
+        assert figures["r.failures"] == 0, server
+    assert "r.req_cpu_s" in document["ratios"]["relay_haproxy"]["relay_portside"]
+    assert "vs HAProxy" in (tmp_path / "quick-latest.md").read_text()

@@ -110,6 +110,7 @@ def test_public_api_is_exactly_what_init_exports() -> None:
         "ProtocolError", "Server", "ServerConfig", "ServerState", "ServerStateError",
         "ServerStatistics", "StreamHandler", "StreamReader", "StreamWriter",
         "AcceptingReason", "ErrorOrigin",
+        "ConnectAttempt", "OutboundStatistics",
     ])
     for name in portside.__all__:
         assert getattr(portside, name) is not None

@@ -26,6 +26,9 @@ class ServerSpec:
     is_portside: bool = False
     #: A source tree to run the server from (portside and bench), instead of this one.
     tree: Path | None = None
+    #: A relay (scenario r only): the server it forwards to, started first and passed to it
+    #: as ``--upstream 127.0.0.1:PORT``.
+    relays_to: str | None = None
 
 
 def _aio(name: str, loop: str, style: str, description: str) -> ServerSpec:
@@ -59,6 +62,11 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
     _portside("epoll"),
     _portside("asyncio"),
     _portside("uvloop"),
+    # (r): relays to the C echo server, measured side by side
+    ServerSpec("relay_portside", "portside relay example (RelayHandler), default engine",
+               module="bench.servers.portside_relay", relays_to="c_epoll"),
+    ServerSpec("relay_haproxy", "HAProxy, mode tcp, nbthread 1",
+               module="bench.servers.haproxy_relay", relays_to="c_epoll"),
     # not in the default set, selectable with --servers
     _aio("uvloop_streams", "uvloop", "streams", "uvloop, streams"),
     _aio("asyncio_buffered", "asyncio", "buffered", "stdlib asyncio, asyncio.BufferedProtocol"),
@@ -66,10 +74,27 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
 
 DEFAULT_SERVERS = ("c_epoll", "uvloop_proto", "uvloop_buffered", "asyncio_proto",
                    "asyncio_streams", "portside_compiled", "portside_epoll", "portside_asyncio",
-                   "portside_uvloop")
+                   "portside_uvloop", "relay_portside", "relay_haproxy")
 QUICK_SERVERS = ("c_epoll", "uvloop_proto", "portside_compiled", "portside_epoll")
 #: The server the targets hold to: portside's default engine. The others are for comparison.
 HELD_TO_TARGETS = "portside_compiled"
 #: The references every ratio is taken against.
 UVLOOP_REFERENCE = "uvloop_proto"
 C_REFERENCE = "c_epoll"
+#: The reference of the relay scenario (r).
+RELAY_REFERENCE = "relay_haproxy"
+RELAY_SCENARIO = "r"
+
+
+def takes_part(server: str, scenario: str) -> bool:
+    """Whether ``server`` is measured in ``scenario``: relays only in (r), and only relays;
+    the slowloris scenario (e) only on portside's echo servers."""
+    spec = SERVERS[server]
+    if (spec.relays_to is not None) != (scenario == RELAY_SCENARIO):
+        return False
+    return scenario != "e" or spec.is_portside
+
+
+def references(scenario: str) -> tuple[str, ...]:
+    """The servers a scenario's ratios are taken against."""
+    return (RELAY_REFERENCE,) if scenario == RELAY_SCENARIO else (UVLOOP_REFERENCE, C_REFERENCE)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from portside.connection import Connection
     from portside.engine.buffers import PoolStatistics
     from portside.engine.listener import AcceptingReason
+    from portside.engine.outbound import ConnectAttempt
     from portside.engine.states import CloseReason
     from portside.errors import (
         ConfigError,
@@ -29,7 +30,12 @@ if TYPE_CHECKING:
     from portside.messages import MessageHandler
     from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
     from portside.server import IOPool, Server, ServerState
-    from portside.statistics import ConnectionCounters, ListenerStatistics, ServerStatistics
+    from portside.statistics import (
+        ConnectionCounters,
+        ListenerStatistics,
+        OutboundStatistics,
+        ServerStatistics,
+    )
     from portside.streams import StreamHandler, StreamReader, StreamWriter
 
 _WHERE = {
@@ -38,6 +44,7 @@ _WHERE = {
     "PoolStatistics": "engine.buffers",
     "CloseReason": "engine.states", "Connection": "connection",
     "AcceptingReason": "engine.listener", "ErrorOrigin": "errors",
+    "ConnectAttempt": "engine.outbound",
     "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
     "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
     "Handler": "handler",
@@ -46,6 +53,7 @@ _WHERE = {
     "LineFramer": "protocols.framing",
     "IOPool": "server", "Server": "server", "ServerState": "server",
     "ConnectionCounters": "statistics", "ListenerStatistics": "statistics",
+    "OutboundStatistics": "statistics",
     "ServerStatistics": "statistics",
     "StreamHandler": "streams", "StreamReader": "streams", "StreamWriter": "streams",
 }
@@ -71,6 +79,7 @@ __all__ = [
     "AcceptingReason",
     "CloseReason",
     "ConfigError",
+    "ConnectAttempt",
     "Connection",
     "ConnectionClosedError",
     "ConnectionCounters",
@@ -85,6 +94,7 @@ __all__ = [
     "ListenerConfig",
     "ListenerStatistics",
     "MessageHandler",
+    "OutboundStatistics",
     "PoolStatistics",
     "PortsideError",
     "ProtocolError",

@@ -33,8 +33,10 @@ logger = logging.getLogger("portside")
 
 ECHO_LISTEN = ("data-first@127.0.0.1:5001", "immediate@127.0.0.1:5002")  # the seed's ports
 RESP_LISTEN = ("127.0.0.1:6380",)  # beside, not on, a real Redis's 6379
+RELAY_LISTEN = ("127.0.0.1:5003",)  # beside the echo example's two ports
 EXAMPLES = {"echo": "portside.examples.echo:EchoHandler",
-            "resp": "portside.examples.resp:RespHandler"}
+            "resp": "portside.examples.resp:RespHandler",
+            "relay": "portside.examples.relay:RelayHandler"}
 EXIT_USAGE = 2  # bad input: a flag, a setting, a handler that cannot be loaded
 _MADE_PATHS: list[str] = []  # Unix socket files this process made beside fd://N listeners
 
@@ -146,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(resp, skip=("app_dir",))
     _legacy_address_flags(resp, ("--port",))
 
+    relay = commands.add_parser(
+        "relay", help="run the TCP relay example: forward each client to an upstream",
+        description="A TCP relay (HAProxy's mode tcp): each client on --listen (127.0.0.1:5003 "
+                    "by default) is forwarded to one of the --upstream servers, round robin, "
+                    "skipping upstreams that refuse; backpressure and half-close both ways.")
+    relay.add_argument("--upstream", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                       help="the servers to forward to ([V6]:PORT and unix:PATH too)")
+    relay.add_argument("--send-proxy", default="off", metavar="off|v1|v2",
+                       help="send a PROXY protocol header naming the client to the upstream "
+                            "first (HAProxy's send-proxy / send-proxy-v2); default off")
+    relay.add_argument("--connect-timeout", default="5", metavar="SECONDS",
+                       help="give up on an upstream that has not answered within this long "
+                            "and try the next (default 5, HAProxy's timeout connect)")
+    add_flags(relay, skip=("app_dir",))
+
     add_control_commands(commands)  # ctl and top
     return parser
 
@@ -184,8 +201,9 @@ def make_plan(args: argparse.Namespace, environ: dict[str, str] | os._Environ[st
     process = resolved.process
     listen = process.listen
     if not listen and args.subcommand != "serve":
-        listen = _legacy_listen(args) or (ECHO_LISTEN if args.subcommand == "echo"
-                                          else RESP_LISTEN)
+        listen = _legacy_listen(args) or {"echo": ECHO_LISTEN,
+                                          "relay": RELAY_LISTEN}.get(args.subcommand,
+                                                                     RESP_LISTEN)
     if not listen:
         raise ConfigError("nothing to listen on: give --listen ADDRESS (or listen in the "
                           "config file)")
@@ -212,8 +230,8 @@ def _name(listeners: list[ListenerConfig], command: str) -> list[ListenerConfig]
         policies = [listener.policy for listener in listeners]
         return [dataclasses.replace(listener, name=listener.policy.value)
                 if policies.count(listener.policy) == 1 else listener for listener in listeners]
-    if command == "resp" and len(listeners) == 1:
-        return [dataclasses.replace(listeners[0], name="resp")]
+    if command in ("resp", "relay") and len(listeners) == 1:
+        return [dataclasses.replace(listeners[0], name=command)]
     return listeners
 
 
@@ -430,6 +448,25 @@ def _final_line(server: Server) -> None:
                 or "none")
 
 
+def _relay_environment(args: argparse.Namespace) -> None:
+    """Check the relay's own flags and pass them to every process (workers included) in the
+    environment the relay's handler reads (see examples/relay.py)."""
+    from portside.examples import relay
+
+    relay.parse_upstreams(args.upstream)
+    relay.parse_send_proxy(args.send_proxy)
+    try:
+        timeout = float(args.connect_timeout)
+    except ValueError:
+        timeout = -1.0
+    if not 0 < timeout < float("inf"):
+        raise ConfigError(f"--connect-timeout takes a positive number of seconds, not "
+                          f"{args.connect_timeout!r}")
+    os.environ[relay.UPSTREAM_ENV] = args.upstream
+    os.environ[relay.SEND_PROXY_ENV] = args.send_proxy
+    os.environ[relay.CONNECT_TIMEOUT_ENV] = str(timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -444,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.subcommand in ("echo", "serve", "resp"):
+        if args.subcommand == "relay":
+            _relay_environment(args)
+        if args.subcommand in ("echo", "serve", "resp", "relay"):
             try:
                 return run_server(args)
             finally:

@@ -125,6 +125,9 @@ class Connection(Protocol):
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None: ...
 
+    def write_eof(self) -> None:
+        """Half-close: send what is queued, then FIN; reading goes on."""
+
     def close(self) -> None: ...
 
     def abort(self) -> None: ...

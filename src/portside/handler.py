@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from portside.connection import Connection
     from portside.engine.listener import AcceptingReason, Listener
+    from portside.engine.outbound import ConnectAttempt
     from portside.engine.states import CloseReason
     from portside.server import Server
 
@@ -102,6 +103,15 @@ class Handler:
         """The connection is gone. Called exactly once for every connection the kernel handed
         portside, pending data-first ones included (those never saw ``connection_made``:
         check ``reason``). The object may be reused afterwards: drop references to it."""
+
+    def connect_failed(self, attempt: ConnectAttempt, exc: OSError) -> None:
+        """An outbound connect (``Server.connect``) failed: refused, unreachable, timed out
+        (``TimeoutError``), cancelled or cut short by shutdown (``ConnectionAbortedError``).
+        Called once per attempt, instead of ``connection_made``. The default logs a line
+        (rate-limited: a few per interval, then a summary)."""
+        attempt.log.log("connect-failed", logging.WARNING,
+                        f"{{count}} more connects to {attempt.address} failed",
+                        "connect to %s failed: %s", attempt.address, exc.strerror or exc)
 
     def error(self, conn: Connection | None, exc: BaseException) -> None:
         """A callback raised, or a socket failed unexpectedly. Called once per failure; the

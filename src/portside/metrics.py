@@ -42,6 +42,7 @@ from portside.statistics import (
     TTFB_BUCKETS,
     Figure,
     ListenerStatistics,
+    OutboundStatistics,
     WorkerStatistics,
     figures,
     metric_name,
@@ -85,33 +86,8 @@ class StatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = _Families()
-        listeners = self.document["listeners"]
-        for name, declared in figures(ListenerStatistics):
-            constant = dict(declared.labels)
-            family_name = metric_name(name, declared)
-            if _numeric(declared):
-                family = families.get(family_name, declared, ["listener", *constant])
-                for entry in listeners:
-                    if name in entry:
-                        family.add_metric([entry["name"], *constant.values()],
-                                          float(entry[name]))
-            elif declared.kind == "reasons":
-                family = families.get(family_name, Figure("counter", declared.help),
-                                      ["listener", "reason"])
-                for entry in listeners:
-                    for reason, count in sorted(entry.get(name, {}).items()):
-                        family.add_metric([entry["name"], reason], count)
-            elif declared.kind == "histogram":
-                histogram = HistogramMetricFamily(family_name, declared.help,
-                                                  labels=["listener"])
-                for entry in listeners:
-                    cumulative, buckets = 0, []
-                    for bound, count in zip(TTFB_BUCKETS, entry[name], strict=True):
-                        cumulative += count
-                        buckets.append(("+Inf" if bound == float("inf") else repr(bound),
-                                        cumulative))
-                    histogram.add_metric([entry["name"]], buckets, entry["ttfb_sum"])
-                families.made[family_name] = histogram
+        _per_entry(families, ListenerStatistics, self.document["listeners"], "listener")
+        _per_entry(families, OutboundStatistics, self.document.get("outbound", []), "outbound")
         processes = _by_slot(self.document["workers"])
         supervisor = self.document.get("supervisor")
         for name, declared in figures(WorkerStatistics):
@@ -133,6 +109,37 @@ class StatsCollector(Collector):
                                 value=int(bool(self.document["accepting_paused"])))
         yield GaugeMetricFamily("portside_draining", "1 while draining (ctl drain).",
                                 value=int(bool(self.document.get("draining"))))
+
+
+def _per_entry(families: _Families, cls: type[Any], entries: list[dict[str, Any]],
+               label: str) -> None:
+    """The families of one kind of entry (listeners, outbound), labelled by its name. A
+    histogram's sum is the figure named like it with ``_sum`` for ``_buckets``."""
+    for name, declared in figures(cls):
+        constant = dict(declared.labels)
+        family_name = metric_name(name, declared)
+        if _numeric(declared):
+            family = families.get(family_name, declared, [label, *constant])
+            for entry in entries:
+                if name in entry:
+                    family.add_metric([entry["name"], *constant.values()], float(entry[name]))
+        elif declared.kind == "reasons":
+            family = families.get(family_name, Figure("counter", declared.help),
+                                  [label, "reason"])
+            for entry in entries:
+                for reason, count in sorted(entry.get(name, {}).items()):
+                    family.add_metric([entry["name"], reason], count)
+        elif declared.kind == "histogram":
+            histogram = HistogramMetricFamily(family_name, declared.help, labels=[label])
+            total = name.replace("_buckets", "_sum")
+            for entry in entries:
+                cumulative, buckets = 0, []
+                for bound, count in zip(TTFB_BUCKETS, entry[name], strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound),
+                                    cumulative))
+                histogram.add_metric([entry["name"]], buckets, entry[total])
+            families.made[family_name] = histogram
 
 
 def _by_slot(processes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

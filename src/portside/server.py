@@ -34,6 +34,7 @@ from portside.engine.connection import CloseReason, Connection
 from portside.engine.core import EngineCore, Pools
 from portside.engine.epoll import EpollReactor
 from portside.engine.listener import Listener, bind_listener
+from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT, ConnectAttempt
 from portside.engine.reactor import Reactor, TimerHandle
 from portside.errors import ConfigError, ServerStateError
 from portside.handler import Handler
@@ -375,6 +376,8 @@ class Server:
             return  # released already (a server on an IOPool releases as it stops)
         for listener in self._listeners:
             listener.close()
+        if self._core is not None:
+            self._core.close_outbound()
         for service in self._services:
             try:
                 service.close()
@@ -422,6 +425,36 @@ class Server:
         else:
             reactor.call_soon_threadsafe(action)
 
+    def connect(self, host: str, port: int, handler: Handler, *,
+                timeout: float = DEFAULT_CONNECT_TIMEOUT, user_data: Any = None,
+                config: ListenerConfig | None = None) -> ConnectAttempt:
+        """Open an outbound TCP connection on this server's engine (from any thread; the
+        attempt starts on the loop). ``handler`` gets ``connection_made(conn, None)`` and then
+        the usual callbacks, or ``connect_failed(attempt, exc)`` once instead; ``conn.user_data``
+        is ``user_data`` from the start. ``config``'s per-connection policies apply (write
+        water marks, write_limit, idle and write timeouts); its listening fields do not.
+
+        Resource handling: the connection is the server's like an accepted one: shutdown
+        closes it (``connection_closed`` comes for every one), and fails connects under way.
+        Error handling: a bad ``timeout`` raises ConfigError; a server that is not running
+        raises ServerStateError; everything else reaches ``connect_failed``.
+        """
+        return self._connect(handler, host, port, None, timeout, user_data, config)
+
+    def connect_unix(self, path: str, handler: Handler, *,
+                     timeout: float = DEFAULT_CONNECT_TIMEOUT, user_data: Any = None,
+                     config: ListenerConfig | None = None) -> ConnectAttempt:
+        """``connect`` to a Unix-domain socket at ``path``."""
+        return self._connect(handler, None, 0, path, timeout, user_data, config)
+
+    def _connect(self, handler: Handler, host: str | None, port: int, path: str | None,
+                 timeout: float, user_data: Any,
+                 config: ListenerConfig | None) -> ConnectAttempt:
+        core = self._core
+        if core is None or self.state not in (ServerState.RUNNING, ServerState.DRAINING):
+            raise ServerStateError(f"cannot connect from a server that is {self.state.value}")
+        return core.connector(config).connect(handler, host, port, path, timeout, user_data)
+
     def connections(self) -> list[Connection]:
         """Live connections, pending ones included (call on the loop thread)."""
         return self._core.live() if self._core is not None else []
@@ -439,6 +472,9 @@ class Server:
             listeners=tuple(listener.statistics() for listener in self._listeners),
             buffer_pool=core.buffers.statistics() if core else empty,
             connection_pool=core.connections.statistics() if core else empty,
+            # A copy first (one C call): another thread's connect() may add a connector.
+            outbound=tuple(connector.statistics() for connector in list(core.connectors.values()))
+            if core else (),
         )
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -462,6 +498,7 @@ class Server:
         self.state = ServerState.DRAINING
         for listener in self._listeners:
             listener.close()  # connections it takes from the backlog are live, and pending
+        core.close_outbound()
         # Accepting has stopped (as the callback's contract says); it may close connections,
         # but the server finishes only once every handler has heard.
         self._announcing = True

@@ -163,6 +163,55 @@ class ListenerStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboundStatistics:
+    """Counters of one engine's outbound connections (``Server.connect``) under one set of
+    policies, counted apart from every listener's."""
+
+    name: str = field(metadata=figure(
+        "label", "The outbound policies' name (\"outbound\" unless given).", column="outbound",
+        short="out", priority=0))
+    connecting: int = field(metadata=figure(
+        "gauge", "Outbound connects under way.", metric="outbound_connecting",
+        column="connecting", short="cing", priority=20))
+    active: int = field(metadata=figure(
+        "gauge", "Open outbound connections.", metric="outbound_connections", column="active",
+        short="act", priority=10))
+    connected: int = field(metadata=figure(
+        "counter", "Outbound connects that succeeded.", metric="outbound_connected",
+        column="connected", short="conn", priority=15))
+    connect_failed: int = field(metadata=figure(
+        "counter", "Outbound connects that failed: refused, unreachable, timed out, cancelled.",
+        metric="outbound_connect_failed", column="failed", short="fail", priority=16))
+    connect_timeouts: int = field(metadata=figure(
+        "counter", "Outbound connects that passed their timeout (also in connect_failed).",
+        metric="outbound_connect_timeouts", column="conn t/o", short="cto", priority=30))
+    closed: int = field(metadata=figure(
+        "counter", "Outbound connections closed, for any reason.", metric=""))
+    idle_timeouts: int = field(metadata=figure(
+        "counter", "Outbound connections closed by a timeout.", metric="outbound_timeouts",
+        labels=(("kind", "idle"),), column="idle t/o", short="idle", priority=70))
+    write_timeouts: int = field(metadata=figure(
+        "counter", "Outbound connections closed by a timeout.", metric="outbound_timeouts",
+        labels=(("kind", "write"),), column="write t/o", short="wr", priority=72))
+    bytes_in: int = field(metadata=figure(
+        "counter", "Bytes read from outbound connections.", metric="outbound_bytes_in",
+        column="in kB/s", short="in k/s", rate=True, priority=25))
+    bytes_out: int = field(metadata=figure(
+        "counter", "Bytes written to outbound connections.", metric="outbound_bytes_out",
+        column="out kB/s", short="out k/s", rate=True, priority=26))
+    closed_by_reason: dict[str, int] = field(metadata=figure(
+        "reasons", "Outbound connections closed, by close reason.", metric="outbound_closed"))
+    #: Time from ``connect`` to an established connection, per ``TTFB_BUCKETS`` upper bound.
+    connect_buckets: tuple[int, ...] = field(metadata=figure(
+        "histogram", "From connect() to an established outbound connection.",
+        metric="outbound_connect_seconds"))
+    connect_sum: float = field(metadata=figure(
+        "part", "Sum of the connect times, in seconds."))
+    connect_count: int = field(metadata=figure(
+        "part", "How many connect times were measured."))
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatistics:
     """The whole engine: every listener, and the buffer and connection pools."""
 
@@ -175,6 +224,8 @@ class ServerStatistics:
     listeners: tuple[ListenerStatistics, ...]
     buffer_pool: PoolStatistics
     connection_pool: PoolStatistics
+    #: Outbound connections (``Server.connect``), by policies; empty until the first connect.
+    outbound: tuple[OutboundStatistics, ...] = ()
 
     @property
     def active(self) -> int:

@@ -29,7 +29,13 @@ from rich.text import Text
 
 from portside.control.client import call
 from portside.errors import ControlError
-from portside.statistics import Figure, ListenerStatistics, WorkerStatistics, figures
+from portside.statistics import (
+    Figure,
+    ListenerStatistics,
+    OutboundStatistics,
+    WorkerStatistics,
+    figures,
+)
 
 SORTS = ("age", "bytes_in", "bytes_out", "queued")
 CONNECTIONS_ASKED = 200
@@ -94,6 +100,13 @@ def listener_columns(seconds: float) -> list[Column]:
                                   _number(max(0, now["accepted"] - before["accepted"])
                                           / seconds)))
     return columns
+
+
+def outbound_columns(seconds: float) -> list[Column]:
+    """Outbound connections (``Server.connect``), one row per set of policies."""
+    show: dict[str, Callable[[Any], str]] = {"bytes_in": lambda rate: _number(rate / 1000),
+                                             "bytes_out": lambda rate: _number(rate / 1000)}
+    return _declared(OutboundStatistics, seconds, show)
 
 
 def worker_columns(seconds: float) -> list[Column]:
@@ -177,6 +190,12 @@ def render(document: dict[str, Any], connections: dict[str, Any] | None,
     parts.append(fit(listener_columns(seconds),
                      [(entry, earlier.get(entry["name"])) for entry in document["listeners"]],
                      width))
+    if document.get("outbound"):  # only once the server has made outbound connections
+        earlier = {entry["name"]: entry for entry in (previous or {}).get("outbound", [])}
+        parts.append(Text(""))
+        parts.append(fit(outbound_columns(seconds),
+                         [(entry, earlier.get(entry["name"])) for entry in document["outbound"]],
+                         width))
     earlier_workers = {process["pid"]: process for process in (previous or {}).get("workers", [])}
     processes = list(document["workers"])
     if document.get("supervisor"):

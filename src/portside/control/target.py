@@ -21,6 +21,7 @@ from portside.server import Server
 from portside.statistics import (
     POOL_FIGURES,
     ListenerStatistics,
+    OutboundStatistics,
     WorkerStatistics,
     figures,
     merge,
@@ -31,6 +32,7 @@ logger = logging.getLogger("portside.control")
 
 LISTENER_FIGURES = figures(ListenerStatistics)
 WORKER_FIGURES = figures(WorkerStatistics)
+OUTBOUND_FIGURES = figures(OutboundStatistics)
 #: The listener figures summed into the document's ``totals``.
 TOTALLED = tuple(name for name, declared in LISTENER_FIGURES
                  if declared.kind in ("counter", "gauge", "part")
@@ -53,6 +55,7 @@ def worker_document(server: Server, started_at: float, slot: str = "0") -> dict[
         "engine": stats.engine,
         "accepting_paused": stats.accepting_paused,
         "listeners": [dataclasses.asdict(listener) for listener in stats.listeners],
+        "outbound": [dataclasses.asdict(outbound) for outbound in stats.outbound],
         "pools": {"buffers": dataclasses.asdict(stats.buffer_pool),
                   "connections": dataclasses.asdict(stats.connection_pool)},
     }
@@ -69,6 +72,10 @@ def combine(workers: list[dict[str, Any]], uptime: float,
         for pool_name, pool in worker["pools"].items():
             pools.setdefault(pool_name, []).append(pool)
     listeners = [merge(LISTENER_FIGURES, entries) for entries in by_name.values()]
+    outbound: dict[str, list[dict[str, Any]]] = {}
+    for worker in workers:
+        for entry in worker.get("outbound", ()):
+            outbound.setdefault(entry["name"], []).append(entry)
     return {
         "pid": os.getpid(),
         "uptime": round(uptime, 3),
@@ -76,6 +83,7 @@ def combine(workers: list[dict[str, Any]], uptime: float,
         "accepting_paused": any(worker["accepting_paused"] for worker in workers),
         "totals": {name: sum(entry.get(name, 0) for entry in listeners) for name in TOTALLED},
         "listeners": listeners,
+        "outbound": [merge(OUTBOUND_FIGURES, entries) for entries in outbound.values()],
         "workers": sorted((worker["process"] for worker in workers),
                           key=lambda process: (_slot_order(process["slot"]), process["pid"])),
         "supervisor": supervisor,

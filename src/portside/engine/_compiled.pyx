@@ -1015,6 +1015,7 @@ DEF F_HELD = 8
 DEF F_READING = 16
 DEF F_USER_PAUSED = 32
 DEF F_WRITING = 64
+DEF F_WRITE_EOF = 128
 
 
 @cython.final
@@ -1034,7 +1035,7 @@ cdef class Extras:
 #: The reference's attribute for each ConnectionBase._flags bit, and for each Extras field.
 FLAG_BITS = {"_eof": F_EOF, "_established": F_ESTABLISHED, "_flow_paused": F_FLOW_PAUSED,
              "_held": F_HELD, "_reading": F_READING, "_user_paused": F_USER_PAUSED,
-             "_writing": F_WRITING}
+             "_writing": F_WRITING, "_write_eof": F_WRITE_EOF}
 EXTRA_FIELDS = {"_linger_timer": "linger_timer", "_preamble": "preamble",
                 "balancer_address": "balancer_address", "proxy": "proxy",
                 "_receiver": "receiver", "_tls": "tls"}
@@ -1207,6 +1208,12 @@ cdef class ConnectionBase:
             reactor.register(fd, self, True, False)
         return 0
 
+    def _use_handler(self, handler):
+        """The handler this connection's callbacks go to, and which of them are Handler's
+        defaults (an outbound connection names its own handler: outbound.py)."""
+        self._handler = handler
+        self._defaults = handler_defaults(handler)
+
     def establish(self, first_data):
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
         self._establish(first_data)
@@ -1214,7 +1221,10 @@ cdef class ConnectionBase:
     cdef int _establish(self, first_data) except -1:
         self._state = OPEN
         self._flags |= F_ESTABLISHED
-        silence = (<ListenerBase>self.listener).silence
+        # An outbound connection's listener is its Connector (outbound.py): looked up by name.
+        listener = self.listener
+        silence = ((<ListenerBase>listener).silence if isinstance(listener, ListenerBase)
+                   else listener.silence)
         if silence is not None:  # read_timeout is on: it runs until the handler takes it over
             self._read_mark = self.bytes_in
             silence.start(self)
@@ -1259,7 +1269,10 @@ cdef class ConnectionBase:
             self._peer_eof_c()
             return 0
         if not self.bytes_in:
-            (<ListenerBase>self.listener)._record_first_byte(monotonic() - self.accepted_at)
+            if isinstance(self.listener, ListenerBase):
+                (<ListenerBase>self.listener)._record_first_byte(monotonic() - self.accepted_at)
+            else:  # an outbound connection's Connector
+                self.listener.record_first_byte(monotonic() - self.accepted_at)
         self.bytes_in += received
         if self._idle is not None:
             self._idle.start(self)
@@ -1467,7 +1480,10 @@ cdef class ConnectionBase:
             if self._state == CLOSING:
                 self._send_fin_c()
             elif self._state == OPEN:
-                self._call_c(DEFAULT_DRAINED, "write_drained")
+                if self._flags & F_WRITE_EOF:
+                    (<object>self)._shutdown_write()  # the half-close write_eof asked for
+                if self._state == OPEN:
+                    self._call_c(DEFAULT_DRAINED, "write_drained")
         return 0
 
     cdef inline void _count_sent(self, Py_ssize_t sent):

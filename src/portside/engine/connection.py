@@ -9,6 +9,10 @@ unread bytes makes the kernel send RST, which can destroy replies the peer has n
 ``_finalize`` is the single exit: it closes the descriptor and calls ``connection_closed``
 exactly once. A read borrows a pool buffer only for the callback; writes try ``send`` at once
 and queue only what the kernel did not take, copied, since the caller's buffer may be a loan.
+``write_eof`` half-closes an OPEN connection: its FIN goes out once the queue is empty, and
+reading goes on. An outbound connection (``attach_outbound``) enters OPEN with its connect
+already done (``outbound.py`` keeps connecting sockets away from these paths); its own handler
+receives its callbacks, and its ``Connector`` stands where a listener would.
 
 Close reasons. ``close_reason`` says why a connection ended, and the first reason recorded wins
 (``_set_reason`` is the only place that decides): what began the end is what the handler is
@@ -100,6 +104,7 @@ class Connection:
         "_state",
         "_tls",
         "_user_paused",
+        "_write_eof",
         "_writing",
         "accepted_at",
         "balancer_address",
@@ -148,6 +153,7 @@ class Connection:
         self._buffered = 0
         self._corked: list[bytes] | None = None
         self._user_paused = self._flow_paused = self._held = self._writing = False
+        self._write_eof = False
         self._reading = True
         #: The state of the layer between the engine and the handler, if any (MessageHandler
         #: keeps its ``MessageSession`` here: framer and reply order): one slot, its type the
@@ -166,6 +172,48 @@ class Connection:
         self._silent_looks = 0
         self._start_layers()
         core.reactor.register(self._fd, self, readable=True, writable=False)
+
+    def attach_outbound(self, core: EngineCore, connector: Any, sock: _socket.socket,
+                        peer_address: Address, handler: Any) -> None:
+        """Take over a socket ``connect`` established (outbound.py): like ``attach``, with
+        the connection's own handler and its ``Connector`` in place of a listener."""
+        self.id = next(_id_counter)
+        self.user_data = None
+        self.listener = connector
+        self.peer_address = peer_address
+        self.bytes_in = self.bytes_out = 0
+        self.accepted_at = core.reactor.time()
+        self.close_reason = None
+        self._core = core
+        self._use_handler(handler)
+        self._pool = core.buffers
+        self._idle = connector.idle
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._state = State.OPEN
+        self._established = self._eof = False
+        if self._queue is not None:
+            self._queue.clear()
+        self._buffered = 0
+        self._corked = None
+        self._user_paused = self._flow_paused = self._held = self._writing = False
+        self._write_eof = False
+        self._reading = True
+        self.layer = None
+        self.proxy = None
+        self.balancer_address = None
+        self._preamble = None
+        self._linger_timer = None
+        self._read_mark = 0
+        self._silent_looks = 0
+        self._receiver = None
+        self._tls = None
+        core.reactor.register(self._fd, self, readable=True, writable=False)
+
+    def _use_handler(self, handler: Any) -> None:
+        """The handler this connection's callbacks go to (the compiled engine also notes
+        which of its callbacks are Handler's defaults)."""
+        self._handler = handler
 
     # -- who receives the bytes ------------------------------------------------------------------
 
@@ -464,6 +512,24 @@ class Connection:
         elif self not in tracker.queue:
             tracker.start(self)
 
+    def write_eof(self) -> None:
+        """Half-close (asyncio's ``write_eof``): send every queued byte, then FIN, and go on
+        reading. Write nothing after it (the kernel refuses: the connection then resets);
+        ``close()`` ends the connection as usual."""
+        if self._state != State.OPEN or self._write_eof:
+            return
+        if self._corked is not None:
+            self.uncork()
+        self._write_eof = True
+        if not self._queue:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._socket_failed(exc)
+
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` on this connection's loop: the way other threads reach it."""
         self._core.reactor.call_soon_threadsafe(callback)
@@ -610,7 +676,10 @@ class Connection:
             if self._state == State.CLOSING:
                 self._send_fin()
             elif self._state == State.OPEN:
-                self._call("write_drained")
+                if self._write_eof:
+                    self._shutdown_write()  # the half-close write_eof asked for
+                if self._state == State.OPEN:
+                    self._call("write_drained")
 
     # -- closing ---------------------------------------------------------------------------------
 

@@ -9,11 +9,13 @@ connections are told apart by their core, never by the loop they are registered 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
-from portside.config import ServerConfig
+from portside.config import ListenerConfig, ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
+from portside.engine.outbound import DEFAULT_OUTBOUND, Connector
 from portside.engine.reactor import Reactor
 from portside.errors import ErrorOrigin
 from portside.handler import report_error
@@ -64,6 +66,24 @@ class EngineCore:
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
         self._log_connections = config.log_connections  # off by default: one check per close
+        #: Outbound connections' policies and counters, one per ListenerConfig used to connect.
+        self.connectors: dict[ListenerConfig, Connector] = {}
+        self._connectors_lock = threading.Lock()  # connect() may be called from any thread
+
+    def connector(self, config: ListenerConfig | None = None) -> Connector:
+        """The ``Connector`` for outbound connections under ``config``'s policies."""
+        config = config or DEFAULT_OUTBOUND
+        with self._connectors_lock:
+            found = self.connectors.get(config)
+            if found is None:
+                found = self.connectors[config] = Connector(self, config)
+        return found
+
+    def close_outbound(self) -> None:
+        """Shutdown: connects under way fail, and no new one starts (connections made go on
+        until the server closes them with the others)."""
+        for connector in list(self.connectors.values()):
+            connector.close()
 
     def new_connection(self) -> Connection:
         """A connection object, from the pool (a TLS session is made per connection)."""

@@ -232,3 +232,25 @@ def encode_v2(source: tuple[str, int] | None, destination: tuple[str, int] | Non
     if checksum:
         header[-4:] = struct.pack("!I", crc32c(bytes(header)))
     return bytes(header)
+
+
+def encode_header(version: int, source: object, destination: object) -> bytes:
+    """The header a proxy sends for a client at ``source`` that connected to ``destination``
+    (socket addresses as Python gives them: ``(host, port, ...)`` tuples, or a Unix path).
+
+    Where the addresses cannot be said (a Unix-socket client) the header says so: v1
+    ``UNKNOWN``, v2 ``LOCAL``. An IPv4 address beside an IPv6 one is written IPv4-mapped,
+    since a header names a single family.
+    """
+    if version not in (1, 2):
+        raise ValueError(f"PROXY protocol version 1 or 2, not {version!r}")
+    if not (isinstance(source, tuple) and isinstance(destination, tuple)
+            and len(source) >= 2 and len(destination) >= 2):
+        return b"PROXY UNKNOWN\r\n" if version == 1 else encode_v2(None, None)
+    ends = [(str(source[0]).partition("%")[0], int(source[1])),
+            (str(destination[0]).partition("%")[0], int(destination[1]))]
+    if (":" in ends[0][0]) != (":" in ends[1][0]):
+        ends = [(host if ":" in host else f"::ffff:{host}", port) for host, port in ends]
+    if version == 1:
+        return encode_v1(ends[0], ends[1])
+    return encode_v2(ends[0], ends[1])

@@ -1,0 +1,379 @@
+"""Outbound connections: ``connect`` on a running engine, its deadline, and what an outbound
+connection has in place of a listener.
+
+Theory of operation. ``Connector.connect`` starts a ``ConnectAttempt``: a non-blocking socket
+whose ``connect(2)`` is under way, registered with the reactor for writability with the attempt
+itself as the target, so the connection's read and write paths never see a socket that is still
+connecting (on every engine, the compiled one included). Writable means the handshake ended and
+``SO_ERROR`` says how. On success the socket is handed to a pooled ``Connection``
+(``attach_outbound``), which from then on is like an accepted one: ``connection_made(conn,
+None)``, pooled reads, the write queue and its water marks, the close states and exactly one
+``connection_closed``. A failure (refused, unreachable) tries the next resolved address while
+the deadline allows; when none is left, or the deadline passes, or the attempt is cancelled, or
+the server shuts down, the handler's ``connect_failed(attempt, exc)`` is called. Every attempt
+ends with exactly one of ``connection_made`` and ``connect_failed``, never both, never neither.
+
+A host name is resolved off the loop (``getaddrinfo`` blocks), on a small thread pool; a numeric
+address is used as it is. The deadline (``timeout``) covers the resolution and every address.
+
+``conn.listener`` of an outbound connection is its ``Connector``: the per-connection policies
+(write water marks, ``write_limit``, idle and write timeouts, taken from a ``ListenerConfig``
+whose listening fields do not apply) and the counters of ``OutboundStatistics``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import errno
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from portside.config import ListenerConfig
+from portside.engine.connection import CloseReason, Connection, State
+from portside.engine.lograte import LogLimiter
+from portside.engine.timeouts import TimeoutTracker
+from portside.errors import ConfigError
+from portside.statistics import TTFB_BUCKETS, OutboundStatistics
+
+if TYPE_CHECKING:
+    from portside.engine.core import EngineCore
+    from portside.engine.reactor import TimerHandle
+    from portside.handler import Handler
+
+logger = logging.getLogger("portside")
+
+#: What an outbound connection's policies come from unless the caller gives its own.
+DEFAULT_OUTBOUND = ListenerConfig(name="outbound")
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds; HAProxy's examples use 5 s, Netty 30 s
+_RESOLVERS = 4  # threads resolving host names, at most
+
+
+class ConnectAttempt:
+    """One ``connect`` under way: the handle ``Server.connect`` returns.
+
+    ``state`` is "connecting", then "connected" (``connection`` is the ``Connection``, which the
+    handler met in ``connection_made``) or "failed" (``error`` says why; the handler was told
+    in ``connect_failed``). ``user_data`` is given to the connection before ``connection_made``.
+    Methods must be called on the server's loop.
+    """
+
+    __slots__ = ("_addresses", "_connector", "_deadline", "_sock", "address", "connection",
+                 "error", "handler", "host", "port", "started_at", "state", "timeout",
+                 "user_data")
+
+    def __init__(self, connector: Connector, handler: Handler, host: str | None, port: int,
+                 path: str | None, timeout: float, user_data: Any) -> None:
+        if not 0 < timeout < float("inf"):
+            raise ConfigError(f"connect timeout must be a positive number of seconds, not "
+                              f"{timeout!r}")
+        self._connector = connector
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.user_data = user_data
+        #: Where it connects, as logs show it: ``host:port`` or ``unix:path``.
+        self.address = f"unix:{path}" if path is not None else (
+            f"[{host}]:{port}" if host is not None and ":" in host else f"{host}:{port}")
+        self.state = "connecting"
+        self.connection: Connection | None = None
+        self.error: OSError | None = None
+        self.started_at = 0.0
+        self._addresses: list[tuple[int, Any]] = (
+            [(socket.AF_UNIX, path)] if path is not None else [])
+        self._sock: socket.socket | None = None
+        self._deadline: TimerHandle | None = None
+
+    # -- on the loop -----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.state != "connecting":
+            return  # cancelled before it began
+        connector = self._connector
+        reactor = connector.core.reactor
+        self.started_at = reactor.time()
+        if connector.closed:
+            self._fail(ConnectionAbortedError(errno.ECONNABORTED,
+                                              "the server is shutting down"))
+            return
+        connector.attempts.add(self)
+        self._deadline = reactor.call_later(self.timeout, self._timed_out)
+        if self._addresses:  # a Unix path
+            self._next()
+            return
+        assert self.host is not None
+        try:  # a numeric address needs no resolver (and no thread)
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+        except socket.gaierror:
+            connector.resolve(self)
+            return
+        self._resolved(infos)
+
+    def _resolved(self, infos: list[tuple[Any, ...]] | OSError) -> None:
+        """The resolver's answer (on the loop): the addresses to try, in order, or its error."""
+        if self.state != "connecting":
+            return  # timed out or cancelled while the name was being resolved
+        if isinstance(infos, OSError):
+            self._fail(infos)
+            return
+        self._addresses = [(info[0], info[4]) for info in infos]
+        self._next()
+
+    def _next(self, last: OSError | None = None) -> None:
+        """Try the next address; when none is left, fail with the last error."""
+        while self._addresses:
+            family, address = self._addresses.pop(0)
+            try:  # out of descriptors (EMFILE), a path too long for a Unix socket: next
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                last = exc
+                continue
+            try:
+                if family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                code = sock.connect_ex(address)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            if code == 0:
+                self._sock = sock
+                self._connected()
+                return
+            if code == errno.EINPROGRESS:
+                self._sock = sock
+                self._connector.core.reactor.register(sock.fileno(), self, readable=False,
+                                                      writable=True)
+                return
+            sock.close()  # failed at once (a Unix socket's full backlog is EAGAIN: failed too)
+            last = OSError(code, os.strerror(code))
+        self._fail(last or OSError(errno.EADDRNOTAVAIL, "no address to connect to"))
+
+    def handle_write(self) -> None:
+        """The handshake ended (or failed): ``SO_ERROR`` says which."""
+        sock = self._sock
+        if sock is None or self.state != "connecting":
+            return
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            self._connector.core.reactor.unregister(sock.fileno())
+            self._connected()
+            return
+        self._drop_socket()
+        self._next(OSError(code, os.strerror(code)))
+
+    handle_read = handle_write  # never watched for reading; an error event means the same
+
+    def _connected(self) -> None:
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        connector = self._connector
+        core = connector.core
+        conn = core.new_connection()
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = self.address
+        conn.attach_outbound(core, connector, sock, peer, self.handler)
+        conn.user_data = self.user_data
+        self.connection = conn  # before the state says so: other threads may look
+        self._end("connected")
+        connector.connected += 1
+        connector.active_count += 1
+        connector.record_connect(core.reactor.time() - self.started_at)
+        if connector.idle is not None:
+            connector.idle.start(conn)
+        conn.establish(None)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.state == "connecting":
+            self._connector.timeouts += 1
+            self._fail(TimeoutError(errno.ETIMEDOUT, f"timed out after {self.timeout:g} s"))
+
+    @property
+    def log(self) -> LogLimiter:
+        """Rate-limited log lines for what happens to attempts like this one (a few lines per
+        kind and a summary, as for clients): a flood of failures cannot flood the log."""
+        return self._connector.log
+
+    def cancel(self) -> None:
+        """Give up (the handler still hears ``connect_failed``, with ConnectionAbortedError)."""
+        if self.state == "connecting":
+            self._fail(ConnectionAbortedError(errno.ECONNABORTED, "cancelled"))
+
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._connector.core.reactor.unregister(sock.fileno(), closing=True)
+            sock.close()
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        self._connector.attempts.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _fail(self, exc: OSError) -> None:
+        self._drop_socket()
+        self._end("failed")
+        self.error = exc
+        connector = self._connector
+        connector.failed += 1
+        try:
+            self.handler.connect_failed(self, exc)
+        except Exception as raised:  # reported to the attempt's own handler, like a callback
+            try:
+                self.handler.error(None, raised)
+            except Exception:
+                logger.exception("handler.error raised while reporting %r", raised)
+
+    def __repr__(self) -> str:
+        return f"<ConnectAttempt {self.address} {self.state}>"
+
+
+class Connector:
+    """Outbound connections of one engine under one ``ListenerConfig``'s policies: makes the
+    attempts, and is what their connections report to (``conn.listener``)."""
+
+    # Never a listener's: outbound connections are never pending, never behind a balancer.
+    data_first = False
+    proxy_protocol = None
+    silence = None
+    read = None
+    is_tcp = True
+
+    def __init__(self, core: EngineCore, config: ListenerConfig) -> None:
+        if config.tls is not None:
+            raise ConfigError("outbound connections cannot use a server-side TLS context")
+        self.core = core
+        self.config = config
+        self.address = config.label
+        self.log = LogLimiter(logger, core.reactor.time, core.reactor.call_later)
+        self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
+        self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
+        self.trackers = tuple(tracker for tracker in (self.idle, self.write)
+                              if tracker is not None)
+        self.attempts: set[ConnectAttempt] = set()
+        self.closed = False
+        self.connected = self.failed = self.timeouts = 0
+        self.active_count = self.closed_count = 0
+        self.bytes_in = self.bytes_out = 0
+        self.closed_by_reason: dict[str, int] = {}
+        self.connect_buckets = [0] * len(TTFB_BUCKETS)
+        self.connect_sum = 0.0
+        self.tls_failures = self.proxy_errors = 0  # never counted: no TLS, no PROXY header
+        self._resolver: concurrent.futures.ThreadPoolExecutor | None = None
+        # Held by a resolver thread while it hands its answer to the loop, and by close():
+        # after close() no thread touches the reactor, which may be closed (its wake-up
+        # descriptor number reused) once the server has stopped.
+        self._resolver_lock = threading.Lock()
+
+    def _optional(self, timeout: float, reason: CloseReason,
+                  abort: bool) -> TimeoutTracker | None:
+        if not timeout:
+            return None
+
+        def expire(conn: Connection) -> bool:
+            if not abort and conn._state >= State.CLOSING:
+                return False
+            if abort:
+                conn.abort_for(reason)
+            else:
+                conn.close_for(reason)
+            return True
+
+        tracker = TimeoutTracker(timeout, expire)
+        tracker.attach(self.core.reactor)
+        return tracker
+
+    # -- attempts --------------------------------------------------------------------------------
+
+    def connect(self, handler: Handler, host: str | None, port: int, path: str | None,
+                timeout: float, user_data: Any) -> ConnectAttempt:
+        """Start connecting on the loop's next iteration (from any thread), so that no
+        callback runs before the caller has the handle; see ``Server.connect``."""
+        attempt = ConnectAttempt(self, handler, host, port, path, timeout, user_data)
+        reactor = self.core.reactor
+        if reactor.in_loop_thread():
+            reactor.call_soon(attempt._start)
+        else:
+            reactor.call_soon_threadsafe(attempt._start)
+        return attempt
+
+    def resolve(self, attempt: ConnectAttempt) -> None:
+        """Resolve ``attempt``'s host name on a resolver thread; the answer comes back on the
+        loop (``call_soon_threadsafe``). A late answer is ignored by the attempt."""
+        if self._resolver is None:
+            self._resolver = concurrent.futures.ThreadPoolExecutor(
+                _RESOLVERS, thread_name_prefix="portside-resolve")
+        reactor = self.core.reactor
+        host, port = attempt.host, attempt.port
+
+        def work() -> None:
+            try:
+                result: Any = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                result = exc
+            with self._resolver_lock:
+                if self._resolver is not None:
+                    reactor.call_soon_threadsafe(lambda: attempt._resolved(result))
+
+        self._resolver.submit(work)
+
+    def close(self) -> None:
+        """Shutdown: attempts under way fail (``connect_failed``), new ones fail at once.
+        Connections already made are closed with the server's others."""
+        self.closed = True
+        for attempt in list(self.attempts):
+            attempt._fail(ConnectionAbortedError(errno.ECONNABORTED,
+                                                 "the server is shutting down"))
+        with self._resolver_lock:
+            resolver, self._resolver = self._resolver, None
+        if resolver is not None:
+            resolver.shutdown(wait=False, cancel_futures=True)
+        self.log.flush()
+
+    # -- what the connections report (the listener's interface) ----------------------------------
+
+    def record_connect(self, seconds: float) -> None:
+        self.connect_sum += seconds
+        self.connect_buckets[bisect.bisect_left(TTFB_BUCKETS, seconds)] += 1
+
+    def record_first_byte(self, seconds: float) -> None:
+        """Outbound connections' first bytes are not timed (the handshake is: record_connect)."""
+
+    def became_active(self, conn: Connection) -> None:  # never pending
+        pass
+
+    def connection_finished(self, conn: Connection, was_pending: bool) -> None:
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
+        for tracker in self.trackers:
+            tracker.stop(conn)
+        self.active_count -= 1
+        self.closed_count += 1
+        reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+
+    def statistics(self) -> OutboundStatistics:
+        me: object = self  # conn.listener is typed as a Listener; an outbound one is this
+        live = [conn for conn in self.core.live() if conn.listener is me]
+        return OutboundStatistics(
+            name=self.config.label, connecting=len(self.attempts), active=self.active_count,
+            connected=self.connected, connect_failed=self.failed,
+            connect_timeouts=self.timeouts, closed=self.closed_count,
+            idle_timeouts=self.idle.expired if self.idle else 0,
+            write_timeouts=self.write.expired if self.write else 0,
+            bytes_in=self.bytes_in + sum(conn.bytes_in for conn in live),
+            bytes_out=self.bytes_out + sum(conn.bytes_out for conn in live),
+            closed_by_reason=dict(self.closed_by_reason),
+            connect_buckets=tuple(self.connect_buckets), connect_sum=self.connect_sum,
+            connect_count=sum(self.connect_buckets))
