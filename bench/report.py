@@ -125,8 +125,9 @@ def _baseline_section(result: RunResult) -> list[str]:
         current = past.split("@", 1)[0]
         if SERVERS[past].tree is None or current not in result.servers:
             continue
-        rows += [[current, past, f.key, _ratio(result.ratio(current, f, past))]
-                 for f in result.figures() if f.compared]
+        ratios = [(f, result.ratio(current, f, past)) for f in result.figures() if f.compared]
+        rows += [[current, past, f.key, _ratio(ratio)] for f, ratio in ratios
+                 if ratio is not None]  # not the scenarios the engine takes no part in
     if not rows:
         return []
     return ["## Against an earlier commit", "",

@@ -170,7 +170,10 @@ class Connection:
         # no new byte.
         self._read_mark = 0
         self._silent_looks = 0
-        self._start_layers()
+        if pending:  # a PROXY header, TLS or the first bytes come before the handler
+            self._start_layers()
+        else:
+            self._tls = self._receiver = None
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
     def attach_outbound(self, core: EngineCore, connector: Any, sock: _socket.socket,

@@ -708,7 +708,8 @@ class Listener:
         else:
             self.active_count -= 1
         self.closed += 1
-        reason = conn.close_reason.value if conn.close_reason is not None else "closed"
+        # ``_value_`` is the member's own field; ``.value`` runs a Python-level property.
+        reason = conn.close_reason._value_ if conn.close_reason is not None else "closed"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
         open_now = self.pending_count + self.active_count
         if (self._at_ceiling or self._probing) and open_now < self._max_connections:
