@@ -38,6 +38,8 @@ def _load_figures(scenario: str, unit: str) -> tuple[Figure, ...]:
     figures += [
         Figure(scenario, "srv_cpu", "server CPU", decimals=2, compared=False),
         Figure(scenario, "lg_cpu", "loadgen CPU", decimals=2, compared=False),
+        *([Figure(scenario, "upstream_cpu", "upstream CPU", decimals=2, compared=False)]
+          if scenario == "r" else []),
         Figure(scenario, "other_cpu", "other CPU", decimals=2, compared=False),
         Figure(scenario, "failures", "failures", higher_is_better=False, compared=False),
     ]

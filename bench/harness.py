@@ -9,6 +9,7 @@ allocator; the slowloris scenario (e) runs portside servers with a data-first li
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -111,6 +112,8 @@ class Harness:
                 server = stack.enter_context(running(
                     spec, cpu=plan.server_cpu, nofile=self.nofile(),
                     max_seconds=self.session_budget(), log=log, extra=extra))
+                if spec.relays_to is not None:
+                    server = dataclasses.replace(server, upstream_pid=upstream.pid)
                 warm = scenarios.warm_up(plan, self.loadgen, server)
                 if warm.completed == 0:
                     raise LoadgenError(f"warm-up completed no connection "

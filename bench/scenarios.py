@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from bench.loadgen import Loadgen, LoadgenReport
 from bench.plan import Plan
-from bench.procfs import fd_count, rss_kib
+from bench.procfs import cpu_seconds, fd_count, rss_kib
 from bench.serverproc import RunningServer
 
 Figures = dict[str, float]
@@ -23,21 +23,25 @@ def warm_up(plan: Plan, loadgen: Loadgen, server: RunningServer) -> LoadgenRepor
     return loadgen.run("short", server.port, plan.clients, plan.small_size, plan.warmup)
 
 
-def _cpu_figures(report: LoadgenReport) -> Figures:
+def _cpu_figures(report: LoadgenReport, upstream_cpu_s: float | None = None) -> Figures:
     seconds = report.seconds
     figures: Figures = {"lg_cpu": report.loadgen_cpu_s / seconds,
                         "failures": float(report.failures)}
+    if upstream_cpu_s is not None:
+        figures["upstream_cpu"] = upstream_cpu_s / seconds
     if report.server_cpu_s >= 0:
         figures["srv_cpu"] = report.server_cpu_s / seconds
         if report.host_busy_s >= 0:
-            other = report.host_busy_s - report.server_cpu_s - report.loadgen_cpu_s
+            other = (report.host_busy_s - report.server_cpu_s - report.loadgen_cpu_s
+                     - (upstream_cpu_s or 0.0))
             figures["other_cpu"] = max(0.0, other / seconds)
     return figures
 
 
-def _load_figures(report: LoadgenReport, unit: str) -> Figures:
+def _load_figures(report: LoadgenReport, unit: str,
+                  upstream_cpu_s: float | None = None) -> Figures:
     seconds = report.seconds
-    figures = _cpu_figures(report)
+    figures = _cpu_figures(report, upstream_cpu_s)
     if seconds > 0:
         figures[f"{unit}_s"] = report.completed / seconds
     if report.server_cpu_s > 0:
@@ -50,9 +54,13 @@ def _load_figures(report: LoadgenReport, unit: str) -> Figures:
 
 def persistent(plan: Plan, loadgen: Loadgen, server: RunningServer, size: int) -> Figures:
     """(a) and (b): ``plan.clients`` connections, one ``size``-byte message in flight each."""
+    upstream = server.upstream_pid
+    before = cpu_seconds(upstream) if upstream is not None else 0.0
     report = loadgen.run("persistent", server.port, plan.clients, size, plan.seconds,
                          server.pid)
-    figures = _load_figures(report, "req")
+    # A relay's upstream works beside the load generator: its CPU is counted, not noise.
+    upstream_cpu = cpu_seconds(upstream) - before if upstream is not None else None
+    figures = _load_figures(report, "req", upstream_cpu)
     if size == plan.large_size and report.seconds > 0:
         figures["mb_s"] = report.completed * size / report.seconds / 1e6
     return figures

@@ -33,6 +33,8 @@ class RunningServer:
     pid: int
     port: int
     data_first_port: int
+    #: A relay's: the server it forwards to, whose CPU is its own figure, not "other".
+    upstream_pid: int | None = None
 
 
 def command(spec: ServerSpec, max_seconds: float, extra: tuple[str, ...]) -> list[str]:
