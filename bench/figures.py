@@ -69,6 +69,7 @@ SLOWLORIS_FIGURES = (
     Figure("e", "silent_closed", "silent closed by server", compared=False),
     Figure("e", "attack_srv_cpu", "server CPU attacked", decimals=2, compared=False),
     Figure("e", "attack_lg_cpu", "loadgen CPU attacked", decimals=2, compared=False),
+    Figure("e", "attack_other_cpu", "other CPU attacked", decimals=2, compared=False),
     Figure("e", "failures", "failures", higher_is_better=False, compared=False),
 )
 

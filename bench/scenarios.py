@@ -126,6 +126,9 @@ def slowloris(plan: Plan, loadgen: Loadgen, server: RunningServer) -> Figures:
     figures["attack_lg_cpu"] = attacked.loadgen_cpu_s / attacked.seconds
     if attacked.server_cpu_s >= 0:
         figures["attack_srv_cpu"] = attacked.server_cpu_s / attacked.seconds
+        if attacked.host_busy_s >= 0:  # the silent connections' holder is in here too
+            other = attacked.host_busy_s - attacked.server_cpu_s - attacked.loadgen_cpu_s
+            figures["attack_other_cpu"] = max(0.0, other / attacked.seconds)
     base_rate = (before.completed + after.completed) / base_seconds
     attack_rate = attacked.completed / attacked.seconds
     figures["base_req_s"], figures["attack_req_s"] = base_rate, attack_rate
