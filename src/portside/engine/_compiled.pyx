@@ -17,7 +17,7 @@ queued. A handler is lent a view of the pooled buffer; a buffer some view still 
 callback returns is dropped from the pool, never reused, so a kept view never shows another
 connection's bytes. Each buffer keeps the memoryview it lends and lends it again, resized to the
 read, for as long as no handler keeps it or a slice of it: making and freeing a memoryview (two
-garbage-collected objects and a buffer export) per read was a fifth of the engine's own time.
+garbage-collected objects and a buffer export) per read was the engine's largest own cost.
 """
 
 cimport cython
