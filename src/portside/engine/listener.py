@@ -54,7 +54,7 @@ from portside.config import AcceptPolicy, ListenerConfig, parse_keepalive
 from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
-from portside.engine.timeouts import TimeoutTracker
+from portside.engine.timeouts import TimeoutTracker, closing_tracker
 from portside.engine.tls import remember_server_names
 from portside.errors import ConfigError, ErrorOrigin, ListenError
 from portside.handler import Handler
@@ -296,24 +296,14 @@ class Listener:
 
     def _optional(self, timeout: float, reason: CloseReason,
                   abort: bool) -> TimeoutTracker | None:
-        if not timeout:
-            return None
-
-        def expire(conn: Connection) -> bool:
-            if not abort and conn._state >= State.CLOSING:
-                return False  # closing already (say, flushing): not counted a second time
+        def announce(conn: Connection) -> None:
             self.log.log(reason.value, logging.INFO,
                          f"closed {{count}} more connections on {self.address}: "
                          f"{reason.value} after {timeout:g} s",
                          "closed %s on %s: %s after %g s", _peer_label(conn.peer_address),
                          self.address, reason.value, timeout)
-            if abort:  # the peer is not reading: a graceful close would wait on it forever
-                conn.abort_for(reason)
-            else:
-                conn.close_for(reason)
-            return True
 
-        return self.tracker_class(timeout, expire)
+        return closing_tracker(timeout, reason, abort, self.tracker_class, announce)
 
     def _silence_check(self, conn: Connection) -> bool:
         """A connection under the read-silence deadline, looked at: closed once it has sent
@@ -504,11 +494,15 @@ class Listener:
                      "not in trusted_proxies",
                      "refused %s on %s: not in trusted_proxies, so it may not send a PROXY "
                      "header", _peer_label(peer), self.address)
+        self.proxy_refused += 1
+        self._reset_at_accept(sock, CloseReason.REFUSED)
+
+    def _reset_at_accept(self, sock: _socket.socket, reason: CloseReason) -> None:
+        """A connection refused before a byte is read: counted as accepted and closed for
+        ``reason``, then reset (RST), never made a connection object."""
         self.accepted += 1
         self.closed += 1
-        self.proxy_refused += 1
-        reason = CloseReason.REFUSED.value
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        self.closed_by_reason[reason.value] = self.closed_by_reason.get(reason.value, 0) + 1
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         sock.close()
@@ -535,13 +529,7 @@ class Listener:
     def _refuse_client(self, sock: _socket.socket, peer: object, refusal: Refusal) -> None:
         """Over a per-client limit at accept: reset before reading anything, as ``_refuse``."""
         self._count_client_refusal(peer, refusal)
-        self.accepted += 1
-        self.closed += 1
-        reason = CloseReason.CLIENT_LIMIT.value
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        sock.close()
+        self._reset_at_accept(sock, CloseReason.CLIENT_LIMIT)
 
     def _count_client_refusal(self, peer: object, refusal: Refusal) -> None:
         self.client_refused += 1

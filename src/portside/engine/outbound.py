@@ -33,9 +33,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from portside.config import ListenerConfig
-from portside.engine.connection import CloseReason, Connection, State
+from portside.engine.connection import CloseReason, Connection
 from portside.engine.lograte import LogLimiter
-from portside.engine.timeouts import TimeoutTracker
+from portside.engine.timeouts import TimeoutTracker, closing_tracker
 from portside.errors import ConfigError
 from portside.statistics import TTFB_BUCKETS, OutboundStatistics
 
@@ -278,20 +278,9 @@ class Connector:
 
     def _optional(self, timeout: float, reason: CloseReason,
                   abort: bool) -> TimeoutTracker | None:
-        if not timeout:
-            return None
-
-        def expire(conn: Connection) -> bool:
-            if not abort and conn._state >= State.CLOSING:
-                return False
-            if abort:
-                conn.abort_for(reason)
-            else:
-                conn.close_for(reason)
-            return True
-
-        tracker = TimeoutTracker(timeout, expire)
-        tracker.attach(self.core.reactor)
+        tracker = closing_tracker(timeout, reason, abort)
+        if tracker is not None:
+            tracker.attach(self.core.reactor)
         return tracker
 
     # -- attempts --------------------------------------------------------------------------------

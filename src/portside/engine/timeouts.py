@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from portside.engine.deadlines import DeadlineQueue
+from portside.engine.states import CloseReason, State
 
 if TYPE_CHECKING:
     from portside.engine.connection import Connection
@@ -60,3 +61,28 @@ class TimeoutTracker:
                 self.expired += 1
         self._timer = None
         self._arm()
+
+
+def closing_tracker(timeout: float, reason: CloseReason, abort: bool,
+                    tracker_class: type[TimeoutTracker] = TimeoutTracker,
+                    announce: Callable[[Connection], None] | None = None,
+                    ) -> TimeoutTracker | None:
+    """The idle, read and write timeouts: a tracker that closes each connection whose deadline
+    passes for ``reason`` (resets it, when ``abort``: a peer that is not reading would keep a
+    graceful close waiting forever); None when ``timeout`` is 0 (off). ``announce`` is told
+    first (a log line, say)."""
+    if not timeout:
+        return None
+
+    def expire(conn: Connection) -> bool:
+        if conn._state >= State.CLOSING and not abort:
+            return False  # closing already (say, flushing): not counted a second time
+        if announce is not None:
+            announce(conn)
+        if abort:
+            conn.abort_for(reason)
+        else:
+            conn.close_for(reason)
+        return True
+
+    return tracker_class(timeout, expire)
