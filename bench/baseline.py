@@ -31,10 +31,10 @@ def _git(*args: str) -> bytes:
         raise BaselineError(f"git {' '.join(args)} failed: {exc}") from None
 
 
-def add(revision: str, engine: str = "epoll") -> str:
+def add(revision: str, engine: str = "epoll", build: Path = BUILD) -> str:
     """Register the baseline server for ``revision`` and return its name."""
     short = _git("rev-parse", "--short", "--verify", f"{revision}^{{commit}}").decode().strip()
-    tree = BUILD / f"tree-{short}"
+    tree = build / f"tree-{short}"
     if not (tree / "bench" / "servers" / "portside_echo.py").exists():
         unpacking = tree.with_name(tree.name + ".partial")
         archive = _git("archive", "--format=tar", short)

@@ -112,3 +112,23 @@ def test_relay_scenario_runs_side_by_side_with_haproxy(tmp_path: Path) -> None:
         assert figures["r.failures"] == 0, server
     assert "r.req_cpu_s" in document["ratios"]["relay_haproxy"]["relay_portside"]
     assert "vs HAProxy" in (tmp_path / "quick-latest.md").read_text()
+
+
+def test_baseline_unpacks_an_earlier_commit_and_registers_its_server(tmp_path: Path) -> None:
+    """``--baseline REV``: the tree of REV, whole, beside this one; an unknown REV is one
+    clear error, not a traceback."""
+    from bench import baseline
+    from bench.servers import SERVERS
+
+    name = baseline.add("HEAD", build=tmp_path)
+    try:
+        spec = SERVERS[name]
+        assert name.startswith("portside_epoll@") and spec.tree is not None
+        assert (spec.tree / "bench" / "servers" / "portside_echo.py").is_file()
+        assert (spec.tree / "src" / "portside" / "engine" / "epoll.py").is_file()
+        assert not list(tmp_path.glob("*.partial"))
+        assert baseline.add("HEAD", build=tmp_path) == name  # unpacked once, reused
+    finally:
+        SERVERS.pop(name, None)
+    with pytest.raises(baseline.BaselineError, match="rev-parse"):
+        baseline.add("no-such-revision-here", build=tmp_path)
