@@ -772,6 +772,14 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def address_label(address: object) -> str:
+    """A socket address as logs and ``ctl`` show it: ``host:port`` (``[v6]:port``) for TCP,
+    the path for a Unix socket, "unix peer" for an unnamed one."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return format_host_port(str(address[0]), address[1])
+    return str(address) if address else "unix peer"
+
+
 # MODULE:CLASS after the last "=" of a --listen value: dotted identifiers, so a Unix path
 # that happens to hold "=" is not mistaken for one.
 _HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")

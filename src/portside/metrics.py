@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
+from portside.config import address_label
 from portside.control import protocol
 from portside.control.server import ControlTarget
 from portside.engine.reactor import Reactor
@@ -294,6 +295,4 @@ class MetricsServer(SideListener):
 
     def attach(self, reactor: Reactor) -> None:
         super().attach(reactor)
-        host, port = self.sock.getsockname()[:2]
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        logger.info("metrics on http://%s/metrics", shown)
+        logger.info("metrics on http://%s/metrics", address_label(self.sock.getsockname()))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from portside.config import address_label
 from portside.control import protocol
 from portside.engine.connection import Connection
 from portside.engine.listener import Listener
@@ -99,16 +100,11 @@ def connection_entry(conn: Connection, pid: int) -> dict[str, Any]:
     counters = conn.counters()
     state = "pending" if conn.is_pending else "open" if conn.is_open else "closing"
     return {"id": str(conn.id), "pid": pid, "listener": conn.listener.config.label,
-            "peer": peer_label(conn.peer_address), "age": round(counters.age, 3),
+            "peer": address_label(conn.peer_address), "age": round(counters.age, 3),
             "state": state, "bytes_in": counters.bytes_in, "bytes_out": counters.bytes_out,
             "queued": counters.write_buffer_size}
 
 
-def peer_label(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer) if peer else "unix peer"
 
 
 def matches(entry: dict[str, Any], request: protocol.Request) -> bool:

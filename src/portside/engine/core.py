@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from portside.config import ListenerConfig, ServerConfig
+from portside.config import ListenerConfig, ServerConfig, address_label
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.connection import Connection
 from portside.engine.outbound import DEFAULT_OUTBOUND, Connector
@@ -137,10 +137,7 @@ class EngineCore:
 
 def _log_closed(conn: Connection, now: float) -> None:
     """The per-connection line (``log_connections``): who, where, how long, how much, why."""
-    peer = conn.peer_address
-    if isinstance(peer, tuple):
-        host, port = peer[:2]
-        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    peer = address_label(conn.peer_address) if conn.peer_address else "-"
     reason = conn.close_reason.value if conn.close_reason is not None else "closed"
     connection_logger.info("closed peer=%s listener=%s duration=%.3f bytes_in=%d bytes_out=%d "
                            "reason=%s", peer or "-", conn.listener.config.label,

@@ -50,7 +50,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from portside.config import AcceptPolicy, ListenerConfig, parse_keepalive
+from portside.config import AcceptPolicy, ListenerConfig, address_label, parse_keepalive
 from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
@@ -290,7 +290,7 @@ class Listener:
         self.port = int(sock.getsockname()[1]) if self.is_tcp else 0
         #: Where it listens, as logs and statistics show it.
         self.address = f"unix:{config.path}" if config.path is not None else \
-            _peer_label(sock.getsockname())
+            address_label(sock.getsockname())
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class Listener:
             self.log.log(reason.value, logging.INFO,
                          f"closed {{count}} more connections on {self.address}: "
                          f"{reason.value} after {timeout:g} s",
-                         "closed %s on %s: %s after %g s", _peer_label(conn.peer_address),
+                         "closed %s on %s: %s after %g s", address_label(conn.peer_address),
                          self.address, reason.value, timeout)
 
         return closing_tracker(timeout, reason, abort, self.tracker_class, announce)
@@ -325,7 +325,7 @@ class Listener:
                      f"closed {{count}} more connections on {self.address}: no bytes for "
                      f"{self.config.read_timeout:g} s (read-timeout)",
                      "closed %s on %s: no bytes for %g s (read-timeout)",
-                     _peer_label(conn.peer_address), self.address, self.config.read_timeout)
+                     address_label(conn.peer_address), self.address, self.config.read_timeout)
         conn.close_for(CloseReason.READ_TIMEOUT)
         return False
 
@@ -493,7 +493,7 @@ class Listener:
                      f"refused {{count}} more connections on {self.address} from sources "
                      "not in trusted_proxies",
                      "refused %s on %s: not in trusted_proxies, so it may not send a PROXY "
-                     "header", _peer_label(peer), self.address)
+                     "header", address_label(peer), self.address)
         self.proxy_refused += 1
         self._reset_at_accept(sock, CloseReason.REFUSED)
 
@@ -536,7 +536,7 @@ class Listener:
         self.log.log("client-limit", logging.WARNING,
                      f"refused {{count}} more connections on {self.address} over a per-client "
                      "limit",
-                     "refused %s on %s: over %s", _peer_label(peer), self.address,
+                     "refused %s on %s: over %s", address_label(peer), self.address,
                      refusal.value)
 
     def _client_table_full(self, key: bytes) -> None:
@@ -709,7 +709,7 @@ class Listener:
         self.log.log("first-data-timeout", logging.INFO,
                      f"closed {{count}} more silent connections on {self.address} "
                      f"({self.config.policy.value}): no data within {timeout:g} s",
-                     "closed %s on %s: no data within %g s", _peer_label(conn.peer_address),
+                     "closed %s on %s: no data within %g s", address_label(conn.peer_address),
                      self.address, timeout)
         conn.abort_for(CloseReason.FIRST_DATA_TIMEOUT)
 
@@ -781,12 +781,3 @@ def _trusted(peer: object, networks: tuple[Network, ...]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
-
-
-def _peer_label(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer) or "unix peer"
-
-

@@ -32,7 +32,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-from portside.config import ListenerConfig
+from portside.config import ListenerConfig, format_host_port
 from portside.engine.connection import CloseReason, Connection
 from portside.engine.lograte import LogLimiter
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
@@ -77,8 +77,7 @@ class ConnectAttempt:
         self.timeout = timeout
         self.user_data = user_data
         #: Where it connects, as logs show it: ``host:port`` or ``unix:path``.
-        self.address = f"unix:{path}" if path is not None else (
-            f"[{host}]:{port}" if host is not None and ":" in host else f"{host}:{port}")
+        self.address = f"unix:{path}" if path is not None else format_host_port(str(host), port)
         self.state = "connecting"
         self.connection: Connection | None = None
         self.error: OSError | None = None

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 
 from portside import CloseReason, Connection, Handler, ListenerConfig, Server
-from portside.config import parse_listen
+from portside.config import address_label, format_host_port, parse_listen
 from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT, ConnectAttempt
 from portside.errors import ConfigError
 from portside.protocols.proxy import Version, encode_header
@@ -54,7 +54,7 @@ class Upstream:
     def label(self) -> str:
         if self.path is not None:
             return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in str(self.host) else f"{self.host}:{self.port}"
+        return format_host_port(str(self.host), self.port)
 
 
 def parse_upstreams(text: str) -> tuple[Upstream, ...]:
@@ -266,7 +266,7 @@ class UpstreamSide(Handler):
         attempt.log.log("no-upstream", logging.WARNING,
                         "closed {count} more clients: no upstream took them",
                         "closed client %s: no upstream took it (%d tried; last: %s, %s)",
-                        _label(pair.client.peer_address), pair.tried, attempt.address,
+                        address_label(pair.client.peer_address), pair.tried, attempt.address,
                         exc.strerror or exc)
         pair.client.close()
 
@@ -307,8 +307,3 @@ class UpstreamSide(Handler):
         self.relay.error(conn, exc)
 
 
-def _label(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer) or "unix peer"

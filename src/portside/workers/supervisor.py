@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from portside.config import ListenerConfig, ProcessConfig, ServerConfig
+from portside.config import ListenerConfig, ProcessConfig, ServerConfig, address_label
 from portside.control import protocol
 from portside.control.fleet import SupervisorTarget
 from portside.control.paths import ControlSocket
@@ -676,5 +676,4 @@ def _describe_status(status: int) -> str:
 def _address(sock: socket.socket, config: ListenerConfig) -> str:
     if sock.family == socket.AF_UNIX:
         return f"unix:{sock.getsockname()}"
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_label(sock.getsockname())
