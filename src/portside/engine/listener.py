@@ -54,6 +54,7 @@ from portside.config import AcceptPolicy, ListenerConfig, address_label, parse_k
 from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
+from portside.engine.states import count_close
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
 from portside.engine.tls import remember_server_names
 from portside.errors import ConfigError, ErrorOrigin, ListenError
@@ -502,7 +503,7 @@ class Listener:
         ``reason``, then reset (RST), never made a connection object."""
         self.accepted += 1
         self.closed += 1
-        self.closed_by_reason[reason.value] = self.closed_by_reason.get(reason.value, 0) + 1
+        count_close(self.closed_by_reason, reason)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         sock.close()
@@ -605,14 +606,7 @@ class Listener:
             return True
         if failure is None:  # the hook closed the descriptor: that was not its to close
             failure = RuntimeError("socket_accepted closed the accepted socket")
-        elif sock.fileno() == fd:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            sock.close()
-        self.accepted += 1
-        self.closed += 1
-        reason = CloseReason.HANDLER_ERROR.value
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        self._reset_at_accept(sock, CloseReason.HANDLER_ERROR)  # closing a closed one: no-op
         core.report_error(None, failure, ErrorOrigin.SOCKET_HOOK, handler=self.handler)
         return False
 
@@ -696,9 +690,7 @@ class Listener:
         else:
             self.active_count -= 1
         self.closed += 1
-        # ``_value_`` is the member's own field; ``.value`` runs a Python-level property.
-        reason = conn.close_reason._value_ if conn.close_reason is not None else "closed"
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        count_close(self.closed_by_reason, conn.close_reason)
         open_now = self.pending_count + self.active_count
         if (self._at_ceiling or self._probing) and open_now < self._max_connections:
             self._at_ceiling = self._probing = False

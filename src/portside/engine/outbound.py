@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from portside.config import ListenerConfig, format_host_port
 from portside.engine.connection import CloseReason, Connection
 from portside.engine.lograte import LogLimiter
+from portside.engine.states import count_close
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
 from portside.errors import ConfigError
 from portside.statistics import TTFB_BUCKETS, OutboundStatistics
@@ -348,8 +349,7 @@ class Connector:
             tracker.stop(conn)
         self.active_count -= 1
         self.closed_count += 1
-        reason = conn.close_reason.value if conn.close_reason is not None else "closed"
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        count_close(self.closed_by_reason, conn.close_reason)
 
     def statistics(self) -> OutboundStatistics:
         me: object = self  # conn.listener is typed as a Listener; an outbound one is this

@@ -40,3 +40,10 @@ class State(enum.IntEnum):
 
 PENDING, OPEN, CLOSING, LINGERING, CLOSED = (
     State.PENDING, State.OPEN, State.CLOSING, State.LINGERING, State.CLOSED)
+
+
+def count_close(tally: dict[str, int], reason: CloseReason | None) -> None:
+    """One more close in a closed-by-reason tally ("closed" when none was recorded). Reads
+    the member's ``_value_`` field: ``.value`` is a Python-level property, a frame per close."""
+    name = reason._value_ if reason is not None else "closed"
+    tally[name] = tally.get(name, 0) + 1
