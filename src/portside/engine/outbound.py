@@ -230,10 +230,7 @@ class ConnectAttempt:
         try:
             self.handler.connect_failed(self, exc)
         except Exception as raised:  # reported to the attempt's own handler, like a callback
-            try:
-                self.handler.error(None, raised)
-            except Exception:
-                logger.exception("handler.error raised while reporting %r", raised)
+            connector.core.report_error(None, raised, handler=self.handler)
 
     def __repr__(self) -> str:
         return f"<ConnectAttempt {self.address} {self.state}>"
