@@ -10,9 +10,9 @@ unread bytes makes the kernel send RST, which can destroy replies the peer has n
 exactly once. A read borrows a pool buffer only for the callback; writes try ``send`` at once
 and queue only what the kernel did not take, copied, since the caller's buffer may be a loan.
 ``write_eof`` half-closes an OPEN connection: its FIN goes out once the queue is empty, and
-reading goes on. An outbound connection (``attach_outbound``) enters OPEN with its connect
-already done (``outbound.py`` keeps connecting sockets away from these paths); its own handler
-receives its callbacks, and its ``Connector`` stands where a listener would.
+reading goes on. An outbound connection (``attach`` with its own handler) enters OPEN with
+its connect already done (``outbound.py`` keeps connecting sockets away from these paths); its
+own handler receives its callbacks, and its ``Connector`` stands where a listener would.
 
 Close reasons. ``close_reason`` says why a connection ended, and the first reason recorded wins
 (``_set_reason`` is the only place that decides): what began the end is what the handler is
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from portside.engine.core import EngineCore
     from portside.engine.listener import Listener
     from portside.engine.reactor import TimerHandle
+    from portside.handler import Handler
 
 Address = Any  # a (host, port[, flowinfo, scope_id]) tuple for TCP, a path string for Unix sockets
 #: What receives a connection's bytes before the handler does (see ``_start_layers``).
@@ -130,8 +131,10 @@ class Connection:
     # -- life cycle, called by the listener ------------------------------------------------------
 
     def attach(self, core: EngineCore, listener: Listener, sock: _socket.socket,
-               peer_address: Address, pending: bool) -> None:
-        """Take over a freshly accepted socket (resetting everything a previous life left)."""
+               peer_address: Address, pending: bool, handler: Handler | None = None) -> None:
+        """Take over a socket, resetting everything a previous life left: one ``listener``
+        accepted, served by its handler; or, with ``handler``, one ``connect`` established
+        (outbound.py), whose ``Connector`` stands in for the listener."""
         self.id = next(_id_counter)
         self.user_data: Any = None
         self.listener = listener
@@ -140,7 +143,8 @@ class Connection:
         self.accepted_at = core.reactor.time()
         self.close_reason: CloseReason | None = None
         self._core = core
-        self._handler = listener.handler  # each listener may speak its own protocol
+        # Each listener may speak its own protocol; an outbound connection names its own.
+        self._use_handler(listener.handler if handler is None else handler)
         self._pool = core.buffers
         self._idle = listener.idle
         self._sock = sock
@@ -174,43 +178,6 @@ class Connection:
             self._start_layers()
         else:
             self._tls = self._receiver = None
-        core.reactor.register(self._fd, self, readable=True, writable=False)
-
-    def attach_outbound(self, core: EngineCore, connector: Any, sock: _socket.socket,
-                        peer_address: Address, handler: Any) -> None:
-        """Take over a socket ``connect`` established (outbound.py): like ``attach``, with
-        the connection's own handler and its ``Connector`` in place of a listener."""
-        self.id = next(_id_counter)
-        self.user_data = None
-        self.listener = connector
-        self.peer_address = peer_address
-        self.bytes_in = self.bytes_out = 0
-        self.accepted_at = core.reactor.time()
-        self.close_reason = None
-        self._core = core
-        self._use_handler(handler)
-        self._pool = core.buffers
-        self._idle = connector.idle
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._state = State.OPEN
-        self._established = self._eof = False
-        if self._queue is not None:
-            self._queue.clear()
-        self._buffered = 0
-        self._corked = None
-        self._user_paused = self._flow_paused = self._held = self._writing = False
-        self._write_eof = False
-        self._reading = True
-        self.layer = None
-        self.proxy = None
-        self.balancer_address = None
-        self._preamble = None
-        self._linger_timer = None
-        self._read_mark = 0
-        self._silent_looks = 0
-        self._receiver = None
-        self._tls = None
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
     def _use_handler(self, handler: Any) -> None:

@@ -6,12 +6,13 @@ whose ``connect(2)`` is under way, registered with the reactor for writability w
 itself as the target, so the connection's read and write paths never see a socket that is still
 connecting (on every engine, the compiled one included). Writable means the handshake ended and
 ``SO_ERROR`` says how. On success the socket is handed to a pooled ``Connection``
-(``attach_outbound``), which from then on is like an accepted one: ``connection_made(conn,
-None)``, pooled reads, the write queue and its water marks, the close states and exactly one
-``connection_closed``. A failure (refused, unreachable) tries the next resolved address while
-the deadline allows; when none is left, or the deadline passes, or the attempt is cancelled, or
-the server shuts down, the handler's ``connect_failed(attempt, exc)`` is called. Every attempt
-ends with exactly one of ``connection_made`` and ``connect_failed``, never both, never neither.
+(``Connection.attach``, given the handler), which from then on is like an accepted one:
+``connection_made(conn, None)``, pooled reads, the write queue and its water marks, the close
+states and exactly one ``connection_closed``. A failure (refused, unreachable) tries the next
+resolved address while the deadline allows; when none is left, or the deadline passes, or the
+attempt is cancelled, or the server shuts down, the handler's ``connect_failed(attempt, exc)``
+is called. Every attempt ends with exactly one of ``connection_made`` and ``connect_failed``,
+never both, never neither.
 
 A host name is resolved off the loop (``getaddrinfo`` blocks), on a small thread pool; a numeric
 address is used as it is. The deadline (``timeout``) covers the resolution and every address.
@@ -30,7 +31,7 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from portside.config import ListenerConfig, format_host_port
 from portside.engine.connection import CloseReason, Connection
@@ -42,6 +43,7 @@ from portside.statistics import TTFB_BUCKETS, OutboundStatistics
 
 if TYPE_CHECKING:
     from portside.engine.core import EngineCore
+    from portside.engine.listener import Listener
     from portside.engine.reactor import TimerHandle
     from portside.handler import Handler
 
@@ -180,7 +182,9 @@ class ConnectAttempt:
             peer = sock.getpeername()
         except OSError:
             peer = self.address
-        conn.attach_outbound(core, connector, sock, peer, self.handler)
+        # The Connector has every field a connection reads of its listener.
+        conn.attach(core, cast("Listener", connector), sock, peer, pending=False,
+                    handler=self.handler)
         conn.user_data = self.user_data
         self.connection = conn  # before the state says so: other threads may look
         self._end("connected")
