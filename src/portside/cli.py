@@ -455,13 +455,7 @@ def _relay_environment(args: argparse.Namespace) -> None:
 
     relay.parse_upstreams(args.upstream)
     relay.parse_send_proxy(args.send_proxy)
-    try:
-        timeout = float(args.connect_timeout)
-    except ValueError:
-        timeout = -1.0
-    if not 0 < timeout < float("inf"):
-        raise ConfigError(f"--connect-timeout takes a positive number of seconds, not "
-                          f"{args.connect_timeout!r}")
+    timeout = relay.parse_connect_timeout(args.connect_timeout)
     os.environ[relay.UPSTREAM_ENV] = args.upstream
     os.environ[relay.SEND_PROXY_ENV] = args.send_proxy
     os.environ[relay.CONNECT_TIMEOUT_ENV] = str(timeout)

@@ -82,6 +82,17 @@ def parse_send_proxy(text: str) -> int:
         raise ConfigError(f"--send-proxy takes off, v1 or v2, not {text!r}") from None
 
 
+def parse_connect_timeout(text: str) -> float:
+    """``--connect-timeout``: seconds, a positive finite number."""
+    try:
+        timeout = float(text)
+    except ValueError:
+        timeout = -1.0
+    if not 0 < timeout < float("inf"):
+        raise ConfigError(f"--connect-timeout takes a positive number of seconds, not {text!r}")
+    return timeout
+
+
 class Pair:
     """One client and its upstream."""
 
@@ -127,12 +138,9 @@ class RelayHandler(Handler):
         if send_proxy is None:
             send_proxy = parse_send_proxy(environ.get(SEND_PROXY_ENV, "off"))
         if connect_timeout is None:
-            text = environ.get(CONNECT_TIMEOUT_ENV, str(DEFAULT_CONNECT_TIMEOUT))
-            try:
-                connect_timeout = float(text)
-            except ValueError:
-                connect_timeout = -1.0
-        if not 0 < connect_timeout < float("inf"):
+            connect_timeout = parse_connect_timeout(
+                environ.get(CONNECT_TIMEOUT_ENV, str(DEFAULT_CONNECT_TIMEOUT)))
+        elif not 0 < connect_timeout < float("inf"):
             raise ConfigError("the connect timeout must be a positive number of seconds")
         self.upstreams = upstreams
         self.send_proxy = send_proxy
