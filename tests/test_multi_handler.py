@@ -341,3 +341,33 @@ def test_a_reused_connection_object_serves_its_new_listeners_handler(
     assert len(recording.closed) == 1
     assert [len(reasons) for reasons in recording.closed.values()] == [1]
     assert recording.names()[-1] == "server_stopped"
+
+
+ASYNC_APP = '''
+from portside import StreamHandler
+
+
+class Echo(StreamHandler):
+    async def handle(self, reader, writer):
+        writer.write(await reader.read(100))
+'''
+
+
+def test_the_supervisor_names_the_engine_its_workers_run(tmp_path: Path) -> None:
+    """Only workers import the handlers, and a coroutine handler makes ``auto`` mean an
+    asyncio loop: the start-up line says what the workers report, not the configured rule."""
+    (tmp_path / "asyncapp.py").write_text(ASYNC_APP)
+    expected = "uvloop" if HAVE_UVLOOP else "asyncio"
+    proc = PortsideProcess(["serve", "asyncapp:Echo", "--listen", "127.0.0.1:0", "--workers",
+                            "2", "--control", str(tmp_path / "ctl.sock")], cwd=tmp_path)
+    try:
+        port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        proc.wait_for(rf"serving asyncapp:Echo with 2 worker\(s\): engine {expected},",
+                      seen_too=True)
+        with socket.create_connection(("127.0.0.1", port), WAIT) as sock:
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, 2) == b"hi"
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()

@@ -358,10 +358,14 @@ class Supervisor:
     def _now_serving(self) -> None:
         """Every first worker serves: tell systemd, and the supervisor we upgrade, if any."""
         plan = self.plan
+        # As the workers report it: only they import the handlers, which may choose the engine
+        # (``auto`` runs coroutine handlers on uvloop).
+        engines = sorted({str(worker.last_stats.get("engine")) for worker in self.workers.values()
+                          if worker.last_stats is not None})
         logger.info("serving %s with %d worker(s): engine %s, TLS %s, PROXY protocol %s, "
                     "at most %d connections per listener per worker, drain %g s",
                     describe_handlers(plan.handler, plan.listeners), self.worker_count,
-                    resolve_engine(plan.server.engine).value,
+                    ",".join(engines) or resolve_engine(plan.server.engine).value,
                     "on" if plan.process.certfile else "off",
                     ",".join(sorted({lc.proxy_protocol.value for lc in plan.listeners})),
                     min(lc.max_connections for lc in plan.listeners),
