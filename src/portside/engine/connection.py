@@ -674,6 +674,33 @@ class Connection:
         self._update_reading()
         if not self._queue:
             self._send_fin()
+        else:
+            self._arm_flush_deadline()
+
+    # A closing connection flushes its queue before its FIN; a peer that never reads would keep
+    # it CLOSING for ever (the idle tracker skips closing connections, and the write timeout is
+    # off by default), holding its descriptor and queue: the relay's orphaned upstreams. So the
+    # flush has a deadline, linger_timeout without progress, after which the connection is
+    # reset; any bytes sent restart it. Borrowed by the compiled engine (_begin_close_c).
+    def _arm_flush_deadline(self) -> None:
+        """Reset this CLOSING connection if its queue makes no progress for linger_timeout
+        (0: no deadline, as before). The timer lives in ``_linger_timer`` (cancelled by
+        ``_send_fin`` and ``_finalize``), so a pooled connection never meets a stale one."""
+        timeout = self._core.config.linger_timeout
+        if not timeout:
+            return
+        sent = self.bytes_out
+        self._linger_timer = self._core.reactor.call_later(
+            timeout, lambda: self._flush_stalled(sent))
+
+    def _flush_stalled(self, sent: int) -> None:
+        self._linger_timer = None
+        if self._state != State.CLOSING:
+            return
+        if self.bytes_out != sent:  # the peer took some: another period
+            self._arm_flush_deadline()
+            return
+        self._abort(CloseReason.WRITE_TIMEOUT)  # the reason of close() stays: the first wins
 
     def _send_fin(self) -> None:
         if self._eof:  # the peer has sent its FIN already: nothing left to wait for
@@ -687,6 +714,8 @@ class Connection:
         self._state = State.LINGERING
         self._reading = False
         self._update_reading()
+        if self._linger_timer is not None:  # the flush deadline (_arm_flush_deadline)
+            self._linger_timer.cancel()
         self._linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
 
