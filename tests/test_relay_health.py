@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 from conftest import WAIT, ServeFactory, recv_exactly
 from test_connect import free_port, on_loop
-from test_relay import RawUpstream, echo_upstream, raw_upstream  # noqa: F401 (a fixture)
+from test_relay import (  # noqa: F401 (raw_upstream is a fixture)
+    RawUpstream,
+    echo_upstream,
+    fill,
+    raw_upstream,
+    relay_connections,
+)
 
 from portside import CloseReason, Connection, Handler, ListenerConfig
 from portside.examples.relay import RelayHandler, Upstream
@@ -143,8 +149,14 @@ def test_orphaned_upstreams_of_gone_clients_are_released(
     closes the pair; then the upstream, closing with a queue it can never send, stayed CLOSING
     for ever (the idle tracker skips closing connections). Now it is reset linger_timeout
     later, and the next rounds find room under max_upstream_connections."""
+    upstream = socket.socket()
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # inherited on accept
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(64)
+    raw_upstream.listener.close()
+    raw_upstream.listener = upstream
     rs = start(serve, [raw_upstream.upstream],
-               listener=ListenerConfig(max_connections=10, idle_timeout=T),
+               listener=ListenerConfig(max_connections=5, idle_timeout=T, sndbuf=16 * 1024),
                server={"linger_timeout": T})
     stop = threading.Event()
 
@@ -155,15 +167,12 @@ def test_orphaned_upstreams_of_gone_clients_are_released(
     acceptor = threading.Thread(target=accept_all, daemon=True)
     acceptor.start()
     try:
-        for _ in range(3):
-            clients = []
-            for _ in range(10):
-                sock = socket.create_connection(rs.address(), timeout=WAIT)
-                sock.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    sock.send(b"y" * (1024 * 1024))
-                clients.append(sock)
-            time.sleep(0.2)  # the relay reads and queues what it can
+        for _ in range(2):
+            clients = [socket.create_connection(rs.address(), timeout=WAIT) for _ in range(5)]
+            for sock in clients:
+                fill(sock, b"y" * 65536, 3 * 1024 * 1024)  # until the path stays full
+            assert any(queued > 0 for outbound, queued, _ in relay_connections(rs)
+                       if outbound)  # upstreams hold bytes they cannot send
             for sock in clients:
                 sock.close()
             wait_until(lambda: outbound_open(rs) == 0, timeout=6 * T)  # idle, then flush
