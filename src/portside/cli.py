@@ -153,18 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="A TCP relay (HAProxy's mode tcp): each client on --listen (127.0.0.1:5003 "
                     "by default) is forwarded to one of the --upstream servers, round robin, "
                     "skipping upstreams that refuse; backpressure and half-close both ways.")
-    relay.add_argument("--upstream", required=True, metavar="HOST:PORT[,HOST:PORT...]",
-                       help="the servers to forward to ([V6]:PORT and unix:PATH too)")
-    relay.add_argument("--send-proxy", default="off", metavar="off|v1|v2",
-                       help="send a PROXY protocol header naming the client to the upstream "
-                            "first (HAProxy's send-proxy / send-proxy-v2); default off")
-    relay.add_argument("--connect-timeout", default="5", metavar="SECONDS",
-                       help="give up on an upstream that has not answered within this long "
-                            "and try the next (default 5, HAProxy's timeout connect)")
+    _relay_flags(relay)
     add_flags(relay, skip=("app_dir",))
 
     add_control_commands(commands)  # ctl and top
     return parser
+
+
+def _relay_flags(parser: argparse.ArgumentParser) -> None:
+    """The relay's own settings (``RelayConfig``, declared in config.py) as flags; unset ones
+    leave no attribute, so its ``PORTSIDE_<NAME>`` variables and defaults apply."""
+    from portside.config import RelayConfig, Switch, default_of, settings_of
+    from portside.settings import _flag_type
+
+    for declared in settings_of(RelayConfig):
+        shown = declared.show_default(default_of(RelayConfig, declared.name))
+        help_text = f"{declared.help} (default: {shown})".replace("%", "%%")
+        if isinstance(declared.kind, Switch):
+            parser.add_argument(declared.flag, dest=declared.name, default=argparse.SUPPRESS,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(declared.flag, dest=declared.name, default=argparse.SUPPRESS,
+                                type=_flag_type(declared), metavar=declared.kind.metavar,
+                                help=help_text)
 
 
 def _legacy_address_flags(parser: argparse.ArgumentParser, ports: Sequence[str]) -> None:
@@ -451,14 +462,15 @@ def _final_line(server: Server) -> None:
 def _relay_environment(args: argparse.Namespace) -> None:
     """Check the relay's own flags and pass them to every process (workers included) in the
     environment the relay's handler reads (see examples/relay.py)."""
+    from portside.config import RelayConfig, settings_of
     from portside.examples import relay
 
-    relay.parse_upstreams(args.upstream)
-    relay.parse_send_proxy(args.send_proxy)
-    timeout = relay.parse_connect_timeout(args.connect_timeout)
-    os.environ[relay.UPSTREAM_ENV] = args.upstream
-    os.environ[relay.SEND_PROXY_ENV] = args.send_proxy
-    os.environ[relay.CONNECT_TIMEOUT_ENV] = str(timeout)
+    given = {declared.name: getattr(args, declared.name)
+             for declared in settings_of(RelayConfig) if hasattr(args, declared.name)}
+    relay.relay_config(os.environ, **given)  # bad or missing values: one line, before forking
+    for declared in settings_of(RelayConfig):
+        if declared.name in given:
+            os.environ[declared.env] = declared.kind.show(given[declared.name])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

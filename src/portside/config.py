@@ -717,6 +717,66 @@ class ProcessConfig:
         _check_settings(self)
 
 
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The relay example's own settings (``portside relay``; examples/relay.py), under
+    HAProxy's names where it has one. Not in ``CONFIG_CLASSES``: only the relay command has
+    these flags; its ``PORTSIDE_<NAME>`` variables carry them to every worker. Checked by the
+    relay (``relay.relay_config``), where an upstream list is parsed."""
+
+    upstream: str = setting(
+        "", Text("HOST:PORT[,HOST:PORT...]", optional=False),
+        "The servers to forward to, round robin ([V6]:PORT and unix:PATH too).",
+        default_text="required")
+    send_proxy: str = setting(
+        "off", Text("off|v1|v2", optional=False),
+        "Send a PROXY protocol header naming the client to the upstream first (HAProxy's "
+        "send-proxy / send-proxy-v2).")
+    connect_timeout: float = setting(
+        5 * SECONDS, Seconds(positive=True),
+        "Give up on an upstream that has not answered within this long (HAProxy's timeout "
+        "connect); the connect is retried (--retries).")
+    retries: int = setting(
+        3, Count(0, 100, "connects"),
+        "After a failed connect, try this many more times before closing the client "
+        "(HAProxy's retries).")
+    redispatch: bool = setting(
+        True, Switch(),
+        "Retries go to the next upstream in rotation rather than the same one (HAProxy's "
+        "option redispatch).")
+    check_interval: float = setting(
+        0.0, Seconds(off_at_zero=True),
+        "Active health checks: a TCP connect to each upstream this often (HAProxy's check "
+        "inter); --fall failures in a row take it out of rotation, --rise successes put it "
+        "back. 0: no checks, every upstream stays in rotation.")
+    check_timeout: float = setting(
+        2 * SECONDS, Seconds(positive=True),
+        "A health check's connect fails after this long (HAProxy's timeout check).")
+    rise: int = setting(
+        2, Count(1, 1000, "checks"),
+        "Successful checks in a row that put a down upstream back (HAProxy's rise).")
+    fall: int = setting(
+        3, Count(1, 1000, "checks"),
+        "Failed checks in a row that take an upstream out of rotation (HAProxy's fall).")
+    tunnel_timeout: float = setting(
+        3600 * SECONDS, Seconds(off_at_zero=True),
+        "Close a client and its upstream after this long with no byte either way (HAProxy's "
+        "timeout tunnel); 0: never.")
+    client_fin_timeout: float = setting(
+        30 * SECONDS, Seconds(off_at_zero=True),
+        "Once the client has half-closed (sent its FIN), close the pair after this long with "
+        "no byte either way (HAProxy's timeout client-fin); 0: only --tunnel-timeout.")
+    server_fin_timeout: float = setting(
+        30 * SECONDS, Seconds(off_at_zero=True),
+        "Once the upstream has half-closed, close the pair after this long with no byte "
+        "either way (HAProxy's timeout server-fin); 0: only --tunnel-timeout.")
+    max_upstream_connections: int = setting(
+        0, Count(0, INT_MAX, "connections (0: as the listeners)"),
+        "Upstream connections (connecting, open or closing) the relay holds at most; a client "
+        "arriving at the limit is closed at once. 0: the sum of the listeners' "
+        "--max-connections.")
+
+
 CONFIG_CLASSES: tuple[type[Any], ...] = (ProcessConfig, ListenerConfig, ServerConfig)
 
 

@@ -44,6 +44,7 @@ from portside.statistics import (
     Figure,
     ListenerStatistics,
     OutboundStatistics,
+    UpstreamStatistics,
     WorkerStatistics,
     figures,
     metric_name,
@@ -89,6 +90,7 @@ class StatsCollector(Collector):
         families = _Families()
         _per_entry(families, ListenerStatistics, self.document["listeners"], "listener")
         _per_entry(families, OutboundStatistics, self.document.get("outbound", []), "outbound")
+        _per_entry(families, UpstreamStatistics, self.document.get("upstreams", []), "upstream")
         processes = _by_slot(self.document["workers"])
         supervisor = self.document.get("supervisor")
         for name, declared in figures(WorkerStatistics):

@@ -38,7 +38,7 @@ from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT, ConnectAttempt
 from portside.engine.reactor import Reactor, TimerHandle
 from portside.errors import ConfigError, ServerStateError
 from portside.handler import Handler
-from portside.statistics import ServerStatistics
+from portside.statistics import ServerStatistics, UpstreamStatistics
 
 logger = logging.getLogger("portside")
 
@@ -175,6 +175,7 @@ class Server:
         self._io_pool = io_pool
         if io_pool is not None:
             io_pool._add(self)
+        self._upstream_sources: list[Callable[[], Iterable[UpstreamStatistics]]] = []
 
     @property
     def handlers(self) -> tuple[Handler, ...]:
@@ -215,6 +216,12 @@ class Server:
         self.state = ServerState.STARTED
         if self._io_pool is not None:
             self._io_pool._join(self)
+
+    def add_upstream_statistics(self, source: Callable[[], Iterable[UpstreamStatistics]]
+                                ) -> None:
+        """Report upstream servers in ``statistics()`` (so in ctl, metrics and top): a relay's
+        handler calls this from ``server_started``; ``source`` is called on the loop."""
+        self._upstream_sources.append(source)
 
     def add_service(self, service: Service) -> None:
         """Run ``service`` on this server's loop while it runs (the control socket, say)."""
@@ -475,6 +482,7 @@ class Server:
             # A copy first (one C call): another thread's connect() may add a connector.
             outbound=tuple(connector.statistics() for connector in list(core.connectors.values()))
             if core else (),
+            upstreams=tuple(entry for source in self._upstream_sources for entry in source()),
         )
 
     # -- shutdown --------------------------------------------------------------------------------

@@ -212,6 +212,52 @@ class OutboundStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamStatistics:
+    """One upstream server of a relay (examples/relay.py): whether it is in rotation, what its
+    health checks and connects found. Entries of the same ``name`` are merged over workers
+    (each worker checks on its own, as HAProxy's processes did)."""
+
+    name: str = field(metadata=figure(
+        "label", "The upstream's address.", column="upstream", short="ups", priority=0))
+    state: str = field(metadata=figure(
+        "state", "up (in rotation) or down (taken out by its health checks).", column="state",
+        short="st", priority=5))
+    up: int = field(metadata=figure(
+        "gauge", "1 while the upstream is in rotation (summed over workers).",
+        metric="upstream_up"))
+    check_status: str = field(metadata=figure(
+        "state", "The last health check, as HAProxy says it: L4OK, L4CON (refused), L4TOUT "
+        "(timed out), or none (no checks).", column="check", short="chk", priority=8))
+    checks_passed: int = field(metadata=figure(
+        "counter", "Health checks that connected.", metric="upstream_checks",
+        labels=(("result", "passed"),), column="chk ok", priority=40))
+    checks_failed: int = field(metadata=figure(
+        "counter", "Health checks that failed.", metric="upstream_checks",
+        labels=(("result", "failed"),), column="chk fail", short="chkf", priority=20))
+    downs: int = field(metadata=figure(
+        "counter", "Times the upstream was taken out of rotation (HAProxy's chkdown).",
+        metric="upstream_downs", column="downs", priority=30))
+    connecting: int = field(metadata=figure(
+        "gauge", "Client connects to the upstream under way.", metric="upstream_connecting",
+        column="connecting", short="cing", priority=25))
+    active: int = field(metadata=figure(
+        "gauge", "Open connections to the upstream (closing ones included).",
+        metric="upstream_connections", column="active", short="act", priority=10))
+    connected: int = field(metadata=figure(
+        "counter", "Client connects to the upstream that succeeded.",
+        metric="upstream_connected", column="connected", short="conn", priority=15))
+    connect_failed: int = field(metadata=figure(
+        "counter", "Client connects to the upstream that failed (refused, timed out).",
+        metric="upstream_connect_failed", column="failed", short="fail", priority=12))
+    retries: int = field(metadata=figure(
+        "counter", "Connects tried again after one to this upstream failed (HAProxy's wretr).",
+        metric="upstream_retries", column="retries", short="retr", priority=35))
+    redispatches: int = field(metadata=figure(
+        "counter", "Retries sent to another upstream after this one failed (HAProxy's wredis).",
+        metric="upstream_redispatches", column="redisp", priority=36))
+
+
+@dataclass(frozen=True, slots=True)
 class ServerStatistics:
     """The whole engine: every listener, and the buffer and connection pools."""
 
@@ -226,6 +272,8 @@ class ServerStatistics:
     connection_pool: PoolStatistics
     #: Outbound connections (``Server.connect``), by policies; empty until the first connect.
     outbound: tuple[OutboundStatistics, ...] = ()
+    #: Upstream servers of a relay (``Server.add_upstream_statistics``); empty without one.
+    upstreams: tuple[UpstreamStatistics, ...] = ()
 
     @property
     def active(self) -> int:

@@ -33,6 +33,7 @@ from portside.statistics import (
     Figure,
     ListenerStatistics,
     OutboundStatistics,
+    UpstreamStatistics,
     WorkerStatistics,
     figures,
 )
@@ -107,6 +108,11 @@ def outbound_columns(seconds: float) -> list[Column]:
     show: dict[str, Callable[[Any], str]] = {"bytes_in": lambda rate: _number(rate / 1000),
                                              "bytes_out": lambda rate: _number(rate / 1000)}
     return _declared(OutboundStatistics, seconds, show)
+
+
+def upstream_columns(seconds: float) -> list[Column]:
+    """A relay's upstream servers: state, checks, connects, one row each."""
+    return _declared(UpstreamStatistics, seconds, {})
 
 
 def worker_columns(seconds: float) -> list[Column]:
@@ -195,6 +201,12 @@ def render(document: dict[str, Any], connections: dict[str, Any] | None,
         parts.append(Text(""))
         parts.append(fit(outbound_columns(seconds),
                          [(entry, earlier.get(entry["name"])) for entry in document["outbound"]],
+                         width))
+    if document.get("upstreams"):  # only with a relay
+        earlier = {entry["name"]: entry for entry in (previous or {}).get("upstreams", [])}
+        parts.append(Text(""))
+        parts.append(fit(upstream_columns(seconds),
+                         [(entry, earlier.get(entry["name"])) for entry in document["upstreams"]],
                          width))
     earlier_workers = {process["pid"]: process for process in (previous or {}).get("workers", [])}
     processes = list(document["workers"])

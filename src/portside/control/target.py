@@ -23,6 +23,7 @@ from portside.statistics import (
     POOL_FIGURES,
     ListenerStatistics,
     OutboundStatistics,
+    UpstreamStatistics,
     WorkerStatistics,
     figures,
     merge,
@@ -34,6 +35,7 @@ logger = logging.getLogger("portside.control")
 LISTENER_FIGURES = figures(ListenerStatistics)
 WORKER_FIGURES = figures(WorkerStatistics)
 OUTBOUND_FIGURES = figures(OutboundStatistics)
+UPSTREAM_FIGURES = figures(UpstreamStatistics)
 #: The listener figures summed into the document's ``totals``.
 TOTALLED = tuple(name for name, declared in LISTENER_FIGURES
                  if declared.kind in ("counter", "gauge", "part")
@@ -57,6 +59,7 @@ def worker_document(server: Server, started_at: float, slot: str = "0") -> dict[
         "accepting_paused": stats.accepting_paused,
         "listeners": [dataclasses.asdict(listener) for listener in stats.listeners],
         "outbound": [dataclasses.asdict(outbound) for outbound in stats.outbound],
+        "upstreams": [dataclasses.asdict(upstream) for upstream in stats.upstreams],
         "pools": {"buffers": dataclasses.asdict(stats.buffer_pool),
                   "connections": dataclasses.asdict(stats.connection_pool)},
     }
@@ -74,9 +77,12 @@ def combine(workers: list[dict[str, Any]], uptime: float,
             pools.setdefault(pool_name, []).append(pool)
     listeners = [merge(LISTENER_FIGURES, entries) for entries in by_name.values()]
     outbound: dict[str, list[dict[str, Any]]] = {}
+    upstreams: dict[str, list[dict[str, Any]]] = {}
     for worker in workers:
         for entry in worker.get("outbound", ()):
             outbound.setdefault(entry["name"], []).append(entry)
+        for entry in worker.get("upstreams", ()):
+            upstreams.setdefault(entry["name"], []).append(entry)
     return {
         "pid": os.getpid(),
         "uptime": round(uptime, 3),
@@ -85,6 +91,7 @@ def combine(workers: list[dict[str, Any]], uptime: float,
         "totals": {name: sum(entry.get(name, 0) for entry in listeners) for name in TOTALLED},
         "listeners": listeners,
         "outbound": [merge(OUTBOUND_FIGURES, entries) for entries in outbound.values()],
+        "upstreams": [merge(UPSTREAM_FIGURES, entries) for entries in upstreams.values()],
         "workers": sorted((worker["process"] for worker in workers),
                           key=lambda process: (_slot_order(process["slot"]), process["pid"])),
         "supervisor": supervisor,

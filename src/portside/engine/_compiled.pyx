@@ -1569,6 +1569,7 @@ cdef class ConnectionBase:
         self._state = CLOSING
         if self._queue:
             self._update_reading_c()  # stop reading while the queue drains
+            (<object>self)._arm_flush_deadline()  # connection.py: a flush that never ends
         else:
             self._send_fin_c()
         return 0
@@ -1586,6 +1587,8 @@ cdef class ConnectionBase:
         self._state = LINGERING
         self._flags &= ~F_READING
         self._update_reading_c()
+        if self._extras is not None and self._extras.linger_timer is not None:
+            self._extras.linger_timer.cancel()  # the flush deadline (_arm_flush_deadline)
         self._more().linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
         return 0

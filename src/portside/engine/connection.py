@@ -54,6 +54,7 @@ Receiver = Callable[["Connection", memoryview], None]
 logger = logging.getLogger("portside")
 
 _SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
+_FLUSH_CHECKS = 4  # looks per linger_timeout at a closing connection's flush progress
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
 
 
@@ -674,6 +675,36 @@ class Connection:
         self._update_reading()
         if not self._queue:
             self._send_fin()
+        else:
+            self._arm_flush_deadline()
+
+    # A closing connection flushes its queue before its FIN; a peer that never reads would keep
+    # it CLOSING for ever (the idle tracker skips closing connections, and the write timeout is
+    # off by default), holding its descriptor and queue: the relay's orphaned upstreams. So the
+    # flush has a deadline, linger_timeout without progress, after which the connection is
+    # reset. A timer looks every quarter of it (so the reset comes 1-1.25 linger_timeout after
+    # the last byte sent); it lives in ``_linger_timer``, cancelled by ``_send_fin`` and
+    # ``_finalize``, so a pooled connection never meets a stale one. Borrowed by the compiled
+    # engine (_begin_close_c): no new field on either.
+    def _arm_flush_deadline(self, sent: int = -1, quiet: int = 0) -> None:
+        """Reset this CLOSING connection once its queue makes no progress for linger_timeout
+        (0: no deadline, as before)."""
+        timeout = self._core.config.linger_timeout
+        if not timeout:
+            return
+        sent = self.bytes_out if sent < 0 else sent
+        self._linger_timer = self._core.reactor.call_later(
+            timeout / _FLUSH_CHECKS, lambda: self._flush_check(sent, quiet))
+
+    def _flush_check(self, sent: int, quiet: int) -> None:
+        self._linger_timer = None
+        if self._state != State.CLOSING:
+            return
+        quiet = quiet + 1 if self.bytes_out == sent else 0  # the peer took some: start again
+        if quiet < _FLUSH_CHECKS:
+            self._arm_flush_deadline(self.bytes_out, quiet)
+            return
+        self._abort(CloseReason.WRITE_TIMEOUT)  # the reason of close() stays: the first wins
 
     def _send_fin(self) -> None:
         if self._eof:  # the peer has sent its FIN already: nothing left to wait for
@@ -687,6 +718,8 @@ class Connection:
         self._state = State.LINGERING
         self._reading = False
         self._update_reading()
+        if self._linger_timer is not None:  # the flush deadline (_arm_flush_deadline)
+            self._linger_timer.cancel()
         self._linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
 

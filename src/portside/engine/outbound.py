@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from portside.config import ListenerConfig, format_host_port
 from portside.engine.connection import CloseReason, Connection
+from portside.engine.listener import SocketOption, socket_options
 from portside.engine.lograte import LogLimiter
 from portside.engine.states import count_close
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
@@ -137,8 +138,16 @@ class ConnectAttempt:
                 last = exc
                 continue
             try:
+                # The config's socket options, as on an accepted socket; before connect(), so
+                # the buffer sizes count in the window the handshake offers.
                 if family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if self._connector.config.tcp_nodelay:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    options = self._connector.tcp_options
+                else:
+                    options = self._connector.unix_options
+                for level, name, value in options:
+                    sock.setsockopt(level, name, value)
                 code = sock.connect_ex(address)
             except OSError as exc:
                 sock.close()
@@ -262,6 +271,9 @@ class Connector:
         self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
         self.trackers = tuple(tracker for tracker in (self.idle, self.write)
                               if tracker is not None)
+        #: What is set on each socket besides TCP_NODELAY (rcvbuf, sndbuf, keepalive, ...).
+        self.tcp_options: tuple[SocketOption, ...] = socket_options(config, tcp=True)
+        self.unix_options: tuple[SocketOption, ...] = socket_options(config, tcp=False)
         self.attempts: set[ConnectAttempt] = set()
         self.closed = False
         self.connected = self.failed = self.timeouts = 0
