@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from portside.errors import ConfigError
 from portside.protocols.proxy import Version as ProxyVersion
+from portside.text import printable
 
 if TYPE_CHECKING:
     import ssl
@@ -773,11 +774,18 @@ def format_host_port(host: str, port: int) -> str:
 
 
 def address_label(address: object) -> str:
-    """A socket address as logs and ``ctl`` show it: ``host:port`` (``[v6]:port``) for TCP,
-    the path for a Unix socket, "unix peer" for an unnamed one."""
+    """A socket address as logs, ``ctl`` and ``top`` show it, the one format for them all:
+    ``host:port`` (``[v6]:port``) for TCP, the path for a Unix socket (``@name`` for an
+    abstract one, as ``ss`` shows it), "unix peer" for an unnamed one, "-" for none. A peer
+    chooses its path, so it is escaped (``text.printable``): no control character reaches a
+    terminal or forges a log line."""
+    if address is None:
+        return "-"
     if isinstance(address, tuple) and len(address) >= 2:
-        return format_host_port(str(address[0]), address[1])
-    return str(address) if address else "unix peer"
+        return format_host_port(printable(str(address[0])), address[1])
+    if isinstance(address, (bytes, bytearray)):
+        return "@" + printable(bytes(address[1:])) if address else "unix peer"
+    return printable(str(address)) if address else "unix peer"
 
 
 # MODULE:CLASS after the last "=" of a --listen value: dotted identifiers, so a Unix path

@@ -32,6 +32,7 @@ from libc.string cimport memchr, memcpy
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import Framer
+from portside.text import printable
 
 cdef Py_ssize_t KIB = 1024
 cdef Py_ssize_t MIB = 1024 * KIB
@@ -467,7 +468,7 @@ cdef class RespFramer:
                     if at >= total:
                         break
                     if raw[at] != 36:  # '$'
-                        raise ProtocolError(f"expected '$', got '{chr(raw[at])}'")
+                        raise ProtocolError(f"expected '$', got '{printable(chr(raw[at]))}'")
                     end = find_crlf(raw, at, min(at + LINE_MAX, total))
                     if end < 0:
                         if total - at >= LINE_MAX:

@@ -47,6 +47,7 @@ from typing import Final
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import Buffer, Framer
+from portside.text import printable
 
 try:
     from portside.protocols._resp import RespFramer as _Compiled
@@ -185,7 +186,7 @@ class RespFramer(Framer[Command]):
                     if at >= total:
                         break
                     if raw[at] != 36:  # '$'
-                        raise ProtocolError(f"expected '$', got '{chr(raw[at])}'")
+                        raise ProtocolError(f"expected '$', got '{printable(chr(raw[at]))}'")
                     end = find(b"\r\n", at, at + _LINE_MAX)
                     if end < 0:
                         if total - at >= _LINE_MAX:
