@@ -317,10 +317,16 @@ class Workers(Kind):
             import os
 
             return os.cpu_count() or 1
-        return Count(1, 1024).parse(text)
+        try:
+            return int(Count(1, 1024).parse(text))
+        except ValueError:
+            raise ValueError(f"{self.rule()}, got {text!r}") from None
+
+    def rule(self) -> str:
+        return f"{Count(1, 1024).rule()}, or auto"
 
     def check(self, value: Any) -> str | None:
-        return None if value is None else Count(1, 1024).check(value)
+        return None if value is None or Count(1, 1024).check(value) is None else self.rule()
 
     def describe(self) -> str:
         return "number or auto"
@@ -821,28 +827,6 @@ def parse_policy(text: str) -> AcceptPolicy:
     except ValueError:
         choices = ", ".join(p.value for p in AcceptPolicy)
         raise ConfigError(f"unknown accept policy {text!r} (choose from {choices})") from None
-
-
-def parse_proxy_version(text: str) -> ProxyVersion:
-    try:
-        return ProxyVersion(text.lower())
-    except ValueError:
-        choices = ", ".join(v.value for v in ProxyVersion)
-        raise ConfigError(f"unknown PROXY protocol setting {text!r} (choose from {choices})"
-                          ) from None
-
-
-def parse_engine(text: str) -> Engine:
-    try:
-        return Engine(text.lower())
-    except ValueError:
-        choices = ", ".join(e.value for e in Engine)
-        raise ConfigError(f"unknown engine {text!r} (choose from {choices})") from None
-
-
-def parse_positive_seconds(text: str) -> float:
-    """A duration > 0 from text (a client's ``--timeout``); ValueError says what is wrong."""
-    return float(Seconds(positive=True).parse(text))
 
 
 def _check_settings(config: Any) -> None:

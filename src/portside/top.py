@@ -257,12 +257,21 @@ def _keys() -> Iterator[Callable[[float], str]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+class _Console(Console):
+    """rich's console, but a reader that has gone ends ``top`` as it ends ``ctl`` (the
+    ``portside`` command's one BrokenPipeError path: quiet, status 141), not with status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def run_top(path: str, interval: float = 1.0, once: bool = False,
             iterations: int | None = None, console: Console | None = None,
             as_json: bool = False) -> int:
     """Show the view until q or Ctrl-C (or ``iterations`` refreshes); 1 when the server is
     gone."""
-    console = console or Console()
+    console = console or _Console()
     try:
         document, connections = fetch(path)
     except ControlError as exc:
