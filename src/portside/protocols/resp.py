@@ -104,8 +104,11 @@ class RespFramer(Framer[Command]):
         at = 0
         if self._left != _NO_COMMAND:
             if self._bulk >= 0:
-                # feed() calls only once the body and its CRLF are here (``need``).
+                # feed() calls only once the body and its CRLF are here (``need``); a direct
+                # call with less consumes nothing, as feed() would.
                 size = self._bulk
+                if total < size + 2:
+                    return 0
                 if data[size] != 13 or data[size + 1] != 10:
                     raise ProtocolError("bulk string not followed by CRLF")
                 self._args.append(bytes(data[:size]))
