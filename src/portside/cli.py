@@ -15,7 +15,7 @@ import platform
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -50,10 +50,40 @@ def _remove_made_paths() -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2, never a usage dump or a traceback."""
+    """Bad input is one line on stderr and exit status 2, never a usage dump or a traceback.
+
+    A flag is taken only when written in full (``--worker 2`` is not ``--workers 2``: a prefix
+    that matches today may match two flags tomorrow), and a mistyped one is answered with the
+    closest flag this command has, as git and cargo do."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """As argparse's, but an unknown flag is an error here, in the (sub)command that knows
+        which flags it has, so that the error can name the closest."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        flags = [arg for arg in extras if arg.startswith("-") and arg != "-"
+                 and not self._negative_number_matcher.match(arg)]
+        if flags:
+            self.error(f"unrecognized arguments: {' '.join(extras)}"
+                       f"{_suggestion(flags[0], self._option_string_actions)}")
+        assert parsed is not None
+        return parsed, extras
+
+
+def _suggestion(flag: str, known: Iterable[str]) -> str:
+    """`` (did you mean --workers?)`` for ``--worker``, or nothing when no flag is close."""
+    import difflib
+
+    close = difflib.get_close_matches(flag.partition("=")[0], list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class _Version(argparse.Action):
@@ -86,28 +116,6 @@ def version() -> str:
         return installed("portside")
     except PackageNotFoundError:
         return "(not installed)"
-
-
-def _seconds(text: str) -> float:
-    """A duration > 0 for a client (ctl --timeout, top --interval): 0 would never wait."""
-    from portside.config import parse_positive_seconds
-
-    try:
-        return parse_positive_seconds(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,10 +324,13 @@ def _match_handed(listeners: list[ListenerConfig], handed: list[Any],
 def run_server(args: argparse.Namespace) -> int:
     """echo, resp and serve: one process, or a supervisor with --workers."""
     from portside.control.paths import ControlSocket
+    from portside.settings import unknown_environment
     from portside.workers import logs
 
     plan = make_plan(args, os.environ)
     logs.configure(plan.process.log_level, plan.process.log_format)
+    for warning in unknown_environment(os.environ):
+        logger.warning("%s", warning)
     # The control socket is bound first and removed at exit, after a failed start too.
     with ControlSocket(plan.process.control or None) as control:
         if plan.process.workers is not None:
@@ -473,7 +484,27 @@ def _relay_environment(args: argparse.Namespace) -> None:
             os.environ[declared.env] = declared.kind.show(given[declared.name])
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what the shell reports for a CLI killed by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``portside`` command. Output to a reader that has gone (``portside ctl ... | head``)
+    ends it quietly, as SIGPIPE ends ``cat``: no traceback, status 141. (SIGPIPE itself stays
+    ignored: a server must survive a peer that has gone.)"""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a failure could only be a traceback
+        return status
+    except BrokenPipeError:
+        # Python's advice (the signal module's docs): point stdout at /dev/null, so that the
+        # interpreter's last flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:

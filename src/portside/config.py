@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from portside.errors import ConfigError
 from portside.protocols.proxy import Version as ProxyVersion
+from portside.text import printable
 
 if TYPE_CHECKING:
     import ssl
@@ -316,10 +317,16 @@ class Workers(Kind):
             import os
 
             return os.cpu_count() or 1
-        return Count(1, 1024).parse(text)
+        try:
+            return int(Count(1, 1024).parse(text))
+        except ValueError:
+            raise ValueError(f"{self.rule()}, got {text!r}") from None
+
+    def rule(self) -> str:
+        return f"{Count(1, 1024).rule()}, or auto"
 
     def check(self, value: Any) -> str | None:
-        return None if value is None else Count(1, 1024).check(value)
+        return None if value is None or Count(1, 1024).check(value) is None else self.rule()
 
     def describe(self) -> str:
         return "number or auto"
@@ -833,11 +840,18 @@ def format_host_port(host: str, port: int) -> str:
 
 
 def address_label(address: object) -> str:
-    """A socket address as logs and ``ctl`` show it: ``host:port`` (``[v6]:port``) for TCP,
-    the path for a Unix socket, "unix peer" for an unnamed one."""
+    """A socket address as logs, ``ctl`` and ``top`` show it, the one format for them all:
+    ``host:port`` (``[v6]:port``) for TCP, the path for a Unix socket (``@name`` for an
+    abstract one, as ``ss`` shows it), "unix peer" for an unnamed one, "-" for none. A peer
+    chooses its path, so it is escaped (``text.printable``): no control character reaches a
+    terminal or forges a log line."""
+    if address is None:
+        return "-"
     if isinstance(address, tuple) and len(address) >= 2:
-        return format_host_port(str(address[0]), address[1])
-    return str(address) if address else "unix peer"
+        return format_host_port(printable(str(address[0])), address[1])
+    if isinstance(address, (bytes, bytearray)):
+        return "@" + printable(bytes(address[1:])) if address else "unix peer"
+    return printable(str(address)) if address else "unix peer"
 
 
 # MODULE:CLASS after the last "=" of a --listen value: dotted identifiers, so a Unix path
@@ -873,28 +887,6 @@ def parse_policy(text: str) -> AcceptPolicy:
     except ValueError:
         choices = ", ".join(p.value for p in AcceptPolicy)
         raise ConfigError(f"unknown accept policy {text!r} (choose from {choices})") from None
-
-
-def parse_proxy_version(text: str) -> ProxyVersion:
-    try:
-        return ProxyVersion(text.lower())
-    except ValueError:
-        choices = ", ".join(v.value for v in ProxyVersion)
-        raise ConfigError(f"unknown PROXY protocol setting {text!r} (choose from {choices})"
-                          ) from None
-
-
-def parse_engine(text: str) -> Engine:
-    try:
-        return Engine(text.lower())
-    except ValueError:
-        choices = ", ".join(e.value for e in Engine)
-        raise ConfigError(f"unknown engine {text!r} (choose from {choices})") from None
-
-
-def parse_positive_seconds(text: str) -> float:
-    """A duration > 0 from text (a client's ``--timeout``); ValueError says what is wrong."""
-    return float(Seconds(positive=True).parse(text))
 
 
 def _check_settings(config: Any) -> None:

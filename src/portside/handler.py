@@ -14,6 +14,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from portside.config import address_label
 from portside.errors import ErrorOrigin
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ class Handler:
 
 
 def _log_error(conn: Connection | None, exc: BaseException, origin: ErrorOrigin | None) -> None:
-    where = f"connection {conn.id} from {conn.peer_address!r}" if conn is not None else "server"
+    where = (f"connection {conn.id} from {address_label(conn.peer_address)}"
+             if conn is not None else "server")
     source = f" ({origin.value})" if origin is not None else ""
     logger.error("error%s on %s: %r", source, where, exc, exc_info=exc)
 

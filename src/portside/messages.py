@@ -25,6 +25,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from portside.config import address_label
 from portside.connection import Connection, LayerConnection, as_layer
 from portside.engine.states import CloseReason
 from portside.errors import ErrorOrigin, ProtocolError
@@ -85,13 +86,14 @@ class MessageHandler(Handler, Generic[M]):
     def offload_failed(self, conn: Connection, exc: BaseException) -> None:
         """Work handed to the pool raised. Default: log it once and close the connection after
         the replies before it (nothing after it is sent)."""
-        logger.error("offloaded work failed on connection %d from %r: %r", conn.id,
-                     conn.peer_address, exc, exc_info=exc)
+        logger.error("offloaded work failed on connection %d from %s: %r", conn.id,
+                     address_label(conn.peer_address), exc, exc_info=exc)
         conn.close()
 
     def protocol_error(self, conn: Connection, exc: ProtocolError) -> None:
         """The peer broke the framing. Default: log one line and close the connection."""
-        logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address, exc)
+        logger.warning("closing connection %d from %s: %s", conn.id,
+                       address_label(conn.peer_address), exc)
         as_layer(conn).close_for(CloseReason.PROTOCOL_ERROR)
 
     # -- replies ---------------------------------------------------------------------------------

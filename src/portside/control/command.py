@@ -15,6 +15,7 @@ from typing import Any
 
 from portside.control import protocol
 from portside.errors import ControlError
+from portside.text import printable
 
 
 def _seconds(text: str) -> float:
@@ -87,7 +88,7 @@ def add_commands(commands: Any) -> None:
                               description="Listeners, workers and connections of a running "
                                           "server, refreshed from its control socket. Keys: "
                                           "q quit, p pause, s sort connections, c hide "
-                                          "connections.")
+                                          "connections, ? help.")
     top.add_argument("--control", metavar="PATH", default=None,
                      help="the server's control socket (default: the only server running)")
     top.add_argument("--pid", type=_count, metavar="PID", default=None,
@@ -154,6 +155,7 @@ def _follow_drain(path: str, result: dict[str, Any], args: argparse.Namespace) -
 
 
 def _table(rows: list[list[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]  # a peer chose some of them
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(width) if i and cell[:1].isdigit() else
                                cell.ljust(width) for i, (cell, width) in
@@ -194,7 +196,8 @@ def readable(command: str, result: Any) -> str:
     if command in ("close", "abort"):
         entry = result.get("closed") or result.get("aborted")
         verb = "closed" if command == "close" else "aborted"
-        return f"{verb} connection {entry['id']} from {entry['peer']} on {entry['listener']}"
+        return printable(f"{verb} connection {entry['id']} from {entry['peer']} on "
+                         f"{entry['listener']}")
     if command in ("pause", "resume"):
         states = result.get("listeners", {})
         return "\n".join(f"{name}: {state}" for name, state in states.items()) or command

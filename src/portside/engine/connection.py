@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from portside.config import address_label
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
 from portside.engine.tls import TlsSession
@@ -425,8 +426,8 @@ class Connection:
         listener.log.log("output-limit", logging.WARNING,
                          f"reset {{count}} more connections on {listener.address}: queued "
                          f"output past write_limit ({limit:,} bytes)",
-                         "reset %r on %s: %s bytes of output queued, past write_limit (%s)",
-                         self.peer_address, listener.address, f"{self._buffered:,}",
+                         "reset %s on %s: %s bytes of output queued, past write_limit (%s)",
+                         address_label(self.peer_address), listener.address, f"{self._buffered:,}",
                          f"{limit:,}")
         self._abort(CloseReason.OUTPUT_LIMIT)
 
@@ -593,7 +594,8 @@ class Connection:
             listener.log.log("proxy-error", logging.INFO,
                              f"closed {{count}} more connections on {listener.address} for a "
                              "missing or bad PROXY header",
-                             "closed %r on %s: %s", self.peer_address, listener.address, exc)
+                             "closed %s on %s: %s", address_label(self.peer_address),
+                             listener.address, exc)
             self._abort(CloseReason.PROTOCOL_ERROR)
             return None
         if not isinstance(header, ProxyHeader):
@@ -789,8 +791,8 @@ class Connection:
         listener.log.log("peer-timeout", logging.INFO,
                          f"closed {{count}} more connections on {listener.address}: the peer "
                          "stopped answering (keepalive or tcp_user_timeout)",
-                         "closed %r on %s: the peer stopped answering (keepalive or "
-                         "tcp_user_timeout)", self.peer_address, listener.address)
+                         "closed %s on %s: the peer stopped answering (keepalive or "
+                         "tcp_user_timeout)", address_label(self.peer_address), listener.address)
         self._set_reason(CloseReason.PEER_TIMEOUT)
         self._finalize()
 

@@ -137,7 +137,7 @@ class EngineCore:
 
 def _log_closed(conn: Connection, now: float) -> None:
     """The per-connection line (``log_connections``): who, where, how long, how much, why."""
-    peer = address_label(conn.peer_address) if conn.peer_address else "-"
+    peer = address_label(conn.peer_address)
     reason = conn.close_reason.value if conn.close_reason is not None else "closed"
     connection_logger.info("closed peer=%s listener=%s duration=%.3f bytes_in=%d bytes_out=%d "
                            "reason=%s", peer or "-", conn.listener.config.label,

@@ -23,6 +23,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any, cast
 
+from portside.config import address_label
 from portside.engine.states import CLOSED, OPEN, PENDING, CloseReason
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ class TlsSession:
             listener.tls_failures += 1
             listener.log.log("tls-handshake", logging.INFO,
                              f"{{count}} more TLS handshakes failed on {listener.address}",
-                             "TLS handshake with %r on %s failed: %s", conn.peer_address,
+                             "TLS handshake with %s on %s failed: %s",
+                             address_label(conn.peer_address),
                              listener.address, exc)
             self.flush(conn)  # the alert, if any, so the client learns why...
             conn.close_for(CloseReason.TLS_ERROR)  # ...sent before the FIN, not lost to a RST
@@ -118,7 +120,8 @@ class TlsSession:
                 listener.log.log("tls-error", logging.INFO,
                                  f"closed {{count}} more connections on {listener.address} "
                                  "for bad TLS records",
-                                 "TLS error from %r on %s: %s", conn.peer_address,
+                                 "TLS error from %s on %s: %s",
+                                 address_label(conn.peer_address),
                                  listener.address, exc)
                 conn._abort(CloseReason.TLS_ERROR)
                 return

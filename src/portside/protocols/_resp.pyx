@@ -32,6 +32,7 @@ from libc.string cimport memchr, memcpy
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import Framer
+from portside.text import printable
 
 cdef Py_ssize_t KIB = 1024
 cdef Py_ssize_t MIB = 1024 * KIB
@@ -369,8 +370,11 @@ cdef class RespFramer:
         if at == 0:
             if self._left != NO_COMMAND:
                 if self._bulk >= 0:
-                    # _run calls only once the body and its CRLF are here (``need``).
+                    # _run calls only once the body and its CRLF are here (``need``), but
+                    # split() is public, and ``need`` writable: check, never read past.
                     size = self._bulk
+                    if total < size + 2:
+                        return 0
                     if data[size] != 13 or data[size + 1] != 10:
                         raise ProtocolError("bulk string not followed by CRLF")
                     self._args.append(PyBytes_FromStringAndSize(<const char *>data, size))
@@ -388,7 +392,8 @@ cdef class RespFramer:
                             return at
             elif self._searched:
                 # An inline line is arriving in pieces: look for its end only in the new bytes.
-                if memchr(data + self._searched, 10, total - self._searched) == NULL:
+                if (self._searched >= total  # a shorter input than before: no new bytes
+                        or memchr(data + self._searched, 10, total - self._searched) == NULL):
                     self._searched = total
                     if total > self.max_inline:
                         raise ProtocolError("too big inline request")
@@ -467,7 +472,7 @@ cdef class RespFramer:
                     if at >= total:
                         break
                     if raw[at] != 36:  # '$'
-                        raise ProtocolError(f"expected '$', got '{chr(raw[at])}'")
+                        raise ProtocolError(f"expected '$', got '{printable(chr(raw[at]))}'")
                     end = find_crlf(raw, at, min(at + LINE_MAX, total))
                     if end < 0:
                         if total - at >= LINE_MAX:
