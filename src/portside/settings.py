@@ -16,6 +16,7 @@ from portside.config import (
     CONFIG_CLASSES,
     ListenerConfig,
     ProcessConfig,
+    RelayConfig,
     ServerConfig,
     Setting,
     Switch,
@@ -28,7 +29,6 @@ CONFIG_ENV = "PORTSIDE_CONFIG"
 #: Variables portside sets for itself (workers, upgrades, socket activation, the relay example),
 #: not settings, but not unknown either (a test finds every PORTSIDE_ name in the source here).
 INTERNAL_ENV = frozenset({"PORTSIDE_WORKER", "PORTSIDE_LISTEN_FDS", "PORTSIDE_UPGRADE_FD"})
-INTERNAL_ENV_PREFIXES = ("PORTSIDE_RELAY_",)
 SECTION_TITLES = {ProcessConfig: "The process", ListenerConfig: "Every listener",
                   ServerConfig: "The engine"}
 
@@ -128,11 +128,12 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     ignored without a word), naming the closest setting's variable."""
     import difflib
 
-    known = {declared.env for _, declared in all_settings()} | {CONFIG_ENV}
+    known = ({declared.env for _, declared in all_settings()}
+             | {declared.env for declared in settings_of(RelayConfig)}  # portside relay's own
+             | {CONFIG_ENV})
     warnings = []
     for name in sorted(environ):
-        if not name.startswith("PORTSIDE_") or name in known or name in INTERNAL_ENV \
-                or name.startswith(INTERNAL_ENV_PREFIXES):
+        if not name.startswith("PORTSIDE_") or name in known or name in INTERNAL_ENV:
             continue
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""
