@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,7 +100,7 @@ def test_metrics_count_what_happened(observed: Observed) -> None:
     assert found[("portside_listener_accepting", immediate)] == 1
     assert found[("portside_pool_hits_total", (("pool", "buffers"),))] >= 0
     slots = worker_labels(found, "portside_worker_connections")
-    assert slots in ({"0"}, {"0", "1"})
+    assert slots in ({"1"}, {"1", "2"})
     fds = worker_labels(found, "portside_process_open_fds")
     assert fds == slots | ({"supervisor"} if len(slots) == 2 else set())
     for slot in fds:
@@ -142,9 +143,9 @@ def test_worker_series_keep_their_slot_across_a_restart(tmp_path: Path) -> None:
         before = worker_labels(samples(scrape(port)[1]), "portside_worker_uptime_seconds")
         proc.signal(signal.SIGHUP)
         for pid in old:
-            proc.wait_for(rf"worker {pid} stopped", seen_too=True)
+            proc.wait_for(rf"\(pid {pid}\) stopped", seen_too=True)
         after = worker_labels(samples(scrape(port)[1]), "portside_worker_uptime_seconds")
-        assert before == after == {"0", "1"}
+        assert before == after == {"1", "2"}
         assert str(old[0]) not in scrape(port)[1]  # no pid in any label
     finally:
         proc.kill()
@@ -304,3 +305,113 @@ def test_top_without_a_server(tmp_path: Path) -> None:
                           timeout=WAIT)
     assert done.returncode == 1 and "no portside server" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- many workers, one truth -------------------------------------------------------------------
+
+
+def _ctl_json(control: Path, command: str, *args: str) -> Any:
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--json", "--control",
+                           str(control), command, *args], capture_output=True, text=True,
+                          timeout=WAIT, check=True)
+    return json.loads(done.stdout)
+
+
+def _accepted(control: Path, metrics_port: int) -> tuple[int, int, int]:
+    """``accepted`` as metrics, ``ctl stats`` and ``top`` show it."""
+    import json
+
+    found = samples(scrape(metrics_port)[1])
+    scraped = sum(value for (name, _), value in found.items()
+                  if name == "portside_accepted_total")
+    stats = _ctl_json(control, "stats")["totals"]["accepted"]
+    top = json.loads(run_top(control, "--once", "--json").stdout)["stats"]["totals"]["accepted"]
+    return int(scraped), stats, top
+
+
+def test_counters_keep_what_ended_workers_counted_and_gauges_do_not(tmp_path: Path) -> None:
+    """kill -9 of a worker and a reload (SIGHUP) replace workers: no counter goes backwards
+    (Prometheus would read a drop as a reset of the whole server), while the open connections
+    of a dead worker leave the gauges."""
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--defer-accept", "0", "--metrics", "127.0.0.1:0", "--workers", "2",
+                            "--control", str(control)])
+    try:
+        ports = proc.ports()
+        metrics_port = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/metrics",
+                                         seen_too=True).group(1))
+        for _ in range(2):
+            proc.wait_for(r"worker \d \(pid \d+\) is serving")
+        for _ in range(20):
+            assert echo_once(ports["immediate"]) == b"ping"
+        held = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        assert _accepted(control, metrics_port) == (21, 21, 21)
+        stats = _ctl_json(control, "stats")
+        assert stats["totals"]["active"] == 1
+        bytes_in = stats["totals"]["bytes_in"]
+        (entry,) = _ctl_json(control, "connections")["connections"]
+        holder = int(entry["id"].split(".")[0])
+        os.kill(holder, signal.SIGKILL)
+        proc.wait_for(rf"\(pid {holder}\) died")
+        proc.wait_for(r"worker \d \(pid \d+\) is serving")
+        assert _accepted(control, metrics_port) == (21, 21, 21)
+        stats = _ctl_json(control, "stats")
+        assert stats["totals"]["active"] == 0  # the dead worker's connection is gone
+        assert stats["totals"]["bytes_in"] == bytes_in
+        found = samples(scrape(metrics_port)[1])
+        assert found[("portside_connections", (("listener", "immediate"),
+                                               ("state", "active")))] == 0
+        held.close()
+        for _ in range(5):
+            assert echo_once(ports["immediate"]) == b"ping"
+        assert _accepted(control, metrics_port) == (26, 26, 26)
+        old = [worker["pid"] for worker in _ctl_json(control, "stats")["workers"]]
+        proc.signal(signal.SIGHUP)
+        for pid in old:
+            proc.wait_for(rf"\(pid {pid}\) stopped", seen_too=True)
+        proc.wait_for("reload complete", seen_too=True)
+        assert _accepted(control, metrics_port) == (26, 26, 26)
+        assert _ctl_json(control, "stats")["totals"]["bytes_in"] == bytes_in + 5 * 4
+    finally:
+        proc.kill()
+
+
+def test_one_worker_numbering_in_logs_ctl_top_and_metrics(tmp_path: Path) -> None:
+    """The number in a worker's log lines (text and JSON), the supervisor's lines about it,
+    ``ctl stats``, ``top`` and the metrics' ``worker`` label are one and the same."""
+    import json
+
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--metrics", "127.0.0.1:0", "--workers", "2", "--log-format", "json",
+                            "--control", str(control)])
+    try:
+        metrics_port = int(json.loads(proc.wait_for(r"metrics on http://").string)[
+            "message"].rsplit(":", 1)[1].split("/")[0])
+        supervisor_says = {}
+        for _ in range(2):
+            line = json.loads(proc.wait_for(r"is serving").string)
+            number, pid = re.fullmatch(r"worker (\d) \(pid (\d+)\) is serving",
+                                       line["message"]).groups()  # type: ignore[union-attr]
+            supervisor_says[int(pid)] = number
+        proc.wait_for("serving .* with 2 worker")
+        workers_say = {}
+        for line in proc.lines:
+            document = json.loads(line)
+            if document["worker"] is not None:
+                workers_say[document["pid"]] = str(document["worker"])
+        stats = _ctl_json(control, "stats")
+        ctl_says = {process["pid"]: process["slot"] for process in stats["workers"]}
+        top = json.loads(run_top(control, "--once", "--json").stdout)["stats"]
+        top_says = {process["pid"]: process["slot"] for process in top["workers"]}
+        assert supervisor_says == workers_say == ctl_says == top_says
+        assert set(ctl_says.values()) == {"1", "2"}
+        found = samples(scrape(metrics_port)[1])
+        assert worker_labels(found, "portside_worker_connections") == {"1", "2"}
+    finally:
+        proc.kill()

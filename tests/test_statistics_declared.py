@@ -116,3 +116,24 @@ def test_totals_and_top_columns_come_from_the_declarations() -> None:
         assert "a-long-listener-name" in str(table.columns[0]._cells)  # the row's label stays
         assert sum(len(str(header)) for header in shown) <= width
     assert fit(worker_columns(1.0), [], 80).columns
+
+
+def test_retired_workers_keep_their_counters_not_their_gauges() -> None:
+    from portside.statistics import Retired
+
+    retired = Retired()
+    retired.add(worker("1", 10, [listener("a", accepted=5, active=3, pending=2,
+                                          closed_by_reason={"reset": 4})]))
+    retired.add(worker("1", 12, [listener("a", accepted=1, active=1)]))
+    document = combine([worker("1", 11, [listener("a", accepted=2, active=1, pending=0)])],
+                       1.0, retired=retired.document())
+    (entry,) = document["listeners"]
+    assert entry["accepted"] == 8  # the living's and every ended worker's
+    assert entry["closed_by_reason"] == {"closed": 4, "reset": 4}
+    assert entry["ttfb_buckets"] == [3] * len(TTFB_BUCKETS)
+    assert entry["active"] == 1 and entry["pending"] == 0  # only the living's
+    assert entry["accept_state"] == "accepting" and entry["accepting"] is True
+    assert document["pools"]["buffers"]["hits"] == 9
+    assert document["pools"]["buffers"]["free"] == 1
+    assert document["totals"]["accepted"] == 8
+    assert retired.total("accepted") == 6

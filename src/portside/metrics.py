@@ -4,7 +4,7 @@ The exporter reads the same statistics as ``portside ctl stats`` (summed over th
 the supervisor), so metrics and the control command never disagree, and every family is
 derived from the figures declared in ``portside.statistics``: its name (``portside_`` and the
 field's name, or the declared metric), help text, kind and labels. Per-process series are
-labelled by worker slot (``worker="0"``), which a replacement worker keeps, not by pid; the
+labelled by worker number (``worker="1"``), which a replacement worker keeps, not by pid; the
 supervisor's own process figures carry ``worker="supervisor"``. A scraper that asks for
 OpenMetrics (``Accept: application/openmetrics-text``) gets it.
 

@@ -357,3 +357,65 @@ class ConnectionCounters:
     bytes_out: int
     write_buffer_size: int
     age: float
+
+
+class Retired:
+    """What ended workers counted, kept by the supervisor so that no counter goes backwards
+    when a worker exits (a crash, ``kill -9``, a reload): prometheus_client's multiprocess mode
+    keeps dead processes' counters in the sum in the same way. Only counters are kept (their
+    reasons, histogram buckets and sums too); gauges (open connections) describe the living
+    and are kept only as zeros, so that an entry merges like a worker's.
+
+    Its ``document`` has the shape of a worker's ``stats`` reply, minus the process, and is
+    merged after the live workers' (``control.target.combine``)."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, dict[str, Any]] = {}
+        self.outbound: dict[str, dict[str, Any]] = {}
+        self.pools: dict[str, dict[str, Any]] = {}
+
+    def add(self, document: dict[str, Any] | None) -> None:
+        """Fold in the last ``stats`` reply of a worker that has exited."""
+        if not document:
+            return
+        for entry in document.get("listeners", ()):
+            _fold(self.listeners, entry["name"], figures(ListenerStatistics), entry)
+        for entry in document.get("outbound", ()):
+            _fold(self.outbound, entry["name"], figures(OutboundStatistics), entry)
+        for name, pool in document.get("pools", {}).items():
+            _fold(self.pools, name, POOL_FIGURES.items(), pool)
+
+    def document(self) -> dict[str, Any]:
+        return {"listeners": list(self.listeners.values()),
+                "outbound": list(self.outbound.values()), "pools": dict(self.pools)}
+
+    def total(self, name: str) -> int:
+        """One listener counter summed over every listener (the supervisor's last line)."""
+        return sum(int(entry.get(name, 0)) for entry in self.listeners.values())
+
+
+def _kept(declared: Figure) -> Literal["label", "count", "zero"] | None:
+    """How a retired worker's figure is kept: as a label, counted on, as a zero, or not."""
+    if declared.kind == "label":
+        return "label"
+    if declared.kind in ("counter", "reasons", "histogram", "part"):
+        return "count"
+    if declared.kind == "gauge" and declared.merged_by == "sum":
+        return "zero"
+    return None  # states and max-merged gauges: only the living have one
+
+
+def _fold(kept: dict[str, dict[str, Any]], key: str,
+          declarations: Iterable[tuple[str, Figure]], entry: dict[str, Any]) -> None:
+    held = kept.setdefault(key, {})
+    for name, declared in declarations:
+        if name not in entry:
+            continue
+        how = _kept(declared)
+        if how == "label":
+            held.setdefault(name, entry[name])
+        elif how == "zero":
+            held[name] = 0
+        elif how == "count":
+            held[name] = entry[name] if name not in held else \
+                merge([(name, declared)], [held, entry])[name]

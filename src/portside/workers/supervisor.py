@@ -47,6 +47,7 @@ from portside.engine.reactor import TimerHandle
 from portside.errors import PortsideError, ProtocolError
 from portside.metrics import MetricsServer
 from portside.server import resolve_engine
+from portside.statistics import Retired
 from portside.workers import logs, systemd
 from portside.workers.app import describe_handlers
 from portside.workers.worker import BOOT_FAILED, WORKER_ENV, worker_document
@@ -153,10 +154,15 @@ class Worker:
         return self.process.pid
 
     @property
-    def slot(self) -> int:
-        """Its place among the workers, from 0: the label its metrics series keep across
-        restarts (a replacement takes the slot of the worker it replaces)."""
-        return self.number - 1
+    def slot(self) -> str:
+        """Its number as ``ctl``, ``top`` and the metrics' ``worker`` label show it (the
+        number its log lines carry too): a replacement keeps it, so series survive restarts."""
+        return str(self.number)
+
+    @property
+    def name(self) -> str:
+        """How every supervisor line names it."""
+        return f"worker {self.number} (pid {self.pid})"
 
     def handle_read(self) -> None:  # the pidfd: readable once the process has exited
         self.exited()
@@ -213,7 +219,8 @@ class Supervisor:
         self._upgrade_fd = upgrade_fd
         self._successor: subprocess.Popen[bytes] | None = None
         self._handed_over = False  # an upgraded supervisor serves our sockets now
-        self._retired_totals = dict.fromkeys(("accepted", "bytes_in", "bytes_out"), 0)
+        #: What ended workers counted: every counter keeps it, so none goes backwards.
+        self.retired = Retired()
 
     @property
     def worker_count(self) -> int:
@@ -271,8 +278,8 @@ class Supervisor:
             self.reactor.close()
         logger.info("stopped after %.1f s: %d connection(s) accepted, %d bytes in, %d bytes "
                     "out (as last reported by the workers), %d worker restart(s), %d reload(s)",
-                    time.monotonic() - self.started_at, self._retired_totals["accepted"],
-                    self._retired_totals["bytes_in"], self._retired_totals["bytes_out"],
+                    time.monotonic() - self.started_at, self.retired.total("accepted"),
+                    self.retired.total("bytes_in"), self.retired.total("bytes_out"),
                     self.restarts, self.reloads)
         return self.exit_status
 
@@ -291,6 +298,14 @@ class Supervisor:
             self.metrics = None
 
     def _close_sockets(self) -> None:
+        self._close_listeners()
+        self._close_side_services()
+
+    def _close_listeners(self) -> None:
+        """Close our copies of the listening sockets. The kernel refuses new connections once
+        the last copy is closed, so a shutdown closes them at once here, and each worker its
+        own as it starts draining (as a single server does), rather than leaving connections
+        to wait in a backlog nobody will ever accept from."""
         for sock in self.sockets:
             sock.close()
         for listener_config in self.plan.listeners if self._bind else ():
@@ -298,7 +313,6 @@ class Supervisor:
             if listener_config.path is not None and not self._handed_over:
                 with contextlib.suppress(OSError):
                     os.unlink(listener_config.path)
-        self._close_side_services()
 
     def _watchdog(self, interval: float) -> None:
         systemd.notify("WATCHDOG=1")
@@ -335,7 +349,7 @@ class Supervisor:
         self.workers[process.pid] = worker
         self.reactor.register(worker.pidfd, worker, readable=True, writable=False)
         self.reactor.register(link.fd, link, readable=True, writable=False)
-        logger.info("started worker %d (pid %d)", number, process.pid)
+        logger.info("started %s", worker.name)
         self.ask(worker, "stats", lambda result: self._first_reply(worker, result))
         return worker
 
@@ -345,7 +359,7 @@ class Supervisor:
         worker.ready = True
         worker.last_stats = result
         self._boot_failures = 0
-        logger.info("worker %d (pid %d) is serving", worker.number, worker.pid)
+        logger.info("%s is serving", worker.name)
         self.fleet.replay(worker)  # what operators changed on the workers before this one
         callbacks, worker.on_ready = worker.on_ready, []
         for callback in callbacks:
@@ -396,11 +410,10 @@ class Supervisor:
         worker.link.fail_all()
         self.workers.pop(worker.pid, None)
         status = worker.process.wait()
-        self._count_totals(worker)
+        self.retired.add(worker.last_stats)
         lived = time.monotonic() - worker.started_at
         why = _describe_status(status)
-        # After its start line ("started worker N (pid P)"), a worker is named by its pid.
-        name = f"worker {worker.pid}"
+        name = worker.name
         if self.shutting_down or worker.retiring:
             logger.info("%s stopped (%s)", name, why)
         elif not worker.ready:
@@ -411,11 +424,6 @@ class Supervisor:
         if self.shutting_down and not self.workers:
             logger.info("all workers stopped")
             self.reactor.stop()
-
-    def _count_totals(self, worker: Worker) -> None:
-        for entry in (worker.last_stats or {}).get("listeners", []):
-            for key in self._retired_totals:
-                self._retired_totals[key] += entry.get(key, 0)
 
     def _boot_failed(self, worker: Worker, name: str, why: str) -> None:
         self._boot_failures += 1
@@ -459,8 +467,8 @@ class Supervisor:
             timeout = self.plan.process.heartbeat_timeout if worker.ready else \
                 max(self.plan.process.heartbeat_timeout, BOOT_TIMEOUT)
             if silent > timeout and not worker.retiring:
-                logger.warning("worker %d has not answered for %.1f s; replacing it",
-                               worker.pid, silent)
+                logger.warning("%s has not answered for %.1f s; replacing it",
+                               worker.name, silent)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             elif not worker.link.waiting:  # one heartbeat in flight at a time
@@ -495,6 +503,7 @@ class Supervisor:
         self.shutting_down = True
         if not self._handed_over:  # after an upgrade the service goes on, in our successor
             systemd.notify("STOPPING=1")
+        self._close_listeners()
         # Retiring workers were told already: a second SIGTERM would force them.
         self._kill_all(signal.SIGTERM, skip_retiring=True)
         if not self.workers:
@@ -548,8 +557,8 @@ class Supervisor:
             if not self.shutting_down and not retiree.retiring \
                     and self.workers.get(retiree.pid) is retiree:
                 retiree.retiring = True
-                logger.info("reload: retiring worker %d once its connections finish",
-                            retiree.pid)
+                logger.info("reload: retiring %s once its connections finish",
+                            retiree.name)
                 # Over the link, not SIGTERM: the worker drains without calling it a shutdown.
                 self.ask(retiree, "shutdown", lambda result: None)
 
