@@ -112,6 +112,36 @@ def test_metrics_count_what_happened(observed: Observed) -> None:
     assert scrape(metrics_port, "/nothing")[0] == 404
 
 
+def test_healthz_and_readyz_follow_pause_and_drain(observed: Observed) -> None:
+    """/healthz: alive; /readyz: 200 while new connections are welcome, 503 once paused or
+    from the moment draining starts (while /healthz stays 200 and the drain goes on)."""
+    proc, control, ports, metrics_port = observed
+    assert scrape(metrics_port, "/healthz")[:2] == (200, "ok\n")
+    if "--workers" in proc.proc.args:  # type: ignore[operator]
+        proc.wait_for(r"with 2 worker\(s\)", seen_too=True)  # ready once every worker serves
+    assert scrape(metrics_port, "/readyz")[:2] == (200, "ok\n")
+    head = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=WAIT)
+    head.request("HEAD", "/readyz")
+    response = head.getresponse()
+    assert response.status == 200 and response.read() == b""
+    head.close()
+    _ctl_json(control, "pause")
+    assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: paused\n")
+    _ctl_json(control, "resume")
+    assert scrape(metrics_port, "/readyz")[0] == 200
+    held = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+    held.sendall(b"x")
+    assert held.recv(1) == b"x"
+    proc.signal(signal.SIGTERM)
+    proc.wait_for(r"draining 1 connection")
+    assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: draining\n")
+    assert scrape(metrics_port, "/healthz")[0] == 200
+    held.sendall(b"y")  # still served while draining
+    assert held.recv(1) == b"y"
+    held.close()
+    assert proc.wait_exit() == 0
+
+
 def test_openmetrics_when_the_scraper_asks(observed: Observed) -> None:
     _, _, ports, metrics_port = observed
     assert echo_once(ports["immediate"]) == b"ping"
@@ -156,6 +186,9 @@ def test_worker_series_keep_their_slot_across_a_restart(tmp_path: Path) -> None:
 
 class _Stats:
     """A control target with a fixed, tiny stats document."""
+
+    def readiness(self) -> str | None:
+        return None
 
     def control(self, request: protocol.Request, respond: Any) -> None:
         respond(protocol.reply_ok({

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -58,6 +58,15 @@ MAX_CLIENTS = 64
 LINGER_BYTES = 1024 * 1024  # dropped after an answer before giving up on a clean close
 
 Family = CounterMetricFamily | GaugeMetricFamily
+
+
+class MetricsTarget(ControlTarget, Protocol):
+    """What the endpoint serves: ``stats`` through ``control``, and readiness."""
+
+    def readiness(self) -> str | None:
+        """None while new connections are welcome (listening, not draining, not paused);
+        else why not, in a word or two (``/readyz`` answers 503 with it)."""
+        ...
 
 
 class _Families:
@@ -189,15 +198,16 @@ def bind_metrics(address: str) -> socket.socket:
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class Scrape(SideClient):
-    """One HTTP request for /metrics: read the request head, answer once, close."""
+    """One HTTP request (/metrics, /healthz, /readyz): read the request head, answer once,
+    close."""
 
     close_when_sent = True
 
-    def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
+    def __init__(self, sock: socket.socket, target: MetricsTarget, reactor: Reactor,
                  on_close: Callable[[ServiceClient], None], timeout: float) -> None:
         super().__init__(sock, reactor, on_close, timeout)
         self.target = target
@@ -243,13 +253,24 @@ class Scrape(SideClient):
             if name.strip().lower() == b"accept" and \
                     b"application/openmetrics-text" in value.lower():
                 self.open_metrics = True
-        if method != b"GET":
+        if path in (b"/healthz", b"/readyz") and method in (b"GET", b"HEAD"):
+            self._health(path == b"/readyz", method == b"HEAD")
+        elif method != b"GET":
             self.respond(405, b"only GET\n")
         elif path not in (b"/metrics", b"/"):
-            self.respond(404, b"try /metrics\n")
+            self.respond(404, b"try /metrics, /healthz or /readyz\n")
         else:
             self.answering = True
             self.target.control(protocol.Request("stats"), self._got_stats)
+
+    def _health(self, readiness: bool, head: bool) -> None:
+        """``/healthz``: 200 while this process's loop answers (liveness). ``/readyz``: 200
+        while new connections are welcome, 503 from the moment draining starts, so that a
+        balancer's check (HAProxy ``option httpchk``, a Kubernetes readiness probe) stops
+        sending before connections are refused."""
+        why = self.target.readiness() if readiness else None
+        body = b"ok\n" if why is None else f"not ready: {why}\n".encode()
+        self.respond(200 if why is None else 503, body, head=head)
 
     def expired(self) -> None:
         self._timer = None
@@ -269,20 +290,23 @@ class Scrape(SideClient):
         self.respond(200, body, openmetrics.CONTENT_TYPE_LATEST if self.open_metrics
                      else CONTENT_TYPE)
 
-    def respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+    def respond(self, status: int, body: bytes, content_type: str = "text/plain",
+                head: bool = False) -> None:
+        """Send the answer (to HEAD: the head alone, with the length the body would have)."""
         if self.closed:
             return
         self.renew()  # a fresh period to take the answer
         self.stop_reading()
         self.send((f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                   ).encode() + body)
+                   ).encode() + (b"" if head else body))
 
 
 class MetricsServer(SideListener):
-    """Serves ``/metrics`` from a control target's ``stats``, on the owner's loop."""
+    """Serves ``/metrics`` from a control target's ``stats``, and ``/healthz`` and
+    ``/readyz`` from its readiness, on the owner's loop."""
 
-    def __init__(self, address: str, target: ControlTarget, head_timeout: float = HEAD_TIMEOUT,
+    def __init__(self, address: str, target: MetricsTarget, head_timeout: float = HEAD_TIMEOUT,
                  max_clients: int = MAX_CLIENTS) -> None:
         self.address = address
         self.target = target

@@ -141,6 +141,15 @@ class ServerTarget:
             return
         respond(protocol.reply_ok(result))
 
+    def readiness(self) -> str | None:
+        """None while new connections are welcome (``/readyz``), else why not."""
+        state = self.server.state.value
+        if state != "running":
+            return state  # started (not yet serving), draining, stopped
+        if self.draining:
+            return "draining"
+        return "paused" if self.server.statistics().accepting_paused else None
+
     def _listeners(self, name: str | None) -> list[Listener]:
         listeners = list(self.server.listeners)
         if name is None:

@@ -655,6 +655,19 @@ class Supervisor:
         """A control-socket command, carried out across every worker (``control.fleet``)."""
         self.fleet.control(request, respond)
 
+    def readiness(self) -> str | None:
+        """None while new connections are welcome (``/readyz``): every first worker served,
+        and no shutdown, drain or pause since; else why not."""
+        if self.shutting_down:
+            return "draining"
+        if not self._serving:
+            return "starting"
+        if not any(worker.ready and not worker.retiring for worker in self.workers.values()):
+            return "no worker serving"
+        if self.fleet.draining:
+            return "draining"
+        return "paused" if self.paused else None
+
     @property
     def listener_configs(self) -> tuple[ListenerConfig, ...]:
         return tuple(self.plan.listeners)
