@@ -18,6 +18,7 @@ to a full table replaces the oldest client still sending its head (``engine.serv
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -56,6 +57,8 @@ MAX_REQUEST = 8 * 1024
 HEAD_TIMEOUT = 5.0  # seconds for a scraper to send its request head, and again to take the answer
 MAX_CLIENTS = 64
 LINGER_BYTES = 1024 * 1024  # dropped after an answer before giving up on a clean close
+#: The metrics port's descriptor, handed by a supervisor to its successor (USR2).
+INHERIT_ENV = "PORTSIDE_METRICS_FD"
 
 Family = CounterMetricFamily | GaugeMetricFamily
 
@@ -196,6 +199,25 @@ def bind_metrics(address: str) -> socket.socket:
     return sock
 
 
+def adopt_metrics(address: str) -> socket.socket | None:
+    """The metrics socket a supervisor handed over (``INHERIT_ENV``) if it listens where
+    ``address`` asks (any port, for port 0); else None, and it is closed."""
+    inherited = os.environ.pop(INHERIT_ENV, "")
+    if not inherited.isdigit():
+        return None
+    try:
+        sock = socket.socket(fileno=int(inherited))
+        bound = sock.getsockname()
+    except OSError:
+        return None
+    port_text = address.rpartition(":")[2]
+    if port_text.isdigit() and int(port_text) in (0, bound[1]):
+        sock.setblocking(False)
+        return sock
+    sock.close()  # --metrics changed: bind the new address, the old one stays its owner's
+    return None
+
+
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
@@ -307,11 +329,13 @@ class MetricsServer(SideListener):
     ``/readyz`` from its readiness, on the owner's loop."""
 
     def __init__(self, address: str, target: MetricsTarget, head_timeout: float = HEAD_TIMEOUT,
-                 max_clients: int = MAX_CLIENTS) -> None:
+                 max_clients: int = MAX_CLIENTS, sock: socket.socket | None = None) -> None:
+        """``sock``: one already listening (handed over in an upgrade), else ``address`` is
+        bound."""
         self.address = address
         self.target = target
         self.head_timeout = head_timeout
-        super().__init__(bind_metrics(address), self._client, max_clients)
+        super().__init__(sock or bind_metrics(address), self._client, max_clients)
 
     def _client(self, sock: socket.socket, reactor: Reactor,
                 on_close: Callable[[ServiceClient], None]) -> Scrape:

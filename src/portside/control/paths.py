@@ -31,6 +31,8 @@ from portside.errors import ControlError, ListenError
 
 SUFFIX = ".sock"
 BACKLOG = 16
+#: The control socket's descriptor, handed by a supervisor to its successor (USR2).
+INHERIT_ENV = "PORTSIDE_CONTROL_FD"
 
 
 def control_directory() -> str:
@@ -180,6 +182,13 @@ class ControlSocket:
     so a start that fails after the socket was made leaves nothing behind.
 
     ``path`` None means ``<private directory>/<pid>.sock``.
+
+    Upgrades (USR2) hand the socket over rather than close and bind it again, so that ``ctl``
+    is answered throughout: the old supervisor passes the listening descriptor
+    (``INHERIT_ENV``) and keeps answering on it; the new one ``adopts`` it but leaves it
+    alone (it never removes a socket it has not ``claimed``) until its workers serve, then
+    ``claims`` it (renamed to its own ``<pid>.sock`` in the private directory) while the old
+    one ``releases`` its copy without removing the file.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -193,7 +202,65 @@ class ControlSocket:
             raise ListenError(f"cannot create the control socket: {exc}") from None
         self.path = path
         self.closed = True
+        self._identity: tuple[int, int] | None = None
+        self._wanted: str | None = None
+        inherited = os.environ.pop(INHERIT_ENV, "")
+        if inherited.isdigit() and self._adopt(int(inherited)):
+            return
         self.reopen()
+
+    def _adopt(self, fd: int) -> bool:
+        """Take the control socket a supervisor handed over, if it is the one asked for."""
+        try:
+            sock = socket.socket(fileno=fd)
+            bound = sock.getsockname()
+        except OSError:
+            return False
+        same_place = os.path.dirname(bound) == os.path.dirname(self.path) if not self.explicit \
+            else bound == self.path
+        if not isinstance(bound, str) or not same_place:
+            sock.close()  # --control changed: bind the new path, the old one stays its owner's
+            return False
+        sock.setblocking(False)
+        self.sock = sock
+        self._owner = os.getpid()
+        self._wanted, self.path = self.path, bound
+        self.closed = False
+        return True
+
+    @property
+    def adopted(self) -> bool:
+        """Handed over by the supervisor being upgraded, and not claimed yet."""
+        return self._wanted is not None
+
+    def claim(self) -> None:
+        """Make an adopted socket ours (our workers serve): under our own name, removed when
+        we stop."""
+        if self._wanted is None or self.closed:
+            return
+        if self._wanted != self.path:
+            try:
+                os.rename(self.path, self._wanted)  # atomic: the socket has a name throughout
+                self.path = self._wanted
+            except OSError:
+                pass  # it keeps the old name, still reachable
+        self._wanted = None
+        with contextlib.suppress(OSError):
+            info = os.stat(self.path)
+            self._identity = (info.st_dev, info.st_ino)
+
+    def release(self) -> None:
+        """Close our copy without removing the file: a successor serves it now."""
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    def inheritable_fd(self) -> int | None:
+        """The descriptor to hand a successor (made inheritable), or None if closed."""
+        if self.closed:
+            return None
+        os.set_inheritable(self.sock.fileno(), True)
+        return self.sock.fileno()
 
     def reopen(self) -> None:
         """Bind the socket (again, after ``close``: an upgrade that failed takes it back)."""
@@ -245,8 +312,8 @@ class ControlSocket:
             return
         self.closed = True
         self.sock.close()
-        if os.getpid() != self._owner:
-            return  # a forked child: the socket file is the parent's
+        if os.getpid() != self._owner or self._identity is None:
+            return  # a forked child's, or adopted and never claimed: the file is another's
         with contextlib.suppress(OSError):
             info = os.lstat(self.path)
             if (info.st_dev, info.st_ino) == self._identity:
