@@ -88,7 +88,11 @@ def test_metrics_count_what_happened(observed: Observed) -> None:
     immediate = (("listener", "immediate"),)
     first = (("listener", "data-first"),)
     assert found[("portside_accepted_total", immediate)] == 7
+    assert found[("portside_received_bytes_total", immediate)] == sum(range(1, 8))
+    assert found[("portside_sent_bytes_total", immediate)] == sum(range(1, 8))
+    # The former names, kept as aliases for one release (docs/metrics.md).
     assert found[("portside_bytes_in_total", immediate)] == sum(range(1, 8))
+    assert found[("portside_bytes_out_total", immediate)] == sum(range(1, 8))
     assert found[("portside_accepted_total", first)] == 2
     assert found[("portside_time_to_first_byte_seconds_count", immediate)] == 7
     assert found[("portside_timeouts_total", (("kind", "first_data"), *first))] == 1

@@ -137,3 +137,33 @@ def test_retired_workers_keep_their_counters_not_their_gauges() -> None:
     assert document["pools"]["buffers"]["free"] == 1
     assert document["totals"]["accepted"] == 8
     assert retired.total("accepted") == 6
+
+
+def test_metric_names_carry_their_unit_and_counters_end_in_total() -> None:
+    """The Prometheus naming guide: ``_bytes``/``_seconds`` where a figure has that unit,
+    ``_total`` on counters; a renamed family keeps its former name as a marked alias."""
+    document = combine([worker("1", 10, [listener("a", bytes_in=5, bytes_out=6)])], 1.0)
+    families = {family.name: family for family in
+                text_string_to_metric_families(exposition(document).decode())}
+    assert families["portside_received_bytes"].samples[0].value == 5
+    assert families["portside_sent_bytes"].samples[0].value == 6
+    alias = families["portside_bytes_in"]
+    assert alias.documentation.startswith("Deprecated: use portside_received_bytes")
+    assert alias.samples[0].value == 5
+    for cls in (ListenerStatistics, WorkerStatistics):
+        for name, declared in figures(cls):
+            family = metric_name(name, declared)
+            if "bytes" in name:
+                assert family.endswith("_bytes"), family
+            if any(word in declared.help.lower() for word in ("seconds", "in seconds")) \
+                    and declared.kind in ("gauge", "counter", "histogram"):
+                assert family.endswith("_seconds"), family
+
+
+def test_the_metrics_doc_lists_every_family_as_declared() -> None:
+    from pathlib import Path
+
+    from portside.metrics import families_table
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+    assert families_table() in doc.read_text(), "run: python -m portside.metrics"

@@ -17,6 +17,7 @@ to a full table replaces the oldest client still sending its head (``engine.serv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -118,10 +119,9 @@ class StatsCollector(Collector):
                 for pool, values in self.document["pools"].items():
                     family.add_metric([pool], values[name])
         yield from families.made.values()
-        yield GaugeMetricFamily("portside_accepting_paused", "1 while accepting is paused.",
-                                value=int(bool(self.document["accepting_paused"])))
-        yield GaugeMetricFamily("portside_draining", "1 while draining (ctl drain).",
-                                value=int(bool(self.document.get("draining"))))
+        for gauge, _, _, help_text in DOCUMENT_FAMILIES:
+            key = gauge.removeprefix("portside_")
+            yield GaugeMetricFamily(gauge, help_text, value=int(bool(self.document.get(key))))
 
 
 def _per_entry(families: _Families, cls: type[Any], entries: list[dict[str, Any]],
@@ -132,10 +132,18 @@ def _per_entry(families: _Families, cls: type[Any], entries: list[dict[str, Any]
         constant = dict(declared.labels)
         family_name = metric_name(name, declared)
         if _numeric(declared):
-            family = families.get(family_name, declared, [label, *constant])
-            for entry in entries:
-                if name in entry:
-                    family.add_metric([entry["name"], *constant.values()], float(entry[name]))
+            exported = [families.get(family_name, declared, [label, *constant])]
+            if declared.deprecated is not None:  # the former name, for one release
+                exported.append(families.get(
+                    metric_name(name, dataclasses.replace(declared, metric=declared.deprecated)),
+                    dataclasses.replace(declared, help=f"Deprecated: use {family_name} (this "
+                                        f"name goes in the next release). {declared.help}"),
+                    [label, *constant]))
+            for family in exported:
+                for entry in entries:
+                    if name in entry:
+                        family.add_metric([entry["name"], *constant.values()],
+                                          float(entry[name]))
         elif declared.kind == "reasons":
             family = families.get(family_name, Figure("counter", declared.help),
                                   [label, "reason"])
@@ -344,3 +352,43 @@ class MetricsServer(SideListener):
     def attach(self, reactor: Reactor) -> None:
         super().attach(reactor)
         logger.info("metrics on http://%s/metrics", address_label(self.sock.getsockname()))
+
+
+#: Families that come from the document itself rather than a declared figure.
+DOCUMENT_FAMILIES = (("portside_accepting_paused", "gauge", "", "1 while accepting is paused."),
+                     ("portside_draining", "gauge", "", "1 while draining (ctl drain)."))
+
+
+def families_table() -> str:
+    """Every exported family as a Markdown table, from the declarations (docs/metrics.md)."""
+    rows: dict[str, list[str]] = {}
+    sources: list[tuple[str, list[tuple[str, Figure]]]] = [
+        ("listener", figures(ListenerStatistics)), ("outbound", figures(OutboundStatistics)),
+        ("worker", [(name, declared) for name, declared in figures(WorkerStatistics)
+                    if _numeric(declared)]),
+        ("pool", list(POOL_FIGURES.items()))]
+    for label, declared_figures in sources:
+        for name, declared in declared_figures:
+            if declared.kind not in ("counter", "gauge", "reasons", "histogram") \
+                    or declared.metric == "":
+                continue
+            kind = "counter" if declared.kind == "reasons" else declared.kind
+            family = metric_name(name, declared) + ("_total" if kind == "counter" else "")
+            labels = [label, *(key for key, _ in declared.labels)]
+            if declared.kind == "reasons":
+                labels.append("reason")
+            row = rows.setdefault(family, [f"`{family}`", kind, "", declared.help, ""])
+            row[2] = ", ".join(dict.fromkeys([*filter(None, row[2].split(", ")), *labels]))
+            if declared.deprecated is not None:
+                row[4] = f"`portside_{declared.deprecated}" + \
+                    ("_total`" if kind == "counter" else "`")
+    for gauge, gauge_kind, gauge_labels, help_text in DOCUMENT_FAMILIES:
+        rows[gauge] = [f"`{gauge}`", gauge_kind, gauge_labels, help_text, ""]
+    lines = ["| Family | Type | Labels | What | Former name (deprecated) |",
+             "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell or "" for cell in row) + " |" for row in rows.values()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(families_table(), end="")

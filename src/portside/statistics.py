@@ -35,7 +35,11 @@ class Figure:
     plus the field name unless given ("" for none); ``labels`` put several fields into one
     family (``portside_timeouts_total{kind="idle"}``). ``column``/``short``: the header in
     ``portside top`` (wide/narrow), ``rate`` shows it per second, ``priority`` orders which
-    columns stay when the terminal is narrow (lower stays longer).
+    columns stay when the terminal is narrow (lower stays longer). ``deprecated``: the
+    family's former name, still exported as an alias for one release (docs/metrics.md).
+
+    Family names follow the Prometheus naming guide: the unit in the name, plural
+    (``_bytes``, ``_seconds``), and ``_total`` on every counter (added on export).
     """
 
     kind: Kind
@@ -47,6 +51,7 @@ class Figure:
     rate: bool = False
     priority: int = 50
     merge: Merge | None = None
+    deprecated: str | None = None
 
     @property
     def merged_by(self) -> Merge:
@@ -128,10 +133,10 @@ class ListenerStatistics:
         labels=(("kind", "write"),), column="write t/o", short="wr", priority=72))
     bytes_in: int = field(metadata=figure(
         "counter", "Bytes read from clients.", column="in kB/s", short="in k/s", rate=True,
-        priority=25))
+        priority=25, metric="received_bytes", deprecated="bytes_in"))
     bytes_out: int = field(metadata=figure(
         "counter", "Bytes written to clients.", column="out kB/s", short="out k/s", rate=True,
-        priority=26))
+        priority=26, metric="sent_bytes", deprecated="bytes_out"))
     #: Closed connections by close reason (``CloseReason`` values, such as "closed", "reset",
     #: "first-data-timeout"); only reasons seen so far appear.
     closed_by_reason: dict[str, int] = field(metadata=figure(
@@ -194,10 +199,12 @@ class OutboundStatistics:
         "counter", "Outbound connections closed by a timeout.", metric="outbound_timeouts",
         labels=(("kind", "write"),), column="write t/o", short="wr", priority=72))
     bytes_in: int = field(metadata=figure(
-        "counter", "Bytes read from outbound connections.", metric="outbound_bytes_in",
+        "counter", "Bytes read from outbound connections.", metric="outbound_received_bytes",
+        deprecated="outbound_bytes_in",
         column="in kB/s", short="in k/s", rate=True, priority=25))
     bytes_out: int = field(metadata=figure(
-        "counter", "Bytes written to outbound connections.", metric="outbound_bytes_out",
+        "counter", "Bytes written to outbound connections.", metric="outbound_sent_bytes",
+        deprecated="outbound_bytes_out",
         column="out kB/s", short="out k/s", rate=True, priority=26))
     closed_by_reason: dict[str, int] = field(metadata=figure(
         "reasons", "Outbound connections closed, by close reason.", metric="outbound_closed"))
