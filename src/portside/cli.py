@@ -88,28 +88,6 @@ def version() -> str:
         return "(not installed)"
 
 
-def _seconds(text: str) -> float:
-    """A duration > 0 for a client (ctl --timeout, top --interval): 0 would never wait."""
-    from portside.config import parse_positive_seconds
-
-    try:
-        return parse_positive_seconds(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from portside.control.command import add_commands as add_control_commands
     from portside.settings import add_flags

@@ -7,7 +7,8 @@ closed to group and others (portside creates it with mode 0700); one that fails 
 refused, never repaired, since whoever controls it could squat or swap sockets. Each server
 binds ``<pid>.sock`` there, so two servers never share a socket, and ``ctl`` picks the server by
 ``--pid``, or the only one running, and lists them when there are several. ``--control PATH``
-names a socket anywhere instead.
+names a socket anywhere instead; such a server leaves ``<pid>.link`` (a symbolic link to its
+socket) in the private directory, so that ``ctl servers`` and ``ctl`` without flags find it too.
 
 Nothing is removed unless it is provably dead or ours: a server removes its own socket (same
 process, same inode) when it stops, also after a failed start; a socket file that refuses
@@ -23,13 +24,13 @@ import os
 import socket
 import stat
 import struct
-import tempfile
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from portside.errors import ControlError, ListenError
 
 SUFFIX = ".sock"
+LINK_SUFFIX = ".link"  # a server with --control PATH elsewhere: a symlink to its socket
 BACKLOG = 16
 #: The control socket's descriptor, handed by a supervisor to its successor (USR2).
 INHERIT_ENV = "PORTSIDE_CONTROL_FD"
@@ -40,6 +41,8 @@ def control_directory() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime):
         return os.path.join(runtime, "portside")
+    import tempfile  # only here: ``portside ctl`` need not pay for it
+
     return os.path.join(tempfile.gettempdir(), f"portside-{os.getuid()}")
 
 
@@ -102,8 +105,8 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
-def _pid_of(name: str) -> int | None:
-    stem = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else ""
+def _pid_of(name: str, suffix: str = SUFFIX) -> int | None:
+    stem = name[:-len(suffix)] if name.endswith(suffix) else ""
     return int(stem) if stem.isdigit() else None
 
 
@@ -116,8 +119,7 @@ def _remove_if_stale(path: str, pid: int | None) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(NamedTuple):
     """A live server in the private directory."""
 
     pid: int
@@ -147,6 +149,12 @@ def running_servers() -> list[Found]:
         path = os.path.join(directory, name)
         if pid is not None and probe(path):
             found.append(Found(pid, path))
+        pid = _pid_of(name, LINK_SUFFIX)
+        if pid is not None and _pid_running(pid):
+            with contextlib.suppress(OSError):
+                target = os.readlink(path)
+                if probe(target):
+                    found.append(Found(pid, target))
     return sorted(found, key=lambda entry: entry.pid)
 
 
@@ -204,6 +212,7 @@ class ControlSocket:
         self.closed = True
         self._identity: tuple[int, int] | None = None
         self._wanted: str | None = None
+        self._link: str | None = None
         inherited = os.environ.pop(INHERIT_ENV, "")
         if inherited.isdigit() and self._adopt(int(inherited)):
             return
@@ -248,12 +257,14 @@ class ControlSocket:
         with contextlib.suppress(OSError):
             info = os.stat(self.path)
             self._identity = (info.st_dev, info.st_ino)
+        self._register()
 
     def release(self) -> None:
         """Close our copy without removing the file: a successor serves it now."""
         if not self.closed:
             self.closed = True
             self.sock.close()
+            self._unregister()
 
     def inheritable_fd(self) -> int | None:
         """The descriptor to hand a successor (made inheritable), or None if closed."""
@@ -269,15 +280,42 @@ class ControlSocket:
         info = os.stat(self.path)
         self._identity = (info.st_dev, info.st_ino)
         self.closed = False
+        self._register()
 
     @staticmethod
     def _sweep(directory: str) -> None:
-        """Remove the sockets of servers that died without cleaning up (kill -9)."""
+        """Remove the sockets and links of servers that died without cleaning up (kill -9)."""
         with contextlib.suppress(OSError):
             for name in os.listdir(directory):
                 pid = _pid_of(name)
                 if pid is not None and pid != os.getpid():
                     _remove_if_stale(os.path.join(directory, name), pid)
+                pid = _pid_of(name, LINK_SUFFIX)
+                if pid is not None and not _pid_running(pid):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
+
+    def _register(self) -> None:
+        """Leave ``<pid>.link`` to a socket outside the private directory, so that ``ctl``
+        finds this server without ``--control``; best effort (the server runs without)."""
+        if not self.explicit or self._link is not None:
+            return
+        try:
+            directory = ensure_directory()
+            self._sweep(directory)
+            link = os.path.join(directory, f"{os.getpid()}{LINK_SUFFIX}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)  # a dead server's, whose pid we were given again
+            os.symlink(os.path.abspath(self.path), link)
+        except (ControlError, OSError):
+            return
+        self._link = link
+
+    def _unregister(self) -> None:
+        if self._link is not None and os.getpid() == self._owner:
+            with contextlib.suppress(OSError):
+                os.unlink(self._link)
+        self._link = None
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
@@ -312,6 +350,7 @@ class ControlSocket:
             return
         self.closed = True
         self.sock.close()
+        self._unregister()
         if os.getpid() != self._owner or self._identity is None:
             return  # a forked child's, or adopted and never claimed: the file is another's
         with contextlib.suppress(OSError):
