@@ -133,6 +133,10 @@ def test_healthz_and_readyz_follow_pause_and_drain(observed: Observed) -> None:
     assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: paused\n")
     _ctl_json(control, "resume")
     assert scrape(metrics_port, "/readyz")[0] == 200
+    _ctl_json(control, "drain")
+    assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: draining\n")
+    _ctl_json(control, "resume")
+    assert scrape(metrics_port, "/readyz")[0] == 200
     held = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
     held.sendall(b"x")
     assert held.recv(1) == b"x"
@@ -451,4 +455,69 @@ def test_one_worker_numbering_in_logs_ctl_top_and_metrics(tmp_path: Path) -> Non
         found = samples(scrape(metrics_port)[1])
         assert worker_labels(found, "portside_worker_connections") == {"1", "2"}
     finally:
+        proc.kill()
+
+
+class _Logged(PortsideProcess):
+    """Any command, its stderr read line by line as ``PortsideProcess`` reads portside's."""
+
+    def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        import queue
+
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+        self.lines = []
+        self._queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+def test_haproxy_httpchk_on_readyz_takes_a_draining_instance_out(tmp_path: Path) -> None:
+    """The deployment guide's check, with a real HAProxy: ``option httpchk`` on /readyz marks
+    the instance DOWN once it drains (``ctl drain``: nothing refused yet), UP again after
+    ``ctl resume``."""
+    import shutil
+
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--metrics", "127.0.0.1:0", "--workers", "2",
+                            "--control", str(control)])
+    balancer = None
+    front = socket.socket()
+    try:
+        front.bind(("127.0.0.1", 0))
+        front.listen(16)
+        ports = proc.ports()
+        metrics = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/", seen_too=True)
+                      .group(1))
+        proc.wait_for(r"with 2 worker\(s\)")
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout check 5s
+frontend front
+    bind fd@{front.fileno()}
+    default_backend portside
+backend portside
+    option httpchk
+    http-check send meth GET uri /readyz
+    http-check expect status 200
+    server one 127.0.0.1:{ports["immediate"]} check port {metrics} inter 100ms fall 1 rise 1
+""")
+        balancer = _Logged([haproxy, "-f", str(config), "-db"], pass_fds=(front.fileno(),))
+        _ctl_json(control, "drain")
+        balancer.wait_for(r"Server portside/one is DOWN.*503")
+        _ctl_json(control, "resume")
+        balancer.wait_for(r"Server portside/one is UP")
+    finally:
+        if balancer is not None:
+            balancer.kill()
+        front.close()
         proc.kill()

@@ -836,11 +836,6 @@ def parse_engine(text: str) -> Engine:
         raise ConfigError(f"unknown engine {text!r} (choose from {choices})") from None
 
 
-def parse_positive_seconds(text: str) -> float:
-    """A duration > 0 from text (a client's ``--timeout``); ValueError says what is wrong."""
-    return float(Seconds(positive=True).parse(text))
-
-
 def _check_settings(config: Any) -> None:
     """Coerce (text, lists) and check every declared setting of ``config``."""
     for declared in settings_of(type(config)):
