@@ -291,7 +291,7 @@ def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
         deaths = []
         for _ in range(4):
             deaths.append(proc.wait_for(
-                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker \d+ died .*"
+                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker \d+ \(pid \d+\) died .*"
                 r"exit status 3"))
         stamps = [_seconds_of(match.group(1)) for match in deaths]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
