@@ -152,7 +152,7 @@ def test_graceful_restart_behind_haproxy(
     for _ in range(2):
         restarting.wait_for(r"started worker")
     for _ in range(2):
-        restarting.wait_for(r"worker \d+ stopped \(exit status 0\)")
+        restarting.wait_for(r"worker \d+ \(pid \d+\) stopped \(exit status 0\)")
     before = conversations[0]
     with progress:  # keep going until the new workers have served traffic too
         progress.wait_for(lambda: conversations[0] >= before + 40 or bool(errors), WAIT)

@@ -714,6 +714,10 @@ class ProcessConfig:
     heartbeat_timeout: float = setting(
         10 * SECONDS, Seconds(positive=True),
         "With --workers: a worker whose loop has not answered for this long is replaced.")
+    upgrade_timeout: float = setting(
+        60 * SECONDS, Seconds(positive=True),
+        "With --workers: an upgrade (USR2) whose new supervisor is not serving within this "
+        "long is given up (the new one is stopped) and the old one serves on.")
     log_level: LogLevel = setting(  # noqa: RUF009 (a field(), made once)
         LogLevel.INFO, Choice(LogLevel, "log level"), "The least important log lines written.")
     log_format: LogFormat = setting(  # noqa: RUF009 (a field(), made once)
