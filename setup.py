@@ -1,5 +1,5 @@
-"""Builds the compiled engine and the compiled RESP framers (Cython) with ``pip install .``;
-everything else is in pyproject.toml.
+"""Builds the compiled engine, the compiled RESP framer and the RESP example's fast path
+(Cython) with ``pip install .``; everything else is in pyproject.toml.
 
 The extensions are optional, and really so: where Cython is missing (``--no-build-isolation``
 without it), no C compiler runs, or the compiled engine does not support the interpreter, the
@@ -61,6 +61,12 @@ def note(text: str) -> None:
     print(f"portside: {text}", file=sys.stderr, flush=True)
 
 
+def short(exc: BaseException) -> str:
+    """An error in a few words (a compiler's failure quotes its whole command line)."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 class OptionalBuildExt(build_ext):
     """``build_ext`` where an extension that fails to build (no compiler, a compile or link
     error, or any other failure of the toolchain) is left out, in one line."""
@@ -69,13 +75,13 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # e.g. no compiler found while setting one up
-            note(f"compiled extensions not built ({exc}); portside runs in pure Python")
+            note(f"compiled extensions not built ({short(exc)}); portside runs in pure Python")
 
     def build_extension(self, ext: Any) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:
-            note(f"{ext.name} not built ({exc}); portside uses its pure-Python twin")
+            note(f"{ext.name} not built ({short(exc)}); its pure-Python counterpart runs instead")
 
 
 def extensions() -> list[Any]:
@@ -86,6 +92,10 @@ def extensions() -> list[Any]:
         note("Cython is not installed: no compiled extensions; portside runs in pure Python")
         return []
     wanted = [Extension("portside.protocols._resp", ["src/portside/protocols/_resp.pyx"],
+                        extra_compile_args=["-O2"], optional=True),
+              # The RESP example's own fast path: a compiled subclass of the framer above.
+              Extension("portside.examples._resp_store",
+                        ["src/portside/examples/_resp_store.pyx"],
                         extra_compile_args=["-O2"], optional=True)]
     if why := engine_unsupported():
         note(f"compiled engine not built: {why}; portside runs its pure-Python engine")
@@ -95,9 +105,10 @@ def extensions() -> list[Any]:
                                 define_macros=version_macros(), extra_compile_args=["-O2"],
                                 optional=True))
     try:
-        built: list[Any] = cythonize(wanted, compiler_directives={"language_level": "3"})
+        built: list[Any] = cythonize(wanted, compiler_directives={"language_level": "3"},
+                                     include_path=["src"])  # _resp.pxd, for the example
     except Exception as exc:
-        note(f"Cython failed ({exc}): no compiled extensions; portside runs in pure Python")
+        note(f"Cython failed ({short(exc)}): no compiled extensions; portside runs in pure Python")
         return []
     return built
 
