@@ -139,3 +139,19 @@ def test_an_engine_built_for_another_python_refuses_to_import_and_auto_runs_epol
     version = subprocess.run([sys.executable, "-m", "portside", "--version"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert f"engine epoll (compiled engine unavailable: {why})" in version.stdout, version
+
+
+def test_without_cython_setup_py_builds_no_extension_and_says_so() -> None:
+    """``--no-build-isolation`` where Cython is not installed: pure Python, in one line."""
+    probe = ("import sys, importlib.util\n"
+             "sys.modules['Cython'] = sys.modules['Cython.Build'] = None  # not installed\n"
+             f"spec = importlib.util.spec_from_file_location('s', {str(ROOT / 'setup.py')!r})\n"
+             "module = importlib.util.module_from_spec(spec)\n"
+             "spec.loader.exec_module(module)\n"
+             "print(module.extensions())\n")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    assert run.stderr.splitlines() == [
+        "portside: Cython is not installed: no compiled extensions; portside runs in pure Python"]
