@@ -76,6 +76,29 @@ cdef extern from "Python.h":
     enum: _Py_MEMORYVIEW_RELEASED
     int PyBuffer_IsContiguous(const Py_buffer *view, char order)
 
+cdef extern from *:
+    # Those structs are private: their layout is known only for the CPython versions setup.py
+    # passes in (pyproject.toml's classifiers), with the GIL. Built for anything else, the
+    # module refuses to import, before any of them is touched, and ``auto`` runs epoll.
+    """
+    #if defined(PYPY_VERSION)
+    #  define PORTSIDE_UNSUPPORTED "built for PyPy, not CPython"
+    #elif defined(Py_GIL_DISABLED)
+    #  define PORTSIDE_UNSUPPORTED "built for a free-threaded CPython"
+    #elif !defined(PORTSIDE_PY_FIRST) || !defined(PORTSIDE_PY_END) || !defined(PORTSIDE_PYTHONS)
+    #  define PORTSIDE_UNSUPPORTED "built without setup.py's supported CPython versions"
+    #elif PY_VERSION_HEX < PORTSIDE_PY_FIRST || PY_VERSION_HEX >= PORTSIDE_PY_END
+    #  define PORTSIDE_UNSUPPORTED "built for CPython " PY_VERSION ", not among the tested " \
+                                  PORTSIDE_PYTHONS
+    #else
+    #  define PORTSIDE_UNSUPPORTED ""
+    #endif
+    """
+    const char *PORTSIDE_UNSUPPORTED
+
+if PORTSIDE_UNSUPPORTED[0]:
+    raise ImportError(f"the compiled engine is unsupported here: {PORTSIDE_UNSUPPORTED.decode()}")
+
 cdef object CLOSED_REASON = CloseReason.CLOSED
 cdef object ABORTED_REASON = CloseReason.ABORTED
 cdef object RESET_REASON = CloseReason.RESET
@@ -206,21 +229,24 @@ cdef extern from "<time.h>" nogil:
 
 logger = logging.getLogger("portside.engine")
 
-DEF MAX_EVENTS = 256
-DEF SENDMSG_BATCH = 64  # buffers per writev; far below IOV_MAX (1024 on Linux)
+cdef enum:
+    MAX_EVENTS = 256
+    SENDMSG_BATCH = 64  # buffers per writev; far below IOV_MAX (1024 on Linux)
 
 # A registered descriptor's byte in Loop._masks.
-DEF WANT_READ = 1
-DEF WANT_WRITE = 2
-DEF INTEREST = 3
-DEF KNOWN = 0x80
+cdef enum:
+    WANT_READ = 1
+    WANT_WRITE = 2
+    INTEREST = 3
+    KNOWN = 0x80
 
 # The connection states, as in connection.py's ``State``.
-DEF PENDING = 0
-DEF OPEN = 1
-DEF CLOSING = 2
-DEF LINGERING = 3
-DEF CLOSED = 4
+cdef enum:
+    PENDING = 0
+    OPEN = 1
+    CLOSING = 2
+    LINGERING = 3
+    CLOSED = 4
 
 cdef char *FORMAT_BYTE = "B"
 cdef uint32_t READ = EPOLLIN
@@ -979,13 +1005,14 @@ cdef class FdSocket:
 # Which of a handler's callbacks are Handler's own defaults: those the compiled paths do
 # inline instead of calling (Handler.connection_made passes first_data on, eof_received
 # closes, the others do nothing), so an echo costs one Python call per read and no more.
-DEF DEFAULT_MADE = 1
-DEF DEFAULT_EOF = 2
-DEF DEFAULT_CLOSED = 4
-DEF DEFAULT_RESET = 8
-DEF DEFAULT_DRAINED = 16
-DEF DEFAULT_PAUSE = 32
-DEF DEFAULT_RESUME = 64
+cdef enum:
+    DEFAULT_MADE = 1
+    DEFAULT_EOF = 2
+    DEFAULT_CLOSED = 4
+    DEFAULT_RESET = 8
+    DEFAULT_DRAINED = 16
+    DEFAULT_PAUSE = 32
+    DEFAULT_RESUME = 64
 
 cdef dict CALLBACK_DEFAULTS = {
     "connection_made": DEFAULT_MADE, "eof_received": DEFAULT_EOF,
@@ -1008,14 +1035,15 @@ cdef int handler_defaults(handler):
 # -- the connection (connection.py) --------------------------------------------------------------
 
 # ConnectionBase._flags
-DEF F_EOF = 1
-DEF F_ESTABLISHED = 2
-DEF F_FLOW_PAUSED = 4
-DEF F_HELD = 8
-DEF F_READING = 16
-DEF F_USER_PAUSED = 32
-DEF F_WRITING = 64
-DEF F_WRITE_EOF = 128
+cdef enum:
+    F_EOF = 1
+    F_ESTABLISHED = 2
+    F_FLOW_PAUSED = 4
+    F_HELD = 8
+    F_READING = 16
+    F_USER_PAUSED = 32
+    F_WRITING = 64
+    F_WRITE_EOF = 128
 
 
 @cython.final
