@@ -358,7 +358,7 @@ cdef class Loop:
     cdef int _modify(self, int fd, bint readable, bint writable) except -1:
         cdef int interest = (WANT_READ if readable else 0) | (WANT_WRITE if writable else 0)
         cdef int current
-        if fd >= len(self._targets) or not self._masks[fd]:
+        if fd < 0 or fd >= len(self._targets) or not self._masks[fd]:
             raise KeyError(fd)
         current = self._masks[fd] & INTEREST
         if current == interest:
@@ -841,6 +841,7 @@ cdef class CoreBase:
     cdef public object buffers
     cdef public object connections
     cdef public Py_ssize_t open
+    cdef public Py_ssize_t miscounted
     cdef public list _to_recycle
     cdef public object _on_idle
     cdef public object _connection_class
@@ -859,6 +860,9 @@ cdef class CoreBase:
         self._connection_finished(conn)
 
     cdef int _connection_finished(self, conn) except -1:
+        if self.open <= 0:  # never a negative count: a drain would wait for it for ever
+            (<object>self).finished_twice(conn)
+            return 0
         self.open -= 1
         if self._log_connections:
             log_closed(conn, monotonic())
@@ -1559,14 +1563,22 @@ cdef class ConnectionBase:
         self._begin_close_c(reason)
 
     cdef int _begin_close_c(self, reason) except -1:
+        cdef bint was_open
         if self._state >= CLOSING:
             return 0
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        if self._extras is not None and self._extras.tls is not None and self._state == OPEN:
-            self._extras.tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state >= CLOSING:  # the send failed: the connection has ended
+                return 0
+        was_open = self._state == OPEN
+        # CLOSING before the close_notify goes out, as in connection.py: sending it may end
+        # the connection here, and nothing below may bring it back to life.
         self._set_reason_c(reason)
         self._state = CLOSING
+        if was_open and self._extras is not None and self._extras.tls is not None:
+            self._extras.tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state != CLOSING:
+                return 0
         if self._queue:
             self._update_reading_c()  # stop reading while the queue drains
         else:
@@ -1646,6 +1658,9 @@ cdef class ConnectionBase:
         if self._state == CLOSED:
             return 0
         self._state = CLOSED
+        if self._fd < 0:  # closed and counted already: see connection.py
+            self._core.finished_twice(self)
+            return 0
         self._set_reason_c(CLOSED_REASON)
         if self._extras is not None and self._extras.linger_timer is not None:
             self._extras.linger_timer.cancel()
@@ -1681,6 +1696,7 @@ cdef class ConnectionBase:
         if self._extras is not None:  # not for the connection this object serves next
             self._extras.receiver = None
             self._extras.tls = None
+        self._fd = -1  # closed: no later call can reach the number, which the kernel reuses
         if isinstance(core, CoreBase):
             (<CoreBase>core)._connection_finished(self)
         else:

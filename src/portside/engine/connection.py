@@ -122,6 +122,7 @@ class Connection:
 
     def __init__(self) -> None:
         self._state = State.CLOSED
+        self._fd = -1
         # The write queue is made on the first write the kernel does not take whole: an idle
         # connection holds none (an empty deque alone is over 600 bytes).
         self._queue: deque[bytes | memoryview] | None = None
@@ -667,10 +668,18 @@ class Connection:
             return
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        if self._tls is not None and self._state == State.OPEN:
-            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state >= State.CLOSING:  # the send failed: the connection has ended
+                return
+        was_open = self._state == State.OPEN
+        # CLOSING before the close_notify goes out: sending it may find the peer gone, and
+        # the connection then ends (``_finalize``) inside this call; nothing below may bring
+        # it back to life, or it would be closed, counted and recycled a second time.
         self._set_reason(reason)
         self._state = State.CLOSING
+        if self._tls is not None and was_open:
+            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state != State.CLOSING:
+                return
         self._update_reading()
         if not self._queue:
             self._send_fin()
@@ -772,6 +781,12 @@ class Connection:
         if self._state == State.CLOSED:
             return
         self._state = State.CLOSED
+        if self._fd < 0:
+            # Closed and counted already, then brought back to life by a bug: its descriptor
+            # number may be another socket's now, and its counts are settled. Reported, never
+            # closed or counted twice.
+            self._core.finished_twice(self)
+            return
         reason = self._set_reason(CloseReason.CLOSED)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -789,6 +804,7 @@ class Connection:
             core.report_error(self, exc)
         self._receiver = None
         self._tls = None  # the SSL object is not for the connection this object serves next
+        self._fd = -1  # closed: no later call can reach the number, which the kernel reuses
         core.connection_finished(self)
 
     # -- helpers ---------------------------------------------------------------------------------

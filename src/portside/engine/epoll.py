@@ -109,6 +109,8 @@ class EpollReactor:
         self._store_mask(fd, mask)
 
     def modify(self, fd: int, readable: bool, writable: bool) -> None:
+        if fd not in self._targets:  # never a closed descriptor, whose number may be reused
+            raise KeyError(fd)
         mask = (_READ if readable else 0) | (_WRITE if writable else 0)
         current = self._masks.get(fd, _READ)
         if current == mask:

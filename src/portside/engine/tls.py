@@ -91,6 +91,8 @@ class TlsSession:
         self.handshaken = True
         self.server_name = getattr(self.obj, _SNI_ATTRIBUTE, None)
         self.flush(conn)
+        if conn._state != PENDING:  # the flush found the peer gone: the connection has ended
+            return False
         listener = conn.listener
         if not listener.data_first:  # immediate: the connection is the handler's now
             listener.became_active(conn)
