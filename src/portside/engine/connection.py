@@ -203,10 +203,14 @@ class Connection:
             self._receiver = self._after_proxy_header()
 
     def _after_proxy_header(self) -> Receiver | None:
+        """What receives the bytes after the PROXY header (or first, without one): TLS; the
+        first bytes, on a data-first listener only; else the handler. An immediate listener's
+        connection is the handler's as soon as the header is whole, so that a protocol in
+        which the server speaks first (a banner, a greeting) works behind a balancer."""
         kind = type(self)
         if self._tls is not None:
             return kind._receive_tls
-        if self._state == State.PENDING:
+        if self.listener.data_first:
             return kind._receive_first_data
         return None
 
@@ -224,8 +228,8 @@ class Connection:
             return  # incomplete (wait) or refused (closed)
         try:
             self._receiver = self._after_proxy_header()
-            if self._receiver is None:  # immediate: the connection is the handler's now
-                self.listener.became_active(self)
+            if self._receiver is None:  # immediate: the connection is the handler's now,
+                self.listener.became_active(self)  # and what came with the header is data
                 self.establish(None)
             if rest and self._state <= State.OPEN:
                 self._pass_on(rest)
