@@ -3,12 +3,14 @@ connection class as the reference in everything a handler can reach."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
+from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof, require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +20,9 @@ from portside.engine import compiled
 from portside.engine.connection import Connection
 from portside.engine.core import EngineCore
 from portside.engine.deadlines import DeadlineQueue
+from portside.engine.epoll import EpollReactor
 from portside.engine.listener import Listener
+from portside.errors import ServerStateError
 from portside.protocols.proxy import Version as ProxyVersion
 from portside.server import resolve_engine
 
@@ -166,3 +170,48 @@ def test_compiled_deadline_queue_behaves_as_the_reference(
         assert len(twin) == len(reference)
         assert twin.next_due() == reference.next_due()
         assert (item in twin) == (item in reference)
+
+
+def _eventfds() -> set[int]:
+    """This process's eventfd descriptors now."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]":
+                found.add(int(name))
+    return found
+
+
+@pytest.mark.parametrize("kind", ["epoll", "compiled"])
+def test_a_wake_up_after_close_reaches_no_descriptor(kind: str) -> None:
+    """Issue 19: a wake-up from another thread while (or after) the loop closes wrote to its
+    closed eventfd (EBADF), or, once the kernel had given the number to another file, into
+    that file. After close() it is a no-op; closing twice is one too."""
+    if kind == "compiled":
+        require(compiled.available(), "the compiled engine")
+    before = _eventfds()
+    reactor = compiled.Loop() if kind == "compiled" else EpollReactor()
+    (wake_fd,) = _eventfds() - before
+    reactor.close()
+    reactor.close()
+    reused: list[int] = []
+    try:
+        while not reused or reused[-1] < wake_fd:  # the lowest free numbers come first
+            reused.append(os.eventfd(0, os.EFD_NONBLOCK))
+        assert reused[-1] == wake_fd
+        reactor.call_soon_threadsafe(lambda: None)  # no EBADF, and...
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(wake_fd)  # ...nothing written into the file now on that number
+    finally:
+        for fd in reused:
+            os.close(fd)
+
+
+def test_a_stopped_servers_loop_is_not_reached(serve: ServeFactory) -> None:
+    """After the server stopped, ``call_soon_threadsafe`` says so (ServerStateError) instead of
+    writing to its loop's closed wake-up descriptor; ``shutdown()`` again does nothing."""
+    rs = serve()
+    rs.stop()
+    with pytest.raises(ServerStateError):
+        rs.server.call_soon_threadsafe(lambda: None)
+    rs.server.shutdown()

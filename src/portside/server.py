@@ -390,8 +390,9 @@ class Server:
     # -- control (thread-safe) -------------------------------------------------------------------
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        """Run ``callback`` on the server's loop; the way other threads touch connections."""
-        if self._reactor is None:
+        """Run ``callback`` on the server's loop; the way other threads touch connections.
+        Raises ServerStateError before the server runs and after it stopped."""
+        if self._reactor is None or self.state is ServerState.STOPPED:
             raise ServerStateError("the server is not running")
         self._reactor.call_soon_threadsafe(callback)
 

@@ -294,6 +294,7 @@ cdef class Loop:
     cdef bint _stopping
     cdef object _thread_id
     cdef Py_ssize_t _count
+    cdef object _wake_lock  # as epoll.py's: no wake-up ever reaches a closed descriptor
 
     def __cinit__(self):
         self.epfd = -1
@@ -306,6 +307,7 @@ cdef class Loop:
         self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.wake_fd < 0:
             raise os_error(errno)
+        self._wake_lock = threading.RLock()
         self._targets = []
         self._masks = bytearray()
         self._timers = []
@@ -396,8 +398,11 @@ cdef class Loop:
     def call_soon_threadsafe(self, callback):
         cdef uint64_t one = 1
         self._ready.append(callback)  # deque.append is atomic under the GIL
-        # Wake the loop even from its own thread: a signal handler runs there (see epoll.py).
-        c_write(self.wake_fd, &one, 8)
+        # Wake the loop even from its own thread: a signal handler runs there (see epoll.py);
+        # after close(), nothing is written (see epoll.py).
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                c_write(self.wake_fd, &one, 8)
 
     def call_later(self, double delay, callback):
         cdef Timer timer = Timer.__new__(Timer)
@@ -496,9 +501,10 @@ cdef class Loop:
         if self.epfd >= 0:
             c_close(self.epfd)
             self.epfd = -1
-        if self.wake_fd >= 0:
-            c_close(self.wake_fd)
-            self.wake_fd = -1
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                c_close(self.wake_fd)
+                self.wake_fd = -1
 
 
 cdef class _Waker:
@@ -1499,7 +1505,8 @@ cdef class ConnectionBase:
         self._set_writing_c(writing)
 
     cdef int _set_writing_c(self, bint writing) except -1:
-        if writing != self._has(F_WRITING):
+        # Closed (a callback may close it just before): see connection.py.
+        if writing != self._has(F_WRITING) and self._state != CLOSED:
             self._put(F_WRITING, writing)
             self._reactor_modify(self._wants_read_c(), writing)
             # The write timeout runs while bytes wait for the peer to take them.

@@ -819,7 +819,9 @@ class Connection:
             self._idle.start(self)
 
     def _set_writing(self, writing: bool) -> None:
-        if writing != self._writing:
+        # Closed (a callback such as resume_writing may close it just before): its descriptor
+        # is gone, and the trackers have let it go.
+        if writing != self._writing and self._state != _CLOSED:
             self._writing = writing
             self._core.reactor.modify(self._fd, self._wants_read(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
