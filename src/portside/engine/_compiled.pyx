@@ -16,8 +16,10 @@ On the echo path a read is: ``epoll_wait`` -> ``recv`` into a pooled buffer -> o
 queued. A handler is lent a view of the pooled buffer; a buffer some view still exports when the
 callback returns is dropped from the pool, never reused, so a kept view never shows another
 connection's bytes. Each buffer keeps the memoryview it lends and lends it again, resized to the
-read, for as long as no handler keeps it or a slice of it: making and freeing a memoryview (two
-garbage-collected objects and a buffer export) per read was the engine's largest own cost.
+read, for as long as nothing can reach it after the callback (a reference, a weak one, a slice
+or an export): making and freeing a memoryview (two garbage-collected objects and a buffer
+export) per read was the engine's largest own cost. The view's ``obj`` is the buffer, which
+exports this read's bytes only; a handler that keeps it keeps the buffer out of the pool.
 """
 
 cimport cython
@@ -73,6 +75,7 @@ cdef extern from "Python.h":
         int flags
         Py_ssize_t exports  # buffers exported from this view (bytes(view) and the like)
         Py_buffer view
+        void *weakreflist  # not NULL while a weak reference to the view is alive
     enum: _Py_MEMORYVIEW_RELEASED
     int PyBuffer_IsContiguous(const Py_buffer *view, char order)
 
@@ -634,6 +637,12 @@ cdef class BufferPool:
         else:
             self._discarded += 1
             self._created -= 1
+
+    cdef inline void _drop(self, IOBuffer buffer):
+        """A lent buffer something kept (a handler holds ``view.obj``): never lent again."""
+        self.returned += 1
+        self._discarded += 1
+        self._created -= 1
 
     def allocate(self):
         self._misses += 1
@@ -1260,7 +1269,8 @@ cdef class ConnectionBase:
         cdef ssize_t received
         cdef int code
         cdef PyMemoryViewObject *view
-        cdef Py_ssize_t held
+        cdef Py_ssize_t held, held_buffer
+        cdef bint kept_buffer
         if state >= CLOSING:
             if state == LINGERING:
                 self._discard_until_eof()
@@ -1293,7 +1303,9 @@ cdef class ConnectionBase:
         view = <PyMemoryViewObject *>data
         view.view.len = received
         view.view.shape[0] = received
+        buffer.length = received  # what ``data.obj`` exports: this read's bytes, no more
         held = Py_REFCNT(data)
+        held_buffer = Py_REFCNT(buffer)
         receiver = self._extras.receiver if self._extras is not None else None
         try:
             if receiver is None:
@@ -1305,18 +1317,24 @@ cdef class ConnectionBase:
             self._handler_failed(exc, CALLBACK_ORIGIN if receiver is None
                                  else layer_origin(receiver))
         finally:
-            # Nobody kept the view, a slice of it or an export from it: lend it again next
-            # time. Otherwise a handler that kept ``data`` gets an error, not another peer's
-            # bytes; a slice or export it kept holds an export of the buffer, which the pool
-            # then drops.
-            if Py_REFCNT(data) != held or view.exports or view.mbuf.exports != 1:
+            # Nobody kept the view (strongly or weakly), a slice of it or an export from it:
+            # lend it again next time. Otherwise a handler that kept ``data`` gets an error,
+            # not another peer's bytes; a slice or export it kept holds an export of the
+            # buffer, which the pool then drops. A handler that kept the buffer itself
+            # (``data.obj``) keeps it for good: never lent again, it goes on showing this read.
+            kept_buffer = Py_REFCNT(buffer) != held_buffer
+            if (Py_REFCNT(data) != held or view.exports or view.mbuf.exports != 1
+                    or view.weakreflist != NULL or kept_buffer):
                 buffer.lent = None
                 try:
                     data.release()
                 except BufferError:
                     pass
             data = None
-            pool._give_back(buffer)
+            if kept_buffer:
+                pool._drop(buffer)
+            else:
+                pool._give_back(buffer)
         return 0
 
     def _receive_first_data(self, data):

@@ -30,10 +30,12 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from portside.engine.buffers import LOCAL_REFCOUNT
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
 from portside.engine.tls import TlsSession
@@ -54,6 +56,10 @@ Receiver = Callable[["Connection", memoryview], None]
 logger = logging.getLogger("portside")
 
 _SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
+#: Where a lingering connection's last bytes are read and dropped (never lent to anyone, so
+#: loops in several threads may share it).
+_DISCARDED = bytearray(16 * 1024)
+_getrefcount = sys.getrefcount
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
 
 
@@ -548,6 +554,12 @@ class Connection:
         self.bytes_in += received
         if self._idle is not None:
             self._idle.start(self)
+        # Past this read, the buffer (``data.obj``) holds zeros, never an earlier read's bytes
+        # (buffers.py): a longer read before this one left some, cleared here.
+        dirty = buffer.dirty
+        if dirty > received:
+            buffer[received:dirty] = bytes(dirty - received)
+        buffer.dirty = received
         data = memoryview(buffer)[:received]
         receiver = self._receiver
         try:
@@ -568,7 +580,8 @@ class Connection:
             except BufferError:
                 pass
             del data
-            # Back to the pool, unless a view of it is still alive: resizing fails then.
+            # Back to the pool, unless a view of it is still alive (resizing fails then) or
+            # the handler kept the buffer itself (``data.obj``).
             pool.returned += 1
             try:
                 buffer.append(0)
@@ -576,7 +589,10 @@ class Connection:
                 pool.discard()
             else:
                 del buffer[-1]
-                free.append(buffer)
+                if _getrefcount(buffer) > LOCAL_REFCOUNT:
+                    pool.discard()
+                else:
+                    free.append(buffer)
 
     def _take_proxy_header(self, data: memoryview) -> memoryview | None:
         """Collect and parse the PROXY header; the bytes after it once it is whole, else None
@@ -704,16 +720,12 @@ class Connection:
             self._core.config.linger_timeout, self._finalize)
 
     def _discard_until_eof(self) -> None:
-        pool = self._core.buffers
-        buffer = pool.acquire()
-        try:
-            received = self._sock.recv_into(buffer)
+        try:  # into a scratch buffer that nobody reads: these bytes are never lent
+            received = self._sock.recv_into(_DISCARDED)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             received = 0
-        finally:
-            pool.release(buffer)
         if not received:
             self._finalize()
 
