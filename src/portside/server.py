@@ -397,8 +397,9 @@ class Server:
     # -- control (thread-safe) -------------------------------------------------------------------
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        """Run ``callback`` on the server's loop; the way other threads touch connections."""
-        if self._reactor is None:
+        """Run ``callback`` on the server's loop; the way other threads touch connections.
+        Raises ServerStateError before the server runs and after it stopped."""
+        if self._reactor is None or self.state is ServerState.STOPPED:
             raise ServerStateError("the server is not running")
         self._reactor.call_soon_threadsafe(callback)
 
@@ -543,9 +544,17 @@ class Server:
         if self.state is ServerState.RUNNING:
             self._shutdown(0.0)
         for conn in core.live():
-            conn.abort_for(CloseReason.SHUTDOWN)
-        if self.state is ServerState.DRAINING and not core.open:
-            self._finish()
+            try:
+                conn.abort_for(CloseReason.SHUTDOWN)
+            except Exception:  # a bug in portside: the others are still aborted
+                logger.exception("internal error aborting %r at a forced shutdown", conn)
+        # Forced means the server stops now, whatever the count of open connections says: a
+        # count that a bug left wrong must not keep the process alive (see
+        # EngineCore.finished_twice).
+        if core.open:
+            logger.error("internal error: %d connection(s) still counted open after every "
+                         "one was aborted; stopping anyway", core.open)
+        self._finish()
 
     def _on_idle(self) -> None:
         if self.state is ServerState.DRAINING and not self._announcing:

@@ -30,11 +30,13 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from portside.config import address_label
+from portside.engine.buffers import LOCAL_REFCOUNT
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
 from portside.engine.tls import TlsSession
@@ -56,6 +58,10 @@ logger = logging.getLogger("portside")
 
 _SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
 _FLUSH_CHECKS = 4  # looks per linger_timeout at a closing connection's flush progress
+#: Where a lingering connection's last bytes are read and dropped (never lent to anyone, so
+#: loops in several threads may share it).
+_DISCARDED = bytearray(16 * 1024)
+_getrefcount = sys.getrefcount
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
 
 
@@ -124,6 +130,7 @@ class Connection:
 
     def __init__(self) -> None:
         self._state = State.CLOSED
+        self._fd = -1
         # The write queue is made on the first write the kernel does not take whole: an idle
         # connection holds none (an empty deque alone is over 600 bytes).
         self._queue: deque[bytes | memoryview] | None = None
@@ -204,10 +211,14 @@ class Connection:
             self._receiver = self._after_proxy_header()
 
     def _after_proxy_header(self) -> Receiver | None:
+        """What receives the bytes after the PROXY header (or first, without one): TLS; the
+        first bytes, on a data-first listener only; else the handler. An immediate listener's
+        connection is the handler's as soon as the header is whole, so that a protocol in
+        which the server speaks first (a banner, a greeting) works behind a balancer."""
         kind = type(self)
         if self._tls is not None:
             return kind._receive_tls
-        if self._state == State.PENDING:
+        if self.listener.data_first:
             return kind._receive_first_data
         return None
 
@@ -225,8 +236,8 @@ class Connection:
             return  # incomplete (wait) or refused (closed)
         try:
             self._receiver = self._after_proxy_header()
-            if self._receiver is None:  # immediate: the connection is the handler's now
-                self.listener.became_active(self)
+            if self._receiver is None:  # immediate: the connection is the handler's now,
+                self.listener.became_active(self)  # and what came with the header is data
                 self.establish(None)
             if rest and self._state <= State.OPEN:
                 self._pass_on(rest)
@@ -545,6 +556,12 @@ class Connection:
         self.bytes_in += received
         if self._idle is not None:
             self._idle.start(self)
+        # Past this read, the buffer (``data.obj``) holds zeros, never an earlier read's bytes
+        # (buffers.py): a longer read before this one left some, cleared here.
+        dirty = buffer.dirty
+        if dirty > received:
+            buffer[received:dirty] = bytes(dirty - received)
+        buffer.dirty = received
         data = memoryview(buffer)[:received]
         receiver = self._receiver
         try:
@@ -565,7 +582,8 @@ class Connection:
             except BufferError:
                 pass
             del data
-            # Back to the pool, unless a view of it is still alive: resizing fails then.
+            # Back to the pool, unless a view of it is still alive (resizing fails then) or
+            # the handler kept the buffer itself (``data.obj``).
             pool.returned += 1
             try:
                 buffer.append(0)
@@ -573,7 +591,10 @@ class Connection:
                 pool.discard()
             else:
                 del buffer[-1]
-                free.append(buffer)
+                if _getrefcount(buffer) > LOCAL_REFCOUNT:
+                    pool.discard()
+                else:
+                    free.append(buffer)
 
     def _take_proxy_header(self, data: memoryview) -> memoryview | None:
         """Collect and parse the PROXY header; the bytes after it once it is whole, else None
@@ -670,10 +691,18 @@ class Connection:
             return
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        if self._tls is not None and self._state == State.OPEN:
-            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state >= State.CLOSING:  # the send failed: the connection has ended
+                return
+        was_open = self._state == State.OPEN
+        # CLOSING before the close_notify goes out: sending it may find the peer gone, and
+        # the connection then ends (``_finalize``) inside this call; nothing below may bring
+        # it back to life, or it would be closed, counted and recycled a second time.
         self._set_reason(reason)
         self._state = State.CLOSING
+        if self._tls is not None and was_open:
+            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state != State.CLOSING:
+                return
         self._update_reading()
         if not self._queue:
             self._send_fin()
@@ -726,16 +755,12 @@ class Connection:
             self._core.config.linger_timeout, self._finalize)
 
     def _discard_until_eof(self) -> None:
-        pool = self._core.buffers
-        buffer = pool.acquire()
-        try:
-            received = self._sock.recv_into(buffer)
+        try:  # into a scratch buffer that nobody reads: these bytes are never lent
+            received = self._sock.recv_into(_DISCARDED)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             received = 0
-        finally:
-            pool.release(buffer)
         if not received:
             self._finalize()
 
@@ -807,6 +832,12 @@ class Connection:
         if self._state == State.CLOSED:
             return
         self._state = State.CLOSED
+        if self._fd < 0:
+            # Closed and counted already, then brought back to life by a bug: its descriptor
+            # number may be another socket's now, and its counts are settled. Reported, never
+            # closed or counted twice.
+            self._core.finished_twice(self)
+            return
         reason = self._set_reason(CloseReason.CLOSED)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -824,6 +855,7 @@ class Connection:
             core.report_error(self, exc)
         self._receiver = None
         self._tls = None  # the SSL object is not for the connection this object serves next
+        self._fd = -1  # closed: no later call can reach the number, which the kernel reuses
         core.connection_finished(self)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -834,7 +866,9 @@ class Connection:
             self._idle.start(self)
 
     def _set_writing(self, writing: bool) -> None:
-        if writing != self._writing:
+        # Closed (a callback such as resume_writing may close it just before): its descriptor
+        # is gone, and the trackers have let it go.
+        if writing != self._writing and self._state != _CLOSED:
             self._writing = writing
             self._core.reactor.modify(self._fd, self._wants_read(), writing)
             # The write timeout runs while bytes wait for the peer to take them.

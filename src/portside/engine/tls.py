@@ -1,7 +1,7 @@
 """TLS on a connection without blocking the loop: ``ssl.SSLObject`` over two memory BIOs.
 
 Theory of operation. Ciphertext read from the socket is written into the incoming BIO; the
-SSLObject turns it into plaintext (read straight into a pooled buffer) or into handshake
+SSLObject turns it into plaintext (bytes of one read, lent as a view) or into handshake
 progress; whatever it wants to send appears in the outgoing BIO and goes out through the
 ordinary write queue, so backpressure and ordering work as for plain TCP. Nothing here touches
 the event loop, which is why the same class serves the epoll and asyncio engines. The handshake
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from portside.config import address_label
 from portside.engine.states import CLOSED, OPEN, PENDING, CloseReason
@@ -93,6 +93,8 @@ class TlsSession:
         self.handshaken = True
         self.server_name = getattr(self.obj, _SNI_ATTRIBUTE, None)
         self.flush(conn)
+        if conn._state != PENDING:  # the flush found the peer gone: the connection has ended
+            return False
         listener = conn.listener
         if not listener.data_first:  # immediate: the connection is the handler's now
             listener.became_active(conn)
@@ -100,21 +102,20 @@ class TlsSession:
         return conn._state != CLOSED
 
     def _read_plaintext(self, conn: Connection) -> None:
-        pool = conn._core.buffers
+        # Plaintext comes as bytes of exactly one record's worth, not into a pooled buffer: what
+        # the handler is lent (and its ``obj``) then holds this read's bytes and nothing else.
+        # Decrypting costs far more than the allocation.
+        size = conn._core.buffers.buffer_size
         while conn._state in (PENDING, OPEN):
-            buffer = pool.acquire()
             try:
-                size = cast(int, self.obj.read(len(buffer), buffer))  # into the buffer
+                chunk = self.obj.read(size)
             except ssl.SSLWantReadError:
-                pool.release(buffer)
                 return
             except ssl.SSLZeroReturnError:  # the peer's close_notify: a clean end of stream
-                pool.release(buffer)
                 self.close_notify_received = True
                 conn._peer_eof()
                 return
             except ssl.SSLError as exc:
-                pool.release(buffer)
                 listener = conn.listener
                 listener.tls_failures += 1
                 listener.log.log("tls-error", logging.INFO,
@@ -125,17 +126,15 @@ class TlsSession:
                                  listener.address, exc)
                 conn._abort(CloseReason.TLS_ERROR)
                 return
-            if not size:  # read() returns 0 (not raising) once the peer's close_notify came
-                pool.release(buffer)
+            if not chunk:  # read() returns b"" (not raising) once the peer's close_notify came
                 self.close_notify_received = True
                 conn._peer_eof()
                 return
-            data = memoryview(buffer)[:size]
+            data = memoryview(chunk)
             try:
                 conn._plaintext(data)
             finally:
-                data.release()
-                pool.release(buffer)
+                data.release()  # as a plain read's: a view kept past the callback is released
 
     def flush(self, conn: Connection) -> None:
         """Whatever TLS wants sent (records, alerts), into the connection's write path."""
