@@ -15,10 +15,11 @@ import platform
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+from portside.argparsing import Parser
 from portside.config import (
     ListenerConfig,
     parse_listen,
@@ -47,43 +48,6 @@ def _remove_made_paths() -> None:
     while _MADE_PATHS:
         with contextlib.suppress(OSError):
             os.unlink(_MADE_PATHS.pop())
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2, never a usage dump or a traceback.
-
-    A flag is taken only when written in full (``--worker 2`` is not ``--workers 2``: a prefix
-    that matches today may match two flags tomorrow), and a mistyped one is answered with the
-    closest flag this command has, as git and cargo do."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
-                         namespace: argparse.Namespace | None = None
-                         ) -> tuple[argparse.Namespace, list[str]]:
-        """As argparse's, but an unknown flag is an error here, in the (sub)command that knows
-        which flags it has, so that the error can name the closest."""
-        parsed, extras = super().parse_known_args(args, namespace)
-        flags = [arg for arg in extras if arg.startswith("-") and arg != "-"
-                 and not self._negative_number_matcher.match(arg)]
-        if flags:
-            self.error(f"unrecognized arguments: {' '.join(extras)}"
-                       f"{_suggestion(flags[0], self._option_string_actions)}")
-        assert parsed is not None
-        return parsed, extras
-
-
-def _suggestion(flag: str, known: Iterable[str]) -> str:
-    """`` (did you mean --workers?)`` for ``--worker``, or nothing when no flag is close."""
-    import difflib
-
-    close = difflib.get_close_matches(flag.partition("=")[0], list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class _Version(argparse.Action):
@@ -122,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     from portside.control.command import add_commands as add_control_commands
     from portside.settings import add_flags
 
-    parser = _Parser(
+    parser = Parser(
         prog="portside",
         description="Run TCP and Unix-socket servers: the echo and Redis-protocol examples, or "
                     "your own Handler class; control and watch a running one.",
         epilog="Every setting can also come from a PORTSIDE_... environment variable or a "
                "--config TOML file: see docs/settings.md.")
     parser.add_argument("--version", action=_Version)
-    commands = parser.add_subparsers(dest="subcommand", parser_class=_Parser, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="subcommand", parser_class=Parser, metavar="COMMAND")
     echo = commands.add_parser(
         "echo", help="run the echo example: a data-first and an immediate listener",
         description="An echo server. By default it listens on 127.0.0.1:5001 (data-first: a "

@@ -26,9 +26,11 @@ from portside.config import (
 from portside.errors import ConfigError
 
 CONFIG_ENV = "PORTSIDE_CONFIG"
-#: Variables portside sets for itself (workers, upgrades, socket activation, the relay example),
-#: not settings, but not unknown either (a test finds every PORTSIDE_ name in the source here).
-INTERNAL_ENV = frozenset({"PORTSIDE_WORKER", "PORTSIDE_LISTEN_FDS", "PORTSIDE_UPGRADE_FD"})
+#: Variables portside sets for itself (workers, upgrades and the sockets they hand over, socket
+#: activation), not settings, but not unknown either (a test finds every PORTSIDE_ name in the
+#: source here).
+INTERNAL_ENV = frozenset({"PORTSIDE_WORKER", "PORTSIDE_LISTEN_FDS", "PORTSIDE_UPGRADE_FD",
+                          "PORTSIDE_CONTROL_FD", "PORTSIDE_METRICS_FD"})
 SECTION_TITLES = {ProcessConfig: "The process", ListenerConfig: "Every listener",
                   ServerConfig: "The engine"}
 

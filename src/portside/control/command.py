@@ -14,8 +14,9 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
+from portside.argparsing import Parser
 from portside.control import protocol
 from portside.errors import ControlError
 from portside.text import printable
@@ -27,10 +28,10 @@ def _checked(kind: str, **options: Any) -> Callable[[str], Any]:
     """An argparse type that reads a value with the ``Kind`` named ``kind`` in
     ``portside.config`` (the one declaration of what a duration or a count may be)."""
     def parse(text: str) -> Any:
-        from portside import config
+        import portside.config
 
         try:
-            return getattr(config, kind)(**options).parse(text)
+            return getattr(portside.config, kind)(**options).parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = kind.lower()  # argparse names the type in some messages
@@ -41,17 +42,10 @@ _seconds = _checked("Seconds", positive=True)
 _count = _checked("Count", minimum=1)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2, never a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: Sequence[str]) -> int:
     """``portside ctl ...`` and ``portside top ...``, without the rest of the command line."""
-    parser = _Parser(prog="portside", allow_abbrev=False)
-    commands = parser.add_subparsers(dest="subcommand", parser_class=_Parser,
+    parser = Parser(prog="portside")
+    commands = parser.add_subparsers(dest="subcommand", parser_class=Parser,
                                      metavar="COMMAND", required=True)
     add_commands(commands)
     args = parser.parse_args(argv)
