@@ -448,27 +448,9 @@ def _relay_environment(args: argparse.Namespace) -> None:
             os.environ[declared.env] = declared.kind.show(given[declared.name])
 
 
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what the shell reports for a CLI killed by SIGPIPE
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``portside`` command. Output to a reader that has gone (``portside ctl ... | head``)
-    ends it quietly, as SIGPIPE ends ``cat``: no traceback, status 141. (SIGPIPE itself stays
-    ignored: a server must survive a peer that has gone.)"""
-    try:
-        status = _main(argv)
-        sys.stdout.flush()  # here, not at exit, where a failure could only be a traceback
-        return status
-    except BrokenPipeError:
-        # Python's advice (the signal module's docs): point stdout at /dev/null, so that the
-        # interpreter's last flush at exit cannot fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return EXIT_BROKEN_PIPE
-
-
-def _main(argv: Sequence[str] | None) -> int:
+    """The ``portside`` command's server side: echo, serve, resp, relay (``__main__`` sends
+    ``ctl`` and ``top`` straight to ``control.command``)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
