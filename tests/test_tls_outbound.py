@@ -53,6 +53,11 @@ def client_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
     return context
 
 
+def subject_of(peer: Any) -> dict[str, str] | None:
+    """A certificate's subject as {name: value}."""
+    return {str(rdn[0][0]): str(rdn[0][1]) for rdn in peer["subject"]} if peer else None
+
+
 class TlsOutbound(Outbound):
     """Records what ``conn.tls`` shows at ``connection_made``."""
 
@@ -65,7 +70,7 @@ class TlsOutbound(Outbound):
         assert tls is not None
         peer = tls.getpeercert()
         self.seen[conn.id] = (tls.selected_alpn_protocol(), conn.tls_server_name,
-                              dict(item[0] for item in peer["subject"]) if peer else None)
+                              subject_of(peer))
         super().connection_made(conn, first_data)
 
 
