@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
-from portside.engine.tls import TlsSession, check_context, failure_reason
+from portside.engine.tls import (
+    TlsSession,
+    check_context,
+    failure_reason,
+    remember_server_names,
+)
 from portside.errors import ConfigError, ConnectionClosedError, ErrorOrigin, ProtocolError
 from portside.protocols.proxy import ProxyHeader, parse_proxy_header
 from portside.statistics import ConnectionCounters
@@ -434,6 +439,8 @@ class Connection:
                               f"{timeout!r}")
         if self._corked is not None:
             self.uncork()  # written before the switch: in the clear
+        if server_side:
+            remember_server_names(context)  # conn.tls_server_name, as on a TLS listener
         session = TlsSession(context, server_side, server_hostname,
                              done=type(self)._start_tls_done)
         self._tls = session
