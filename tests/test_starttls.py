@@ -164,7 +164,8 @@ def test_client_refuses_plaintext_after_go(serve: ServeFactory,
     thread.start()
     client = Client(client_context(certificate), "localhost")
     try:
-        rs.server.connect(*listener.getsockname(), client)
+        host, port = listener.getsockname()
+        rs.server.connect(host, port, client)
         assert client.done.wait(WAIT)
         thread.join(WAIT)
     finally:
