@@ -1565,6 +1565,8 @@ cdef class ConnectionBase:
             self.uncork()  # what was written before close() is still sent
         if self._extras is not None and self._extras.tls is not None and self._state == OPEN:
             self._extras.tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state == CLOSED:  # sending it failed (the peer reset): done
+                return 0
         self._set_reason_c(reason)
         self._state = CLOSING
         if self._queue:

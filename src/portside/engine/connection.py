@@ -764,6 +764,8 @@ class Connection:
             self.uncork()  # what was written before close() is still sent
         if self._tls is not None and self._state == State.OPEN:
             self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state == State.CLOSED:  # sending it failed (the peer reset): done
+                return
         self._set_reason(reason)
         self._state = State.CLOSING
         self._update_reading()

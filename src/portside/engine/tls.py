@@ -228,7 +228,7 @@ class TlsSession:
     def close_notify(self, conn: Connection) -> None:
         """Every graceful close sends close_notify before the FIN, so the peer can tell the
         end from a truncation."""
-        if self.handshaken:
+        if self.handshaken and not conn._write_eof:  # after write_eof's FIN: too late
             # SSLWantReadError just means the peer's close_notify has not come: not waited for.
             with contextlib.suppress(ssl.SSLError, OSError):
                 self.obj.unwrap()
