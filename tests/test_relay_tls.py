@@ -16,9 +16,9 @@ from conftest import WAIT, Clients, RecordingHandler, ServeFactory, recv_exactly
 from test_tls_outbound import client_context, make_certificate, server_context
 
 from portside import Connection, ListenerConfig
-from portside.config import ProxyVersion
 from portside.errors import ConfigError
 from portside.examples.relay import RelayHandler
+from portside.protocols.proxy import Version as ProxyVersion
 
 
 @pytest.fixture(scope="module")

@@ -764,7 +764,7 @@ class Connection:
             self.uncork()  # what was written before close() is still sent
         if self._tls is not None and self._state == State.OPEN:
             self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
-            if self._state == State.CLOSED:  # sending it failed (the peer reset): done
+            if self._closed_now():  # sending it failed (the peer reset): done
                 return
         self._set_reason(reason)
         self._state = State.CLOSING
@@ -782,6 +782,10 @@ class Connection:
     # the last byte sent); it lives in ``_linger_timer``, cancelled by ``_send_fin`` and
     # ``_finalize``, so a pooled connection never meets a stale one. Borrowed by the compiled
     # engine (_begin_close_c): no new field on either.
+    def _closed_now(self) -> bool:
+        """Whether the connection has closed (a check mypy does not narrow away)."""
+        return self._state == State.CLOSED
+
     def _arm_flush_deadline(self, sent: int = -1, quiet: int = 0) -> None:
         """Reset this CLOSING connection once its queue makes no progress for linger_timeout
         (0: no deadline, as before)."""
