@@ -743,10 +743,26 @@ class RelayConfig:
         "off", Text("off|v1|v2", optional=False),
         "Send a PROXY protocol header naming the client to the upstream first (HAProxy's "
         "send-proxy / send-proxy-v2).")
+    upstream_tls: bool = setting(
+        False, Switch(),
+        "Speak TLS to the upstreams (stunnel's client mode; HAProxy's ssl on a server line); "
+        "the PROXY header (--send-proxy) goes first, in the clear, as HAProxy sends it.")
+    upstream_ca: str | None = setting(
+        None, Text("FILE"),
+        "With --upstream-tls: trust the upstream certificates this CA bundle (PEM) signed "
+        "(HAProxy's ca-file).", default_text="the system's CAs")
+    upstream_sni: str | None = setting(
+        None, Text("NAME"),
+        "With --upstream-tls: the name sent as SNI and checked in the upstream's certificate "
+        "(HAProxy's sni and verifyhost).", default_text="each upstream's host")
+    upstream_verify: bool = setting(
+        True, Switch(),
+        "With --upstream-tls: verify the upstream's certificate and name; "
+        "--no-upstream-verify encrypts without checking who answers (HAProxy's verify none).")
     connect_timeout: float = setting(
         5 * SECONDS, Seconds(positive=True),
-        "Give up on an upstream that has not answered within this long (HAProxy's timeout "
-        "connect); the connect is retried (--retries).")
+        "Give up on an upstream that has not answered within this long, TLS handshake "
+        "included (HAProxy's timeout connect); the connect is retried (--retries).")
     retries: int = setting(
         3, Count(0, 100, "connects"),
         "After a failed connect, try this many more times before closing the client "

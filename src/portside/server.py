@@ -23,6 +23,7 @@ import logging
 import select
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import FrameType
@@ -435,33 +436,52 @@ class Server:
 
     def connect(self, host: str, port: int, handler: Handler, *,
                 timeout: float = DEFAULT_CONNECT_TIMEOUT, user_data: Any = None,
-                config: ListenerConfig | None = None) -> ConnectAttempt:
+                config: ListenerConfig | None = None, tls: ssl.SSLContext | bool | None = None,
+                server_hostname: str | None = None, preamble: bytes = b"") -> ConnectAttempt:
         """Open an outbound TCP connection on this server's engine (from any thread; the
         attempt starts on the loop). ``handler`` gets ``connection_made(conn, None)`` and then
         the usual callbacks, or ``connect_failed(attempt, exc)`` once instead; ``conn.user_data``
         is ``user_data`` from the start. ``config``'s per-connection policies apply (write
         water marks, write_limit, idle and write timeouts); its listening fields do not.
 
+        TLS: ``tls`` (a client-side ``SSLContext``; True for ``ssl.create_default_context()``;
+        default: ``config.tls``) makes the connection speak TLS. The server's certificate and
+        name are checked as the context says (by default: verified against the system's CAs,
+        and ``server_hostname``, default ``host``, is sent as SNI and must match). The
+        handshake is part of connecting: ``connection_made`` comes once it is done
+        (``conn.tls`` then has the peer's certificate and ALPN), and ``timeout`` covers it.
+        ``preamble`` is sent in the clear first (a PROXY header, before any TLS record).
+
         Resource handling: the connection is the server's like an accepted one: shutdown
         closes it (``connection_closed`` comes for every one), and fails connects under way.
-        Error handling: a bad ``timeout`` raises ConfigError; a server that is not running
-        raises ServerStateError; everything else reaches ``connect_failed``.
+        Error handling: a bad ``timeout`` or a server-side ``tls`` context raises ConfigError;
+        a server that is not running raises ServerStateError; everything else (refused,
+        timed out, a bad certificate, a wrong host name, a failed handshake) reaches
+        ``connect_failed``.
         """
-        return self._connect(handler, host, port, None, timeout, user_data, config)
+        return self._connect(handler, host, port, None, timeout, user_data, config, tls,
+                             server_hostname, preamble)
 
     def connect_unix(self, path: str, handler: Handler, *,
                      timeout: float = DEFAULT_CONNECT_TIMEOUT, user_data: Any = None,
-                     config: ListenerConfig | None = None) -> ConnectAttempt:
-        """``connect`` to a Unix-domain socket at ``path``."""
-        return self._connect(handler, None, 0, path, timeout, user_data, config)
+                     config: ListenerConfig | None = None,
+                     tls: ssl.SSLContext | bool | None = None,
+                     server_hostname: str | None = None,
+                     preamble: bytes = b"") -> ConnectAttempt:
+        """``connect`` to a Unix-domain socket at ``path`` (with ``tls``, ``server_hostname``
+        is required when the context checks names)."""
+        return self._connect(handler, None, 0, path, timeout, user_data, config, tls,
+                             server_hostname, preamble)
 
     def _connect(self, handler: Handler, host: str | None, port: int, path: str | None,
-                 timeout: float, user_data: Any,
-                 config: ListenerConfig | None) -> ConnectAttempt:
+                 timeout: float, user_data: Any, config: ListenerConfig | None,
+                 tls: ssl.SSLContext | bool | None, server_hostname: str | None,
+                 preamble: bytes) -> ConnectAttempt:
         core = self._core
         if core is None or self.state not in (ServerState.RUNNING, ServerState.DRAINING):
             raise ServerStateError(f"cannot connect from a server that is {self.state.value}")
-        return core.connector(config).connect(handler, host, port, path, timeout, user_data)
+        return core.connector(config).connect(handler, host, port, path, timeout, user_data,
+                                              tls, server_hostname, preamble)
 
     def connections(self) -> list[Connection]:
         """Live connections, pending ones included (call on the loop thread)."""

@@ -39,8 +39,13 @@ from portside.config import address_label
 from portside.engine.buffers import LOCAL_REFCOUNT
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
-from portside.engine.tls import TlsSession
-from portside.errors import ConnectionClosedError, ErrorOrigin, ProtocolError
+from portside.engine.tls import (
+    TlsSession,
+    check_context,
+    failure_reason,
+    remember_server_names,
+)
+from portside.errors import ConfigError, ConnectionClosedError, ErrorOrigin, ProtocolError
 from portside.protocols.proxy import ProxyHeader, parse_proxy_header
 from portside.statistics import ConnectionCounters
 
@@ -381,12 +386,101 @@ class Connection:
             self._queue_rest(data, sent, size)
 
     def _write_tls(self, data: bytes | bytearray | memoryview) -> None:
-        """Plaintext from the handler: encrypted, then into the ordinary write path."""
-        assert self._tls is not None
+        """Plaintext from the handler: encrypted, then into the ordinary write path (held,
+        up to write_limit, while a start_tls handshake is under way)."""
+        tls = self._tls
+        assert tls is not None
         if self._corked is not None:
             self._corked.append(bytes(data))
         elif data:
-            self._tls.write(self, data)
+            if not tls.handshaken:
+                held = tls.waiting() + memoryview(data).nbytes
+                if held > self.listener.config.write_limit:
+                    self._buffered = held
+                    self._output_limit_passed(self.listener.config.write_limit)
+                    return
+            tls.write(self, data)
+
+    # -- STARTTLS ------------------------------------------------------------------------------
+
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool = False,
+                  server_hostname: str | None = None, unread: int = 0,
+                  handshake_timeout: float | None = None) -> bool:
+        """Upgrade this plain, open connection to TLS in place (STARTTLS). Bytes written before
+        the call go out in the clear (the "go ahead" reply); bytes written after it wait and
+        go out encrypted once the handshake is done, when the handler's ``tls_established``
+        is called. Bytes read from now on are TLS records.
+
+        ``unread`` is how many plaintext bytes the caller holds past the command that asked
+        for TLS (its parser's leftovers, the rest of the current read). They came in the
+        clear after the command, so they must not be taken for protected data (the STARTTLS
+        injection, CVE-2011-0411): with ``unread`` > 0 the upgrade is refused, the connection
+        is closed (``PROTOCOL_ERROR``, one log line) and False is returned; else True.
+
+        ``handshake_timeout`` (default: the listener's ``first_data_timeout``, the bound a TLS
+        listener gives a new client) resets a connection whose handshake has not finished in
+        time (``TLS_ERROR``). A client-side upgrade checks the server's certificate and name
+        as ``context`` says; ``server_hostname`` is required when it checks the name.
+
+        Error handling: a wrong context, a missing server_hostname or a connection already
+        on TLS raise ConfigError; a closed connection raises ConnectionClosedError.
+        """
+        if self._state != State.OPEN:
+            raise ConnectionClosedError(f"connection {self.id} is not open")
+        if self._tls is not None or self._receiver is not None:
+            raise ConfigError(f"connection {self.id} already speaks TLS")
+        check_context(context, server_side, "start_tls")
+        if not server_side and context.check_hostname and not server_hostname:
+            raise ConfigError("start_tls needs server_hostname: the context checks the "
+                              "server's name (check_hostname)")
+        listener = self.listener
+        if unread:
+            listener.log.log("starttls-unread", logging.WARNING,
+                             f"closed {{count}} more connections on {listener.address} for "
+                             "plaintext after STARTTLS",
+                             "closed %r on %s: %d plaintext bytes came after the STARTTLS "
+                             "command, before the TLS handshake (refused: they would pass "
+                             "for protected data)", self.peer_address, listener.address,
+                             unread)
+            self._begin_close(CloseReason.PROTOCOL_ERROR)
+            return False
+        timeout = listener.config.first_data_timeout if handshake_timeout is None \
+            else handshake_timeout
+        if not 0 < timeout < float("inf"):
+            raise ConfigError(f"handshake_timeout must be a positive number of seconds, not "
+                              f"{timeout!r}")
+        if self._corked is not None:
+            self.uncork()  # written before the switch: in the clear
+        if server_side:
+            remember_server_names(context)  # conn.tls_server_name, as on a TLS listener
+        session = TlsSession(context, server_side, server_hostname,
+                             done=type(self)._start_tls_done)
+        self._tls = session
+        self._receiver = type(self)._receive_tls
+        session.timer = self._core.reactor.call_later(
+            timeout, lambda: self._tls_handshake_expired(session, timeout))
+        if not server_side:
+            session.start(self)
+        return True
+
+    def _start_tls_done(self, exc: BaseException | None) -> None:
+        """A start_tls handshake ended: the handler hears ``tls_established``; a failure is
+        logged (the connection then closes, TLS_ERROR)."""
+        tls = self._tls
+        if exc is not None:
+            if tls is not None:
+                tls.log_failure(self, failure_reason(exc))
+            return
+        if self._state == State.OPEN:
+            self._call("tls_established")
+
+    def _tls_handshake_expired(self, session: TlsSession, timeout: float) -> None:
+        session.timer = None
+        if self._tls is not session or session.handshaken or self._state == State.CLOSED:
+            return  # done, or the object serves another connection now
+        self.listener.tls_failures += 1
+        session.log_failure(self, f"the handshake did not complete within {timeout:g} s")
+        self._abort(CloseReason.TLS_ERROR)
 
     def _send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes for the socket, in order: sent at once where possible, else queued."""

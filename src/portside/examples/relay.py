@@ -37,6 +37,7 @@ import dataclasses
 import errno
 import logging
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -124,9 +125,30 @@ def relay_config(environ: Mapping[str, str], **given: object) -> RelayConfig:
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{declared.flag} ({declared.env}): {exc}") from None
     config = RelayConfig(**values)  # type: ignore[arg-type]
-    parse_upstreams(config.upstream)
+    upstreams = parse_upstreams(config.upstream)
     parse_send_proxy(config.send_proxy)
+    upstream_context(config, upstreams)
     return config
+
+
+def upstream_context(config: RelayConfig,
+                     upstreams: tuple[Upstream, ...]) -> ssl.SSLContext | None:
+    """The client-side context for ``--upstream-tls`` (None without it): the system's CAs or
+    ``upstream_ca``, names checked unless ``upstream_verify`` is off; a CA file that cannot be
+    read, or a Unix upstream whose name cannot be checked, is a one-line ConfigError."""
+    if not config.upstream_tls:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=config.upstream_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--upstream-ca {config.upstream_ca}: {exc.strerror or exc}") from None
+    if not config.upstream_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif config.upstream_sni is None and any(item.path is not None for item in upstreams):
+        raise ConfigError("--upstream-tls to a unix: upstream needs --upstream-sni (the name "
+                          "its certificate must have) or --no-upstream-verify")
+    return context
 
 
 def _tracked(conn: Connection) -> EngineConnection:
@@ -234,6 +256,8 @@ class RelayHandler(Handler):
         self.send_proxy = send_proxy if send_proxy is not None else \
             parse_send_proxy(config.send_proxy)
         self.connect_timeout = config.connect_timeout
+        #: The client-side context upstream connections speak TLS with (--upstream-tls).
+        self.upstream_tls = upstream_context(config, self.upstreams)
         self.hold_limit = hold_limit
         self.states = tuple(UpstreamState(upstream) for upstream in self.upstreams)
         self.upstream_side = UpstreamSide(self)
@@ -266,9 +290,12 @@ class RelayHandler(Handler):
         server.add_service(self.checker)  # attached now: the server is running
         checks = (f", TCP checks every {self.config.check_interval:g} s"
                   if self.config.check_interval else "")
-        logger.info("relaying to %s (round robin, PROXY header %s%s)",
+        tls = "" if self.upstream_tls is None else (
+            ", TLS to upstreams" if self.config.upstream_verify
+            else ", TLS to upstreams (NOT verified)")
+        logger.info("relaying to %s (round robin, PROXY header %s%s%s)",
                     ", ".join(upstream.label for upstream in self.upstreams),
-                    f"v{self.send_proxy}" if self.send_proxy else "off", checks)
+                    f"v{self.send_proxy}" if self.send_proxy else "off", checks, tls)
 
     def shutdown_started(self, server: Server) -> None:
         self.checker.close()
@@ -340,15 +367,22 @@ class RelayHandler(Handler):
         pair.state = state
         state.connecting += 1
         upstream = state.upstream
+        client = pair.client
+        # The PROXY header goes first, in the clear (before the ClientHello with TLS).
+        header = encode_header(self.send_proxy, client.peer_address, client.local_address) \
+            if self.send_proxy else b""
+        tls, sni = self.upstream_tls, self.config.upstream_sni
         if upstream.path is not None:
             pair.attempt = self.server.connect_unix(
                 upstream.path, self.upstream_side, timeout=self.connect_timeout,
-                user_data=pair, config=self.outbound)
+                user_data=pair, config=self.outbound, tls=tls, server_hostname=sni,
+                preamble=header)
         else:
             assert upstream.host is not None
             pair.attempt = self.server.connect(
                 upstream.host, upstream.port, self.upstream_side,
-                timeout=self.connect_timeout, user_data=pair, config=self.outbound)
+                timeout=self.connect_timeout, user_data=pair, config=self.outbound, tls=tls,
+                server_hostname=sni, preamble=header)
 
     def refuse(self, pair: Pair, reason: CloseReason, why: str) -> None:
         """Close the client at once (counted by ``reason``), with a rate-limited log line."""
@@ -442,11 +476,7 @@ class UpstreamSide(Handler):
         if pair.closed:  # the client left while we connected
             conn.close()
             return
-        pair.upstream = conn
-        client = pair.client
-        if self.relay.send_proxy:
-            conn.write(encode_header(self.relay.send_proxy, client.peer_address,
-                                     client.local_address))
+        pair.upstream = conn  # the PROXY header, if any, went first (dial's preamble)
         if pair.held:
             conn.write(pair.held)
             pair.held = bytearray()
