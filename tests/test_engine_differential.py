@@ -112,6 +112,11 @@ class Recorder:
         with self.cond:
             return list(self.events)
 
+    def wait_for(self, predicate: Callable[[list[tuple[Any, ...]]], bool]) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: predicate(self.events), WAIT), (
+                f"timed out; events {self.events}")
+
 
 class FullHandler(Handler):
     """Overrides every connection callback: records it, and does nothing else (the peer's
@@ -640,3 +645,65 @@ def test_engines_agree(engines: Any) -> None:
         max_examples=200, stateful_step_count=20, deadline=None, derandomize=True,
         database=None, suppress_health_check=[HealthCheck.too_slow,
                                               HealthCheck.filter_too_much]))
+
+
+# -- a difference found -------------------------------------------------------------------------
+
+
+def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
+    """A handler that leaves eof_received to Handler (close) serves one connection, then
+    takes over eof_received (an instance attribute, set on the loop): what the second
+    connection's FIN does."""
+    handler = DefaultsHandler()
+    server = Server(handler, [ListenerConfig()], ServerConfig(engine=engine))
+    server.start()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(install_signal_handlers=False)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"diff-eof-{engine.value}", daemon=True)
+    thread.start()
+    assert server.started.wait(WAIT)
+    address = ("127.0.0.1", server.listeners[0].port)
+    try:
+        with socket.create_connection(address, WAIT) as first:
+            first.sendall(b"x")
+            handler.recorder.wait_for(lambda events: any(e[0] == "data" for e in events))
+        handler.recorder.wait_for(lambda events: any(e[0] == "closed" for e in events))
+        handler.recorder.take()
+        done = threading.Event()
+
+        def take_over() -> None:
+            setattr(handler, "eof_received",  # noqa: B010 (an instance attribute, on purpose)
+                    lambda conn: handler.recorder.record("eof"))
+            done.set()
+
+        server.call_soon_threadsafe(take_over)
+        assert done.wait(WAIT)
+        with socket.create_connection(address, WAIT) as second:
+            second.sendall(b"y")
+            second.shutdown(socket.SHUT_WR)
+            handler.recorder.wait_for(lambda events: any(e[0] in ("eof", "closed")
+                                                         for e in events))
+            return [event[:2] for event in handler.recorder.snapshot()]
+    finally:
+        server.shutdown(0.5)
+        thread.join(WAIT)
+        assert not failure, failure
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the compiled engine notes which callbacks are Handler's defaults at a listener's first "
+    "accept (_compiled.pyx ListenerBase.handle_read: handler_defaults) and runs those inline "
+    "(ConnectionBase._call_c); the reference looks the callback up at every call "
+    "(connection.py Connection._call): a callback a handler takes over later is never called "
+    "on the compiled engine (issue 18's 'drift already visible')"))
+def test_a_callback_taken_over_later_is_called(engines: Any) -> None:
+    compiled, epoll = (eof_after_handler_changed(engine)
+                       for engine in (Engine.COMPILED, Engine.EPOLL))
+    assert epoll == [("data", b"y"), ("eof",)]
+    assert compiled == epoll
