@@ -42,3 +42,14 @@ class NeverBoots(EchoHandler):
 
     def __init__(self) -> None:
         raise RuntimeError("the database is not there")
+
+
+class Miscounted(EchoHandler):
+    """Echoes, with the server's count of open connections one too high from the start: the
+    state a bug left a server in (issue 17: a relay whose double close drove the count wrong),
+    which a forced shutdown must end all the same."""
+
+    def server_started(self, server: Server) -> None:
+        core = server._core
+        assert core is not None
+        core.open += 1

@@ -185,7 +185,10 @@ class Shout(EchoHandler):
 @pytest.mark.parametrize(("body", "needles"), [
     ("raise RuntimeError('no database')\n", ("RuntimeError", "no database", "broken.py:1")),
     ("import sys\nsys.exit(5)\n", ("SystemExit",)),
-    ("def oops(:\n", ("SyntaxError",)),
+    ("def oops(:\n", ("SyntaxError", "(broken.py:1)")),  # the user's line, not importlib's
+    ("x = 1\n\ndef oops(:\n", ("SyntaxError", "(broken.py:3)")),
+    (HANDLER.replace("Shout", "Shouter"), ("has no class 'Shout'", "did you mean 'Shouter'")),
+    ("Shout = 3\n", ("not a portside Handler subclass", "found int")),
     ("import no_such_module_anywhere\n", ("no_such_module_anywhere",)),
     ("class Shout:\n    pass\n", ("not a portside Handler subclass",)),
     (HANDLER + "    def __init__(self):\n        raise ValueError('bad key')\n",
@@ -362,3 +365,87 @@ def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None
         assert not any(" ERROR " in line or " WARNING " in line for line in cli.lines), cli.lines
     finally:
         cli.kill()
+
+
+def test_flags_are_never_abbreviated_and_typos_get_the_closest(env: Env) -> None:
+    # argparse's prefix matching took --worker for --workers: a typo must not start servers.
+    line = assert_one_line_error(run_cli(env, "echo", "--listen", ":0", "--worker", "2"),
+                                 "--worker 2", "did you mean --workers?")
+    assert line.startswith("portside echo: error: unrecognized arguments"), line
+    assert_one_line_error(run_cli(env, "echo", "--listen", ":0", "--max-conn=3"),
+                          "did you mean --max-connections?")
+    assert_one_line_error(run_cli(env, "ctl", "stats", "--jsn"), "did you mean --json?")
+    assert_one_line_error(run_cli(env, "top", "--onc"), "did you mean --once?")
+    far = assert_one_line_error(run_cli(env, "echo", "--zzzzzz"), "--zzzzzz")
+    assert "did you mean" not in far
+    assert_nothing_left(env)
+
+
+def test_an_unknown_portside_variable_warns_once_with_the_closest(env: Env,
+                                                                  tmp_path: Path) -> None:
+    cli = PortsideProcess(["echo", "--listen", "immediate@:0", "--control",
+                           str(tmp_path / "ctl")],
+                          env={**env, "PORTSIDE_MAX_CONECTIONS": "3",
+                               "PORTSIDE_IDLE_TIMEOUT": "9"})
+    try:
+        cli.wait_for("listening on")
+        assert cli.count("PORTSIDE_") == 1, cli.lines
+        assert re.search(r"WARNING portside: ignoring unknown environment variable "
+                         r"PORTSIDE_MAX_CONECTIONS \(did you mean PORTSIDE_MAX_CONNECTIONS\?\)$",
+                         cli.text(), re.MULTILINE), cli.lines
+    finally:
+        cli.kill()
+
+
+def test_every_portside_variable_in_the_source_is_known() -> None:
+    """The variables portside sets for itself, and the relay's settings (which the relay hands
+    its workers as variables), never draw the warning."""
+    from portside.config import RelayConfig, settings_of
+    from portside.settings import unknown_environment
+
+    names = {declared.env for declared in settings_of(RelayConfig)}
+    for path in Path(SRC, "portside").rglob("*.py"):
+        names |= set(re.findall(r'"(PORTSIDE_[A-Z0-9_]+)"', path.read_text()))
+    assert "PORTSIDE_WORKER" in names and "PORTSIDE_UPSTREAM" in names
+    assert unknown_environment({name: "" for name in names}) == []
+
+
+def test_a_bad_value_in_the_config_file_is_said_once(env: Env, tmp_path: Path) -> None:
+    config = tmp_path / "portside.toml"
+    config.write_text('workers = "two"\n')
+    line = assert_one_line_error(run_cli(env, "echo", "--config", str(config)),
+                                 "portside.toml", "workers", "or auto")
+    assert line.count("'two'") == 1, line
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(env: Env, tmp_path: Path) -> None:
+    config = tmp_path / "portside.toml"
+    config.write_bytes(b"workers = 2\n# caf\xe9\n")
+    for result in (run_cli(env, "echo", "--config", str(config)),
+                   run_cli({**env, "PORTSIDE_CONFIG": str(config)}, "echo")):
+        assert_one_line_error(result, "portside.toml", "line 2", "0xe9", "UTF-8")
+    assert_nothing_left(env)
+
+
+def test_ctl_into_a_closed_pipe_ends_quietly(env: Env, tmp_path: Path) -> None:
+    """``portside ctl stats | head -0``: the reader is gone before a byte is written (the read
+    end is closed first, so the test does not race head); status 141 as after SIGPIPE."""
+    control = str(tmp_path / "ctl")
+    server = PortsideProcess(["echo", "--listen", "immediate@:0", "--control", control],
+                             env=env)
+    try:
+        server.wait_for("listening on")
+        for args in (["ctl", "--control", control, "stats"],
+                     ["ctl", "--control", control, "connections", "--json"],
+                     ["top", "--control", control, "--once"]):
+            read, write = os.pipe()
+            os.close(read)
+            try:
+                result = subprocess.run([sys.executable, "-m", "portside", *args], stdout=write,
+                                        stderr=subprocess.PIPE, text=True, timeout=WAIT,
+                                        env=env, stdin=subprocess.DEVNULL)
+            finally:
+                os.close(write)
+            assert (result.returncode, result.stderr) == (141, ""), (args, result)
+    finally:
+        server.kill()

@@ -110,6 +110,34 @@ def test_each_server_has_its_own_private_socket_and_ctl_finds_the_one_meant(
     one_line_error(none, 1, "no portside server is running")
 
 
+def test_ctl_servers_says_when_there_are_none_and_sees_control_path_servers(
+        runtime: dict[str, str], tmp_path: Path) -> None:
+    """``ctl servers`` exits 1 when none runs (as pgrep does: scripts can test it), with one
+    line, or ``[]`` with --json; a server started with ``--control PATH`` elsewhere is listed
+    and found without flags, and leaves nothing behind when it stops."""
+    none = ctl(runtime, "servers", check=False)
+    one_line_error(none, 1, "no portside server is running")
+    assert none.stdout == ""
+    none_json = ctl(runtime, "--json", "servers", check=False)
+    assert none_json.returncode == 1 and json.loads(none_json.stdout) == []
+    elsewhere = tmp_path / "elsewhere.sock"
+    proc = echo(runtime, "--control", str(elsewhere))
+    try:
+        proc.ports()
+        listed = ctl_json(runtime, "servers")
+        assert listed == [{"pid": proc.proc.pid, "control": str(elsewhere)}]
+        shown = ctl(runtime, "servers")
+        assert f"pid {proc.proc.pid}  {elsewhere}" in shown.stdout
+        assert ctl_json(runtime, "stats")["pid"] == proc.proc.pid  # the only one: no flags
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()
+    assert ctl(runtime, "servers", check=False).returncode == 1
+    directory = Path(runtime["XDG_RUNTIME_DIR"]) / "portside"
+    assert list(directory.iterdir()) == []  # its link went with it
+
+
 def test_sockets_of_dead_servers_are_swept_and_nothing_else(runtime: dict[str, str]) -> None:
     directory = Path(runtime["XDG_RUNTIME_DIR"]) / "portside"
     directory.mkdir(mode=0o700)
@@ -605,3 +633,18 @@ def test_ctl_bad_flags_are_one_line(tmp_path: Path) -> None:
                  ["close"]):
         done = ctl({}, *args, check=False)
         one_line_error(done, 2)
+
+
+def test_ctl_imports_only_what_it_needs(runtime: dict[str, str]) -> None:
+    """``portside ctl`` is called by scripts and probes: it must not import the settings, the
+    server, the engine, prometheus_client or rich, nor dataclasses and logging (which cost it
+    more than the rest of its imports together). ``-X importtime`` lists every import."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "portside", "ctl",
+                           "servers"], capture_output=True, text=True, timeout=WAIT,
+                          env={**os.environ, **runtime}, stdin=subprocess.DEVNULL)
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "portside.control.command" in imported
+    heavy = {"portside.config", "portside.settings", "portside.cli", "portside.server",
+             "portside.engine", "prometheus_client", "rich", "dataclasses", "logging"}
+    assert not heavy & imported, heavy & imported

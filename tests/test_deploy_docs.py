@@ -77,3 +77,64 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "portside-echo" not in done.stderr, done.stderr  # no warnings about our units
+
+
+def _yaml_value(block: str, key: str) -> str:
+    match = re.search(rf"^\s*{key}:\s*(.+)$", block, flags=re.M)
+    assert match, key
+    return match.group(1).strip()
+
+
+def test_the_kubernetes_deployment_fits_its_drain_and_probes_the_metrics_port() -> None:
+    """The Deployment's command is one portside accepts; its probes ask /healthz and /readyz
+    on the port --metrics names; the grace period outlasts preStop, drain and linger."""
+    import json
+
+    (block,) = [block for block in _blocks("yaml") if "kind: Deployment" in block]
+    argv = json.loads(_yaml_value(block, "command"))
+    assert argv[0] == "portside"
+    args = build_parser().parse_args(argv[1:])
+    plan = make_plan(args, {})
+    assert plan.process.workers and plan.process.metrics
+    metrics_port = int(plan.process.metrics.rpartition(":")[2])
+    assert f"{{name: metrics, containerPort: {metrics_port}}}" in block
+    assert "httpGet: {path: /healthz, port: metrics}" in block
+    assert "httpGet: {path: /readyz, port: metrics}" in block
+    hook = re.search(r"preStop:\s*exec:\s*command: (\[.*\])", block)
+    assert hook is not None
+    pre_stop = json.loads(hook.group(1))
+    assert pre_stop[0] == "sleep"
+    grace = int(_yaml_value(block, "terminationGracePeriodSeconds"))
+    needed = float(pre_stop[1]) + plan.server.drain_timeout + plan.server.linger_timeout
+    assert grace >= needed + 5, (grace, needed)
+
+
+def test_the_haproxy_configurations_pass_haproxy_check(tmp_path: Path) -> None:
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    blocks: list[str] = []
+    current: list[str] | None = None
+    inside = False
+    for line in DEPLOY.read_text().splitlines(keepends=True):
+        if line.startswith("```"):
+            if inside and current is not None:
+                blocks.append("".join(current))
+            current = [] if not inside and line.strip() == "```" else None
+            inside = not inside
+            continue
+        if current is not None:
+            current.append(line)
+    blocks = [block for block in blocks if block.startswith("# /etc/haproxy/haproxy.cfg")]
+    assert len(blocks) >= 2 and any("uri /readyz" in block for block in blocks)
+    for index, block in enumerate(blocks):
+        if "\ndefaults" not in block:  # a fragment: the backend alone
+            block = ("defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n"
+                     "    timeout server 60s\n" + block)
+        config = tmp_path / f"haproxy{index}.cfg"
+        config.write_text(block)
+        done = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True,
+                              text=True, timeout=60)
+        # A backend alone has no listener: "no error but will not start" (status 2) is a pass.
+        assert done.returncode == 0 or "has no error" in done.stdout, done.stdout + done.stderr
+        assert "WARNING" not in done.stdout + done.stderr, done.stdout + done.stderr

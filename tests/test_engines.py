@@ -3,12 +3,17 @@ connection class as the reference in everything a handler can reach."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof
+from conftest import WAIT, Clients, ServeFactory, recv_exactly, recv_until_eof, require
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +23,9 @@ from portside.engine import compiled
 from portside.engine.connection import Connection
 from portside.engine.core import EngineCore
 from portside.engine.deadlines import DeadlineQueue
+from portside.engine.epoll import EpollReactor
 from portside.engine.listener import Listener
+from portside.errors import ServerStateError
 from portside.protocols.proxy import Version as ProxyVersion
 from portside.server import resolve_engine
 
@@ -166,3 +173,113 @@ def test_compiled_deadline_queue_behaves_as_the_reference(
         assert len(twin) == len(reference)
         assert twin.next_due() == reference.next_due()
         assert (item in twin) == (item in reference)
+
+
+def _eventfds() -> set[int]:
+    """This process's eventfd descriptors now."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]":
+                found.add(int(name))
+    return found
+
+
+@pytest.mark.parametrize("kind", ["epoll", "compiled"])
+def test_a_wake_up_after_close_reaches_no_descriptor(kind: str) -> None:
+    """Issue 19: a wake-up from another thread while (or after) the loop closes wrote to its
+    closed eventfd (EBADF), or, once the kernel had given the number to another file, into
+    that file. After close() it is a no-op; closing twice is one too."""
+    if kind == "compiled":
+        require(compiled.available(), "the compiled engine")
+    before = _eventfds()
+    reactor = compiled.Loop() if kind == "compiled" else EpollReactor()
+    (wake_fd,) = _eventfds() - before
+    reactor.close()
+    reactor.close()
+    reused: list[int] = []
+    try:
+        while not reused or reused[-1] < wake_fd:  # the lowest free numbers come first
+            reused.append(os.eventfd(0, os.EFD_NONBLOCK))
+        assert reused[-1] == wake_fd
+        reactor.call_soon_threadsafe(lambda: None)  # no EBADF, and...
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(wake_fd)  # ...nothing written into the file now on that number
+    finally:
+        for fd in reused:
+            os.close(fd)
+
+
+def test_a_stopped_servers_loop_is_not_reached(serve: ServeFactory) -> None:
+    """After the server stopped, ``call_soon_threadsafe`` says so (ServerStateError) instead of
+    writing to its loop's closed wake-up descriptor; ``shutdown()`` again does nothing."""
+    rs = serve()
+    rs.stop()
+    with pytest.raises(ServerStateError):
+        rs.server.call_soon_threadsafe(lambda: None)
+    rs.server.shutdown()
+
+
+class _Lender(portside.Handler):
+    """Answers each read with ``ok``, after ``look(data)`` (run inside the callback)."""
+
+    def __init__(self, look: Callable[[memoryview], None]) -> None:
+        self.look = look
+
+    def data_received(self, conn: portside.Connection, data: memoryview) -> None:
+        self.look(data)
+        conn.write(b"ok")
+
+
+def _two_reads(serve: ServeFactory, clients: Clients, handler: portside.Handler,
+               first: bytes, second: bytes) -> None:
+    """One read from each of two connections, one after the other."""
+    rs = serve(ListenerConfig(), handler=handler)
+    for payload in (first, second):
+        sock = clients.connect(rs.address())
+        sock.sendall(payload)
+        assert recv_exactly(sock, 2) == b"ok"
+
+
+def test_a_weak_reference_to_a_lent_view_never_shows_another_read(
+        serve: ServeFactory, clients: Clients) -> None:
+    """Issue 21, item 3: the compiled engine lent the same view object again when no strong
+    reference was left; a weak one kept past the callback then showed the next connection's
+    bytes. Now such a view is released, like one kept strongly."""
+    kept: list[weakref.ref[memoryview]] = []
+    _two_reads(serve, clients, _Lender(lambda data: kept.append(weakref.ref(data))),
+               b"first peer's secret", b"the second peer")
+    for ref in kept[:1]:
+        view = ref()
+        if view is not None:
+            with pytest.raises(ValueError, match="released"):
+                bytes(view)
+    kept.clear()
+
+
+def test_a_lent_views_obj_shows_only_this_read(serve: ServeFactory, clients: Clients) -> None:
+    """``data.obj`` was the whole pooled buffer, an earlier (longer) read's bytes included.
+    Now it exports this read's bytes only (compiled), or them followed by zeros (a
+    ``bytearray`` on the pure engines: see buffers.py)."""
+    seen: list[tuple[bytes, bytes]] = []
+    _two_reads(serve, clients, _Lender(lambda data: seen.append((bytes(data), bytes(data.obj)))),
+               b"A" * 3000, b"bb")
+    for data, whole in seen:
+        assert whole[:len(data)] == data
+        assert whole[len(data):] == bytes(len(whole) - len(data)), whole[len(data):][:40]
+
+
+def test_a_kept_obj_never_shows_another_read(serve: ServeFactory, clients: Clients) -> None:
+    """A handler that keeps ``data.obj`` keeps that buffer: the pool never lends it again, so
+    it goes on showing the read it came with, never a later connection's."""
+    kept: list[Any] = []
+
+    def keep(data: memoryview) -> None:
+        if not kept:
+            kept.append(data.obj)
+
+    _two_reads(serve, clients, _Lender(keep), b"first peer's secret", b"the second peer")
+    whole = bytes(kept[0])
+    assert whole.startswith(b"first peer's secret")
+    assert b"second" not in whole
+    kept.clear()

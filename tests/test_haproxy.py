@@ -44,15 +44,16 @@ def start_instance(tmp_path: Path, name: str) -> tuple[PortsideProcess, str]:
     return proc, str(path)
 
 
-def haproxy_in_front(tmp_path: Path, servers: list[str]) -> tuple[socket.socket,
-                                                                    subprocess.Popen[bytes]]:
-    """HAProxy in TCP mode, round robin over ``servers`` with PROXY v2; it serves a socket we
-    bound, so it is listening before HAProxy even starts."""
+def haproxy_in_front(tmp_path: Path, servers: list[str], send_proxy: str = "send-proxy-v2",
+                     ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """HAProxy in TCP mode, round robin over ``servers`` with PROXY v2 (or ``send_proxy``,
+    HAProxy's keyword); it serves a socket we bound, so it is listening before HAProxy even
+    starts."""
     front = socket.socket()
     front.bind(("127.0.0.1", 0))
     front.listen(128)
     config = tmp_path / "haproxy.cfg"
-    lines = "\n".join(f"    server s{i} {address} send-proxy-v2"
+    lines = "\n".join(f"    server s{i} {address} {send_proxy}"
                       for i, address in enumerate(servers))
     config.write_text(f"""
 global
@@ -152,7 +153,7 @@ def test_graceful_restart_behind_haproxy(
     for _ in range(2):
         restarting.wait_for(r"started worker")
     for _ in range(2):
-        restarting.wait_for(r"worker \d+ stopped \(exit status 0\)")
+        restarting.wait_for(r"worker \d+ \(pid \d+\) stopped \(exit status 0\)")
     before = conversations[0]
     with progress:  # keep going until the new workers have served traffic too
         progress.wait_for(lambda: conversations[0] >= before + 40 or bool(errors), WAIT)
@@ -182,6 +183,45 @@ def test_untrusted_balancer_is_refused(tmp_path: Path) -> None:
             _, echoed = talk(front.getsockname()[1], "127.0.0.1", b"hello")
             assert echoed == b""
         proc.wait_for(r"refused 127\.0\.0\.1:\d+ on 127\.0\.0\.1:\d+: not in trusted_proxies")
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(WAIT)
+        if front is not None:
+            front.close()
+        proc.kill()
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_server_speaks_first_behind_haproxy(tmp_path: Path, engine: str,
+                                            send_proxy: str) -> None:
+    """Issue 17, defect 1: a greeting protocol (SMTP, POP3, FTP, MySQL) behind HAProxy's
+    send-proxy. The client says nothing and waits for the banner; the listener is immediate,
+    so the handler's connection_made runs once HAProxy's header is in, not when the client
+    speaks (it hung, then was reset at the first-data deadline)."""
+    _haproxy()
+    proc = PortsideProcess(
+        ["serve", "handlers:PeerEcho", "--listen", "immediate@127.0.0.1:0", "--engine", engine,
+         "--proxy-protocol", "any", "--trusted-proxies", "127.0.0.1/32",
+         "--first-data-timeout", "5", "--control", str(tmp_path / "greet.ctl")],
+        env=HANDLERS_ON_PATH)
+    front: socket.socket | None = None
+    proxy: subprocess.Popen[bytes] | None = None
+    try:
+        port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+        front, proxy = haproxy_in_front(tmp_path, [f"127.0.0.1:{port}"], send_proxy)
+        with socket.socket() as sock:
+            sock.settimeout(2.5)  # half the first-data deadline: the banner comes at once
+            sock.bind(("127.0.0.5", 0))
+            sock.connect(front.getsockname())
+            banner = b""
+            while not banner.endswith(b"\n"):
+                data = sock.recv(100)
+                assert data, f"closed before the banner; got {banner!r}"
+                banner += data
+            assert banner.split()[:2] == [b"peer", b"127.0.0.5"]  # the client, not HAProxy
+            sock.sendall(b"and then the client speaks")
+            assert sock.recv(100) == b"and then the client speaks"
     finally:
         if proxy is not None:
             proxy.terminate()

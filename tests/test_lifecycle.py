@@ -7,8 +7,13 @@ got ``connection_closed`` exactly once and that no descriptor leaked.
 
 from __future__ import annotations
 
+import datetime
+import os
+import re
+import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +29,7 @@ from conftest import (
     recv_exactly,
     recv_until_eof,
 )
+from proc import PortsideProcess
 
 from portside import (
     AcceptPolicy,
@@ -539,3 +545,54 @@ def test_the_first_close_reason_wins(serve: ServeFactory, clients: Clients) -> N
     echo(sock, b"hello")
     reset(sock)
     assert reasons_of(rs.handler, conn_id) == [CloseReason.RESET]
+
+
+# -- a forced shutdown ends the process, whatever the counts say ---------------------------------
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _logged_at(line: str) -> float:
+    """A log line's own timestamp, in seconds (the process's clock, not the test's)."""
+    match = _LOG_TIME.search(line)
+    assert match, line
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _miscounted(engine: str, *options: str) -> PortsideProcess:
+    proc = PortsideProcess(["serve", "handlers:Miscounted", "--listen", "127.0.0.1:0",
+                            "--engine", engine, *options],
+                           env={"PYTHONPATH": os.pathsep.join(sys.path)})
+    proc.wait_for(r"listening on 127\.0\.0\.1:\d+")
+    proc.signal(signal.SIGTERM)
+    proc.wait_for(r"draining 1 connection\(s\)")  # the count is wrong: nothing is open
+    return proc
+
+
+def test_a_second_sigterm_ends_the_process_whatever_the_count(engine: str) -> None:
+    """Issue 17, defect 0: with the count of open connections left wrong by a bug, the second
+    SIGTERM logged "forcing shutdown" and the process went on for ever."""
+    proc = _miscounted(engine, "--drain-timeout", "60")
+    try:
+        proc.signal(signal.SIGTERM)
+        forcing = proc.wait_for(r"SIGTERM: forcing shutdown")
+        assert proc.wait_exit() == 0
+        assert proc.count("still counted open after every one was aborted") == 1
+        stopped = next(line for line in proc.lines if "stopped:" in line)
+        assert _logged_at(stopped) - _logged_at(forcing.string) < 0.5
+    finally:
+        proc.kill()
+
+
+def test_the_drain_deadline_ends_the_process_whatever_the_count(engine: str) -> None:
+    """The drain deadline, then the linger time, end a drain that the count says is not
+    over: not sooner (the deadline holds), not much later."""
+    proc = _miscounted(engine, "--drain-timeout", "0.4", "--linger-timeout", "0.4")
+    try:
+        draining = next(line for line in proc.lines if "draining 1" in line)
+        assert proc.wait_exit() == 0
+        stopped = next(line for line in proc.lines if "stopped:" in line)
+        took = _logged_at(stopped) - _logged_at(draining)
+        assert 0.8 - 0.02 <= took < 1.2, took
+    finally:
+        proc.kill()

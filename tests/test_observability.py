@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,7 +88,11 @@ def test_metrics_count_what_happened(observed: Observed) -> None:
     immediate = (("listener", "immediate"),)
     first = (("listener", "data-first"),)
     assert found[("portside_accepted_total", immediate)] == 7
+    assert found[("portside_received_bytes_total", immediate)] == sum(range(1, 8))
+    assert found[("portside_sent_bytes_total", immediate)] == sum(range(1, 8))
+    # The former names, kept as aliases for one release (docs/metrics.md).
     assert found[("portside_bytes_in_total", immediate)] == sum(range(1, 8))
+    assert found[("portside_bytes_out_total", immediate)] == sum(range(1, 8))
     assert found[("portside_accepted_total", first)] == 2
     assert found[("portside_time_to_first_byte_seconds_count", immediate)] == 7
     assert found[("portside_timeouts_total", (("kind", "first_data"), *first))] == 1
@@ -99,7 +104,7 @@ def test_metrics_count_what_happened(observed: Observed) -> None:
     assert found[("portside_listener_accepting", immediate)] == 1
     assert found[("portside_pool_hits_total", (("pool", "buffers"),))] >= 0
     slots = worker_labels(found, "portside_worker_connections")
-    assert slots in ({"0"}, {"0", "1"})
+    assert slots in ({"1"}, {"1", "2"})
     fds = worker_labels(found, "portside_process_open_fds")
     assert fds == slots | ({"supervisor"} if len(slots) == 2 else set())
     for slot in fds:
@@ -109,6 +114,40 @@ def test_metrics_count_what_happened(observed: Observed) -> None:
         assert found[("portside_process_resident_memory_bytes", worker)] > 1 << 20
         assert found[("portside_process_cpu_seconds_total", worker)] >= 0
     assert scrape(metrics_port, "/nothing")[0] == 404
+
+
+def test_healthz_and_readyz_follow_pause_and_drain(observed: Observed) -> None:
+    """/healthz: alive; /readyz: 200 while new connections are welcome, 503 once paused or
+    from the moment draining starts (while /healthz stays 200 and the drain goes on)."""
+    proc, control, ports, metrics_port = observed
+    assert scrape(metrics_port, "/healthz")[:2] == (200, "ok\n")
+    if "--workers" in proc.proc.args:  # type: ignore[operator]
+        proc.wait_for(r"with 2 worker\(s\)", seen_too=True)  # ready once every worker serves
+    assert scrape(metrics_port, "/readyz")[:2] == (200, "ok\n")
+    head = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=WAIT)
+    head.request("HEAD", "/readyz")
+    response = head.getresponse()
+    assert response.status == 200 and response.read() == b""
+    head.close()
+    _ctl_json(control, "pause")
+    assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: paused\n")
+    _ctl_json(control, "resume")
+    assert scrape(metrics_port, "/readyz")[0] == 200
+    _ctl_json(control, "drain")
+    assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: draining\n")
+    _ctl_json(control, "resume")
+    assert scrape(metrics_port, "/readyz")[0] == 200
+    held = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+    held.sendall(b"x")
+    assert held.recv(1) == b"x"
+    proc.signal(signal.SIGTERM)
+    proc.wait_for(r"draining 1 connection")
+    assert scrape(metrics_port, "/readyz")[:2] == (503, "not ready: draining\n")
+    assert scrape(metrics_port, "/healthz")[0] == 200
+    held.sendall(b"y")  # still served while draining
+    assert held.recv(1) == b"y"
+    held.close()
+    assert proc.wait_exit() == 0
 
 
 def test_openmetrics_when_the_scraper_asks(observed: Observed) -> None:
@@ -142,9 +181,9 @@ def test_worker_series_keep_their_slot_across_a_restart(tmp_path: Path) -> None:
         before = worker_labels(samples(scrape(port)[1]), "portside_worker_uptime_seconds")
         proc.signal(signal.SIGHUP)
         for pid in old:
-            proc.wait_for(rf"worker {pid} stopped", seen_too=True)
+            proc.wait_for(rf"\(pid {pid}\) stopped", seen_too=True)
         after = worker_labels(samples(scrape(port)[1]), "portside_worker_uptime_seconds")
-        assert before == after == {"0", "1"}
+        assert before == after == {"1", "2"}
         assert str(old[0]) not in scrape(port)[1]  # no pid in any label
     finally:
         proc.kill()
@@ -155,6 +194,9 @@ def test_worker_series_keep_their_slot_across_a_restart(tmp_path: Path) -> None:
 
 class _Stats:
     """A control target with a fixed, tiny stats document."""
+
+    def readiness(self) -> str | None:
+        return None
 
     def control(self, request: protocol.Request, respond: Any) -> None:
         respond(protocol.reply_ok({
@@ -304,3 +346,178 @@ def test_top_without_a_server(tmp_path: Path) -> None:
                           timeout=WAIT)
     assert done.returncode == 1 and "no portside server" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- many workers, one truth -------------------------------------------------------------------
+
+
+def _ctl_json(control: Path, command: str, *args: str) -> Any:
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "portside", "ctl", "--json", "--control",
+                           str(control), command, *args], capture_output=True, text=True,
+                          timeout=WAIT, check=True)
+    return json.loads(done.stdout)
+
+
+def _accepted(control: Path, metrics_port: int) -> tuple[int, int, int]:
+    """``accepted`` as metrics, ``ctl stats`` and ``top`` show it."""
+    import json
+
+    found = samples(scrape(metrics_port)[1])
+    scraped = sum(value for (name, _), value in found.items()
+                  if name == "portside_accepted_total")
+    stats = _ctl_json(control, "stats")["totals"]["accepted"]
+    top = json.loads(run_top(control, "--once", "--json").stdout)["stats"]["totals"]["accepted"]
+    return int(scraped), stats, top
+
+
+def test_counters_keep_what_ended_workers_counted_and_gauges_do_not(tmp_path: Path) -> None:
+    """kill -9 of a worker and a reload (SIGHUP) replace workers: no counter goes backwards
+    (Prometheus would read a drop as a reset of the whole server), while the open connections
+    of a dead worker leave the gauges."""
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--defer-accept", "0", "--metrics", "127.0.0.1:0", "--workers", "2",
+                            "--control", str(control)])
+    try:
+        ports = proc.ports()
+        metrics_port = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/metrics",
+                                         seen_too=True).group(1))
+        for _ in range(2):
+            proc.wait_for(r"worker \d \(pid \d+\) is serving")
+        for _ in range(20):
+            assert echo_once(ports["immediate"]) == b"ping"
+        held = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        assert _accepted(control, metrics_port) == (21, 21, 21)
+        stats = _ctl_json(control, "stats")
+        assert stats["totals"]["active"] == 1
+        bytes_in = stats["totals"]["bytes_in"]
+        (entry,) = _ctl_json(control, "connections")["connections"]
+        holder = int(entry["id"].split(".")[0])
+        os.kill(holder, signal.SIGKILL)
+        proc.wait_for(rf"\(pid {holder}\) died")
+        proc.wait_for(r"worker \d \(pid \d+\) is serving")
+        assert _accepted(control, metrics_port) == (21, 21, 21)
+        stats = _ctl_json(control, "stats")
+        assert stats["totals"]["active"] == 0  # the dead worker's connection is gone
+        assert stats["totals"]["bytes_in"] == bytes_in
+        found = samples(scrape(metrics_port)[1])
+        assert found[("portside_connections", (("listener", "immediate"),
+                                               ("state", "active")))] == 0
+        held.close()
+        for _ in range(5):
+            assert echo_once(ports["immediate"]) == b"ping"
+        assert _accepted(control, metrics_port) == (26, 26, 26)
+        old = [worker["pid"] for worker in _ctl_json(control, "stats")["workers"]]
+        proc.signal(signal.SIGHUP)
+        for pid in old:
+            proc.wait_for(rf"\(pid {pid}\) stopped", seen_too=True)
+        proc.wait_for("reload complete", seen_too=True)
+        assert _accepted(control, metrics_port) == (26, 26, 26)
+        assert _ctl_json(control, "stats")["totals"]["bytes_in"] == bytes_in + 5 * 4
+    finally:
+        proc.kill()
+
+
+def test_one_worker_numbering_in_logs_ctl_top_and_metrics(tmp_path: Path) -> None:
+    """The number in a worker's log lines (text and JSON), the supervisor's lines about it,
+    ``ctl stats``, ``top`` and the metrics' ``worker`` label are one and the same."""
+    import json
+
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--metrics", "127.0.0.1:0", "--workers", "2", "--log-format", "json",
+                            "--control", str(control)])
+    try:
+        metrics_port = int(json.loads(proc.wait_for(r"metrics on http://").string)[
+            "message"].rsplit(":", 1)[1].split("/")[0])
+        supervisor_says = {}
+        for _ in range(2):
+            line = json.loads(proc.wait_for(r"is serving").string)
+            number, pid = re.fullmatch(r"worker (\d) \(pid (\d+)\) is serving",
+                                       line["message"]).groups()  # type: ignore[union-attr]
+            supervisor_says[int(pid)] = number
+        proc.wait_for("serving .* with 2 worker")
+        workers_say = {}
+        for line in proc.lines:
+            document = json.loads(line)
+            if document["worker"] is not None:
+                workers_say[document["pid"]] = str(document["worker"])
+        stats = _ctl_json(control, "stats")
+        ctl_says = {process["pid"]: process["slot"] for process in stats["workers"]}
+        top = json.loads(run_top(control, "--once", "--json").stdout)["stats"]
+        top_says = {process["pid"]: process["slot"] for process in top["workers"]}
+        assert supervisor_says == workers_say == ctl_says == top_says
+        assert set(ctl_says.values()) == {"1", "2"}
+        found = samples(scrape(metrics_port)[1])
+        assert worker_labels(found, "portside_worker_connections") == {"1", "2"}
+    finally:
+        proc.kill()
+
+
+class _Logged(PortsideProcess):
+    """Any command, its stderr read line by line as ``PortsideProcess`` reads portside's."""
+
+    def __init__(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        import queue
+
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
+        self.lines = []
+        self._queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+def test_haproxy_httpchk_on_readyz_takes_a_draining_instance_out(tmp_path: Path) -> None:
+    """The deployment guide's check, with a real HAProxy: ``option httpchk`` on /readyz marks
+    the instance DOWN once it drains (``ctl drain``: nothing refused yet), UP again after
+    ``ctl resume``."""
+    import shutil
+
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--data-first-port", "0", "--immediate-port", "0",
+                            "--metrics", "127.0.0.1:0", "--workers", "2",
+                            "--control", str(control)])
+    balancer = None
+    front = socket.socket()
+    try:
+        front.bind(("127.0.0.1", 0))
+        front.listen(16)
+        ports = proc.ports()
+        metrics = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/", seen_too=True)
+                      .group(1))
+        proc.wait_for(r"with 2 worker\(s\)")
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout check 5s
+frontend front
+    bind fd@{front.fileno()}
+    default_backend portside
+backend portside
+    option httpchk
+    http-check send meth GET uri /readyz
+    http-check expect status 200
+    server one 127.0.0.1:{ports["immediate"]} check port {metrics} inter 100ms fall 1 rise 1
+""")
+        balancer = _Logged([haproxy, "-f", str(config), "-db"], pass_fds=(front.fileno(),))
+        _ctl_json(control, "drain")
+        balancer.wait_for(r"Server portside/one is DOWN.*503")
+        _ctl_json(control, "resume")
+        balancer.wait_for(r"Server portside/one is UP")
+    finally:
+        if balancer is not None:
+            balancer.kill()
+        front.close()
+        proc.kill()

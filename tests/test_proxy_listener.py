@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Clients, RunningServer, ServeFactory, recv_exactly, recv_until_eof
+from conftest import (
+    Clients,
+    RecordingHandler,
+    RunningServer,
+    ServeFactory,
+    recv_exactly,
+    recv_until_eof,
+)
 from test_lifecycle import ipv6_loopback_available
 
-from portside import AcceptPolicy, CloseReason, ListenerConfig
+from portside import AcceptPolicy, CloseReason, Connection, ListenerConfig
 from portside.engine.listener import _trusted
 from portside.protocols.proxy import encode_v1, encode_v2
 
@@ -180,3 +187,51 @@ def test_trusted_ipv6_balancer(serve: ServeFactory, clients: Clients) -> None:
     sock.sendall(encode_v2(CLIENT, BALANCED) + b"over six")
     assert recv_exactly(sock, 8) == b"over six"
     assert [conn["peer"] for conn in on_loop_connections(rs)] == [CLIENT]
+
+
+class Greeter(RecordingHandler):
+    """Speaks first (a banner, as SMTP, POP3, FTP and MySQL servers do), naming the client;
+    then echoes."""
+
+    def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
+        super().connection_made(conn, first_data)  # recorded before the client can see it
+        conn.write(f"hello {conn.peer_address[0]}\n".encode())
+
+
+@pytest.mark.parametrize("header", [encode_v1(CLIENT, BALANCED), encode_v2(CLIENT, BALANCED)],
+                         ids=["v1", "v2"])
+def test_immediate_listener_greets_right_after_the_header(
+        serve: ServeFactory, clients: Clients, header: bytes) -> None:
+    """Issue 17, defect 1: after a trusted balancer's header, an immediate listener's
+    connection is the handler's at once; it did not hear of it until the client spoke, and a
+    server-speaks-first protocol behind HAProxy's send-proxy hung, then was reset."""
+    handler = Greeter()
+    rs = serve(ListenerConfig(proxy_protocol="any", first_data_timeout=2.0,  # type: ignore[arg-type]
+                              trusted_proxies=TRUST), handler=handler)
+    sock = clients.connect(rs.address(), timeout=1.5)  # well inside first_data_timeout
+    sock.sendall(header)  # and nothing else: the server speaks first
+    greeting = b"hello 203.0.113.7\n"
+    assert recv_exactly(sock, len(greeting)) == greeting
+    assert list(handler.made.values()) == [None]
+    sock.sendall(b"then the client")
+    assert recv_exactly(sock, 15) == b"then the client"
+
+
+@pytest.mark.parametrize("policy", [AcceptPolicy.IMMEDIATE, AcceptPolicy.DATA_FIRST])
+def test_header_and_data_in_one_segment(serve: ServeFactory, clients: Clients,
+                                        policy: AcceptPolicy) -> None:
+    """The bytes behind the header, in the same segment, are ``first_data`` on a data-first
+    listener; on an immediate one ``first_data`` is None (its documented contract) and they
+    come through ``data_received``, so a handler that ignores ``first_data`` loses nothing."""
+    rs = serve(ListenerConfig(policy=policy, proxy_protocol="any",  # type: ignore[arg-type]
+                              defer_accept=0, trusted_proxies=TRUST))
+    sock = clients.connect(rs.address())
+    sock.sendall(encode_v2(CLIENT, BALANCED) + b"hello")
+    assert recv_exactly(sock, 5) == b"hello"
+    handler = rs.handler
+    handler.wait(lambda: "data_received" in handler.names(), "the data")
+    if policy is AcceptPolicy.IMMEDIATE:
+        assert list(handler.made.values()) == [None]
+        assert [bytes(data) for data in handler.received.values()] == [b"hello"]
+    else:
+        assert list(handler.made.values()) == [b"hello"]

@@ -220,6 +220,170 @@ def test_usr2_upgrades_the_supervisor_without_dropping_a_connection(app: Path) -
         proc.kill()
 
 
+HANGING = """
+import os, time
+
+deadline = time.monotonic() + 60  # the test creates the gate long before
+while not os.path.exists({gate!r}) and time.monotonic() < deadline:
+    time.sleep(0.02)
+
+from portside.examples.echo import EchoHandler
+
+class Tagged(EchoHandler):
+    def data_received(self, conn, data):
+        conn.write({tag!r} + bytes(data))
+"""
+
+
+def _get(port: int, path: str) -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+class Asker:
+    """Asks ``ctl stats`` over and over in a thread: every answer's pid, every failure."""
+
+    def __init__(self, path: Path) -> None:
+        from portside.control.client import call
+
+        self.pids: list[int] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+
+        def ask() -> None:
+            for _ in range(100_000):
+                if self.stop.is_set():
+                    return
+                try:
+                    self.pids.append(call(str(path), "stats", timeout=5.0)["pid"])
+                except BaseException as exc:
+                    self.errors.append(exc)
+                    return
+        self.thread = threading.Thread(target=ask)
+        self.thread.start()
+
+    def finish(self) -> set[int]:
+        self.stop.set()
+        self.thread.join(WAIT)
+        assert not self.errors, self.errors
+        assert self.pids
+        return set(self.pids)
+
+
+def test_usr2_with_code_that_hangs_at_import_is_given_up_and_ctl_answers_throughout(
+        app: Path) -> None:
+    """The old supervisor keeps the control socket (and answers on it) while its successor's
+    workers hang importing the handler; after upgrade_timeout the successor is stopped, and
+    a corrected USR2 then upgrades; ctl is answered all along."""
+    control = app / "ctl.sock"
+    gate = app / "gate"
+    proc = PortsideProcess(["serve", "tagged:Tagged", "--listen", ":0", "--workers", "1",
+                            "--upgrade-timeout", "3", "--control", str(control),
+                            "--metrics", "127.0.0.1:0"], env=_env(app), cwd=app)
+    successor = None
+    try:
+        port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        metrics = int(proc.wait_for(r"metrics on http://127.0.0.1:(\d+)/", seen_too=True)
+                      .group(1))
+        proc.wait_for(r"serving tagged:Tagged")
+        old = proc.proc.pid
+        (app / "tagged.py").write_text(HANGING.format(gate=str(gate), tag=b"v2:"))
+        asker = Asker(control)
+        signalled = time.monotonic()
+        proc.signal(signal.SIGUSR2)
+        hung = int(proc.wait_for(r"upgrade: new supervisor pid (\d+) is starting").group(1))
+        proc.wait_for(rf"upgrade failed: the new supervisor pid {hung} is not serving after "
+                      r"3 s")
+        waited = time.monotonic() - signalled
+        assert 3.0 <= waited < 4.5, waited
+        _wait_gone(hung)
+        assert asker.finish() == {old}  # answered throughout, by the old one
+        assert _get(metrics, "/readyz") == 200  # the old one's metrics port, still its own
+        assert echo_once(port, b"x") == b"v1:x"
+        assert not any(f"pid {hung} is serving" in line for line in proc.lines)
+
+        gate.touch()  # the corrected code imports at once
+        asker = Asker(control)
+        proc.signal(signal.SIGUSR2)
+        successor = int(proc.wait_for(r"upgrade: new supervisor pid (\d+) is starting")
+                        .group(1))
+        proc.wait_for(rf"upgrade: new supervisor pid {successor} is serving")
+        assert proc.proc.wait(WAIT) == 0
+        assert asker.finish() <= {old, successor}
+        from portside.control.client import call
+
+        assert call(str(control), "stats")["pid"] == successor
+        assert echo_once(port, b"x") == b"v2:x"
+        assert _get(metrics, "/readyz") == 200  # the same port, handed over
+        os.kill(successor, signal.SIGTERM)
+        _wait_gone(successor)
+        assert not control.exists()  # the successor claimed it, and removed it at exit
+        successor = None
+    finally:
+        if successor is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(successor, signal.SIGKILL)
+        proc.kill()
+
+
+def test_usr2_hands_the_default_control_socket_over_under_the_new_pid(
+        app: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default control socket (PID.sock in the private directory), ``ctl`` with no
+    flags finds one server throughout an upgrade, and afterwards the new one, by its pid."""
+    from portside.control.client import call
+    from portside.control.paths import resolve, running_servers
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(app))
+    proc = PortsideProcess(["serve", "tagged:Tagged", "--listen", ":0", "--workers", "1"],
+                           env=_env(app), cwd=app)
+    successor = None
+    try:
+        proc.wait_for(r"serving tagged:Tagged")
+        old = proc.proc.pid
+        pids: list[int] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def ask() -> None:
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                try:
+                    pids.append(call(resolve(None, None), "stats", timeout=5.0)["pid"])
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+        asker = threading.Thread(target=ask)
+        asker.start()
+        proc.signal(signal.SIGUSR2)
+        successor = int(proc.wait_for(r"upgrade: new supervisor pid (\d+) is starting")
+                        .group(1))
+        proc.wait_for(rf"upgrade: new supervisor pid {successor} is serving")
+        assert proc.proc.wait(WAIT) == 0
+        stop.set()
+        asker.join(WAIT)
+        assert not errors, errors
+        assert set(pids) <= {old, successor} and old in pids
+        (found,) = running_servers()
+        assert found.pid == successor and found.path.endswith(f"/{successor}.sock")
+        assert call(found.path, "stats")["pid"] == successor
+        os.kill(successor, signal.SIGTERM)
+        _wait_gone(successor)
+        assert running_servers() == []
+        successor = None
+    finally:
+        if successor is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(successor, signal.SIGKILL)
+        proc.kill()
+
+
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     path = str(tmp_path / "notify")

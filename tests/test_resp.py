@@ -32,6 +32,11 @@ from portside.protocols.resp import (
     new_framer,
 )
 
+try:
+    from portside.examples._resp_store import StoreFramer
+except ImportError:  # not built: the tests that need it fail (or skip) and say so
+    StoreFramer = None  # type: ignore[assignment,misc]
+
 WAIT = 30.0
 
 
@@ -53,7 +58,20 @@ def test_the_compiled_framer_is_built_and_chosen() -> None:
         f"the compiled RESP framer did not build: {compiled_unavailable_reason()}"
     assert type(new_framer()) is CompiledRespFramer
     assert isinstance(new_framer(), Framer)
-    assert type(RespHandler().make_framer()) is CompiledRespFramer
+    assert StoreFramer is not None, "the RESP example's fast path (_resp_store) did not build"
+    assert type(RespHandler().make_framer()) is StoreFramer
+    assert isinstance(RespHandler().make_framer(), CompiledRespFramer)
+
+
+def test_the_librarys_compiled_framer_answers_nothing_itself() -> None:
+    """The store is the example's: the library's framer hands every command back."""
+    assert CompiledRespFramer is not None
+    framer = CompiledRespFramer()
+    assert framer.serve(b"PING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", 1 << 20) == \
+        (b"", [b"PING"])
+    assert framer.resume(b"PING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", 1 << 20) == \
+        (b"", [b"GET", b"k"])
+    assert not framer.reading
 
 
 def test_without_the_compiled_framer_the_reference_serves_and_says_so() -> None:
@@ -68,7 +86,7 @@ def test_without_the_compiled_framer_the_reference_serves_and_says_so() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=WAIT, check=True)
     assert done.stdout.split() == ["portside.protocols.resp", "[[b'PING']]"]
-    assert "compiled RESP framer unavailable" in done.stderr
+    assert "compiled RESP fast path unavailable" in done.stderr
     assert done.stderr.count("\n") == 1
 
 
@@ -211,7 +229,7 @@ def run_command(handler: RespHandler, conn: Any, command: Command) -> bytes:
     return reply
 
 
-@pytest.mark.skipif(CompiledRespFramer is None, reason="the compiled framer is not built")
+@pytest.mark.skipif(StoreFramer is None, reason="the compiled fast path is not built")
 @given(server_commands, st.booleans(), cut_lists, st.sampled_from([0, 10, 100, 1 << 20]),
        st.lists(st.booleans(), max_size=40), st.binary(max_size=8))
 def test_serve_answers_as_the_python_commands_do(
@@ -220,7 +238,7 @@ def test_serve_answers_as_the_python_commands_do(
     """The fast path's replies and store are the Python commands' own, for arrays and inline
     commands, any cuts, any reply limit, and any mix of resume and rest; a malformed tail gives
     the same error after the same replies."""
-    assert CompiledRespFramer is not None
+    assert StoreFramer is not None
     inline = iter(use_rest[::-1])
     stream = b"".join(
         b" ".join(c) + b"\r\n" if next(inline, False) and all(
@@ -244,14 +262,14 @@ def test_serve_answers_as_the_python_commands_do(
             break
 
     served, served_conn = RespHandler(), conn()
-    framer = CompiledRespFramer()
+    framer = StoreFramer(served.store, served.expires)
+    framer.resp3 = resp3
     got = b""
     choices = iter(use_rest)
     for start, end in itertools.pairwise(bounds):
         piece = stream[start:end]
-        store, expires = served.store, served.expires
         try:
-            replies, command = framer.serve(piece, store, expires, resp3, limit)
+            replies, command = framer.serve(piece, limit)
         except ProtocolError:
             break
         while True:
@@ -264,7 +282,7 @@ def test_serve_answers_as_the_python_commands_do(
                 for whole in framer.rest(piece):
                     got += run_command(served, served_conn, whole)
                 break
-            replies, command = framer.resume(piece, store, expires, resp3, limit)
+            replies, command = framer.resume(piece, limit)
         if framer.error is not None:
             break
     assert got == expected

@@ -6,6 +6,7 @@ taken down, so no packet, FIN or RST, reaches either side)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -200,6 +201,27 @@ def test_a_hook_that_closes_the_socket_is_reported(serve: ServeFactory,
     assert client.recv(1) == b""  # the hook's close() sent a FIN; nothing else happened
     handler.close_it = False
     echo_once(clients, server.address())
+
+
+@pytest.mark.parametrize("failure", ["raises", "closes"])
+def test_a_failed_hook_gives_back_the_clients_slot(serve: ServeFactory, clients: Clients,
+                                                   failure: str) -> None:
+    """Issue 21, item 4: the per-client limits admit at accept, before the hook runs; a hook
+    that raised (or closed the socket) kept its client's place, and with
+    max_connections_per_client=1 that client was refused for good."""
+    handler = ShapingHandler(fail=failure == "raises", close=failure == "closes")
+    handler.expect_errors = True
+    server = serve(ListenerConfig(max_connections_per_client=1), handler=handler)
+    with contextlib.suppress(ConnectionError):  # the reset may come before connect returns
+        refused = clients.connect(server.address())
+        refused.sendall(b"x")
+        refused.recv(1)
+    handler.wait(lambda: len(handler.errors) == 1, "the hook's failure")
+    handler.fail = handler.close_it = False
+    echo_once(clients, server.address())  # the client's only place is free again
+    stats = server.server.statistics().listeners[0]
+    assert stats.client_refused == 0
+    assert stats.closed_by_reason.get(CloseReason.HANDLER_ERROR.value) == 1
 
 
 def test_unix_listener_ignores_tcp_options_and_says_so(

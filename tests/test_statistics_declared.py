@@ -116,3 +116,54 @@ def test_totals_and_top_columns_come_from_the_declarations() -> None:
         assert "a-long-listener-name" in str(table.columns[0]._cells)  # the row's label stays
         assert sum(len(str(header)) for header in shown) <= width
     assert fit(worker_columns(1.0), [], 80).columns
+
+
+def test_retired_workers_keep_their_counters_not_their_gauges() -> None:
+    from portside.statistics import Retired
+
+    retired = Retired()
+    retired.add(worker("1", 10, [listener("a", accepted=5, active=3, pending=2,
+                                          closed_by_reason={"reset": 4})]))
+    retired.add(worker("1", 12, [listener("a", accepted=1, active=1)]))
+    document = combine([worker("1", 11, [listener("a", accepted=2, active=1, pending=0)])],
+                       1.0, retired=retired.document())
+    (entry,) = document["listeners"]
+    assert entry["accepted"] == 8  # the living's and every ended worker's
+    assert entry["closed_by_reason"] == {"closed": 4, "reset": 4}
+    assert entry["ttfb_buckets"] == [3] * len(TTFB_BUCKETS)
+    assert entry["active"] == 1 and entry["pending"] == 0  # only the living's
+    assert entry["accept_state"] == "accepting" and entry["accepting"] is True
+    assert document["pools"]["buffers"]["hits"] == 9
+    assert document["pools"]["buffers"]["free"] == 1
+    assert document["totals"]["accepted"] == 8
+    assert retired.total("accepted") == 6
+
+
+def test_metric_names_carry_their_unit_and_counters_end_in_total() -> None:
+    """The Prometheus naming guide: ``_bytes``/``_seconds`` where a figure has that unit,
+    ``_total`` on counters; a renamed family keeps its former name as a marked alias."""
+    document = combine([worker("1", 10, [listener("a", bytes_in=5, bytes_out=6)])], 1.0)
+    families = {family.name: family for family in
+                text_string_to_metric_families(exposition(document).decode())}
+    assert families["portside_received_bytes"].samples[0].value == 5
+    assert families["portside_sent_bytes"].samples[0].value == 6
+    alias = families["portside_bytes_in"]
+    assert alias.documentation.startswith("Deprecated: use portside_received_bytes")
+    assert alias.samples[0].value == 5
+    for cls in (ListenerStatistics, WorkerStatistics):
+        for name, declared in figures(cls):
+            family = metric_name(name, declared)
+            if "bytes" in name:
+                assert family.endswith("_bytes"), family
+            if any(word in declared.help.lower() for word in ("seconds", "in seconds")) \
+                    and declared.kind in ("gauge", "counter", "histogram"):
+                assert family.endswith("_seconds"), family
+
+
+def test_the_metrics_doc_lists_every_family_as_declared() -> None:
+    from pathlib import Path
+
+    from portside.metrics import families_table
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+    assert families_table() in doc.read_text(), "run: python -m portside.metrics"

@@ -12,6 +12,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +26,10 @@ from conftest import (
     recv_until_eof,
     require_tool,
 )
+from test_connect import on_loop
 
 from portside import AcceptPolicy, CloseReason, Connection, ListenerConfig
+from portside.examples.relay import RelayHandler, Upstream
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +223,60 @@ def test_tcp_close_without_close_notify_is_flagged(
     socket.socket.shutdown(sock, socket.SHUT_WR)  # a bare TCP FIN: no close_notify first
     assert _close_notify_seen(handler) is False
     handler.wait(lambda: handler.closed_count() == 1, "the close")
+
+
+class CountingRelay(RelayHandler):
+    """The relay, counting each client connection's ``connection_closed`` calls."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__((upstream,), send_proxy=0, connect_timeout=WAIT)
+        self.closes: dict[int, int] = {}
+        self.cond = threading.Condition()
+
+    def connection_closed(self, conn: Connection, reason: CloseReason) -> None:
+        with self.cond:
+            self.closes[conn.id] = self.closes.get(conn.id, 0) + 1
+            self.cond.notify_all()
+        super().connection_closed(conn, reason)
+
+
+def test_a_tls_relay_closes_each_connection_once(
+        serve: ServeFactory, certificate: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17, defect 0: the relay closes a TLS client after its upstream's FIN, when the
+    client has gone (its RST came back): the close_notify's send fails and ends the
+    connection inside close(). That connection was then brought back to life and closed a
+    second time (accepted 2, closed 4, open -2, and a drain that never ended)."""
+    caplog.set_level(logging.INFO, logger="portside")
+    host, port = serve().address()  # the upstream: an echo server
+    relay = CountingRelay(Upstream(host, port, None))
+    rs = serve(ListenerConfig(tls=server_context(certificate)), handler=relay)
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    payload = os.urandom(50_000)
+    for _ in range(2):
+        raw = socket.create_connection(rs.address(), timeout=WAIT)
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(payload)
+            received = bytearray()
+            while len(received) < len(payload):
+                chunk = sock.recv(65536)
+                assert chunk, "the relay closed before echoing everything"
+                received += chunk
+            assert received == payload
+        # closed without close_notify: the relay's own close_notify meets a reset
+    with relay.cond:
+        assert relay.cond.wait_for(lambda: len(relay.closes) == 2, WAIT), relay.closes
+
+    def counts() -> tuple[int, int, int, int]:
+        stats = rs.server.statistics().listeners[0]
+        core = rs.server._core
+        assert core is not None
+        return stats.accepted, stats.closed, stats.pending + stats.active, core.open
+    assert on_loop(rs.server, counts) == (2, 2, 0, 0)
+    assert list(relay.closes.values()) == [1, 1]
+    started = time.monotonic()
+    rs.stop(drain_timeout=WAIT)
+    assert time.monotonic() - started < 2.0  # nothing left to drain: it stops at once
+    errors = [record.getMessage() for record in caplog.records
+              if record.levelno >= logging.ERROR]
+    assert errors == []

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,4 +99,57 @@ def test_top_in_an_80_column_terminal(tmux: Tmux, tmp_path: Path) -> None:
     finally:
         for sock in held:
             sock.close()
+        proc.kill()
+
+
+def test_top_shows_a_hostile_peer_path_escaped(tmux: Tmux) -> None:
+    """A peer's Unix socket path with ESC sequences, a newline and ``[/]``: shown escaped on
+    one row, the pane's title untouched, no rich MarkupError; ``?`` shows the keys' help."""
+    from test_peer_text import HOSTILE, hostile_client
+
+    directory = tempfile.mkdtemp(prefix="ps", dir="/tmp")  # a Unix path is short
+    server, control = os.path.join(directory, "s"), os.path.join(directory, "c")
+    proc = PortsideProcess(["echo", "--listen", f"immediate@unix:{server}",
+                            "--control", control])
+    try:
+        proc.wait_for("listening on")
+        with hostile_client(directory, server):
+            command = (f"env -u COLUMNS PYTHONPATH={shlex.quote(SRC)} TERM=xterm-256color "
+                       f"{shlex.quote(sys.executable)} -m portside top --control "
+                       f"{shlex.quote(control)} --interval 0.3")
+            started = tmux.run("new-session", "-d", "-s", "top", "-x", "200", "-y", "30",
+                               command)
+            assert started.returncode == 0, started.stderr
+            tmux.until(lambda: any("connections: 1 of 1" in line for line in tmux.screen()),
+                       "top never showed the connection")
+            tmux.until(lambda: any("\\x1b]0;PWNED\\x07" in line for line in tmux.screen()),
+                       "the path is not shown escaped")
+            screen = tmux.screen()
+            assert not any(line.startswith("1999-12-31") for line in screen), screen
+            title = tmux.run("display-message", "-p", "-t", "top", "#{pane_title}").stdout
+            assert "PWNED" not in title, title
+            assert "? help" in screen[1], screen
+            tmux.run("send-keys", "-t", "top", "?")
+            tmux.until(lambda: any("show or hide this help" in line for line in tmux.screen()),
+                       "? showed no help")
+            tmux.run("send-keys", "-t", "top", "q")
+            tmux.until(lambda: not tmux.alive(), "q did not quit top")
+        assert HOSTILE  # the path the client was bound to
+    finally:
+        proc.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_top_once_prints_no_key_hints(tmp_path: Path) -> None:
+    control = tmp_path / "ctl"
+    proc = PortsideProcess(["echo", "--listen", "immediate@:0", "--control", str(control)])
+    try:
+        proc.wait_for("listening on")
+        result = subprocess.run([sys.executable, "-m", "portside", "top", "--once",
+                                 "--control", str(control)], capture_output=True, text=True,
+                                timeout=WAIT, env={**os.environ, "PYTHONPATH": SRC})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("portside "), result.stdout
+        assert "q quit" not in result.stdout and "? help" not in result.stdout, result.stdout
+    finally:
         proc.kill()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def test_killed_worker_is_replaced_while_the_other_serves(
     ports = supervised.ports()
     first, second = wait_workers(supervised, 2)
     os.kill(first, signal.SIGKILL)
-    supervised.wait_for(rf"worker {first} died .*killed by SIGKILL")
+    supervised.wait_for(rf"\(pid {first}\) died .*killed by SIGKILL")
     replacement = wait_workers(supervised, 1)[0]
     for _ in range(20):
         assert echo_once(ports["immediate"]) == b"ping"
@@ -151,6 +152,35 @@ def test_sigterm_drains_clients_then_exits_zero(supervised: PortsideProcess) -> 
 
 
 @pytest.mark.parametrize("supervised", ENGINES, indirect=True)
+def test_sigterm_refuses_newcomers_at_once_while_a_conversation_finishes(
+        supervised: PortsideProcess) -> None:
+    """Every copy of the listening sockets (each worker's, the supervisor's) closes as draining
+    starts, as in a single process: a newcomer is refused, not left in a backlog nobody
+    accepts from (to hang, then be reset)."""
+    ports = supervised.ports()
+    wait_workers(supervised, 2)
+    sock = socket.create_connection(("127.0.0.1", ports["immediate"]), timeout=WAIT)
+    sock.sendall(b"before")
+    assert sock.recv(6) == b"before"
+    supervised.signal(signal.SIGTERM)
+    supervised.wait_for(r"draining 1 connection")  # the busy worker
+    supervised.wait_for(r"worker \d \(pid \d+\) stopped \(exit status 0\)")  # the idle one
+    for port in ports.values():
+        started = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5.0).close()
+        assert time.monotonic() - started < 1.0
+    sock.sendall(b"during")  # the conversation accepted before goes on to its end
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    while data := sock.recv(4096):
+        received += data
+    assert received == b"during"
+    sock.close()
+    assert supervised.wait_exit() == 0
+
+
+@pytest.mark.parametrize("supervised", ENGINES, indirect=True)
 def test_sighup_restarts_workers_without_breaking_a_live_echo(
         supervised: PortsideProcess, control: Path) -> None:
     ports = supervised.ports()
@@ -192,7 +222,7 @@ def test_sighup_restarts_workers_without_breaking_a_live_echo(
     assert sock.recv(10) == b""
     sock.close()
     for pid in old:  # both retired gracefully: the idle one at once, ours once we left
-        supervised.wait_for(rf"worker {pid} stopped \(exit status 0\)", seen_too=True)
+        supervised.wait_for(rf"\(pid {pid}\) stopped \(exit status 0\)", seen_too=True)
     stats = ctl(control, "stats")
     assert {worker["pid"] for worker in stats["workers"]} == new
 
@@ -245,8 +275,8 @@ def test_stuck_worker_is_replaced(control: Path) -> None:
         stuck = wait_workers(proc, 1)[0]
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
             sock.sendall(b"hang")
-            proc.wait_for(rf"worker {stuck} has not answered")
-            proc.wait_for(rf"worker {stuck} died .*SIGKILL")
+            proc.wait_for(rf"\(pid {stuck}\) has not answered")
+            proc.wait_for(rf"\(pid {stuck}\) died .*SIGKILL")
         wait_workers(proc, 1)
         assert echo_once(port) == b"ping"
         proc.signal(signal.SIGTERM)
@@ -261,7 +291,7 @@ def test_crashing_worker_is_restarted_with_back_off(control: Path) -> None:
         deaths = []
         for _ in range(4):
             deaths.append(proc.wait_for(
-                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker \d+ died .*"
+                r"^(\S+ \S+) \[\d+ supervisor\] WARNING .*worker \d+ \(pid \d+\) died .*"
                 r"exit status 3"))
         stamps = [_seconds_of(match.group(1)) for match in deaths]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]

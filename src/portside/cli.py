@@ -17,8 +17,9 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+from portside.argparsing import Parser
 from portside.config import (
     ListenerConfig,
     parse_listen,
@@ -47,13 +48,6 @@ def _remove_made_paths() -> None:
     while _MADE_PATHS:
         with contextlib.suppress(OSError):
             os.unlink(_MADE_PATHS.pop())
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2, never a usage dump or a traceback."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class _Version(argparse.Action):
@@ -88,40 +82,19 @@ def version() -> str:
         return "(not installed)"
 
 
-def _seconds(text: str) -> float:
-    """A duration > 0 for a client (ctl --timeout, top --interval): 0 would never wait."""
-    from portside.config import parse_positive_seconds
-
-    try:
-        return parse_positive_seconds(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from portside.control.command import add_commands as add_control_commands
     from portside.settings import add_flags
 
-    parser = _Parser(
+    parser = Parser(
         prog="portside",
         description="Run TCP and Unix-socket servers: the echo and Redis-protocol examples, or "
                     "your own Handler class; control and watch a running one.",
-        epilog="Every setting can also come from a PORTSIDE_... environment variable or a "
-               "--config TOML file: see docs/settings.md.")
+        epilog="Every setting can also come from a PORTSIDE_<NAME> environment variable or a "
+               "key of a --config TOML file (the flag's name, without its dashes); "
+               "'portside COMMAND --help' lists them.")
     parser.add_argument("--version", action=_Version)
-    commands = parser.add_subparsers(dest="subcommand", parser_class=_Parser, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="subcommand", parser_class=Parser, metavar="COMMAND")
     echo = commands.add_parser(
         "echo", help="run the echo example: a data-first and an immediate listener",
         description="An echo server. By default it listens on 127.0.0.1:5001 (data-first: a "
@@ -153,18 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="A TCP relay (HAProxy's mode tcp): each client on --listen (127.0.0.1:5003 "
                     "by default) is forwarded to one of the --upstream servers, round robin, "
                     "skipping upstreams that refuse; backpressure and half-close both ways.")
-    relay.add_argument("--upstream", required=True, metavar="HOST:PORT[,HOST:PORT...]",
-                       help="the servers to forward to ([V6]:PORT and unix:PATH too)")
-    relay.add_argument("--send-proxy", default="off", metavar="off|v1|v2",
-                       help="send a PROXY protocol header naming the client to the upstream "
-                            "first (HAProxy's send-proxy / send-proxy-v2); default off")
-    relay.add_argument("--connect-timeout", default="5", metavar="SECONDS",
-                       help="give up on an upstream that has not answered within this long "
-                            "and try the next (default 5, HAProxy's timeout connect)")
+    _relay_flags(relay)
     add_flags(relay, skip=("app_dir",))
 
     add_control_commands(commands)  # ctl and top
     return parser
+
+
+def _relay_flags(parser: argparse.ArgumentParser) -> None:
+    """The relay's own settings (``RelayConfig``, declared in config.py) as flags; unset ones
+    leave no attribute, so its ``PORTSIDE_<NAME>`` variables and defaults apply."""
+    from portside.config import RelayConfig, Switch, default_of, settings_of
+    from portside.settings import _flag_type
+
+    for declared in settings_of(RelayConfig):
+        shown = declared.show_default(default_of(RelayConfig, declared.name))
+        help_text = f"{declared.help} (default: {shown})".replace("%", "%%")
+        if isinstance(declared.kind, Switch):
+            parser.add_argument(declared.flag, dest=declared.name, default=argparse.SUPPRESS,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(declared.flag, dest=declared.name, default=argparse.SUPPRESS,
+                                type=_flag_type(declared), metavar=declared.kind.metavar,
+                                help=help_text)
 
 
 def _legacy_address_flags(parser: argparse.ArgumentParser, ports: Sequence[str]) -> None:
@@ -305,10 +289,13 @@ def _match_handed(listeners: list[ListenerConfig], handed: list[Any],
 def run_server(args: argparse.Namespace) -> int:
     """echo, resp and serve: one process, or a supervisor with --workers."""
     from portside.control.paths import ControlSocket
+    from portside.settings import unknown_environment
     from portside.workers import logs
 
     plan = make_plan(args, os.environ)
     logs.configure(plan.process.log_level, plan.process.log_format)
+    for warning in unknown_environment(os.environ):
+        logger.warning("%s", warning)
     # The control socket is bound first and removed at exit, after a failed start too.
     with ControlSocket(plan.process.control or None) as control:
         if plan.process.workers is not None:
@@ -451,17 +438,20 @@ def _final_line(server: Server) -> None:
 def _relay_environment(args: argparse.Namespace) -> None:
     """Check the relay's own flags and pass them to every process (workers included) in the
     environment the relay's handler reads (see examples/relay.py)."""
+    from portside.config import RelayConfig, settings_of
     from portside.examples import relay
 
-    relay.parse_upstreams(args.upstream)
-    relay.parse_send_proxy(args.send_proxy)
-    timeout = relay.parse_connect_timeout(args.connect_timeout)
-    os.environ[relay.UPSTREAM_ENV] = args.upstream
-    os.environ[relay.SEND_PROXY_ENV] = args.send_proxy
-    os.environ[relay.CONNECT_TIMEOUT_ENV] = str(timeout)
+    given = {declared.name: getattr(args, declared.name)
+             for declared in settings_of(RelayConfig) if hasattr(args, declared.name)}
+    relay.relay_config(os.environ, **given)  # bad or missing values: one line, before forking
+    for declared in settings_of(RelayConfig):
+        if declared.name in given:
+            os.environ[declared.env] = declared.kind.show(given[declared.name])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``portside`` command's server side: echo, serve, resp, relay (``__main__`` sends
+    ``ctl`` and ``top`` straight to ``control.command``)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:

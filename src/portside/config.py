@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from portside.errors import ConfigError
 from portside.protocols.proxy import Version as ProxyVersion
+from portside.text import printable
 
 if TYPE_CHECKING:
     import ssl
@@ -316,10 +317,16 @@ class Workers(Kind):
             import os
 
             return os.cpu_count() or 1
-        return Count(1, 1024).parse(text)
+        try:
+            return int(Count(1, 1024).parse(text))
+        except ValueError:
+            raise ValueError(f"{self.rule()}, got {text!r}") from None
+
+    def rule(self) -> str:
+        return f"{Count(1, 1024).rule()}, or auto"
 
     def check(self, value: Any) -> str | None:
-        return None if value is None else Count(1, 1024).check(value)
+        return None if value is None or Count(1, 1024).check(value) is None else self.rule()
 
     def describe(self) -> str:
         return "number or auto"
@@ -539,7 +546,7 @@ class ListenerConfig:
         "The send buffer of each accepted socket (SO_SNDBUF; nginx's sndbuf); 0 leaves the "
         "kernel's default and autotuning.")
     #: Serve TLS with this server-side context (None: plain TCP); the command line makes it from
-    #: --certfile and --keyfile. See README.
+    #: --certfile and --keyfile (docs/production.md).
     tls: ssl.SSLContext | None = None
     proxy_protocol: ProxyVersion = setting(  # noqa: RUF009 (a field(), made once)
         ProxyVersion.OFF, Choice(ProxyVersion, "PROXY protocol setting"),
@@ -707,6 +714,10 @@ class ProcessConfig:
     heartbeat_timeout: float = setting(
         10 * SECONDS, Seconds(positive=True),
         "With --workers: a worker whose loop has not answered for this long is replaced.")
+    upgrade_timeout: float = setting(
+        60 * SECONDS, Seconds(positive=True),
+        "With --workers: an upgrade (USR2) whose new supervisor is not serving within this "
+        "long is given up (the new one is stopped) and the old one serves on.")
     log_level: LogLevel = setting(  # noqa: RUF009 (a field(), made once)
         LogLevel.INFO, Choice(LogLevel, "log level"), "The least important log lines written.")
     log_format: LogFormat = setting(  # noqa: RUF009 (a field(), made once)
@@ -715,6 +726,82 @@ class ProcessConfig:
 
     def __post_init__(self) -> None:
         _check_settings(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The relay example's own settings (``portside relay``; examples/relay.py), under
+    HAProxy's names where it has one. Not in ``CONFIG_CLASSES``: only the relay command has
+    these flags; its ``PORTSIDE_<NAME>`` variables carry them to every worker. Checked by the
+    relay (``relay.relay_config``), where an upstream list is parsed."""
+
+    upstream: str = setting(
+        "", Text("HOST:PORT[,HOST:PORT...]", optional=False),
+        "The servers to forward to, round robin ([V6]:PORT and unix:PATH too).",
+        default_text="required")
+    send_proxy: str = setting(
+        "off", Text("off|v1|v2", optional=False),
+        "Send a PROXY protocol header naming the client to the upstream first (HAProxy's "
+        "send-proxy / send-proxy-v2).")
+    upstream_tls: bool = setting(
+        False, Switch(),
+        "Speak TLS to the upstreams (stunnel's client mode; HAProxy's ssl on a server line); "
+        "the PROXY header (--send-proxy) goes first, in the clear, as HAProxy sends it.")
+    upstream_ca: str | None = setting(
+        None, Text("FILE"),
+        "With --upstream-tls: trust the upstream certificates this CA bundle (PEM) signed "
+        "(HAProxy's ca-file).", default_text="the system's CAs")
+    upstream_sni: str | None = setting(
+        None, Text("NAME"),
+        "With --upstream-tls: the name sent as SNI and checked in the upstream's certificate "
+        "(HAProxy's sni and verifyhost).", default_text="each upstream's host")
+    upstream_verify: bool = setting(
+        True, Switch(),
+        "With --upstream-tls: verify the upstream's certificate and name; "
+        "--no-upstream-verify encrypts without checking who answers (HAProxy's verify none).")
+    connect_timeout: float = setting(
+        5 * SECONDS, Seconds(positive=True),
+        "Give up on an upstream that has not answered within this long, TLS handshake "
+        "included (HAProxy's timeout connect); the connect is retried (--retries).")
+    retries: int = setting(
+        3, Count(0, 100, "connects"),
+        "After a failed connect, try this many more times before closing the client "
+        "(HAProxy's retries).")
+    redispatch: bool = setting(
+        True, Switch(),
+        "Retries go to the next upstream in rotation rather than the same one (HAProxy's "
+        "option redispatch).")
+    check_interval: float = setting(
+        0.0, Seconds(off_at_zero=True),
+        "Active health checks: a TCP connect to each upstream this often (HAProxy's check "
+        "inter); --fall failures in a row take it out of rotation, --rise successes put it "
+        "back. 0: no checks, every upstream stays in rotation.")
+    check_timeout: float = setting(
+        2 * SECONDS, Seconds(positive=True),
+        "A health check's connect fails after this long (HAProxy's timeout check).")
+    rise: int = setting(
+        2, Count(1, 1000, "checks"),
+        "Successful checks in a row that put a down upstream back (HAProxy's rise).")
+    fall: int = setting(
+        3, Count(1, 1000, "checks"),
+        "Failed checks in a row that take an upstream out of rotation (HAProxy's fall).")
+    tunnel_timeout: float = setting(
+        3600 * SECONDS, Seconds(off_at_zero=True),
+        "Close a client and its upstream after this long with no byte either way (HAProxy's "
+        "timeout tunnel); 0: never.")
+    client_fin_timeout: float = setting(
+        30 * SECONDS, Seconds(off_at_zero=True),
+        "Once the client has half-closed (sent its FIN), close the pair after this long with "
+        "no byte either way (HAProxy's timeout client-fin); 0: only --tunnel-timeout.")
+    server_fin_timeout: float = setting(
+        30 * SECONDS, Seconds(off_at_zero=True),
+        "Once the upstream has half-closed, close the pair after this long with no byte "
+        "either way (HAProxy's timeout server-fin); 0: only --tunnel-timeout.")
+    max_upstream_connections: int = setting(
+        0, Count(0, INT_MAX, "connections (0: as the listeners)"),
+        "Upstream connections (connecting, open or closing) the relay holds at most; a client "
+        "arriving at the limit is closed at once. 0: the sum of the listeners' "
+        "--max-connections.")
 
 
 CONFIG_CLASSES: tuple[type[Any], ...] = (ProcessConfig, ListenerConfig, ServerConfig)
@@ -773,11 +860,18 @@ def format_host_port(host: str, port: int) -> str:
 
 
 def address_label(address: object) -> str:
-    """A socket address as logs and ``ctl`` show it: ``host:port`` (``[v6]:port``) for TCP,
-    the path for a Unix socket, "unix peer" for an unnamed one."""
+    """A socket address as logs, ``ctl`` and ``top`` show it, the one format for them all:
+    ``host:port`` (``[v6]:port``) for TCP, the path for a Unix socket (``@name`` for an
+    abstract one, as ``ss`` shows it), "unix peer" for an unnamed one, "-" for none. A peer
+    chooses its path, so it is escaped (``text.printable``): no control character reaches a
+    terminal or forges a log line."""
+    if address is None:
+        return "-"
     if isinstance(address, tuple) and len(address) >= 2:
-        return format_host_port(str(address[0]), address[1])
-    return str(address) if address else "unix peer"
+        return format_host_port(printable(str(address[0])), address[1])
+    if isinstance(address, (bytes, bytearray)):
+        return "@" + printable(bytes(address[1:])) if address else "unix peer"
+    return printable(str(address)) if address else "unix peer"
 
 
 # MODULE:CLASS after the last "=" of a --listen value: dotted identifiers, so a Unix path
@@ -813,28 +907,6 @@ def parse_policy(text: str) -> AcceptPolicy:
     except ValueError:
         choices = ", ".join(p.value for p in AcceptPolicy)
         raise ConfigError(f"unknown accept policy {text!r} (choose from {choices})") from None
-
-
-def parse_proxy_version(text: str) -> ProxyVersion:
-    try:
-        return ProxyVersion(text.lower())
-    except ValueError:
-        choices = ", ".join(v.value for v in ProxyVersion)
-        raise ConfigError(f"unknown PROXY protocol setting {text!r} (choose from {choices})"
-                          ) from None
-
-
-def parse_engine(text: str) -> Engine:
-    try:
-        return Engine(text.lower())
-    except ValueError:
-        choices = ", ".join(e.value for e in Engine)
-        raise ConfigError(f"unknown engine {text!r} (choose from {choices})") from None
-
-
-def parse_positive_seconds(text: str) -> float:
-    """A duration > 0 from text (a client's ``--timeout``); ValueError says what is wrong."""
-    return float(Seconds(positive=True).parse(text))
 
 
 def _check_settings(config: Any) -> None:

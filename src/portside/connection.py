@@ -99,10 +99,13 @@ class Connection(Protocol):
     def write_buffer_size(self) -> int: ...
 
     @property
-    def tls(self) -> ssl.SSLObject | None: ...
+    def tls(self) -> ssl.SSLObject | None:
+        """The TLS session (listener, ``connect(tls=...)`` or ``start_tls``): ``getpeercert()``,
+        ``selected_alpn_protocol()``, ``version()``, ``cipher()``; None on plain TCP."""
 
     @property
-    def tls_server_name(self) -> str | None: ...
+    def tls_server_name(self) -> str | None:
+        """SNI: the name the client asked for; on a client-side connection, the one sent."""
 
     @property
     def tls_close_notify_received(self) -> bool: ...
@@ -124,6 +127,12 @@ class Connection(Protocol):
     def awaiting_data(self, owed: bool) -> None: ...
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None: ...
+
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool = False,
+                  server_hostname: str | None = None, unread: int = 0,
+                  handshake_timeout: float | None = None) -> bool:
+        """Upgrade to TLS in place (STARTTLS); ``Handler.tls_established`` follows. With
+        ``unread`` plaintext bytes held past the command, refuse: close, return False."""
 
     def write_eof(self) -> None:
         """Half-close: send what is queued, then FIN; reading goes on."""

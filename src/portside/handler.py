@@ -14,6 +14,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from portside.config import address_label
 from portside.errors import ErrorOrigin
 
 if TYPE_CHECKING:
@@ -77,6 +78,13 @@ class Handler:
         returns: ``conn.write(data)`` is safe (unsent bytes are copied); to keep bytes for later,
         copy them (``bytes(data)``)."""
 
+    def tls_established(self, conn: Connection) -> None:
+        """The TLS handshake begun by ``conn.start_tls`` (STARTTLS) is done: ``conn.tls``
+        has the peer's certificate and the ALPN protocol, and what was written since
+        ``start_tls`` has gone out encrypted. A handshake that fails closes the connection
+        instead (``connection_closed`` with ``TLS_ERROR``). Not called for listener or
+        ``connect(tls=...)`` connections: they are handshaken before ``connection_made``."""
+
     def eof_received(self, conn: Connection) -> None:
         """The peer closed its sending side (half-close). Reading stops; writing still works.
 
@@ -106,7 +114,10 @@ class Handler:
 
     def connect_failed(self, attempt: ConnectAttempt, exc: OSError) -> None:
         """An outbound connect (``Server.connect``) failed: refused, unreachable, timed out
-        (``TimeoutError``), cancelled or cut short by shutdown (``ConnectionAbortedError``).
+        (``TimeoutError``), cancelled or cut short by shutdown (``ConnectionAbortedError``);
+        with ``tls``, the handshake failed (an ``ssl.SSLError``: ``SSLCertVerificationError``
+        for a bad certificate or a wrong host name; ``exc.strerror`` says it plainly, e.g.
+        "certificate verify failed: self-signed certificate") or the peer closed during it.
         Called once per attempt, instead of ``connection_made``. The default logs a line
         (rate-limited: a few per interval, then a summary)."""
         attempt.log.log("connect-failed", logging.WARNING,
@@ -128,7 +139,8 @@ class Handler:
 
 
 def _log_error(conn: Connection | None, exc: BaseException, origin: ErrorOrigin | None) -> None:
-    where = f"connection {conn.id} from {conn.peer_address!r}" if conn is not None else "server"
+    where = (f"connection {conn.id} from {address_label(conn.peer_address)}"
+             if conn is not None else "server")
     source = f" ({origin.value})" if origin is not None else ""
     logger.error("error%s on %s: %r", source, where, exc, exc_info=exc)
 

@@ -14,6 +14,12 @@ batch's replies are corked into one send, but the cork is flushed whenever it ho
 high water, so the engine sees the queue grow. So 200 pipelined ``GET``s of a 1 MiB value in
 one read hold about high water plus one reply, not 200 MiB. A subclass that overrides
 ``pause_writing``, ``resume_writing`` or ``write_drained`` must call ``super()``.
+
+A fast path: a framer that can answer some messages itself as it parses them (an
+``AnsweringFramer``, typically compiled, such as the RESP example's) is handed each read whole
+while nothing is in flight or held and the write queue is under high water; its replies leave
+in one write, and each message it hands back runs through ``message_received`` in its place,
+so order and every limit hold as on the ordinary path.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
+from portside.config import address_label
 from portside.connection import Connection, LayerConnection, as_layer
 from portside.engine.states import CloseReason
 from portside.errors import ErrorOrigin, ProtocolError
 from portside.handler import Handler, report_error
 from portside.ordering import Outcome, ReplySequencer
-from portside.protocols.framing import Framer, LineFramer
+from portside.protocols.framing import Buffer, Framer, LineFramer
 
 logger = logging.getLogger("portside")
 
@@ -49,6 +56,26 @@ def shared_executor(workers: int) -> ThreadPoolExecutor:
         return _shared_executor
 
 
+@runtime_checkable
+class AnsweringFramer(Protocol[M]):
+    """A framer that answers some messages itself, as it parses them: ``MessageHandler``'s
+    fast path (see the module's docstring). ``serve`` begins a read, ``resume`` goes on with
+    the read it stopped (the same ``data``), ``rest`` gives that read's remaining messages
+    as ``feed`` would and ends it; each answers until a message it does not take (returned,
+    for ``message_received``) or more than ``limit`` reply bytes, and returns the replies."""
+
+    @property
+    def reading(self) -> bool:
+        """True while a read ``serve`` stopped has messages left."""
+        ...
+
+    def serve(self, data: Buffer, limit: int) -> tuple[bytes, M | None]: ...
+
+    def resume(self, data: Buffer, limit: int) -> tuple[bytes, M | None]: ...
+
+    def rest(self, data: Buffer) -> list[M]: ...
+
+
 @dataclass(slots=True, eq=False)
 class MessageSession(Generic[M]):
     """What ``MessageHandler`` keeps for each connection, in the connection's one slot for the
@@ -56,6 +83,8 @@ class MessageSession(Generic[M]):
 
     framer: Framer[M]
     sequencer: ReplySequencer
+    #: The framer is an ``AnsweringFramer`` (looked up once, at connection_made).
+    answering: bool = False
 
 
 class MessageHandler(Handler, Generic[M]):
@@ -77,6 +106,17 @@ class MessageHandler(Handler, Generic[M]):
     def message_received(self, conn: Connection, message: M) -> None:
         """A whole message arrived."""
 
+    def framer(self, conn: Connection) -> Framer[M]:
+        """The connection's framer (``make_framer``'s, made at ``connection_made``)."""
+        framer: Framer[M] = as_layer(conn).layer.framer
+        return framer
+
+    def framer_may_answer(self, conn: Connection) -> bool:
+        """Whether an ``AnsweringFramer`` may answer messages itself now (default: yes):
+        asked at each read, and again before a read it stopped goes on. Return False while
+        your state must see every message (inside a transaction, say)."""
+        return True
+
     def encode_reply(self, conn: Connection, reply: Any) -> list[Any]:
         """The chunks to write for ``reply``; by default the framer's encoding."""
         framer: Framer[M] = as_layer(conn).layer.framer
@@ -85,13 +125,14 @@ class MessageHandler(Handler, Generic[M]):
     def offload_failed(self, conn: Connection, exc: BaseException) -> None:
         """Work handed to the pool raised. Default: log it once and close the connection after
         the replies before it (nothing after it is sent)."""
-        logger.error("offloaded work failed on connection %d from %r: %r", conn.id,
-                     conn.peer_address, exc, exc_info=exc)
+        logger.error("offloaded work failed on connection %d from %s: %r", conn.id,
+                     address_label(conn.peer_address), exc, exc_info=exc)
         conn.close()
 
     def protocol_error(self, conn: Connection, exc: ProtocolError) -> None:
         """The peer broke the framing. Default: log one line and close the connection."""
-        logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address, exc)
+        logger.warning("closing connection %d from %s: %s", conn.id,
+                       address_label(conn.peer_address), exc)
         as_layer(conn).close_for(CloseReason.PROTOCOL_ERROR)
 
     # -- replies ---------------------------------------------------------------------------------
@@ -188,18 +229,26 @@ class MessageHandler(Handler, Generic[M]):
     # -- the stream side -------------------------------------------------------------------------
 
     def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:
-        as_layer(conn).layer = MessageSession(self.make_framer(), ReplySequencer())
+        framer = self.make_framer()
+        as_layer(conn).layer = MessageSession(framer, ReplySequencer(),
+                                              isinstance(framer, AnsweringFramer))
         super().connection_made(conn, first_data)
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
         layered = as_layer(conn)
-        framer: Framer[M] = layered.layer.framer
+        session: MessageSession[M] = layered.layer
+        framer = session.framer
+        sequencer = session.sequencer
+        if (session.answering and self.framer_may_answer(conn)
+                and sequencer.next_issue == sequencer.next_release and not sequencer.held
+                and conn.write_buffer_size <= conn.listener.config.write_high_water):
+            self._answer_read(layered, framer, sequencer, data)
+            return
         try:
             messages = framer.feed(data)
         except ProtocolError as exc:
             self.protocol_error(conn, exc)
             return
-        sequencer: ReplySequencer = layered.layer.sequencer
         if len(messages) > 1:
             # A pipelined batch: its replies leave in one send, not one send per reply.
             conn.cork()
@@ -211,6 +260,54 @@ class MessageHandler(Handler, Generic[M]):
                 conn.uncork()
         else:
             self._dispatch(layered, sequencer, messages)
+        if framer.error is not None and conn.is_open:  # after the messages before the bad one
+            self.protocol_error(conn, framer.error)
+            return
+        conn.awaiting_data(framer.buffered > 0)  # a message begun: read_timeout runs
+
+    def _answer_read(self, conn: LayerConnection, framer: Framer[M], sequencer: ReplySequencer,
+                     data: memoryview) -> None:
+        """The fast path: the framer answers what it takes, into one write; a message it hands
+        back goes to ``_dispatch`` (``message_received``) after the replies before it, and the
+        framer goes on while nothing is in flight or held and the queue is under high water;
+        else the rest of the read goes through ``_dispatch``, which holds what must wait."""
+        fast = cast("AnsweringFramer[M]", framer)  # session.answering says it is one
+        high_water = conn.listener.config.write_high_water
+        try:
+            replies, message = fast.serve(data, high_water)
+        except ProtocolError as exc:
+            self.protocol_error(conn, exc)
+            return
+        if message is not None or fast.reading:
+            corked = False
+            try:
+                while True:
+                    if replies:
+                        if corked:
+                            self._send(conn, sequencer, [replies])
+                        else:
+                            conn.write(replies)
+                    if message is not None:
+                        if not corked and fast.reading:
+                            # Messages answered here between the framer's: still one send.
+                            conn.cork()
+                            sequencer.cork_room = high_water
+                            corked = True
+                        self._dispatch(conn, sequencer, (message,))
+                    if not fast.reading:
+                        break
+                    if (not conn.is_open or sequencer.next_issue != sequencer.next_release
+                            or sequencer.held or not self.framer_may_answer(conn)
+                            or conn.write_buffer_size > high_water):
+                        self._dispatch(conn, sequencer, fast.rest(data))  # held, in order
+                        break
+                    replies, message = fast.resume(data, high_water)
+            finally:
+                if corked:
+                    sequencer.cork_room = None
+                    conn.uncork()
+        elif replies:  # the common case: every message answered
+            conn.write(replies)
         if framer.error is not None and conn.is_open:  # after the messages before the bad one
             self.protocol_error(conn, framer.error)
             return

@@ -4,7 +4,7 @@ The exporter reads the same statistics as ``portside ctl stats`` (summed over th
 the supervisor), so metrics and the control command never disagree, and every family is
 derived from the figures declared in ``portside.statistics``: its name (``portside_`` and the
 field's name, or the declared metric), help text, kind and labels. Per-process series are
-labelled by worker slot (``worker="0"``), which a replacement worker keeps, not by pid; the
+labelled by worker number (``worker="1"``), which a replacement worker keeps, not by pid; the
 supervisor's own process figures carry ``worker="supervisor"``. A scraper that asks for
 OpenMetrics (``Accept: application/openmetrics-text``) gets it.
 
@@ -17,10 +17,12 @@ to a full table replaces the oldest client still sending its head (``engine.serv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -44,6 +46,7 @@ from portside.statistics import (
     Figure,
     ListenerStatistics,
     OutboundStatistics,
+    UpstreamStatistics,
     WorkerStatistics,
     figures,
     metric_name,
@@ -56,8 +59,19 @@ MAX_REQUEST = 8 * 1024
 HEAD_TIMEOUT = 5.0  # seconds for a scraper to send its request head, and again to take the answer
 MAX_CLIENTS = 64
 LINGER_BYTES = 1024 * 1024  # dropped after an answer before giving up on a clean close
+#: The metrics port's descriptor, handed by a supervisor to its successor (USR2).
+INHERIT_ENV = "PORTSIDE_METRICS_FD"
 
 Family = CounterMetricFamily | GaugeMetricFamily
+
+
+class MetricsTarget(ControlTarget, Protocol):
+    """What the endpoint serves: ``stats`` through ``control``, and readiness."""
+
+    def readiness(self) -> str | None:
+        """None while new connections are welcome (listening, not draining, not paused);
+        else why not, in a word or two (``/readyz`` answers 503 with it)."""
+        ...
 
 
 class _Families:
@@ -89,6 +103,7 @@ class StatsCollector(Collector):
         families = _Families()
         _per_entry(families, ListenerStatistics, self.document["listeners"], "listener")
         _per_entry(families, OutboundStatistics, self.document.get("outbound", []), "outbound")
+        _per_entry(families, UpstreamStatistics, self.document.get("upstreams", []), "upstream")
         processes = _by_slot(self.document["workers"])
         supervisor = self.document.get("supervisor")
         for name, declared in figures(WorkerStatistics):
@@ -106,10 +121,9 @@ class StatsCollector(Collector):
                 for pool, values in self.document["pools"].items():
                     family.add_metric([pool], values[name])
         yield from families.made.values()
-        yield GaugeMetricFamily("portside_accepting_paused", "1 while accepting is paused.",
-                                value=int(bool(self.document["accepting_paused"])))
-        yield GaugeMetricFamily("portside_draining", "1 while draining (ctl drain).",
-                                value=int(bool(self.document.get("draining"))))
+        for gauge, _, _, help_text in DOCUMENT_FAMILIES:
+            key = gauge.removeprefix("portside_")
+            yield GaugeMetricFamily(gauge, help_text, value=int(bool(self.document.get(key))))
 
 
 def _per_entry(families: _Families, cls: type[Any], entries: list[dict[str, Any]],
@@ -120,10 +134,18 @@ def _per_entry(families: _Families, cls: type[Any], entries: list[dict[str, Any]
         constant = dict(declared.labels)
         family_name = metric_name(name, declared)
         if _numeric(declared):
-            family = families.get(family_name, declared, [label, *constant])
-            for entry in entries:
-                if name in entry:
-                    family.add_metric([entry["name"], *constant.values()], float(entry[name]))
+            exported = [families.get(family_name, declared, [label, *constant])]
+            if declared.deprecated is not None:  # the former name, for one release
+                exported.append(families.get(
+                    metric_name(name, dataclasses.replace(declared, metric=declared.deprecated)),
+                    dataclasses.replace(declared, help=f"Deprecated: use {family_name} (this "
+                                        f"name goes in the next release). {declared.help}"),
+                    [label, *constant]))
+            for family in exported:
+                for entry in entries:
+                    if name in entry:
+                        family.add_metric([entry["name"], *constant.values()],
+                                          float(entry[name]))
         elif declared.kind == "reasons":
             family = families.get(family_name, Figure("counter", declared.help),
                                   [label, "reason"])
@@ -187,17 +209,37 @@ def bind_metrics(address: str) -> socket.socket:
     return sock
 
 
+def adopt_metrics(address: str) -> socket.socket | None:
+    """The metrics socket a supervisor handed over (``INHERIT_ENV``) if it listens where
+    ``address`` asks (any port, for port 0); else None, and it is closed."""
+    inherited = os.environ.pop(INHERIT_ENV, "")
+    if not inherited.isdigit():
+        return None
+    try:
+        sock = socket.socket(fileno=int(inherited))
+        bound = sock.getsockname()
+    except OSError:
+        return None
+    port_text = address.rpartition(":")[2]
+    if port_text.isdigit() and int(port_text) in (0, bound[1]):
+        sock.setblocking(False)
+        return sock
+    sock.close()  # --metrics changed: bind the new address, the old one stays its owner's
+    return None
+
+
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class Scrape(SideClient):
-    """One HTTP request for /metrics: read the request head, answer once, close."""
+    """One HTTP request (/metrics, /healthz, /readyz): read the request head, answer once,
+    close."""
 
     close_when_sent = True
 
-    def __init__(self, sock: socket.socket, target: ControlTarget, reactor: Reactor,
+    def __init__(self, sock: socket.socket, target: MetricsTarget, reactor: Reactor,
                  on_close: Callable[[ServiceClient], None], timeout: float) -> None:
         super().__init__(sock, reactor, on_close, timeout)
         self.target = target
@@ -243,13 +285,24 @@ class Scrape(SideClient):
             if name.strip().lower() == b"accept" and \
                     b"application/openmetrics-text" in value.lower():
                 self.open_metrics = True
-        if method != b"GET":
+        if path in (b"/healthz", b"/readyz") and method in (b"GET", b"HEAD"):
+            self._health(path == b"/readyz", method == b"HEAD")
+        elif method != b"GET":
             self.respond(405, b"only GET\n")
         elif path not in (b"/metrics", b"/"):
-            self.respond(404, b"try /metrics\n")
+            self.respond(404, b"try /metrics, /healthz or /readyz\n")
         else:
             self.answering = True
             self.target.control(protocol.Request("stats"), self._got_stats)
+
+    def _health(self, readiness: bool, head: bool) -> None:
+        """``/healthz``: 200 while this process's loop answers (liveness). ``/readyz``: 200
+        while new connections are welcome, 503 from the moment draining starts, so that a
+        balancer's check (HAProxy ``option httpchk``, a Kubernetes readiness probe) stops
+        sending before connections are refused."""
+        why = self.target.readiness() if readiness else None
+        body = b"ok\n" if why is None else f"not ready: {why}\n".encode()
+        self.respond(200 if why is None else 503, body, head=head)
 
     def expired(self) -> None:
         self._timer = None
@@ -269,25 +322,30 @@ class Scrape(SideClient):
         self.respond(200, body, openmetrics.CONTENT_TYPE_LATEST if self.open_metrics
                      else CONTENT_TYPE)
 
-    def respond(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+    def respond(self, status: int, body: bytes, content_type: str = "text/plain",
+                head: bool = False) -> None:
+        """Send the answer (to HEAD: the head alone, with the length the body would have)."""
         if self.closed:
             return
         self.renew()  # a fresh period to take the answer
         self.stop_reading()
         self.send((f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                   ).encode() + body)
+                   ).encode() + (b"" if head else body))
 
 
 class MetricsServer(SideListener):
-    """Serves ``/metrics`` from a control target's ``stats``, on the owner's loop."""
+    """Serves ``/metrics`` from a control target's ``stats``, and ``/healthz`` and
+    ``/readyz`` from its readiness, on the owner's loop."""
 
-    def __init__(self, address: str, target: ControlTarget, head_timeout: float = HEAD_TIMEOUT,
-                 max_clients: int = MAX_CLIENTS) -> None:
+    def __init__(self, address: str, target: MetricsTarget, head_timeout: float = HEAD_TIMEOUT,
+                 max_clients: int = MAX_CLIENTS, sock: socket.socket | None = None) -> None:
+        """``sock``: one already listening (handed over in an upgrade), else ``address`` is
+        bound."""
         self.address = address
         self.target = target
         self.head_timeout = head_timeout
-        super().__init__(bind_metrics(address), self._client, max_clients)
+        super().__init__(sock or bind_metrics(address), self._client, max_clients)
 
     def _client(self, sock: socket.socket, reactor: Reactor,
                 on_close: Callable[[ServiceClient], None]) -> Scrape:
@@ -296,3 +354,43 @@ class MetricsServer(SideListener):
     def attach(self, reactor: Reactor) -> None:
         super().attach(reactor)
         logger.info("metrics on http://%s/metrics", address_label(self.sock.getsockname()))
+
+
+#: Families that come from the document itself rather than a declared figure.
+DOCUMENT_FAMILIES = (("portside_accepting_paused", "gauge", "", "1 while accepting is paused."),
+                     ("portside_draining", "gauge", "", "1 while draining (ctl drain)."))
+
+
+def families_table() -> str:
+    """Every exported family as a Markdown table, from the declarations (docs/metrics.md)."""
+    rows: dict[str, list[str]] = {}
+    sources: list[tuple[str, list[tuple[str, Figure]]]] = [
+        ("listener", figures(ListenerStatistics)), ("outbound", figures(OutboundStatistics)),
+        ("worker", [(name, declared) for name, declared in figures(WorkerStatistics)
+                    if _numeric(declared)]),
+        ("pool", list(POOL_FIGURES.items()))]
+    for label, declared_figures in sources:
+        for name, declared in declared_figures:
+            if declared.kind not in ("counter", "gauge", "reasons", "histogram") \
+                    or declared.metric == "":
+                continue
+            kind = "counter" if declared.kind == "reasons" else declared.kind
+            family = metric_name(name, declared) + ("_total" if kind == "counter" else "")
+            labels = [label, *(key for key, _ in declared.labels)]
+            if declared.kind == "reasons":
+                labels.append("reason")
+            row = rows.setdefault(family, [f"`{family}`", kind, "", declared.help, ""])
+            row[2] = ", ".join(dict.fromkeys([*filter(None, row[2].split(", ")), *labels]))
+            if declared.deprecated is not None:
+                row[4] = f"`portside_{declared.deprecated}" + \
+                    ("_total`" if kind == "counter" else "`")
+    for gauge, gauge_kind, gauge_labels, help_text in DOCUMENT_FAMILIES:
+        rows[gauge] = [f"`{gauge}`", gauge_kind, gauge_labels, help_text, ""]
+    lines = ["| Family | Type | Labels | What | Former name (deprecated) |",
+             "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell or "" for cell in row) + " |" for row in rows.values()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(families_table(), end="")

@@ -23,6 +23,7 @@ import logging
 import select
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import FrameType
@@ -38,7 +39,7 @@ from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT, ConnectAttempt
 from portside.engine.reactor import Reactor, TimerHandle
 from portside.errors import ConfigError, ServerStateError
 from portside.handler import Handler
-from portside.statistics import ServerStatistics
+from portside.statistics import ServerStatistics, UpstreamStatistics
 
 logger = logging.getLogger("portside")
 
@@ -175,6 +176,7 @@ class Server:
         self._io_pool = io_pool
         if io_pool is not None:
             io_pool._add(self)
+        self._upstream_sources: list[Callable[[], Iterable[UpstreamStatistics]]] = []
 
     @property
     def handlers(self) -> tuple[Handler, ...]:
@@ -215,6 +217,12 @@ class Server:
         self.state = ServerState.STARTED
         if self._io_pool is not None:
             self._io_pool._join(self)
+
+    def add_upstream_statistics(self, source: Callable[[], Iterable[UpstreamStatistics]]
+                                ) -> None:
+        """Report upstream servers in ``statistics()`` (so in ctl, metrics and top): a relay's
+        handler calls this from ``server_started``; ``source`` is called on the loop."""
+        self._upstream_sources.append(source)
 
     def add_service(self, service: Service) -> None:
         """Run ``service`` on this server's loop while it runs (the control socket, say)."""
@@ -390,8 +398,9 @@ class Server:
     # -- control (thread-safe) -------------------------------------------------------------------
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
-        """Run ``callback`` on the server's loop; the way other threads touch connections."""
-        if self._reactor is None:
+        """Run ``callback`` on the server's loop; the way other threads touch connections.
+        Raises ServerStateError before the server runs and after it stopped."""
+        if self._reactor is None or self.state is ServerState.STOPPED:
             raise ServerStateError("the server is not running")
         self._reactor.call_soon_threadsafe(callback)
 
@@ -427,33 +436,52 @@ class Server:
 
     def connect(self, host: str, port: int, handler: Handler, *,
                 timeout: float = DEFAULT_CONNECT_TIMEOUT, user_data: Any = None,
-                config: ListenerConfig | None = None) -> ConnectAttempt:
+                config: ListenerConfig | None = None, tls: ssl.SSLContext | bool | None = None,
+                server_hostname: str | None = None, preamble: bytes = b"") -> ConnectAttempt:
         """Open an outbound TCP connection on this server's engine (from any thread; the
         attempt starts on the loop). ``handler`` gets ``connection_made(conn, None)`` and then
         the usual callbacks, or ``connect_failed(attempt, exc)`` once instead; ``conn.user_data``
         is ``user_data`` from the start. ``config``'s per-connection policies apply (write
         water marks, write_limit, idle and write timeouts); its listening fields do not.
 
+        TLS: ``tls`` (a client-side ``SSLContext``; True for ``ssl.create_default_context()``;
+        default: ``config.tls``) makes the connection speak TLS. The server's certificate and
+        name are checked as the context says (by default: verified against the system's CAs,
+        and ``server_hostname``, default ``host``, is sent as SNI and must match). The
+        handshake is part of connecting: ``connection_made`` comes once it is done
+        (``conn.tls`` then has the peer's certificate and ALPN), and ``timeout`` covers it.
+        ``preamble`` is sent in the clear first (a PROXY header, before any TLS record).
+
         Resource handling: the connection is the server's like an accepted one: shutdown
         closes it (``connection_closed`` comes for every one), and fails connects under way.
-        Error handling: a bad ``timeout`` raises ConfigError; a server that is not running
-        raises ServerStateError; everything else reaches ``connect_failed``.
+        Error handling: a bad ``timeout`` or a server-side ``tls`` context raises ConfigError;
+        a server that is not running raises ServerStateError; everything else (refused,
+        timed out, a bad certificate, a wrong host name, a failed handshake) reaches
+        ``connect_failed``.
         """
-        return self._connect(handler, host, port, None, timeout, user_data, config)
+        return self._connect(handler, host, port, None, timeout, user_data, config, tls,
+                             server_hostname, preamble)
 
     def connect_unix(self, path: str, handler: Handler, *,
                      timeout: float = DEFAULT_CONNECT_TIMEOUT, user_data: Any = None,
-                     config: ListenerConfig | None = None) -> ConnectAttempt:
-        """``connect`` to a Unix-domain socket at ``path``."""
-        return self._connect(handler, None, 0, path, timeout, user_data, config)
+                     config: ListenerConfig | None = None,
+                     tls: ssl.SSLContext | bool | None = None,
+                     server_hostname: str | None = None,
+                     preamble: bytes = b"") -> ConnectAttempt:
+        """``connect`` to a Unix-domain socket at ``path`` (with ``tls``, ``server_hostname``
+        is required when the context checks names)."""
+        return self._connect(handler, None, 0, path, timeout, user_data, config, tls,
+                             server_hostname, preamble)
 
     def _connect(self, handler: Handler, host: str | None, port: int, path: str | None,
-                 timeout: float, user_data: Any,
-                 config: ListenerConfig | None) -> ConnectAttempt:
+                 timeout: float, user_data: Any, config: ListenerConfig | None,
+                 tls: ssl.SSLContext | bool | None, server_hostname: str | None,
+                 preamble: bytes) -> ConnectAttempt:
         core = self._core
         if core is None or self.state not in (ServerState.RUNNING, ServerState.DRAINING):
             raise ServerStateError(f"cannot connect from a server that is {self.state.value}")
-        return core.connector(config).connect(handler, host, port, path, timeout, user_data)
+        return core.connector(config).connect(handler, host, port, path, timeout, user_data,
+                                              tls, server_hostname, preamble)
 
     def connections(self) -> list[Connection]:
         """Live connections, pending ones included (call on the loop thread)."""
@@ -475,6 +503,7 @@ class Server:
             # A copy first (one C call): another thread's connect() may add a connector.
             outbound=tuple(connector.statistics() for connector in list(core.connectors.values()))
             if core else (),
+            upstreams=tuple(entry for source in self._upstream_sources for entry in source()),
         )
 
     # -- shutdown --------------------------------------------------------------------------------
@@ -535,9 +564,17 @@ class Server:
         if self.state is ServerState.RUNNING:
             self._shutdown(0.0)
         for conn in core.live():
-            conn.abort_for(CloseReason.SHUTDOWN)
-        if self.state is ServerState.DRAINING and not core.open:
-            self._finish()
+            try:
+                conn.abort_for(CloseReason.SHUTDOWN)
+            except Exception:  # a bug in portside: the others are still aborted
+                logger.exception("internal error aborting %r at a forced shutdown", conn)
+        # Forced means the server stops now, whatever the count of open connections says: a
+        # count that a bug left wrong must not keep the process alive (see
+        # EngineCore.finished_twice).
+        if core.open:
+            logger.error("internal error: %d connection(s) still counted open after every "
+                         "one was aborted; stopping anyway", core.open)
+        self._finish()
 
     def _on_idle(self) -> None:
         if self.state is ServerState.DRAINING and not self._announcing:

@@ -16,6 +16,7 @@ from portside.config import (
     CONFIG_CLASSES,
     ListenerConfig,
     ProcessConfig,
+    RelayConfig,
     ServerConfig,
     Setting,
     Switch,
@@ -25,6 +26,11 @@ from portside.config import (
 from portside.errors import ConfigError
 
 CONFIG_ENV = "PORTSIDE_CONFIG"
+#: Variables portside sets for itself (workers, upgrades and the sockets they hand over, socket
+#: activation), not settings, but not unknown either (a test finds every PORTSIDE_ name in the
+#: source here).
+INTERNAL_ENV = frozenset({"PORTSIDE_WORKER", "PORTSIDE_LISTEN_FDS", "PORTSIDE_UPGRADE_FD",
+                          "PORTSIDE_CONTROL_FD", "PORTSIDE_METRICS_FD"})
 SECTION_TITLES = {ProcessConfig: "The process", ListenerConfig: "Every listener",
                   ServerConfig: "The engine"}
 
@@ -80,6 +86,10 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the codec's error out
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}: line {line}: byte 0x{exc.object[exc.start]:02x} "
+                          "is not valid UTF-8 (a TOML file is UTF-8)") from None
     known = {declared.name: declared for _, declared in all_settings()}
     values: dict[str, Any] = {}
     for key, value in document.items():
@@ -89,9 +99,9 @@ def read_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
         try:
             values[name] = declared.kind.coerce(value)
-            rule = declared.kind.check(values[name])
-        except (ValueError, ConfigError) as exc:
-            rule = str(exc)
+        except (ValueError, ConfigError) as exc:  # the message quotes the value already
+            raise ConfigError(f"config file {path}: {key} {exc}") from None
+        rule = declared.kind.check(values[name])
         if rule is not None:
             raise ConfigError(f"config file {path}: {key} {rule}, got {value!r}")
     return values
@@ -113,6 +123,24 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{declared.env}: {exc}") from None
     return values
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``PORTSIDE_...`` variable that is no setting (a typo is otherwise
+    ignored without a word), naming the closest setting's variable."""
+    import difflib
+
+    known = ({declared.env for _, declared in all_settings()}
+             | {declared.env for declared in settings_of(RelayConfig)}  # portside relay's own
+             | {CONFIG_ENV})
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("PORTSIDE_") or name in known or name in INTERNAL_ENV:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"ignoring unknown environment variable {name}{hint}")
+    return warnings
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,11 @@ class Figure:
     plus the field name unless given ("" for none); ``labels`` put several fields into one
     family (``portside_timeouts_total{kind="idle"}``). ``column``/``short``: the header in
     ``portside top`` (wide/narrow), ``rate`` shows it per second, ``priority`` orders which
-    columns stay when the terminal is narrow (lower stays longer).
+    columns stay when the terminal is narrow (lower stays longer). ``deprecated``: the
+    family's former name, still exported as an alias for one release (docs/metrics.md).
+
+    Family names follow the Prometheus naming guide: the unit in the name, plural
+    (``_bytes``, ``_seconds``), and ``_total`` on every counter (added on export).
     """
 
     kind: Kind
@@ -47,6 +51,7 @@ class Figure:
     rate: bool = False
     priority: int = 50
     merge: Merge | None = None
+    deprecated: str | None = None
 
     @property
     def merged_by(self) -> Merge:
@@ -128,10 +133,10 @@ class ListenerStatistics:
         labels=(("kind", "write"),), column="write t/o", short="wr", priority=72))
     bytes_in: int = field(metadata=figure(
         "counter", "Bytes read from clients.", column="in kB/s", short="in k/s", rate=True,
-        priority=25))
+        priority=25, metric="received_bytes", deprecated="bytes_in"))
     bytes_out: int = field(metadata=figure(
         "counter", "Bytes written to clients.", column="out kB/s", short="out k/s", rate=True,
-        priority=26))
+        priority=26, metric="sent_bytes", deprecated="bytes_out"))
     #: Closed connections by close reason (``CloseReason`` values, such as "closed", "reset",
     #: "first-data-timeout"); only reasons seen so far appear.
     closed_by_reason: dict[str, int] = field(metadata=figure(
@@ -194,10 +199,12 @@ class OutboundStatistics:
         "counter", "Outbound connections closed by a timeout.", metric="outbound_timeouts",
         labels=(("kind", "write"),), column="write t/o", short="wr", priority=72))
     bytes_in: int = field(metadata=figure(
-        "counter", "Bytes read from outbound connections.", metric="outbound_bytes_in",
+        "counter", "Bytes read from outbound connections.", metric="outbound_received_bytes",
+        deprecated="outbound_bytes_in",
         column="in kB/s", short="in k/s", rate=True, priority=25))
     bytes_out: int = field(metadata=figure(
-        "counter", "Bytes written to outbound connections.", metric="outbound_bytes_out",
+        "counter", "Bytes written to outbound connections.", metric="outbound_sent_bytes",
+        deprecated="outbound_bytes_out",
         column="out kB/s", short="out k/s", rate=True, priority=26))
     closed_by_reason: dict[str, int] = field(metadata=figure(
         "reasons", "Outbound connections closed, by close reason.", metric="outbound_closed"))
@@ -209,6 +216,52 @@ class OutboundStatistics:
         "part", "Sum of the connect times, in seconds."))
     connect_count: int = field(metadata=figure(
         "part", "How many connect times were measured."))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatistics:
+    """One upstream server of a relay (examples/relay.py): whether it is in rotation, what its
+    health checks and connects found. Entries of the same ``name`` are merged over workers
+    (each worker checks on its own, as HAProxy's processes did)."""
+
+    name: str = field(metadata=figure(
+        "label", "The upstream's address.", column="upstream", short="ups", priority=0))
+    state: str = field(metadata=figure(
+        "state", "up (in rotation) or down (taken out by its health checks).", column="state",
+        short="st", priority=5))
+    up: int = field(metadata=figure(
+        "gauge", "1 while the upstream is in rotation (summed over workers).",
+        metric="upstream_up"))
+    check_status: str = field(metadata=figure(
+        "state", "The last health check, as HAProxy says it: L4OK, L4CON (refused), L4TOUT "
+        "(timed out), or none (no checks).", column="check", short="chk", priority=8))
+    checks_passed: int = field(metadata=figure(
+        "counter", "Health checks that connected.", metric="upstream_checks",
+        labels=(("result", "passed"),), column="chk ok", priority=40))
+    checks_failed: int = field(metadata=figure(
+        "counter", "Health checks that failed.", metric="upstream_checks",
+        labels=(("result", "failed"),), column="chk fail", short="chkf", priority=20))
+    downs: int = field(metadata=figure(
+        "counter", "Times the upstream was taken out of rotation (HAProxy's chkdown).",
+        metric="upstream_downs", column="downs", priority=30))
+    connecting: int = field(metadata=figure(
+        "gauge", "Client connects to the upstream under way.", metric="upstream_connecting",
+        column="connecting", short="cing", priority=25))
+    active: int = field(metadata=figure(
+        "gauge", "Open connections to the upstream (closing ones included).",
+        metric="upstream_connections", column="active", short="act", priority=10))
+    connected: int = field(metadata=figure(
+        "counter", "Client connects to the upstream that succeeded.",
+        metric="upstream_connected", column="connected", short="conn", priority=15))
+    connect_failed: int = field(metadata=figure(
+        "counter", "Client connects to the upstream that failed (refused, timed out).",
+        metric="upstream_connect_failed", column="failed", short="fail", priority=12))
+    retries: int = field(metadata=figure(
+        "counter", "Connects tried again after one to this upstream failed (HAProxy's wretr).",
+        metric="upstream_retries", column="retries", short="retr", priority=35))
+    redispatches: int = field(metadata=figure(
+        "counter", "Retries sent to another upstream after this one failed (HAProxy's wredis).",
+        metric="upstream_redispatches", column="redisp", priority=36))
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +279,8 @@ class ServerStatistics:
     connection_pool: PoolStatistics
     #: Outbound connections (``Server.connect``), by policies; empty until the first connect.
     outbound: tuple[OutboundStatistics, ...] = ()
+    #: Upstream servers of a relay (``Server.add_upstream_statistics``); empty without one.
+    upstreams: tuple[UpstreamStatistics, ...] = ()
 
     @property
     def active(self) -> int:
@@ -357,3 +412,69 @@ class ConnectionCounters:
     bytes_out: int
     write_buffer_size: int
     age: float
+
+
+class Retired:
+    """What ended workers counted, kept by the supervisor so that no counter goes backwards
+    when a worker exits (a crash, ``kill -9``, a reload): prometheus_client's multiprocess mode
+    keeps dead processes' counters in the sum in the same way. Only counters are kept (their
+    reasons, histogram buckets and sums too); gauges (open connections) describe the living
+    and are kept only as zeros, so that an entry merges like a worker's.
+
+    Its ``document`` has the shape of a worker's ``stats`` reply, minus the process, and is
+    merged after the live workers' (``control.target.combine``)."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, dict[str, Any]] = {}
+        self.outbound: dict[str, dict[str, Any]] = {}
+        self.upstreams: dict[str, dict[str, Any]] = {}
+        self.pools: dict[str, dict[str, Any]] = {}
+
+    def add(self, document: dict[str, Any] | None) -> None:
+        """Fold in the last ``stats`` reply of a worker that has exited."""
+        if not document:
+            return
+        for entry in document.get("listeners", ()):
+            _fold(self.listeners, entry["name"], figures(ListenerStatistics), entry)
+        for entry in document.get("outbound", ()):
+            _fold(self.outbound, entry["name"], figures(OutboundStatistics), entry)
+        for entry in document.get("upstreams", ()):
+            _fold(self.upstreams, entry["name"], figures(UpstreamStatistics), entry)
+        for name, pool in document.get("pools", {}).items():
+            _fold(self.pools, name, POOL_FIGURES.items(), pool)
+
+    def document(self) -> dict[str, Any]:
+        return {"listeners": list(self.listeners.values()),
+                "outbound": list(self.outbound.values()),
+                "upstreams": list(self.upstreams.values()), "pools": dict(self.pools)}
+
+    def total(self, name: str) -> int:
+        """One listener counter summed over every listener (the supervisor's last line)."""
+        return sum(int(entry.get(name, 0)) for entry in self.listeners.values())
+
+
+def _kept(declared: Figure) -> Literal["label", "count", "zero"] | None:
+    """How a retired worker's figure is kept: as a label, counted on, as a zero, or not."""
+    if declared.kind == "label":
+        return "label"
+    if declared.kind in ("counter", "reasons", "histogram", "part"):
+        return "count"
+    if declared.kind == "gauge" and declared.merged_by == "sum":
+        return "zero"
+    return None  # states and max-merged gauges: only the living have one
+
+
+def _fold(kept: dict[str, dict[str, Any]], key: str,
+          declarations: Iterable[tuple[str, Figure]], entry: dict[str, Any]) -> None:
+    held = kept.setdefault(key, {})
+    for name, declared in declarations:
+        if name not in entry:
+            continue
+        how = _kept(declared)
+        if how == "label":
+            held.setdefault(name, entry[name])
+        elif how == "zero":
+            held[name] = 0
+        elif how == "count":
+            held[name] = entry[name] if name not in held else \
+                merge([(name, declared)], [held, entry])[name]

@@ -24,6 +24,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+from portside.config import address_label
 from portside.connection import Connection, as_layer
 from portside.engine.states import CloseReason
 from portside.errors import ErrorOrigin, ProtocolError
@@ -276,7 +277,8 @@ class StreamHandler(Handler):
             # The peer sent more than a limit allows, or broke the framing: its fault, not
             # the handler's, so one line and no traceback.
             if conn.id == conn_id and conn.is_open:
-                logger.warning("closing connection %d from %r: %s", conn.id, conn.peer_address,
+                logger.warning("closing connection %d from %s: %s", conn.id,
+                               address_label(conn.peer_address),
                                exc)
                 as_layer(conn).close_for(CloseReason.PROTOCOL_ERROR)
             return

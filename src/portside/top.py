@@ -5,7 +5,8 @@ then one row per listener (accept state, open connections against the limit, pea
 one per process, then the connections themselves (from ``ctl connections``). Columns come from
 the figures declared in ``portside.statistics``; when the terminal is narrow, the columns of
 lowest priority are left out and headers shortened, so no cell is ever cut to a ``…`` stub.
-Keys: q quits, p pauses the refresh, s changes the connections' sort, c hides them.
+Keys: q quits, p pauses the refresh, s changes the connections' sort, c hides them, ? shows
+what each key does; ``--once`` prints a snapshot without the key hints.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from portside.statistics import (
     Figure,
     ListenerStatistics,
     OutboundStatistics,
+    UpstreamStatistics,
     WorkerStatistics,
     figures,
 )
+from portside.text import printable
 
 SORTS = ("age", "bytes_in", "bytes_out", "queued")
 CONNECTIONS_ASKED = 200
@@ -109,6 +112,11 @@ def outbound_columns(seconds: float) -> list[Column]:
     return _declared(OutboundStatistics, seconds, show)
 
 
+def upstream_columns(seconds: float) -> list[Column]:
+    """A relay's upstream servers: state, checks, connects, one row each."""
+    return _declared(UpstreamStatistics, seconds, {})
+
+
 def worker_columns(seconds: float) -> list[Column]:
     show: dict[str, Callable[[Any], str]] = {
         "uptime": lambda value: f"{value:.0f}",
@@ -154,8 +162,8 @@ def fit(columns: list[Column], rows: list[tuple[dict[str, Any], dict[str, Any] |
     for index in order:
         table.add_column(chosen[index], justify="left" if columns[index].left else "right",
                          no_wrap=True, overflow="crop")
-    for row in range(len(rows)):
-        table.add_row(*(cells[index][row] for index in order))
+    for row in range(len(rows)):  # Text, never markup: a peer chose some cells ("[/]")
+        table.add_row(*(Text(printable(cells[index][row])) for index in order))
     return table
 
 
@@ -166,11 +174,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+KEYS = (("q", "quit"), ("p", "pause or resume the refresh"),
+        ("s", "sort the connections by " + ", ".join(SORTS) + " in turn"),
+        ("c", "hide or show the connections"), ("?", "show or hide this help"))
+
+
 def render(document: dict[str, Any], connections: dict[str, Any] | None,
            previous: dict[str, Any] | None, seconds: float, width: int = 80,
            sort: str = "age", show_connections: bool = True,
-           paused: bool = False) -> RenderableType:
-    """The whole screen; rates from the change since ``previous``."""
+           paused: bool = False, keys: bool = True, help_shown: bool = False
+           ) -> RenderableType:
+    """The whole screen; rates from the change since ``previous``. ``keys``: the line of key
+    hints (a live view only: a snapshot takes no keys), ``help_shown`` with each key's line."""
     state = ("shutting down" if document.get("shutting_down") else
              "draining" if document.get("draining") else
              "paused" if document["accepting_paused"] else "accepting")
@@ -183,9 +198,12 @@ def render(document: dict[str, Any], connections: dict[str, Any] | None,
             f"workers {len(document['workers'])}")
     if document.get("restarts"):
         head += f" restarts {document['restarts']}"
-    keys = f"q quit  p {'resume' if paused else 'pause'}  s sort:{sort}  c conns"
-    parts: list[RenderableType] = [Text(head[:width], style="bold"), Text(keys[:width],
-                                                                          style="dim")]
+    parts: list[RenderableType] = [Text(head[:width], style="bold")]
+    if keys:
+        hints = f"q quit  p {'resume' if paused else 'pause'}  s sort:{sort}  c conns  ? help"
+        parts.append(Text(hints[:width], style="dim"))
+    if keys and help_shown:
+        parts.extend(Text(f"  {key}  {meaning}"[:width]) for key, meaning in KEYS)
     earlier = {entry["name"]: entry for entry in (previous or {}).get("listeners", [])}
     parts.append(fit(listener_columns(seconds),
                      [(entry, earlier.get(entry["name"])) for entry in document["listeners"]],
@@ -195,6 +213,12 @@ def render(document: dict[str, Any], connections: dict[str, Any] | None,
         parts.append(Text(""))
         parts.append(fit(outbound_columns(seconds),
                          [(entry, earlier.get(entry["name"])) for entry in document["outbound"]],
+                         width))
+    if document.get("upstreams"):  # only with a relay
+        earlier = {entry["name"]: entry for entry in (previous or {}).get("upstreams", [])}
+        parts.append(Text(""))
+        parts.append(fit(upstream_columns(seconds),
+                         [(entry, earlier.get(entry["name"])) for entry in document["upstreams"]],
                          width))
     earlier_workers = {process["pid"]: process for process in (previous or {}).get("workers", [])}
     processes = list(document["workers"])
@@ -245,12 +269,21 @@ def _keys() -> Iterator[Callable[[float], str]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+class _Console(Console):
+    """rich's console, but a reader that has gone ends ``top`` as it ends ``ctl`` (the
+    ``portside`` command's one BrokenPipeError path: quiet, status 141), not with status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def run_top(path: str, interval: float = 1.0, once: bool = False,
             iterations: int | None = None, console: Console | None = None,
             as_json: bool = False) -> int:
     """Show the view until q or Ctrl-C (or ``iterations`` refreshes); 1 when the server is
     gone."""
-    console = console or Console()
+    console = console or _Console()
     try:
         document, connections = fetch(path)
     except ControlError as exc:
@@ -260,14 +293,14 @@ def run_top(path: str, interval: float = 1.0, once: bool = False,
         if as_json:
             print(json.dumps({"stats": document, "connections": connections}, indent=2))
         else:
-            console.print(render(document, connections, None, 0, console.width))
+            console.print(render(document, connections, None, 0, console.width, keys=False))
         return 0
     previous, taken = document, time.monotonic()
-    sort, show, paused, shown = "age", True, False, 0
+    sort, show, paused, shown, help_shown = "age", True, False, 0, False
 
     def view(seconds: float) -> RenderableType:
         return render(document, connections, previous if seconds else None, seconds,
-                      console.width, sort, show, paused)
+                      console.width, sort, show, paused, help_shown=help_shown)
 
     with _keys() as key, Live(view(0), console=console, auto_refresh=False,
                               screen=console.is_terminal) as live:
@@ -282,6 +315,8 @@ def run_top(path: str, interval: float = 1.0, once: bool = False,
                     sort = SORTS[(SORTS.index(sort) + 1) % len(SORTS)]
                 elif pressed == "c":
                     show = not show
+                elif pressed == "?":
+                    help_shown = not help_shown
                 if pressed or paused:
                     live.update(view(time.monotonic() - taken), refresh=True)
                     continue

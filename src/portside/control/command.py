@@ -1,40 +1,58 @@
 """The ``portside ctl`` and ``portside top`` subcommands: their flags and what they run.
 
-Kept light on purpose: ``portside ctl`` must answer in well under 100 ms, so nothing here
-imports the server, the engine, rich or prometheus_client.
+Kept light on purpose: ``portside ctl`` is what scripts and probes call, so it must start fast.
+``main`` parses these two commands alone (``python -m portside`` sends them here before
+building the server commands' parser), and nothing here imports the server, the engine, the
+settings, rich or prometheus_client; a flag's value is checked by the ``Kind`` declared in
+``config`` (imported only when such a flag is given).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from portside.argparsing import Parser
 from portside.control import protocol
 from portside.errors import ControlError
+from portside.text import printable
+
+EXIT_NONE = 1  # ``ctl servers`` found none: as pgrep and grep say "no match"
 
 
-def _seconds(text: str) -> float:
+def _checked(kind: str, **options: Any) -> Callable[[str], Any]:
+    """An argparse type that reads a value with the ``Kind`` named ``kind`` in
+    ``portside.config`` (the one declaration of what a duration or a count may be)."""
+    def parse(text: str) -> Any:
+        import portside.config
+
+        try:
+            return getattr(portside.config, kind)(**options).parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = kind.lower()  # argparse names the type in some messages
+    return parse
+
+
+_seconds = _checked("Seconds", positive=True)
+_count = _checked("Count", minimum=1)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``portside ctl ...`` and ``portside top ...``, without the rest of the command line."""
+    parser = Parser(prog="portside")
+    commands = parser.add_subparsers(dest="subcommand", parser_class=Parser,
+                                     metavar="COMMAND", required=True)
+    add_commands(commands)
+    args = parser.parse_args(argv)
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 def _target_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -87,7 +105,7 @@ def add_commands(commands: Any) -> None:
                               description="Listeners, workers and connections of a running "
                                           "server, refreshed from its control socket. Keys: "
                                           "q quit, p pause, s sort connections, c hide "
-                                          "connections.")
+                                          "connections, ? help.")
     top.add_argument("--control", metavar="PATH", default=None,
                      help="the server's control socket (default: the only server running)")
     top.add_argument("--pid", type=_count, metavar="PID", default=None,
@@ -103,18 +121,11 @@ def add_commands(commands: Any) -> None:
 
 def run_ctl(args: argparse.Namespace) -> int:
     from portside.control.client import call
-    from portside.control.paths import resolve, running_servers
+    from portside.control.paths import resolve
 
     try:
         if args.command == "servers":
-            found = running_servers()
-            if args.json:
-                print(json.dumps([{"pid": entry.pid, "control": entry.path}
-                                  for entry in found], indent=2))
-            else:
-                for entry in found:
-                    print(entry.describe())
-            return 0
+            return _servers(args)
         path = resolve(args.control, args.pid)
         request = {key: getattr(args, key) for key in protocol.COMMANDS[args.command].arguments
                    if getattr(args, key, None) is not None}
@@ -126,6 +137,23 @@ def run_ctl(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2) if args.json else readable(args.command, result))
     return 0
+
+
+def _servers(args: argparse.Namespace) -> int:
+    """List this user's servers (those with ``--control PATH`` too); none is exit status 1,
+    with a line on stderr (``--json``: ``[]``), so that scripts can test for one."""
+    from portside.control.paths import control_directory, running_servers
+
+    found = running_servers()
+    if args.json:
+        print(json.dumps([{"pid": entry.pid, "control": entry.path} for entry in found],
+                         indent=2))
+    elif not found:
+        print(f"portside ctl: no portside server is running (looked in "
+              f"{control_directory()})", file=sys.stderr)
+    for entry in found if not args.json else ():
+        print(entry.describe())
+    return 0 if found else EXIT_NONE
 
 
 def _follow_drain(path: str, result: dict[str, Any], args: argparse.Namespace) -> int:
@@ -154,6 +182,7 @@ def _follow_drain(path: str, result: dict[str, Any], args: argparse.Namespace) -
 
 
 def _table(rows: list[list[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]  # a peer chose some of them
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(width) if i and cell[:1].isdigit() else
                                cell.ljust(width) for i, (cell, width) in
@@ -194,7 +223,8 @@ def readable(command: str, result: Any) -> str:
     if command in ("close", "abort"):
         entry = result.get("closed") or result.get("aborted")
         verb = "closed" if command == "close" else "aborted"
-        return f"{verb} connection {entry['id']} from {entry['peer']} on {entry['listener']}"
+        return printable(f"{verb} connection {entry['id']} from {entry['peer']} on "
+                         f"{entry['listener']}")
     if command in ("pause", "resume"):
         states = result.get("listeners", {})
         return "\n".join(f"{name}: {state}" for name, state in states.items()) or command

@@ -1,10 +1,12 @@
 """What control commands do to a supervisor's workers: asked of each, answers combined.
 
-Worker slots: each worker has a slot number (0 .. workers-1) that its replacement takes over, so
-metric series labelled by slot survive restarts. Connection ids under a supervisor are
-``PID.ID`` (the worker's pid, its own connection id): unambiguous even while an old and a new
-worker share a slot. Settings an operator changed (paused listeners, max_connections, the log
-level) are sent again to every worker that starts later, so a restart does not undo them.
+Worker numbers: each worker has a number (1 .. workers) that its replacement takes over, so
+metric series labelled by it survive restarts; logs, ``ctl``, ``top`` and metrics all use it.
+What ended workers counted stays in every counter (``statistics.Retired``). Connection ids
+under a supervisor are ``PID.ID`` (the worker's pid, its own connection id): unambiguous even
+while an old and a new worker share a number. Settings an operator changed (paused listeners,
+max_connections, the log level) are sent again to every worker that starts later, so a restart
+does not undo them.
 """
 
 from __future__ import annotations
@@ -125,14 +127,16 @@ class SupervisorTarget:
     def statistics(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
         supervisor = self.supervisor
         slots = {worker.pid: worker.slot for worker in supervisor.workers.values()}
+        # A worker reaped while its reply was on the way is counted in ``retired`` already.
+        documents = [document for document in documents if document["process"]["pid"] in slots]
         for document in documents:
-            process = document["process"]
-            process["slot"] = str(slots.get(process["pid"], "?"))
+            document["process"]["slot"] = slots[document["process"]["pid"]]
         own = {"slot": "supervisor", "pid": os.getpid(),
                "state": "stopping" if supervisor.shutting_down else "running",
                "uptime": round(time.monotonic() - supervisor.started_at, 3),
                "connections": 0, "loop_lag": 0.0, "loop_lag_max": 0.0, **process_figures()}
-        document = combine(documents, time.monotonic() - supervisor.started_at, own)
+        document = combine(documents, time.monotonic() - supervisor.started_at, own,
+                           supervisor.retired.document())
         document["accepting_paused"] = supervisor.paused
         document["draining"] = self.draining
         document["restarts"] = supervisor.restarts

@@ -7,7 +7,8 @@ closed to group and others (portside creates it with mode 0700); one that fails 
 refused, never repaired, since whoever controls it could squat or swap sockets. Each server
 binds ``<pid>.sock`` there, so two servers never share a socket, and ``ctl`` picks the server by
 ``--pid``, or the only one running, and lists them when there are several. ``--control PATH``
-names a socket anywhere instead.
+names a socket anywhere instead; such a server leaves ``<pid>.link`` (a symbolic link to its
+socket) in the private directory, so that ``ctl servers`` and ``ctl`` without flags find it too.
 
 Nothing is removed unless it is provably dead or ours: a server removes its own socket (same
 process, same inode) when it stops, also after a failed start; a socket file that refuses
@@ -23,14 +24,16 @@ import os
 import socket
 import stat
 import struct
-import tempfile
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from portside.errors import ControlError, ListenError
 
 SUFFIX = ".sock"
+LINK_SUFFIX = ".link"  # a server with --control PATH elsewhere: a symlink to its socket
 BACKLOG = 16
+#: The control socket's descriptor, handed by a supervisor to its successor (USR2).
+INHERIT_ENV = "PORTSIDE_CONTROL_FD"
 
 
 def control_directory() -> str:
@@ -38,6 +41,8 @@ def control_directory() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime):
         return os.path.join(runtime, "portside")
+    import tempfile  # only here: ``portside ctl`` need not pay for it
+
     return os.path.join(tempfile.gettempdir(), f"portside-{os.getuid()}")
 
 
@@ -100,8 +105,8 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
-def _pid_of(name: str) -> int | None:
-    stem = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else ""
+def _pid_of(name: str, suffix: str = SUFFIX) -> int | None:
+    stem = name[:-len(suffix)] if name.endswith(suffix) else ""
     return int(stem) if stem.isdigit() else None
 
 
@@ -114,8 +119,7 @@ def _remove_if_stale(path: str, pid: int | None) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(NamedTuple):
     """A live server in the private directory."""
 
     pid: int
@@ -145,6 +149,12 @@ def running_servers() -> list[Found]:
         path = os.path.join(directory, name)
         if pid is not None and probe(path):
             found.append(Found(pid, path))
+        pid = _pid_of(name, LINK_SUFFIX)
+        if pid is not None and _pid_running(pid):
+            with contextlib.suppress(OSError):
+                target = os.readlink(path)
+                if probe(target):
+                    found.append(Found(pid, target))
     return sorted(found, key=lambda entry: entry.pid)
 
 
@@ -180,6 +190,13 @@ class ControlSocket:
     so a start that fails after the socket was made leaves nothing behind.
 
     ``path`` None means ``<private directory>/<pid>.sock``.
+
+    Upgrades (USR2) hand the socket over rather than close and bind it again, so that ``ctl``
+    is answered throughout: the old supervisor passes the listening descriptor
+    (``INHERIT_ENV``) and keeps answering on it; the new one ``adopts`` it but leaves it
+    alone (it never removes a socket it has not ``claimed``) until its workers serve, then
+    ``claims`` it (renamed to its own ``<pid>.sock`` in the private directory) while the old
+    one ``releases`` its copy without removing the file.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -193,7 +210,68 @@ class ControlSocket:
             raise ListenError(f"cannot create the control socket: {exc}") from None
         self.path = path
         self.closed = True
+        self._identity: tuple[int, int] | None = None
+        self._wanted: str | None = None
+        self._link: str | None = None
+        inherited = os.environ.pop(INHERIT_ENV, "")
+        if inherited.isdigit() and self._adopt(int(inherited)):
+            return
         self.reopen()
+
+    def _adopt(self, fd: int) -> bool:
+        """Take the control socket a supervisor handed over, if it is the one asked for."""
+        try:
+            sock = socket.socket(fileno=fd)
+            bound = sock.getsockname()
+        except OSError:
+            return False
+        same_place = os.path.dirname(bound) == os.path.dirname(self.path) if not self.explicit \
+            else bound == self.path
+        if not isinstance(bound, str) or not same_place:
+            sock.close()  # --control changed: bind the new path, the old one stays its owner's
+            return False
+        sock.setblocking(False)
+        self.sock = sock
+        self._owner = os.getpid()
+        self._wanted, self.path = self.path, bound
+        self.closed = False
+        return True
+
+    @property
+    def adopted(self) -> bool:
+        """Handed over by the supervisor being upgraded, and not claimed yet."""
+        return self._wanted is not None
+
+    def claim(self) -> None:
+        """Make an adopted socket ours (our workers serve): under our own name, removed when
+        we stop."""
+        if self._wanted is None or self.closed:
+            return
+        if self._wanted != self.path:
+            try:
+                os.rename(self.path, self._wanted)  # atomic: the socket has a name throughout
+                self.path = self._wanted
+            except OSError:
+                pass  # it keeps the old name, still reachable
+        self._wanted = None
+        with contextlib.suppress(OSError):
+            info = os.stat(self.path)
+            self._identity = (info.st_dev, info.st_ino)
+        self._register()
+
+    def release(self) -> None:
+        """Close our copy without removing the file: a successor serves it now."""
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+            self._unregister()
+
+    def inheritable_fd(self) -> int | None:
+        """The descriptor to hand a successor (made inheritable), or None if closed."""
+        if self.closed:
+            return None
+        os.set_inheritable(self.sock.fileno(), True)
+        return self.sock.fileno()
 
     def reopen(self) -> None:
         """Bind the socket (again, after ``close``: an upgrade that failed takes it back)."""
@@ -202,15 +280,42 @@ class ControlSocket:
         info = os.stat(self.path)
         self._identity = (info.st_dev, info.st_ino)
         self.closed = False
+        self._register()
 
     @staticmethod
     def _sweep(directory: str) -> None:
-        """Remove the sockets of servers that died without cleaning up (kill -9)."""
+        """Remove the sockets and links of servers that died without cleaning up (kill -9)."""
         with contextlib.suppress(OSError):
             for name in os.listdir(directory):
                 pid = _pid_of(name)
                 if pid is not None and pid != os.getpid():
                     _remove_if_stale(os.path.join(directory, name), pid)
+                pid = _pid_of(name, LINK_SUFFIX)
+                if pid is not None and not _pid_running(pid):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
+
+    def _register(self) -> None:
+        """Leave ``<pid>.link`` to a socket outside the private directory, so that ``ctl``
+        finds this server without ``--control``; best effort (the server runs without)."""
+        if not self.explicit or self._link is not None:
+            return
+        try:
+            directory = ensure_directory()
+            self._sweep(directory)
+            link = os.path.join(directory, f"{os.getpid()}{LINK_SUFFIX}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)  # a dead server's, whose pid we were given again
+            os.symlink(os.path.abspath(self.path), link)
+        except (ControlError, OSError):
+            return
+        self._link = link
+
+    def _unregister(self) -> None:
+        if self._link is not None and os.getpid() == self._owner:
+            with contextlib.suppress(OSError):
+                os.unlink(self._link)
+        self._link = None
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
@@ -245,8 +350,9 @@ class ControlSocket:
             return
         self.closed = True
         self.sock.close()
-        if os.getpid() != self._owner:
-            return  # a forked child: the socket file is the parent's
+        self._unregister()
+        if os.getpid() != self._owner or self._identity is None:
+            return  # a forked child's, or adopted and never claimed: the file is another's
         with contextlib.suppress(OSError):
             info = os.lstat(self.path)
             if (info.st_dev, info.st_ino) == self._identity:

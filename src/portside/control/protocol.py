@@ -12,8 +12,7 @@ No sockets, no clocks.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import LineFramer
@@ -26,8 +25,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 CONNECTION_STATES = ("pending", "open", "closing")
 
 
-@dataclass(frozen=True)
-class Argument:
+# Named tuples, not dataclasses: ``portside ctl`` imports this module, and dataclasses (with
+# inspect) would cost it more than the rest of its imports together.
+
+
+class Argument(NamedTuple):
     """One argument of a command: its type, whether it must be given, and its bounds."""
 
     kind: type
@@ -37,10 +39,9 @@ class Argument:
     choices: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     help: str
-    arguments: dict[str, Argument] = field(default_factory=dict)
+    arguments: dict[str, Argument] = {}  # noqa: RUF012 (never changed: read only)
     #: Changes what the server does (logged with the caller's uid), rather than only reading.
     action: bool = True
 
@@ -68,12 +69,11 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A checked request; ``uid`` is the caller's (from SO_PEERCRED), None when unknown."""
 
     command: str
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = {}  # noqa: RUF012 (never changed: read only)
     uid: int | None = None
 
     def get(self, name: str) -> Any:

@@ -136,7 +136,6 @@ class ControlServer(SideListener):
     def __init__(self, control: ControlSocket, target: ControlTarget,
                  client_timeout: float = CLIENT_TIMEOUT) -> None:
         self.control = control
-        self.path = control.path
         self.target = target
         self.client_timeout = client_timeout
         super().__init__(control.sock, self._client, MAX_CLIENTS)
@@ -150,6 +149,10 @@ class ControlServer(SideListener):
             logger.warning("control: refused a client of uid %d", uid)
             channel.refusal = f"uid {uid} may not control this server"
         return channel
+
+    @property
+    def path(self) -> str:
+        return self.control.path  # an upgraded supervisor renames the one it was handed
 
     def attach(self, reactor: Reactor) -> None:
         super().attach(reactor)

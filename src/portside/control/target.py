@@ -23,6 +23,7 @@ from portside.statistics import (
     POOL_FIGURES,
     ListenerStatistics,
     OutboundStatistics,
+    UpstreamStatistics,
     WorkerStatistics,
     figures,
     merge,
@@ -34,6 +35,7 @@ logger = logging.getLogger("portside.control")
 LISTENER_FIGURES = figures(ListenerStatistics)
 WORKER_FIGURES = figures(WorkerStatistics)
 OUTBOUND_FIGURES = figures(OutboundStatistics)
+UPSTREAM_FIGURES = figures(UpstreamStatistics)
 #: The listener figures summed into the document's ``totals``.
 TOTALLED = tuple(name for name, declared in LISTENER_FIGURES
                  if declared.kind in ("counter", "gauge", "part")
@@ -41,8 +43,9 @@ TOTALLED = tuple(name for name, declared in LISTENER_FIGURES
 DEFAULT_LIST = 100  # connections listed when the request sets no limit
 
 
-def worker_document(server: Server, started_at: float, slot: str = "0") -> dict[str, Any]:
-    """One process's statistics as plain JSON data."""
+def worker_document(server: Server, started_at: float, slot: str = "1") -> dict[str, Any]:
+    """One process's statistics as plain JSON data (a single server is worker 1 of 1; under a
+    supervisor, ``control.fleet`` sets each worker's number)."""
     stats = server.statistics()
     process = {
         "slot": slot, "pid": os.getpid(), "state": stats.state,
@@ -57,26 +60,32 @@ def worker_document(server: Server, started_at: float, slot: str = "0") -> dict[
         "accepting_paused": stats.accepting_paused,
         "listeners": [dataclasses.asdict(listener) for listener in stats.listeners],
         "outbound": [dataclasses.asdict(outbound) for outbound in stats.outbound],
+        "upstreams": [dataclasses.asdict(upstream) for upstream in stats.upstreams],
         "pools": {"buffers": dataclasses.asdict(stats.buffer_pool),
                   "connections": dataclasses.asdict(stats.connection_pool)},
     }
 
 
 def combine(workers: list[dict[str, Any]], uptime: float,
-            supervisor: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``stats`` reply: totals, per listener (merged over workers), per process, pools."""
+            supervisor: dict[str, Any] | None = None,
+            retired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``stats`` reply: totals, per listener (merged over workers), per process, pools.
+    ``retired``: what workers that have ended counted (``statistics.Retired``), merged after
+    the living so that counters never go backwards."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     pools: dict[str, list[dict[str, Any]]] = {}
-    for worker in workers:
+    outbound: dict[str, list[dict[str, Any]]] = {}
+    upstreams: dict[str, list[dict[str, Any]]] = {}
+    for worker in [*workers, *([retired] if retired else [])]:
         for entry in worker["listeners"]:
             by_name.setdefault(entry["name"], []).append(entry)
         for pool_name, pool in worker["pools"].items():
             pools.setdefault(pool_name, []).append(pool)
-    listeners = [merge(LISTENER_FIGURES, entries) for entries in by_name.values()]
-    outbound: dict[str, list[dict[str, Any]]] = {}
-    for worker in workers:
         for entry in worker.get("outbound", ()):
             outbound.setdefault(entry["name"], []).append(entry)
+        for entry in worker.get("upstreams", ()):
+            upstreams.setdefault(entry["name"], []).append(entry)
+    listeners = [merge(LISTENER_FIGURES, entries) for entries in by_name.values()]
     return {
         "pid": os.getpid(),
         "uptime": round(uptime, 3),
@@ -85,6 +94,7 @@ def combine(workers: list[dict[str, Any]], uptime: float,
         "totals": {name: sum(entry.get(name, 0) for entry in listeners) for name in TOTALLED},
         "listeners": listeners,
         "outbound": [merge(OUTBOUND_FIGURES, entries) for entries in outbound.values()],
+        "upstreams": [merge(UPSTREAM_FIGURES, entries) for entries in upstreams.values()],
         "workers": sorted((worker["process"] for worker in workers),
                           key=lambda process: (_slot_order(process["slot"]), process["pid"])),
         "supervisor": supervisor,
@@ -137,6 +147,15 @@ class ServerTarget:
             respond(protocol.reply_error(str(exc.args[0])))
             return
         respond(protocol.reply_ok(result))
+
+    def readiness(self) -> str | None:
+        """None while new connections are welcome (``/readyz``), else why not."""
+        state = self.server.state.value
+        if state != "running":
+            return state  # started (not yet serving), draining, stopped
+        if self.draining:
+            return "draining"
+        return "paused" if self.server.statistics().accepting_paused else None
 
     def _listeners(self, name: str | None) -> list[Listener]:
         listeners = list(self.server.listeners)

@@ -16,8 +16,10 @@ On the echo path a read is: ``epoll_wait`` -> ``recv`` into a pooled buffer -> o
 queued. A handler is lent a view of the pooled buffer; a buffer some view still exports when the
 callback returns is dropped from the pool, never reused, so a kept view never shows another
 connection's bytes. Each buffer keeps the memoryview it lends and lends it again, resized to the
-read, for as long as no handler keeps it or a slice of it: making and freeing a memoryview (two
-garbage-collected objects and a buffer export) per read was the engine's largest own cost.
+read, for as long as nothing can reach it after the callback (a reference, a weak one, a slice
+or an export): making and freeing a memoryview (two garbage-collected objects and a buffer
+export) per read was the engine's largest own cost. The view's ``obj`` is the buffer, which
+exports this read's bytes only; a handler that keeps it keeps the buffer out of the pool.
 """
 
 cimport cython
@@ -73,8 +75,32 @@ cdef extern from "Python.h":
         int flags
         Py_ssize_t exports  # buffers exported from this view (bytes(view) and the like)
         Py_buffer view
+        void *weakreflist  # not NULL while a weak reference to the view is alive
     enum: _Py_MEMORYVIEW_RELEASED
     int PyBuffer_IsContiguous(const Py_buffer *view, char order)
+
+cdef extern from *:
+    # Those structs are private: their layout is known only for the CPython versions setup.py
+    # passes in (pyproject.toml's classifiers), with the GIL. Built for anything else, the
+    # module refuses to import, before any of them is touched, and ``auto`` runs epoll.
+    """
+    #if defined(PYPY_VERSION)
+    #  define PORTSIDE_UNSUPPORTED "built for PyPy, not CPython"
+    #elif defined(Py_GIL_DISABLED)
+    #  define PORTSIDE_UNSUPPORTED "built for a free-threaded CPython"
+    #elif !defined(PORTSIDE_PY_FIRST) || !defined(PORTSIDE_PY_END) || !defined(PORTSIDE_PYTHONS)
+    #  define PORTSIDE_UNSUPPORTED "built without setup.py's supported CPython versions"
+    #elif PY_VERSION_HEX < PORTSIDE_PY_FIRST || PY_VERSION_HEX >= PORTSIDE_PY_END
+    #  define PORTSIDE_UNSUPPORTED "built for CPython " PY_VERSION ", not among the tested " \
+                                  PORTSIDE_PYTHONS
+    #else
+    #  define PORTSIDE_UNSUPPORTED ""
+    #endif
+    """
+    const char *PORTSIDE_UNSUPPORTED
+
+if PORTSIDE_UNSUPPORTED[0]:
+    raise ImportError(f"the compiled engine is unsupported here: {PORTSIDE_UNSUPPORTED.decode()}")
 
 cdef object CLOSED_REASON = CloseReason.CLOSED
 cdef object ABORTED_REASON = CloseReason.ABORTED
@@ -206,21 +232,24 @@ cdef extern from "<time.h>" nogil:
 
 logger = logging.getLogger("portside.engine")
 
-DEF MAX_EVENTS = 256
-DEF SENDMSG_BATCH = 64  # buffers per writev; far below IOV_MAX (1024 on Linux)
+cdef enum:
+    MAX_EVENTS = 256
+    SENDMSG_BATCH = 64  # buffers per writev; far below IOV_MAX (1024 on Linux)
 
 # A registered descriptor's byte in Loop._masks.
-DEF WANT_READ = 1
-DEF WANT_WRITE = 2
-DEF INTEREST = 3
-DEF KNOWN = 0x80
+cdef enum:
+    WANT_READ = 1
+    WANT_WRITE = 2
+    INTEREST = 3
+    KNOWN = 0x80
 
 # The connection states, as in connection.py's ``State``.
-DEF PENDING = 0
-DEF OPEN = 1
-DEF CLOSING = 2
-DEF LINGERING = 3
-DEF CLOSED = 4
+cdef enum:
+    PENDING = 0
+    OPEN = 1
+    CLOSING = 2
+    LINGERING = 3
+    CLOSED = 4
 
 cdef char *FORMAT_BYTE = "B"
 cdef uint32_t READ = EPOLLIN
@@ -294,6 +323,7 @@ cdef class Loop:
     cdef bint _stopping
     cdef object _thread_id
     cdef Py_ssize_t _count
+    cdef object _wake_lock  # as epoll.py's: no wake-up ever reaches a closed descriptor
 
     def __cinit__(self):
         self.epfd = -1
@@ -306,6 +336,7 @@ cdef class Loop:
         self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.wake_fd < 0:
             raise os_error(errno)
+        self._wake_lock = threading.RLock()
         self._targets = []
         self._masks = bytearray()
         self._timers = []
@@ -358,7 +389,7 @@ cdef class Loop:
     cdef int _modify(self, int fd, bint readable, bint writable) except -1:
         cdef int interest = (WANT_READ if readable else 0) | (WANT_WRITE if writable else 0)
         cdef int current
-        if fd >= len(self._targets) or not self._masks[fd]:
+        if fd < 0 or fd >= len(self._targets) or not self._masks[fd]:
             raise KeyError(fd)
         current = self._masks[fd] & INTEREST
         if current == interest:
@@ -396,8 +427,11 @@ cdef class Loop:
     def call_soon_threadsafe(self, callback):
         cdef uint64_t one = 1
         self._ready.append(callback)  # deque.append is atomic under the GIL
-        # Wake the loop even from its own thread: a signal handler runs there (see epoll.py).
-        c_write(self.wake_fd, &one, 8)
+        # Wake the loop even from its own thread: a signal handler runs there (see epoll.py);
+        # after close(), nothing is written (see epoll.py).
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                c_write(self.wake_fd, &one, 8)
 
     def call_later(self, double delay, callback):
         cdef Timer timer = Timer.__new__(Timer)
@@ -496,9 +530,10 @@ cdef class Loop:
         if self.epfd >= 0:
             c_close(self.epfd)
             self.epfd = -1
-        if self.wake_fd >= 0:
-            c_close(self.wake_fd)
-            self.wake_fd = -1
+        with self._wake_lock:
+            if self.wake_fd >= 0:
+                c_close(self.wake_fd)
+                self.wake_fd = -1
 
 
 cdef class _Waker:
@@ -628,6 +663,12 @@ cdef class BufferPool:
         else:
             self._discarded += 1
             self._created -= 1
+
+    cdef inline void _drop(self, IOBuffer buffer):
+        """A lent buffer something kept (a handler holds ``view.obj``): never lent again."""
+        self.returned += 1
+        self._discarded += 1
+        self._created -= 1
 
     def allocate(self):
         self._misses += 1
@@ -841,6 +882,7 @@ cdef class CoreBase:
     cdef public object buffers
     cdef public object connections
     cdef public Py_ssize_t open
+    cdef public Py_ssize_t miscounted
     cdef public list _to_recycle
     cdef public object _on_idle
     cdef public object _connection_class
@@ -859,6 +901,9 @@ cdef class CoreBase:
         self._connection_finished(conn)
 
     cdef int _connection_finished(self, conn) except -1:
+        if self.open <= 0:  # never a negative count: a drain would wait for it for ever
+            (<object>self).finished_twice(conn)
+            return 0
         self.open -= 1
         if self._log_connections:
             log_closed(conn, monotonic())
@@ -979,13 +1024,14 @@ cdef class FdSocket:
 # Which of a handler's callbacks are Handler's own defaults: those the compiled paths do
 # inline instead of calling (Handler.connection_made passes first_data on, eof_received
 # closes, the others do nothing), so an echo costs one Python call per read and no more.
-DEF DEFAULT_MADE = 1
-DEF DEFAULT_EOF = 2
-DEF DEFAULT_CLOSED = 4
-DEF DEFAULT_RESET = 8
-DEF DEFAULT_DRAINED = 16
-DEF DEFAULT_PAUSE = 32
-DEF DEFAULT_RESUME = 64
+cdef enum:
+    DEFAULT_MADE = 1
+    DEFAULT_EOF = 2
+    DEFAULT_CLOSED = 4
+    DEFAULT_RESET = 8
+    DEFAULT_DRAINED = 16
+    DEFAULT_PAUSE = 32
+    DEFAULT_RESUME = 64
 
 cdef dict CALLBACK_DEFAULTS = {
     "connection_made": DEFAULT_MADE, "eof_received": DEFAULT_EOF,
@@ -1008,14 +1054,15 @@ cdef int handler_defaults(handler):
 # -- the connection (connection.py) --------------------------------------------------------------
 
 # ConnectionBase._flags
-DEF F_EOF = 1
-DEF F_ESTABLISHED = 2
-DEF F_FLOW_PAUSED = 4
-DEF F_HELD = 8
-DEF F_READING = 16
-DEF F_USER_PAUSED = 32
-DEF F_WRITING = 64
-DEF F_WRITE_EOF = 128
+cdef enum:
+    F_EOF = 1
+    F_ESTABLISHED = 2
+    F_FLOW_PAUSED = 4
+    F_HELD = 8
+    F_READING = 16
+    F_USER_PAUSED = 32
+    F_WRITING = 64
+    F_WRITE_EOF = 128
 
 
 @cython.final
@@ -1250,7 +1297,8 @@ cdef class ConnectionBase:
         cdef ssize_t received
         cdef int code
         cdef PyMemoryViewObject *view
-        cdef Py_ssize_t held
+        cdef Py_ssize_t held, held_buffer
+        cdef bint kept_buffer
         if state >= CLOSING:
             if state == LINGERING:
                 self._discard_until_eof()
@@ -1283,7 +1331,9 @@ cdef class ConnectionBase:
         view = <PyMemoryViewObject *>data
         view.view.len = received
         view.view.shape[0] = received
+        buffer.length = received  # what ``data.obj`` exports: this read's bytes, no more
         held = Py_REFCNT(data)
+        held_buffer = Py_REFCNT(buffer)
         receiver = self._extras.receiver if self._extras is not None else None
         try:
             if receiver is None:
@@ -1295,18 +1345,24 @@ cdef class ConnectionBase:
             self._handler_failed(exc, CALLBACK_ORIGIN if receiver is None
                                  else layer_origin(receiver))
         finally:
-            # Nobody kept the view, a slice of it or an export from it: lend it again next
-            # time. Otherwise a handler that kept ``data`` gets an error, not another peer's
-            # bytes; a slice or export it kept holds an export of the buffer, which the pool
-            # then drops.
-            if Py_REFCNT(data) != held or view.exports or view.mbuf.exports != 1:
+            # Nobody kept the view (strongly or weakly), a slice of it or an export from it:
+            # lend it again next time. Otherwise a handler that kept ``data`` gets an error,
+            # not another peer's bytes; a slice or export it kept holds an export of the
+            # buffer, which the pool then drops. A handler that kept the buffer itself
+            # (``data.obj``) keeps it for good: never lent again, it goes on showing this read.
+            kept_buffer = Py_REFCNT(buffer) != held_buffer
+            if (Py_REFCNT(data) != held or view.exports or view.mbuf.exports != 1
+                    or view.weakreflist != NULL or kept_buffer):
                 buffer.lent = None
                 try:
                     data.release()
                 except BufferError:
                     pass
             data = None
-            pool._give_back(buffer)
+            if kept_buffer:
+                pool._drop(buffer)
+            else:
+                pool._give_back(buffer)
         return 0
 
     def _receive_first_data(self, data):
@@ -1495,7 +1551,8 @@ cdef class ConnectionBase:
         self._set_writing_c(writing)
 
     cdef int _set_writing_c(self, bint writing) except -1:
-        if writing != self._has(F_WRITING):
+        # Closed (a callback may close it just before): see connection.py.
+        if writing != self._has(F_WRITING) and self._state != CLOSED:
             self._put(F_WRITING, writing)
             self._reactor_modify(self._wants_read_c(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
@@ -1559,16 +1616,25 @@ cdef class ConnectionBase:
         self._begin_close_c(reason)
 
     cdef int _begin_close_c(self, reason) except -1:
+        cdef bint was_open
         if self._state >= CLOSING:
             return 0
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        if self._extras is not None and self._extras.tls is not None and self._state == OPEN:
-            self._extras.tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state >= CLOSING:  # the send failed: the connection has ended
+                return 0
+        was_open = self._state == OPEN
+        # CLOSING before the close_notify goes out, as in connection.py: sending it may end
+        # the connection here, and nothing below may bring it back to life.
         self._set_reason_c(reason)
         self._state = CLOSING
+        if was_open and self._extras is not None and self._extras.tls is not None:
+            self._extras.tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state != CLOSING:
+                return 0
         if self._queue:
             self._update_reading_c()  # stop reading while the queue drains
+            (<object>self)._arm_flush_deadline()  # connection.py: a flush that never ends
         else:
             self._send_fin_c()
         return 0
@@ -1586,6 +1652,8 @@ cdef class ConnectionBase:
         self._state = LINGERING
         self._flags &= ~F_READING
         self._update_reading_c()
+        if self._extras is not None and self._extras.linger_timer is not None:
+            self._extras.linger_timer.cancel()  # the flush deadline (_arm_flush_deadline)
         self._more().linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
         return 0
@@ -1646,6 +1714,9 @@ cdef class ConnectionBase:
         if self._state == CLOSED:
             return 0
         self._state = CLOSED
+        if self._fd < 0:  # closed and counted already: see connection.py
+            self._core.finished_twice(self)
+            return 0
         self._set_reason_c(CLOSED_REASON)
         if self._extras is not None and self._extras.linger_timer is not None:
             self._extras.linger_timer.cancel()
@@ -1681,6 +1752,7 @@ cdef class ConnectionBase:
         if self._extras is not None:  # not for the connection this object serves next
             self._extras.receiver = None
             self._extras.tls = None
+        self._fd = -1  # closed: no later call can reach the number, which the kernel reuses
         if isinstance(core, CoreBase):
             (<CoreBase>core)._connection_finished(self)
         else:

@@ -3,6 +3,14 @@
 A read borrows a buffer only for the length of one handler callback, so an idle connection holds
 none and a server needs about one buffer per loop, however many connections it serves. Free
 buffers are kept up to ``max_free``; beyond that they are dropped, which bounds the pool's memory.
+
+What a lent buffer shows. A handler is lent a view of this read's bytes; ``view.obj`` is the
+buffer itself, which Python 3.11 code cannot make export less than the whole of (there is no
+``__buffer__`` before 3.12). So each buffer remembers how far reads have written into it
+(``dirty``), and a read clears what an earlier, longer one left after its own bytes: the whole
+buffer then holds this read's bytes and zeros, never another connection's. A buffer that
+something still references after the callback (a view, a slice, ``view.obj`` itself) is never
+lent again.
 """
 
 from __future__ import annotations
@@ -28,8 +36,19 @@ class PoolStatistics:
     discarded: int
 
 
+class PoolBuffer(bytearray):
+    """A pool's read buffer: a ``bytearray`` that remembers how many of its bytes reads have
+    written (``dirty``); past that it is all zeros."""
+
+    __slots__ = ("dirty",)
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.dirty = 0
+
+
 class BufferPool:
-    """Fixed-size ``bytearray`` buffers, lent for one read each.
+    """Fixed-size ``PoolBuffer``s (bytearrays), lent for one read each.
 
     The connection's read path takes from ``free`` directly (it runs once per read of every
     connection), calls ``allocate`` only when the list is empty, and inlines ``release``.
@@ -44,29 +63,30 @@ class BufferPool:
         # free buffers in an allocation of four never cross that line.
         self.buffer_size = buffer_size
         self.max_free = max_free
-        self.free: list[bytearray] = [
-            bytearray(buffer_size) for _ in range(min(preallocate, max_free))
+        self.free: list[PoolBuffer] = [
+            PoolBuffer(buffer_size) for _ in range(min(preallocate, max_free))
         ]
         self._created = len(self.free)
         self._misses = 0
         self.returned = 0  # counted by the read path too, which inlines release
         self._discarded = 0
 
-    def allocate(self) -> bytearray:
+    def allocate(self) -> PoolBuffer:
         """A new buffer, when ``free`` is empty (a miss)."""
         self._misses += 1
         self._created += 1
-        return bytearray(self.buffer_size)
+        return PoolBuffer(self.buffer_size)
 
-    def acquire(self) -> bytearray:
+    def acquire(self) -> PoolBuffer:
         """A whole buffer, from the free list when one is there."""
         return self.free.pop() if self.free else self.allocate()
 
-    def release(self, buffer: bytearray) -> None:
+    def release(self, buffer: PoolBuffer) -> None:
         """Return a buffer; its contents may be overwritten by the next read.
 
         A buffer something still has a view of (a handler kept a slice of what it was lent)
-        is dropped instead, so that view never shows another connection's bytes.
+        is dropped instead, so that view never shows another connection's bytes. (The read
+        path, which inlines this, also drops a buffer a handler kept itself: ``view.obj``.)
         """
         self.returned += 1
         try:
@@ -107,6 +127,17 @@ def _unshared_refcount() -> int:
 
 
 _UNSHARED_REFCOUNT = _unshared_refcount()
+
+
+def _local_refcount() -> int:
+    """What ``sys.getrefcount`` says of an object held in one local variable only, asked in
+    the function holding it (the read path's check, inlined)."""
+    probe = object()
+    return sys.getrefcount(probe)
+
+
+#: See ``_local_refcount``: a pool buffer's count on the read path when nobody kept it.
+LOCAL_REFCOUNT = _local_refcount()
 
 
 class ObjectPool(Generic[T]):

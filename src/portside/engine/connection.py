@@ -30,14 +30,22 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from portside.config import address_label
+from portside.engine.buffers import LOCAL_REFCOUNT
 from portside.engine.states import CloseReason as CloseReason
 from portside.engine.states import State as State
-from portside.engine.tls import TlsSession
-from portside.errors import ConnectionClosedError, ErrorOrigin, ProtocolError
+from portside.engine.tls import (
+    TlsSession,
+    check_context,
+    failure_reason,
+    remember_server_names,
+)
+from portside.errors import ConfigError, ConnectionClosedError, ErrorOrigin, ProtocolError
 from portside.protocols.proxy import ProxyHeader, parse_proxy_header
 from portside.statistics import ConnectionCounters
 
@@ -54,6 +62,11 @@ Receiver = Callable[["Connection", memoryview], None]
 logger = logging.getLogger("portside")
 
 _SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
+_FLUSH_CHECKS = 4  # looks per linger_timeout at a closing connection's flush progress
+#: Where a lingering connection's last bytes are read and dropped (never lent to anyone, so
+#: loops in several threads may share it).
+_DISCARDED = bytearray(16 * 1024)
+_getrefcount = sys.getrefcount
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST (abortive close)
 
 
@@ -122,6 +135,7 @@ class Connection:
 
     def __init__(self) -> None:
         self._state = State.CLOSED
+        self._fd = -1
         # The write queue is made on the first write the kernel does not take whole: an idle
         # connection holds none (an empty deque alone is over 600 bytes).
         self._queue: deque[bytes | memoryview] | None = None
@@ -202,10 +216,14 @@ class Connection:
             self._receiver = self._after_proxy_header()
 
     def _after_proxy_header(self) -> Receiver | None:
+        """What receives the bytes after the PROXY header (or first, without one): TLS; the
+        first bytes, on a data-first listener only; else the handler. An immediate listener's
+        connection is the handler's as soon as the header is whole, so that a protocol in
+        which the server speaks first (a banner, a greeting) works behind a balancer."""
         kind = type(self)
         if self._tls is not None:
             return kind._receive_tls
-        if self._state == State.PENDING:
+        if self.listener.data_first:
             return kind._receive_first_data
         return None
 
@@ -223,8 +241,8 @@ class Connection:
             return  # incomplete (wait) or refused (closed)
         try:
             self._receiver = self._after_proxy_header()
-            if self._receiver is None:  # immediate: the connection is the handler's now
-                self.listener.became_active(self)
+            if self._receiver is None:  # immediate: the connection is the handler's now,
+                self.listener.became_active(self)  # and what came with the header is data
                 self.establish(None)
             if rest and self._state <= State.OPEN:
                 self._pass_on(rest)
@@ -368,12 +386,101 @@ class Connection:
             self._queue_rest(data, sent, size)
 
     def _write_tls(self, data: bytes | bytearray | memoryview) -> None:
-        """Plaintext from the handler: encrypted, then into the ordinary write path."""
-        assert self._tls is not None
+        """Plaintext from the handler: encrypted, then into the ordinary write path (held,
+        up to write_limit, while a start_tls handshake is under way)."""
+        tls = self._tls
+        assert tls is not None
         if self._corked is not None:
             self._corked.append(bytes(data))
         elif data:
-            self._tls.write(self, data)
+            if not tls.handshaken:
+                held = tls.waiting() + memoryview(data).nbytes
+                if held > self.listener.config.write_limit:
+                    self._buffered = held
+                    self._output_limit_passed(self.listener.config.write_limit)
+                    return
+            tls.write(self, data)
+
+    # -- STARTTLS ------------------------------------------------------------------------------
+
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool = False,
+                  server_hostname: str | None = None, unread: int = 0,
+                  handshake_timeout: float | None = None) -> bool:
+        """Upgrade this plain, open connection to TLS in place (STARTTLS). Bytes written before
+        the call go out in the clear (the "go ahead" reply); bytes written after it wait and
+        go out encrypted once the handshake is done, when the handler's ``tls_established``
+        is called. Bytes read from now on are TLS records.
+
+        ``unread`` is how many plaintext bytes the caller holds past the command that asked
+        for TLS (its parser's leftovers, the rest of the current read). They came in the
+        clear after the command, so they must not be taken for protected data (the STARTTLS
+        injection, CVE-2011-0411): with ``unread`` > 0 the upgrade is refused, the connection
+        is closed (``PROTOCOL_ERROR``, one log line) and False is returned; else True.
+
+        ``handshake_timeout`` (default: the listener's ``first_data_timeout``, the bound a TLS
+        listener gives a new client) resets a connection whose handshake has not finished in
+        time (``TLS_ERROR``). A client-side upgrade checks the server's certificate and name
+        as ``context`` says; ``server_hostname`` is required when it checks the name.
+
+        Error handling: a wrong context, a missing server_hostname or a connection already
+        on TLS raise ConfigError; a closed connection raises ConnectionClosedError.
+        """
+        if self._state != State.OPEN:
+            raise ConnectionClosedError(f"connection {self.id} is not open")
+        if self._tls is not None or self._receiver is not None:
+            raise ConfigError(f"connection {self.id} already speaks TLS")
+        check_context(context, server_side, "start_tls")
+        if not server_side and context.check_hostname and not server_hostname:
+            raise ConfigError("start_tls needs server_hostname: the context checks the "
+                              "server's name (check_hostname)")
+        listener = self.listener
+        if unread:
+            listener.log.log("starttls-unread", logging.WARNING,
+                             f"closed {{count}} more connections on {listener.address} for "
+                             "plaintext after STARTTLS",
+                             "closed %r on %s: %d plaintext bytes came after the STARTTLS "
+                             "command, before the TLS handshake (refused: they would pass "
+                             "for protected data)", self.peer_address, listener.address,
+                             unread)
+            self._begin_close(CloseReason.PROTOCOL_ERROR)
+            return False
+        timeout = listener.config.first_data_timeout if handshake_timeout is None \
+            else handshake_timeout
+        if not 0 < timeout < float("inf"):
+            raise ConfigError(f"handshake_timeout must be a positive number of seconds, not "
+                              f"{timeout!r}")
+        if self._corked is not None:
+            self.uncork()  # written before the switch: in the clear
+        if server_side:
+            remember_server_names(context)  # conn.tls_server_name, as on a TLS listener
+        session = TlsSession(context, server_side, server_hostname,
+                             done=type(self)._start_tls_done)
+        self._tls = session
+        self._receiver = type(self)._receive_tls
+        session.timer = self._core.reactor.call_later(
+            timeout, lambda: self._tls_handshake_expired(session, timeout))
+        if not server_side:
+            session.start(self)
+        return True
+
+    def _start_tls_done(self, exc: BaseException | None) -> None:
+        """A start_tls handshake ended: the handler hears ``tls_established``; a failure is
+        logged (the connection then closes, TLS_ERROR)."""
+        tls = self._tls
+        if exc is not None:
+            if tls is not None:
+                tls.log_failure(self, failure_reason(exc))
+            return
+        if self._state == State.OPEN:
+            self._call("tls_established")
+
+    def _tls_handshake_expired(self, session: TlsSession, timeout: float) -> None:
+        session.timer = None
+        if self._tls is not session or session.handshaken or self._state == State.CLOSED:
+            return  # done, or the object serves another connection now
+        self.listener.tls_failures += 1
+        session.log_failure(self, f"the handshake did not complete within {timeout:g} s")
+        self._abort(CloseReason.TLS_ERROR)
 
     def _send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes for the socket, in order: sent at once where possible, else queued."""
@@ -424,8 +531,8 @@ class Connection:
         listener.log.log("output-limit", logging.WARNING,
                          f"reset {{count}} more connections on {listener.address}: queued "
                          f"output past write_limit ({limit:,} bytes)",
-                         "reset %r on %s: %s bytes of output queued, past write_limit (%s)",
-                         self.peer_address, listener.address, f"{self._buffered:,}",
+                         "reset %s on %s: %s bytes of output queued, past write_limit (%s)",
+                         address_label(self.peer_address), listener.address, f"{self._buffered:,}",
                          f"{limit:,}")
         self._abort(CloseReason.OUTPUT_LIMIT)
 
@@ -543,6 +650,12 @@ class Connection:
         self.bytes_in += received
         if self._idle is not None:
             self._idle.start(self)
+        # Past this read, the buffer (``data.obj``) holds zeros, never an earlier read's bytes
+        # (buffers.py): a longer read before this one left some, cleared here.
+        dirty = buffer.dirty
+        if dirty > received:
+            buffer[received:dirty] = bytes(dirty - received)
+        buffer.dirty = received
         data = memoryview(buffer)[:received]
         receiver = self._receiver
         try:
@@ -563,7 +676,8 @@ class Connection:
             except BufferError:
                 pass
             del data
-            # Back to the pool, unless a view of it is still alive: resizing fails then.
+            # Back to the pool, unless a view of it is still alive (resizing fails then) or
+            # the handler kept the buffer itself (``data.obj``).
             pool.returned += 1
             try:
                 buffer.append(0)
@@ -571,7 +685,10 @@ class Connection:
                 pool.discard()
             else:
                 del buffer[-1]
-                free.append(buffer)
+                if _getrefcount(buffer) > LOCAL_REFCOUNT:
+                    pool.discard()
+                else:
+                    free.append(buffer)
 
     def _take_proxy_header(self, data: memoryview) -> memoryview | None:
         """Collect and parse the PROXY header; the bytes after it once it is whole, else None
@@ -592,7 +709,8 @@ class Connection:
             listener.log.log("proxy-error", logging.INFO,
                              f"closed {{count}} more connections on {listener.address} for a "
                              "missing or bad PROXY header",
-                             "closed %r on %s: %s", self.peer_address, listener.address, exc)
+                             "closed %s on %s: %s", address_label(self.peer_address),
+                             listener.address, exc)
             self._abort(CloseReason.PROTOCOL_ERROR)
             return None
         if not isinstance(header, ProxyHeader):
@@ -667,13 +785,51 @@ class Connection:
             return
         if self._corked is not None:
             self.uncork()  # what was written before close() is still sent
-        if self._tls is not None and self._state == State.OPEN:
-            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state >= State.CLOSING:  # the send failed: the connection has ended
+                return
+        was_open = self._state == State.OPEN
+        # CLOSING before the close_notify goes out: sending it may find the peer gone, and
+        # the connection then ends (``_finalize``) inside this call; nothing below may bring
+        # it back to life, or it would be closed, counted and recycled a second time.
         self._set_reason(reason)
         self._state = State.CLOSING
+        if self._tls is not None and was_open:
+            self._tls.close_notify(self)  # before the FIN, so the peer can tell an end
+            if self._state != State.CLOSING:
+                return
         self._update_reading()
         if not self._queue:
             self._send_fin()
+        else:
+            self._arm_flush_deadline()
+
+    # A closing connection flushes its queue before its FIN; a peer that never reads would keep
+    # it CLOSING for ever (the idle tracker skips closing connections, and the write timeout is
+    # off by default), holding its descriptor and queue: the relay's orphaned upstreams. So the
+    # flush has a deadline, linger_timeout without progress, after which the connection is
+    # reset. A timer looks every quarter of it (so the reset comes 1-1.25 linger_timeout after
+    # the last byte sent); it lives in ``_linger_timer``, cancelled by ``_send_fin`` and
+    # ``_finalize``, so a pooled connection never meets a stale one. Borrowed by the compiled
+    # engine (_begin_close_c): no new field on either.
+    def _arm_flush_deadline(self, sent: int = -1, quiet: int = 0) -> None:
+        """Reset this CLOSING connection once its queue makes no progress for linger_timeout
+        (0: no deadline, as before)."""
+        timeout = self._core.config.linger_timeout
+        if not timeout:
+            return
+        sent = self.bytes_out if sent < 0 else sent
+        self._linger_timer = self._core.reactor.call_later(
+            timeout / _FLUSH_CHECKS, lambda: self._flush_check(sent, quiet))
+
+    def _flush_check(self, sent: int, quiet: int) -> None:
+        self._linger_timer = None
+        if self._state != State.CLOSING:
+            return
+        quiet = quiet + 1 if self.bytes_out == sent else 0  # the peer took some: start again
+        if quiet < _FLUSH_CHECKS:
+            self._arm_flush_deadline(self.bytes_out, quiet)
+            return
+        self._abort(CloseReason.WRITE_TIMEOUT)  # the reason of close() stays: the first wins
 
     def _send_fin(self) -> None:
         if self._eof:  # the peer has sent its FIN already: nothing left to wait for
@@ -687,20 +843,18 @@ class Connection:
         self._state = State.LINGERING
         self._reading = False
         self._update_reading()
+        if self._linger_timer is not None:  # the flush deadline (_arm_flush_deadline)
+            self._linger_timer.cancel()
         self._linger_timer = self._core.reactor.call_later(
             self._core.config.linger_timeout, self._finalize)
 
     def _discard_until_eof(self) -> None:
-        pool = self._core.buffers
-        buffer = pool.acquire()
-        try:
-            received = self._sock.recv_into(buffer)
+        try:  # into a scratch buffer that nobody reads: these bytes are never lent
+            received = self._sock.recv_into(_DISCARDED)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             received = 0
-        finally:
-            pool.release(buffer)
         if not received:
             self._finalize()
 
@@ -756,8 +910,8 @@ class Connection:
         listener.log.log("peer-timeout", logging.INFO,
                          f"closed {{count}} more connections on {listener.address}: the peer "
                          "stopped answering (keepalive or tcp_user_timeout)",
-                         "closed %r on %s: the peer stopped answering (keepalive or "
-                         "tcp_user_timeout)", self.peer_address, listener.address)
+                         "closed %s on %s: the peer stopped answering (keepalive or "
+                         "tcp_user_timeout)", address_label(self.peer_address), listener.address)
         self._set_reason(CloseReason.PEER_TIMEOUT)
         self._finalize()
 
@@ -772,6 +926,12 @@ class Connection:
         if self._state == State.CLOSED:
             return
         self._state = State.CLOSED
+        if self._fd < 0:
+            # Closed and counted already, then brought back to life by a bug: its descriptor
+            # number may be another socket's now, and its counts are settled. Reported, never
+            # closed or counted twice.
+            self._core.finished_twice(self)
+            return
         reason = self._set_reason(CloseReason.CLOSED)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -789,6 +949,7 @@ class Connection:
             core.report_error(self, exc)
         self._receiver = None
         self._tls = None  # the SSL object is not for the connection this object serves next
+        self._fd = -1  # closed: no later call can reach the number, which the kernel reuses
         core.connection_finished(self)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -799,7 +960,9 @@ class Connection:
             self._idle.start(self)
 
     def _set_writing(self, writing: bool) -> None:
-        if writing != self._writing:
+        # Closed (a callback such as resume_writing may close it just before): its descriptor
+        # is gone, and the trackers have let it go.
+        if writing != self._writing and self._state != _CLOSED:
             self._writing = writing
             self._core.reactor.modify(self._fd, self._wants_read(), writing)
             # The write timeout runs while bytes wait for the peer to take them.

@@ -63,6 +63,9 @@ class EngineCore:
         self.connections = pools.connections
         self._connection_class = pools.connection_class
         self.open = 0  # connections between attach and close
+        #: Connections that finished when none was open (a bug in portside; see
+        #: connection_finished).
+        self.miscounted = 0
         self._to_recycle: list[Connection] = []
         self._on_idle = on_idle  # called when the last live connection closes
         self._log_connections = config.log_connections  # off by default: one check per close
@@ -92,6 +95,9 @@ class EngineCore:
         return conn
 
     def connection_finished(self, conn: Connection) -> None:
+        if self.open <= 0:  # never a negative count: a drain would wait for it for ever
+            self.finished_twice(conn)
+            return
         self.open -= 1
         if self._log_connections:
             _log_closed(conn, self.reactor.time())
@@ -101,6 +107,15 @@ class EngineCore:
         self._to_recycle.append(conn)
         if not self.open:
             self._on_idle()
+
+    def finished_twice(self, conn: Connection) -> None:
+        """A connection ended that was not open (closed twice, or never counted): a bug in
+        portside. Logged once per server as an internal error, then only counted
+        (``miscounted``); the caller leaves every count and the object's pooling alone."""
+        self.miscounted += 1
+        if self.miscounted == 1:
+            logger.error("internal error: %r ended twice (closed and counted once; later "
+                         "ones are only counted in miscounted)", conn)
 
     def live(self) -> list[Connection]:
         """This server's open connections, pending ones included: every connection is
@@ -137,7 +152,7 @@ class EngineCore:
 
 def _log_closed(conn: Connection, now: float) -> None:
     """The per-connection line (``log_connections``): who, where, how long, how much, why."""
-    peer = address_label(conn.peer_address) if conn.peer_address else "-"
+    peer = address_label(conn.peer_address)
     reason = conn.close_reason.value if conn.close_reason is not None else "closed"
     connection_logger.info("closed peer=%s listener=%s duration=%.3f bytes_in=%d bytes_out=%d "
                            "reason=%s", peer or "-", conn.listener.config.label,

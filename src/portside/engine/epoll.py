@@ -95,6 +95,10 @@ class EpollReactor:
         self._stopping = False
         self._thread_id: int | None = None
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Held while the wake-up descriptor is written or closed: another thread's wake-up
+        # must never reach a closed descriptor, whose number the kernel may have given to
+        # another file since. Reentrant: a signal handler runs on the thread that may hold it.
+        self._wake_lock = threading.RLock()
         self.register(self._wake_fd, _Waker(self._wake_fd), readable=True, writable=False)
 
     @staticmethod
@@ -109,6 +113,8 @@ class EpollReactor:
         self._store_mask(fd, mask)
 
     def modify(self, fd: int, readable: bool, writable: bool) -> None:
+        if fd not in self._targets:  # never a closed descriptor, whose number may be reused
+            raise KeyError(fd)
         mask = (_READ if readable else 0) | (_WRITE if writable else 0)
         current = self._masks.get(fd, _READ)
         if current == mask:
@@ -146,8 +152,12 @@ class EpollReactor:
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
         self._ready.append(callback)  # deque.append is atomic under the GIL
         # Wake the loop even from its own thread: a signal handler runs there, between bytecodes,
-        # and the epoll_wait it interrupted is retried with the old timeout (PEP 475).
-        os.eventfd_write(self._wake_fd, 1)
+        # and the epoll_wait it interrupted is retried with the old timeout (PEP 475). After
+        # close() there is no loop to wake (a server stopping while another thread asks it
+        # to): nothing is written.
+        with self._wake_lock:
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> _Timer:
         self._timer_seq += 1
@@ -208,7 +218,11 @@ class EpollReactor:
             self._thread_id = None
 
     def close(self) -> None:
-        """Release the epoll and wake-up descriptors; the loop must not be running."""
+        """Release the epoll and wake-up descriptors; the loop must not be running. Closing
+        twice, or a ``call_soon_threadsafe`` afterwards, does nothing."""
         self._epoll.close()
-        os.close(self._wake_fd)
+        with self._wake_lock:
+            fd, self._wake_fd = self._wake_fd, -1
+            if fd >= 0:
+                os.close(fd)
 

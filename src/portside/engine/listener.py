@@ -156,7 +156,7 @@ def bind_listener(config: ListenerConfig) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if config.policy is AcceptPolicy.DATA_FIRST and config.defer_accept and \
                 hasattr(socket, "TCP_DEFER_ACCEPT"):
-            # The kernel keeps silent connections to itself for about this long (see README).
+            # The kernel keeps silent connections to itself for about this long (docs/listeners.md).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, config.defer_accept)
         sock.bind(address)
         sock.listen(config.backlog)
@@ -498,12 +498,17 @@ class Listener:
         self.proxy_refused += 1
         self._reset_at_accept(sock, CloseReason.REFUSED)
 
-    def _reset_at_accept(self, sock: _socket.socket, reason: CloseReason) -> None:
+    def _reset_at_accept(self, sock: _socket.socket, reason: CloseReason,
+                         fd: int | None = None) -> None:
         """A connection refused before a byte is read: counted as accepted and closed for
-        ``reason``, then reset (RST), never made a connection object."""
+        ``reason``, then reset (RST), never made a connection object. Its place in its
+        client's count, if the per-client limits gave it one at accept (a socket hook runs
+        after them), is given back: ``fd`` is its descriptor when ``sock`` may be closed."""
         self.accepted += 1
         self.closed += 1
         count_close(self.closed_by_reason, reason)
+        if self.admission is not None:
+            self.admission.release(sock.fileno() if fd is None else fd)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         sock.close()
@@ -606,7 +611,7 @@ class Listener:
             return True
         if failure is None:  # the hook closed the descriptor: that was not its to close
             failure = RuntimeError("socket_accepted closed the accepted socket")
-        self._reset_at_accept(sock, CloseReason.HANDLER_ERROR)  # closing a closed one: no-op
+        self._reset_at_accept(sock, CloseReason.HANDLER_ERROR, fd)  # a closed one: no-op
         core.report_error(None, failure, ErrorOrigin.SOCKET_HOOK, handler=self.handler)
         return False
 

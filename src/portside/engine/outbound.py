@@ -14,6 +14,16 @@ attempt is cancelled, or the server shuts down, the handler's ``connect_failed(a
 is called. Every attempt ends with exactly one of ``connection_made`` and ``connect_failed``,
 never both, never neither.
 
+With TLS (``tls``, or the config's client context), the connected socket goes to a pending
+``Connection`` whose handler is still the attempt's ``_Handshaking`` stand-in: its bytes go to
+a client-side ``TlsSession`` (``engine/tls.py``), the same one listeners use, and the attempt
+stays "connecting", its deadline running, until the handshake is done. Only then is the
+handler switched and ``connection_made`` called; a failed handshake (a bad certificate, a
+wrong host name, the peer closing) or the deadline ends the attempt in ``connect_failed``
+with the SSL error (``strerror`` a plain sentence), and the connection closes unseen.
+``preamble`` goes out in the clear before the ClientHello (a PROXY header, as HAProxy's
+``send-proxy`` on an ``ssl`` server line).
+
 A host name is resolved off the loop (``getaddrinfo`` blocks), on a small thread pool; a numeric
 address is used as it is. The deadline (``timeout``) covers the resolution and every address.
 
@@ -30,15 +40,19 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any, cast
 
 from portside.config import ListenerConfig, format_host_port
 from portside.engine.connection import CloseReason, Connection
+from portside.engine.listener import SocketOption, socket_options
 from portside.engine.lograte import LogLimiter
-from portside.engine.states import count_close
+from portside.engine.states import State, count_close
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
+from portside.engine.tls import TlsSession, check_context, failure_reason
 from portside.errors import ConfigError
+from portside.handler import Handler as _Handler
 from portside.statistics import TTFB_BUCKETS, OutboundStatistics
 
 if TYPE_CHECKING:
@@ -64,15 +78,32 @@ class ConnectAttempt:
     Methods must be called on the server's loop.
     """
 
-    __slots__ = ("_addresses", "_connector", "_deadline", "_sock", "address", "connection",
-                 "error", "handler", "host", "port", "started_at", "state", "timeout",
-                 "user_data")
+    __slots__ = ("_addresses", "_connector", "_deadline", "_handshaking", "_sock", "address",
+                 "connection", "error", "handler", "host", "port", "preamble",
+                 "server_hostname", "started_at", "state", "timeout", "tls", "user_data")
 
     def __init__(self, connector: Connector, handler: Handler, host: str | None, port: int,
-                 path: str | None, timeout: float, user_data: Any) -> None:
+                 path: str | None, timeout: float, user_data: Any,
+                 tls: ssl.SSLContext | bool | None = None, server_hostname: str | None = None,
+                 preamble: bytes = b"") -> None:
         if not 0 < timeout < float("inf"):
             raise ConfigError(f"connect timeout must be a positive number of seconds, not "
                               f"{timeout!r}")
+        if tls is None or tls is False:
+            tls = connector.tls
+        elif tls is True:
+            tls = ssl.create_default_context()
+        #: The client-side context the connection speaks TLS with; None: plain TCP.
+        self.tls: ssl.SSLContext | None = None if tls is None else \
+            check_context(tls, False, "connect(tls=...)")
+        if self.tls is not None and server_hostname is None:
+            server_hostname = host  # SNI and the name checked: the host connected to
+        if self.tls is not None and self.tls.check_hostname and not server_hostname:
+            raise ConfigError("a TLS connect to a Unix socket needs server_hostname: the "
+                              "context checks the server's name (check_hostname)")
+        self.server_hostname = server_hostname if self.tls is not None else None
+        self.preamble = bytes(preamble)
+        self._handshaking: Connection | None = None
         self._connector = connector
         self.handler = handler
         self.host = host
@@ -137,8 +168,16 @@ class ConnectAttempt:
                 last = exc
                 continue
             try:
+                # The config's socket options, as on an accepted socket; before connect(), so
+                # the buffer sizes count in the window the handshake offers.
                 if family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if self._connector.config.tcp_nodelay:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    options = self._connector.tcp_options
+                else:
+                    options = self._connector.unix_options
+                for level, name, value in options:
+                    sock.setsockopt(level, name, value)
                 code = sock.connect_ex(address)
             except OSError as exc:
                 sock.close()
@@ -182,10 +221,45 @@ class ConnectAttempt:
             peer = sock.getpeername()
         except OSError:
             peer = self.address
+        tls = self.tls
         # The Connector has every field a connection reads of its listener.
         conn.attach(core, cast("Listener", connector), sock, peer, pending=False,
-                    handler=self.handler)
+                    handler=self.handler if tls is None else _Handshaking(self))
         conn.user_data = self.user_data
+        if self.preamble:
+            conn._send_bytes(self.preamble)  # in the clear, before any TLS record
+        if tls is not None:
+            # Pending until the handshake is done, as on a TLS listener (its layers are
+            # not the listener's: a client-side session, made here).
+            conn._state = State.PENDING
+            self._handshaking = conn
+            session = TlsSession(tls, False, self.server_hostname,
+                                 done=lambda conn, exc: self._handshake_done(conn, exc))
+            conn._tls = session
+            conn._receiver = type(conn)._receive_tls
+            session.start(conn)
+            return
+        self._made(conn)
+
+    def _handshake_done(self, conn: Connection, exc: BaseException | None) -> None:
+        """The TLS handshake ended: the connection is the handler's now, or the attempt
+        fails (the connection then closes, unseen by the handler)."""
+        self._handshaking = None
+        if self.state != "connecting":
+            return
+        if exc is not None:
+            if isinstance(exc, OSError):
+                exc.strerror = failure_reason(exc)
+            else:
+                exc = OSError(failure_reason(exc))
+            self._fail(exc)
+            return
+        conn._use_handler(self.handler)
+        self._made(conn)
+
+    def _made(self, conn: Connection) -> None:
+        connector = self._connector
+        core = connector.core
         self.connection = conn  # before the state says so: other threads may look
         self._end("connected")
         connector.connected += 1
@@ -199,7 +273,9 @@ class ConnectAttempt:
         self._deadline = None
         if self.state == "connecting":
             self._connector.timeouts += 1
-            self._fail(TimeoutError(errno.ETIMEDOUT, f"timed out after {self.timeout:g} s"))
+            conn = self._handshaking
+            why = "" if conn is None else " (connected, but the TLS handshake did not complete)"
+            self._fail(TimeoutError(errno.ETIMEDOUT, f"timed out after {self.timeout:g} s{why}"))
 
     @property
     def log(self) -> LogLimiter:
@@ -228,6 +304,9 @@ class ConnectAttempt:
     def _fail(self, exc: OSError) -> None:
         self._drop_socket()
         self._end("failed")
+        conn, self._handshaking = self._handshaking, None
+        if conn is not None:  # the handshake was under way: reset, its handler unseen
+            conn.abort_for(CloseReason.TLS_ERROR)
         self.error = exc
         connector = self._connector
         connector.failed += 1
@@ -238,6 +317,26 @@ class ConnectAttempt:
 
     def __repr__(self) -> str:
         return f"<ConnectAttempt {self.address} {self.state}>"
+
+
+class _Handshaking(_Handler):
+    """The handler of an outbound connection while its TLS handshake is under way: the
+    attempt's own handler has not met the connection, so it hears nothing of its end but
+    ``connect_failed``."""
+
+    def __init__(self, attempt: ConnectAttempt) -> None:
+        self.attempt = attempt
+
+    def connection_closed(self, conn: Any, reason: CloseReason) -> None:
+        attempt = self.attempt
+        attempt._handshaking = None
+        if attempt.state == "connecting":
+            attempt._fail(ConnectionResetError(
+                errno.ECONNRESET, f"the connection ended during the TLS handshake "
+                f"({reason.value})"))
+
+    def error(self, conn: Any, exc: BaseException) -> None:
+        self.attempt._connector.core.report_error(None, exc, handler=self.attempt.handler)
 
 
 class Connector:
@@ -252,8 +351,9 @@ class Connector:
     is_tcp = True
 
     def __init__(self, core: EngineCore, config: ListenerConfig) -> None:
-        if config.tls is not None:
-            raise ConfigError("outbound connections cannot use a server-side TLS context")
+        #: The config's client-side context: connections speak TLS unless told otherwise.
+        self.tls = None if config.tls is None else check_context(
+            config.tls, False, f"outbound config {config.label!r} (its tls)")
         self.core = core
         self.config = config
         self.address = config.label
@@ -262,6 +362,9 @@ class Connector:
         self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
         self.trackers = tuple(tracker for tracker in (self.idle, self.write)
                               if tracker is not None)
+        #: What is set on each socket besides TCP_NODELAY (rcvbuf, sndbuf, keepalive, ...).
+        self.tcp_options: tuple[SocketOption, ...] = socket_options(config, tcp=True)
+        self.unix_options: tuple[SocketOption, ...] = socket_options(config, tcp=False)
         self.attempts: set[ConnectAttempt] = set()
         self.closed = False
         self.connected = self.failed = self.timeouts = 0
@@ -287,10 +390,12 @@ class Connector:
     # -- attempts --------------------------------------------------------------------------------
 
     def connect(self, handler: Handler, host: str | None, port: int, path: str | None,
-                timeout: float, user_data: Any) -> ConnectAttempt:
+                timeout: float, user_data: Any, tls: ssl.SSLContext | bool | None = None,
+                server_hostname: str | None = None, preamble: bytes = b"") -> ConnectAttempt:
         """Start connecting on the loop's next iteration (from any thread), so that no
         callback runs before the caller has the handle; see ``Server.connect``."""
-        attempt = ConnectAttempt(self, handler, host, port, path, timeout, user_data)
+        attempt = ConnectAttempt(self, handler, host, port, path, timeout, user_data, tls,
+                                 server_hostname, preamble)
         reactor = self.core.reactor
         if reactor.in_loop_thread():
             reactor.call_soon(attempt._start)
@@ -340,7 +445,7 @@ class Connector:
     def record_first_byte(self, seconds: float) -> None:
         """Outbound connections' first bytes are not timed (the handshake is: record_connect)."""
 
-    def became_active(self, conn: Connection) -> None:  # never pending
+    def became_active(self, conn: Connection) -> None:  # pending only in a TLS handshake
         pass
 
     def connection_finished(self, conn: Connection, was_pending: bool) -> None:
@@ -348,6 +453,8 @@ class Connector:
         self.bytes_out += conn.bytes_out
         for tracker in self.trackers:
             tracker.stop(conn)
+        if was_pending:  # its TLS handshake failed: never connected, never counted active
+            return
         self.active_count -= 1
         self.closed_count += 1
         count_close(self.closed_by_reason, conn.close_reason)

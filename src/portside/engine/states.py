@@ -28,6 +28,11 @@ class CloseReason(enum.Enum):
     REFUSED = "refused"  #: refused by a trust or admission rule (say, an untrusted PROXY source)
     #: refused by a per-client limit: max_connections_per_client or the connection rate
     CLIENT_LIMIT = "client-limit"
+    # The relay's (examples/relay.py), HAProxy's answers for a TCP tunnel:
+    NO_UPSTREAM = "no-upstream"  #: closed at once: every upstream is down or failed to connect
+    UPSTREAM_LIMIT = "upstream-limit"  #: closed at once: the relay holds its upstream maximum
+    TUNNEL_TIMEOUT = "tunnel-timeout"  #: no byte either way for the relay's tunnel_timeout
+    FIN_TIMEOUT = "fin-timeout"  #: one side half-closed, then silence past client/server_fin
 
 
 class State(enum.IntEnum):

@@ -17,13 +17,16 @@ at most ``EXPIRE_BATCH`` per read: never a scan of all keys. Stale heap entries 
 deadline changed) are skipped when they surface and dropped when they outnumber live ones.
 The store is a dict in each process (with several workers, each has its own).
 
-The hot path. With the compiled RESP framer (``protocols/_resp.pyx``, chosen by
-``new_framer``), ``data_received`` hands each read to its ``serve``, which answers the plain
-forms of PING, ECHO, GET, SET, INCR and DECR in C on ``store`` and ``expires`` and returns one
-reply buffer: a pipelined read of those costs one Python call and one send. Every other
-command, form or case (a key with a time to live, MULTI, errors, replies past high water) is
-handed back and runs through ``MessageHandler``'s dispatch and the methods below, which stay
-the reference for what the fast path answers (a differential test holds them to it).
+The hot path. The example's framer, ``StoreFramer`` (``_resp_store.pyx``: the compiled RESP
+framer, ``protocols/_resp.pyx``, with one hook overridden), is an ``AnsweringFramer``: through
+``MessageHandler``'s public fast path it is handed each read, answers the plain forms of PING,
+ECHO, GET, SET, INCR and DECR in C on ``store`` and ``expires`` and returns one reply buffer:
+a pipelined read of those costs one Python call and one send. Every other command, form or
+case (a key with a time to live, errors, replies past high water; anything inside MULTI, by
+``framer_may_answer``) is handed back to ``message_received`` and the methods below, which
+stay the reference for what the fast path answers (a differential test holds them to it).
+Where ``_resp_store`` is not built, the framer is ``new_framer()``'s and every command runs
+here.
 """
 
 from __future__ import annotations
@@ -34,21 +37,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from portside import Connection
-from portside.connection import LayerConnection, as_layer
-from portside.errors import ProtocolError
-from portside.messages import MessageHandler, MessageSession
-from portside.ordering import ReplySequencer
-from portside.protocols.framing import Framer
+from portside import Connection, Framer, MessageHandler, ProtocolError
 from portside.protocols.resp import (
     NULL2,
     NULL3,
     Command,
-    CompiledRespFramer,
-    compiled_available,
-    compiled_unavailable_reason,
     encode_array,
     encode_bulk,
     encode_error,
@@ -58,8 +52,13 @@ from portside.protocols.resp import (
     new_framer,
 )
 
-if TYPE_CHECKING:
-    from portside.protocols._resp import RespFramer as CompiledFramer
+try:
+    from portside.examples._resp_store import StoreFramer
+except ImportError as exc:  # not built (no compiler at install time) or built for another Python
+    StoreFramer = None  # type: ignore[assignment,misc]
+    _store_framer_error = str(exc)
+else:
+    _store_framer_error = ""
 
 logger = logging.getLogger("portside")
 
@@ -106,9 +105,9 @@ class RespHandler(MessageHandler[Command]):
     """Answers each RESP command; one store shared by every connection of this process."""
 
     def __init__(self) -> None:
-        if not compiled_available():
-            logger.warning("compiled RESP framer unavailable (%s); using the pure-Python one",
-                           compiled_unavailable_reason())
+        if StoreFramer is None:
+            logger.warning("compiled RESP fast path unavailable (%s); every command runs in "
+                           "Python", _store_framer_error)
         self.store: dict[bytes, bytes] = {}
         #: Keys with a time to live: their deadline (monotonic milliseconds).
         self.expires: dict[bytes, int] = {}
@@ -131,7 +130,9 @@ class RespHandler(MessageHandler[Command]):
         }
 
     def make_framer(self) -> Framer[Command]:
-        return new_framer()
+        if StoreFramer is None:
+            return new_framer()
+        return StoreFramer(self.store, self.expires)
 
     def encode_reply(self, conn: Connection, reply: bytes) -> list[bytes]:
         return [reply]
@@ -141,78 +142,16 @@ class RespHandler(MessageHandler[Command]):
         super().connection_made(conn, first_data)
 
     def data_received(self, conn: Connection, data: memoryview) -> None:
-        """``MessageHandler.data_received``, with the compiled framer's fast path: the plain
-        PING/ECHO/GET/SET/INCR/DECR of a read are answered in C into one reply buffer, written
-        once; any other command stops it and goes through ``_dispatch`` as usual, after the
-        replies before it. The fast path runs only where a reply cannot be reordered or held:
-        nothing outstanding or held, the write queue under high water, not inside MULTI. One
-        Python frame per read: this one."""
+        """Reclaim expired keys (at most EXPIRE_BATCH) when one is due, then read as usual."""
         deadlines = self._deadlines
         if deadlines and deadlines[0][0] <= now_ms():
             self.reclaim_expired(now_ms())
-        layered = as_layer(conn)  # the session and reply order MessageHandler keeps
-        session: MessageSession[Command] = layered.layer
-        framer = session.framer
-        sequencer = session.sequencer
-        client: Client = conn.user_data
-        high_water = conn.listener.config.write_high_water
-        if (type(framer) is not CompiledRespFramer or client.queued is not None
-                or sequencer.next_issue != sequencer.next_release or sequencer.held
-                or conn.write_buffer_size > high_water):
-            super().data_received(conn, data)
-            return
-        fast: CompiledFramer = framer
-        try:
-            replies, command = fast.serve(data, self.store, self.expires, client.resp3,
-                                          high_water)
-        except ProtocolError as exc:
-            self.protocol_error(conn, exc)
-            return
-        if command is None and not fast.reading:  # the common case: every command answered
-            if replies:
-                conn.write(replies)
-        else:
-            self._serve_rest(layered, sequencer, fast, data, replies, command)
-        if fast.error is not None and conn.is_open:  # after the commands before the bad one
-            self.protocol_error(conn, fast.error)
-            return
-        conn.awaiting_data(fast.buffered > 0)  # a command begun: read_timeout runs
+        super().data_received(conn, data)
 
-    def _serve_rest(self, conn: LayerConnection, sequencer: ReplySequencer, framer: CompiledFramer,
-                    data: memoryview, replies: bytes, command: Command | None) -> None:
-        """A read the fast path stopped in: the command it handed back through ``_dispatch``,
-        then the fast path again while the state allows it, else the rest through
-        ``_dispatch`` (which holds what must wait)."""
+    def framer_may_answer(self, conn: Connection) -> bool:
+        """Not inside MULTI: there every command is queued for EXEC."""
         client: Client = conn.user_data
-        high_water = conn.listener.config.write_high_water
-        corked = False
-        try:
-            while True:
-                if replies:
-                    if corked:
-                        self._send(conn, sequencer, [replies])
-                    else:
-                        conn.write(replies)
-                if command is not None:
-                    if not corked and framer.reading:
-                        # Commands answered in Python between fast ones: still one send.
-                        conn.cork()
-                        sequencer.cork_room = high_water
-                        corked = True
-                    self._dispatch(conn, sequencer, (command,))
-                if not framer.reading:
-                    return
-                if (not conn.is_open or sequencer.next_issue != sequencer.next_release
-                        or sequencer.held or client.queued is not None
-                        or conn.write_buffer_size > high_water):
-                    self._dispatch(conn, sequencer, framer.rest(data))  # held, in order
-                    return
-                replies, command = framer.resume(data, self.store, self.expires, client.resp3,
-                                                 high_water)
-        finally:
-            if corked:
-                sequencer.cork_room = None
-                conn.uncork()
+        return client.queued is None
 
     def message_received(self, conn: Connection, message: Command) -> None:
         name = message[0].upper()
@@ -520,6 +459,9 @@ class RespHandler(MessageHandler[Command]):
                 return encode_error(
                     f"ERR Syntax error in HELLO option '{args[at].decode(errors='replace')}'")
         client.resp3, client.name = resp3, name
+        framer = self.framer(conn)
+        if StoreFramer is not None and isinstance(framer, StoreFramer):
+            framer.resp3 = resp3  # its nulls
         # What Redis 7.0 answers: clients may look for these fields.
         return encode_map({
             b"server": encode_bulk(b"redis"), b"version": encode_bulk(b"7.0.0"),

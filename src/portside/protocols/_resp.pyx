@@ -9,29 +9,28 @@ pointer instead of ``bytes.find``, with ``Framer.feed``'s buffering folded in. T
 the reference: the property tests run against both, and a differential test feeds both the
 same streams cut at the same places.
 
-``serve`` is ``feed`` for a Redis-like string store (the RESP example's): each whole command is
-handed, as it is parsed, to ``_execute``, which answers PING, ECHO, GET, SET, INCR and DECR in
-their plain forms on the caller's dicts and appends the reply to one output buffer. At the
-first command it does not take (any other command or form, a key with a time to live, an
-oversized output) the read stops and hands that command back; the caller runs it its own way
-and calls ``resume`` (or ``rest``, for the remaining commands as lists) with the same data.
-So a pipelined read of plain commands costs one call and one reply buffer, and everything
-else keeps the caller's semantics, in order.
+``serve`` is ``feed`` for a framer that answers some commands itself: each whole command is
+handed, as it is parsed (as spans of the read, where it is plain), to ``_answer``, the hook a
+compiled subclass overrides (``_resp.pxd`` is its C interface; the RESP example's
+``examples/_resp_store.pyx`` is one), which appends its reply to one output buffer. Here it
+answers nothing. At the first command it does not take (or an oversized output) the read stops
+and hands that command back; the caller runs it its own way and calls ``resume`` (or ``rest``,
+for the remaining commands as lists) with the same data. So a pipelined read of answered
+commands costs one call and one reply buffer, and everything else keeps the caller's
+semantics, in order.
 """
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
-from cpython.bytes cimport PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Contains, PyDict_GetItem, PyDict_SetItem, PyDict_Size
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.ref cimport PyObject
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcpy
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import Framer
+from portside.text import printable
 
 cdef Py_ssize_t KIB = 1024
 cdef Py_ssize_t MIB = 1024 * KIB
@@ -45,10 +44,7 @@ cdef Py_ssize_t spare_cap = 0
 cdef enum:
     SPANS = 8  # arguments of a command the fast path looks at, at most
 
-cdef enum Mode:
-    LIST = 0  # whole commands go to a list (feed, split, rest)
-    SERVE = 1  # whole commands go to _execute (serve, resume)
-
+# ``Mode``, the class's fields and its C methods are declared in _resp.pxd.
 
 cdef inline Py_ssize_t find_crlf(const unsigned char *raw, Py_ssize_t at,
                                  Py_ssize_t stop) noexcept:
@@ -111,18 +107,6 @@ cdef list split_words(const unsigned char *raw, Py_ssize_t size):
     return words
 
 
-cdef inline bint named(const char *arg, Py_ssize_t size, const char *upper,
-                       Py_ssize_t length) noexcept:
-    """``arg.upper() == upper``, for an all-letters ``upper``, without making the bytes."""
-    cdef Py_ssize_t i
-    if size != length:
-        return False
-    for i in range(size):
-        if (<unsigned char>arg[i] | 0x20) != (<unsigned char>upper[i] | 0x20):
-            return False
-    return True
-
-
 cdef inline Py_ssize_t plain_length(const unsigned char *raw, Py_ssize_t size) noexcept:
     """A length of 1 to 18 ASCII digits, or -1 for anything else (which the general parser
     reads, with int())."""
@@ -138,38 +122,8 @@ cdef inline Py_ssize_t plain_length(const unsigned char *raw, Py_ssize_t size) n
 
 cdef class RespFramer:
     """Splits a RESP request stream into commands (lists of bulk-string arguments); the
-    compiled twin of ``resp.RespFramer``, with the same limits and errors."""
-
-    cdef public Py_ssize_t max_bulk
-    cdef public Py_ssize_t max_arguments
-    cdef public Py_ssize_t max_request
-    cdef public Py_ssize_t max_inline
-    #: As ``Framer.need``: bytes the parser needs before it can make progress (0: any).
-    cdef public Py_ssize_t need
-    #: As ``Framer.error``: the first protocol error; once set, feed() raises it.
-    cdef public object error
-    cdef bytearray _pending
-    # A command being received, as in resp.py.
-    cdef list _args
-    cdef Py_ssize_t _left
-    cdef Py_ssize_t _bulk
-    cdef Py_ssize_t _taken
-    cdef Py_ssize_t _searched
-    # The read in progress (serve stops mid-read): where it resumes, -1 when none is; whether
-    # its bytes are in _pending (else they are the caller's data).
-    cdef Py_ssize_t _read_at
-    cdef bint _read_pending
-    cdef Mode _mode
-    cdef list _sink  # LIST: where whole commands go
-    cdef bint _stop  # SERVE: stop at the current position
-    cdef object _stopped  # SERVE: the command handed back, or None
-    cdef dict _store
-    cdef dict _expires
-    cdef bint _resp3
-    cdef Py_ssize_t _out_limit
-    cdef char *_out
-    cdef Py_ssize_t _out_len
-    cdef Py_ssize_t _out_cap
+    compiled twin of ``resp.RespFramer``, with the same limits and errors. Its fields and C
+    methods are declared in ``_resp.pxd``."""
 
     def __init__(self, Py_ssize_t max_bulk=8 * MIB, Py_ssize_t max_arguments=64 * KIB,
                  Py_ssize_t max_request=32 * MIB, Py_ssize_t max_inline=64 * KIB):
@@ -231,23 +185,20 @@ cdef class RespFramer:
             PyBuffer_Release(&view)
             self._sink = None
 
-    def serve(self, data, dict store not None, dict expires not None, bint resp3,
-              Py_ssize_t limit):
-        """Begin a read: answer its plain PING, ECHO, GET, SET, INCR and DECR on ``store``
-        (values: bytes) and ``expires`` (keys with a time to live, left to the caller), until
-        a command it does not take, which it hands back, or more than ``limit`` reply bytes.
+    def serve(self, data, Py_ssize_t limit):
+        """Begin a read: answer the commands ``_answer`` takes (none, here: a subclass's),
+        until one it does not take, which it hands back, or more than ``limit`` reply bytes.
         Returns the replies and that command (or None). A protocol error sets ``error``."""
         if self.error is not None:
             raise self.error
         self._no_read()
-        return self._serve(data, store, expires, resp3, limit, True)
+        return self._serve(data, limit, True)
 
-    def resume(self, data, dict store not None, dict expires not None, bint resp3,
-               Py_ssize_t limit):
+    def resume(self, data, Py_ssize_t limit):
         """Go on with the read ``serve`` stopped (``data`` is the same bytes)."""
         if self._read_at < 0:
             raise RuntimeError("no read in progress")
-        return self._serve(data, store, expires, resp3, limit, False)
+        return self._serve(data, limit, False)
 
     def rest(self, data):
         """The remaining whole commands of the read ``serve`` stopped, as ``feed`` gives them;
@@ -286,13 +237,9 @@ cdef class RespFramer:
             raise RuntimeError("the read serve() stopped is not finished (resume or rest)")
         return 0
 
-    cdef tuple _serve(self, data, dict store, dict expires, bint resp3, Py_ssize_t limit,
-                      bint first):
+    cdef tuple _serve(self, data, Py_ssize_t limit, bint first):
         global spare, spare_cap
         self._mode = SERVE
-        self._store = store
-        self._expires = expires
-        self._resp3 = resp3
         self._out_limit = limit
         self._stopped = None
         # The process's reply buffer, for this call only: an idle connection keeps none. (A
@@ -309,7 +256,6 @@ cdef class RespFramer:
             else:  # a large reply's buffer is not kept
                 free(self._out)
             self._out, self._out_cap = NULL, 0
-            self._store = self._expires = None
         command, self._stopped = self._stopped, None
         return replies, command
 
@@ -369,8 +315,11 @@ cdef class RespFramer:
         if at == 0:
             if self._left != NO_COMMAND:
                 if self._bulk >= 0:
-                    # _run calls only once the body and its CRLF are here (``need``).
+                    # _run calls only once the body and its CRLF are here (``need``), but
+                    # split() is public, and ``need`` writable: check, never read past.
                     size = self._bulk
+                    if total < size + 2:
+                        return 0
                     if data[size] != 13 or data[size + 1] != 10:
                         raise ProtocolError("bulk string not followed by CRLF")
                     self._args.append(PyBytes_FromStringAndSize(<const char *>data, size))
@@ -388,7 +337,8 @@ cdef class RespFramer:
                             return at
             elif self._searched:
                 # An inline line is arriving in pieces: look for its end only in the new bytes.
-                if memchr(data + self._searched, 10, total - self._searched) == NULL:
+                if (self._searched >= total  # a shorter input than before: no new bytes
+                        or memchr(data + self._searched, 10, total - self._searched) == NULL):
                     self._searched = total
                     if total > self.max_inline:
                         raise ProtocolError("too big inline request")
@@ -467,7 +417,7 @@ cdef class RespFramer:
                     if at >= total:
                         break
                     if raw[at] != 36:  # '$'
-                        raise ProtocolError(f"expected '$', got '{chr(raw[at])}'")
+                        raise ProtocolError(f"expected '$', got '{printable(chr(raw[at]))}'")
                     end = find_crlf(raw, at, min(at + LINE_MAX, total))
                     if end < 0:
                         if total - at >= LINE_MAX:
@@ -518,7 +468,7 @@ cdef class RespFramer:
         self._stop = True
         return True
 
-    # -- the fast path: plain string commands ----------------------------------------------------
+    # -- the fast path: commands given to _answer as spans -----------------------------------
 
     cdef bint _execute(self, list command) except -1:
         """``_answer`` for a command parsed into a list (one that spanned reads)."""
@@ -590,89 +540,9 @@ cdef class RespFramer:
         return 1 if self._answer(arg, length, count) else -1
 
     cdef bint _answer(self, const char **arg, Py_ssize_t *size, Py_ssize_t count) except -1:
-        """Answer a command given as spans, if it is a plain form of one taken here; False if
-        not (the caller's own dispatch then runs it, with its arity checks and error texts)."""
-        if size[0] == 3:
-            if count == 2 and named(arg[0], 3, b"GET", 3):
-                return self._get(PyBytes_FromStringAndSize(arg[1], size[1]))
-            if count == 3 and named(arg[0], 3, b"SET", 3):
-                key = PyBytes_FromStringAndSize(arg[1], size[1])
-                PyDict_SetItem(self._store, key, PyBytes_FromStringAndSize(arg[2], size[2]))
-                if PyDict_Size(self._expires):
-                    self._expires.pop(key, None)
-                self._append(b"+OK\r\n", 5)
-                return True
-        elif size[0] == 4:
-            if named(arg[0], 4, b"PING", 4):
-                if count == 1:
-                    self._append(b"+PONG\r\n", 7)
-                    return True
-                if count == 2:
-                    self._bulk_reply(arg[1], size[1])
-                    return True
-            elif count == 2 and named(arg[0], 4, b"ECHO", 4):
-                self._bulk_reply(arg[1], size[1])
-                return True
-            elif count == 2 and named(arg[0], 4, b"INCR", 4):
-                return self._add(PyBytes_FromStringAndSize(arg[1], size[1]), 1)
-            elif count == 2 and named(arg[0], 4, b"DECR", 4):
-                return self._add(PyBytes_FromStringAndSize(arg[1], size[1]), -1)
+        """The hook: answer a command given as spans (appending the reply) and return True,
+        or return False to hand it back. Here: False, always."""
         return False
-
-    cdef bint _get(self, key) except -1:
-        cdef PyObject *value
-        if PyDict_Size(self._expires) and PyDict_Contains(self._expires, key):
-            return False  # it may have expired: the caller's lookup decides
-        value = PyDict_GetItem(self._store, key)
-        if value == NULL:
-            if self._resp3:
-                self._append(b"_\r\n", 3)
-            else:
-                self._append(b"$-1\r\n", 5)
-            return True
-        if not PyBytes_CheckExact(<object>value):
-            return False
-        self._bulk_reply(PyBytes_AS_STRING(<object>value), PyBytes_GET_SIZE(<object>value))
-        return True
-
-    cdef bint _add(self, key, long long by) except -1:
-        """INCR/DECR where the value is absent or a canonical integer of at most 18 digits (so
-        the sum cannot overflow); anything else is left to the caller, errors included."""
-        cdef PyObject *old
-        cdef const unsigned char *p
-        cdef Py_ssize_t size, i = 0
-        cdef long long value = 0
-        cdef bint negative = False
-        cdef char digits[24]
-        if PyDict_Size(self._expires) and PyDict_Contains(self._expires, key):
-            return False
-        old = PyDict_GetItem(self._store, key)
-        if old != NULL:
-            if not PyBytes_CheckExact(<object>old):
-                return False
-            p = <const unsigned char *>PyBytes_AS_STRING(<object>old)
-            size = PyBytes_GET_SIZE(<object>old)
-            if size and p[0] == 45:  # '-'
-                negative = True
-                i = 1
-            # Redis's string2ll, as resp.py's parse_integer: 0 or -?[1-9][0-9]*, no more.
-            if not 0 < size - i <= 18 or not 49 <= p[i] <= 57:
-                if not (size == 1 and p[0] == 48):
-                    return False
-            while i < size:
-                if not 48 <= p[i] <= 57:
-                    return False
-                value = value * 10 + (p[i] - 48)
-                i += 1
-            if negative:
-                value = -value
-        value += by
-        size = format_integer(value, digits)
-        PyDict_SetItem(self._store, key, PyBytes_FromStringAndSize(digits, size))
-        self._append(b":", 1)
-        self._append(digits, size)
-        self._append(b"\r\n", 2)
-        return True
 
     # -- the reply buffer ------------------------------------------------------------------------
 
@@ -690,7 +560,7 @@ cdef class RespFramer:
         self._out_cap = cap
         return 0
 
-    cdef inline int _append(self, const char *data, Py_ssize_t size) except -1:
+    cdef int _append(self, const char *data, Py_ssize_t size) except -1:
         self._reserve(size)
         memcpy(self._out + self._out_len, data, size)
         self._out_len += size

@@ -47,6 +47,7 @@ from typing import Final
 
 from portside.errors import ProtocolError
 from portside.protocols.framing import Buffer, Framer
+from portside.text import printable
 
 try:
     from portside.protocols._resp import RespFramer as _Compiled
@@ -103,8 +104,11 @@ class RespFramer(Framer[Command]):
         at = 0
         if self._left != _NO_COMMAND:
             if self._bulk >= 0:
-                # feed() calls only once the body and its CRLF are here (``need``).
+                # feed() calls only once the body and its CRLF are here (``need``); a direct
+                # call with less consumes nothing, as feed() would.
                 size = self._bulk
+                if total < size + 2:
+                    return 0
                 if data[size] != 13 or data[size + 1] != 10:
                     raise ProtocolError("bulk string not followed by CRLF")
                 self._args.append(bytes(data[:size]))
@@ -185,7 +189,7 @@ class RespFramer(Framer[Command]):
                     if at >= total:
                         break
                     if raw[at] != 36:  # '$'
-                        raise ProtocolError(f"expected '$', got '{chr(raw[at])}'")
+                        raise ProtocolError(f"expected '$', got '{printable(chr(raw[at]))}'")
                     end = find(b"\r\n", at, at + _LINE_MAX)
                     if end < 0:
                         if total - at >= _LINE_MAX:

@@ -41,18 +41,48 @@ def load_handler(spec: str, app_dir: str | None = None) -> type[Handler]:
             sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as exc:  # where the user's file is wrong, not where importlib was
+        where = f" ({os.path.basename(exc.filename)}:{exc.lineno})" if exc.filename else ""
+        raise ConfigError(f"cannot import {module_name!r}: SyntaxError: {exc.msg}{where}"
+                          ) from None
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+        where = "" if exc.name == module_name else _where(exc)  # the module's own import
+        raise ConfigError(f"cannot import {module_name!r}: {exc}{where}") from None
     except BaseException as exc:  # a module may raise anything, even SystemExit
         if isinstance(exc, KeyboardInterrupt):
             raise
         where = _where(exc)
         raise ConfigError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
                           f"{where}") from None
-    handler_class = getattr(module, class_name, None)
+    try:
+        handler_class = getattr(module, class_name)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no class {class_name!r}"
+                          f"{_closest(class_name, module)}") from None
     if not (isinstance(handler_class, type) and issubclass(handler_class, Handler)):
-        raise ConfigError(f"{spec!r} is not a portside Handler subclass")
+        raise ConfigError(f"{spec!r} is not a portside Handler subclass (found "
+                          f"{_kind(handler_class)})")
     return handler_class
+
+
+def _closest(name: str, module: object) -> str:
+    """`` (did you mean 'Greeter'?)``: the Handler subclass of ``module`` nearest ``name``,
+    else the only one it has; or nothing."""
+    import difflib
+
+    from portside.handler import Handler
+
+    classes = sorted(attr for attr, value in vars(module).items()
+                     if isinstance(value, type) and issubclass(value, Handler)
+                     and value is not Handler)
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.5) or \
+        (classes if len(classes) == 1 else [])
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _kind(value: object) -> str:
+    """What was found instead of a Handler subclass: "class Shout", "int"."""
+    return f"class {value.__name__}" if isinstance(value, type) else type(value).__name__
 
 
 def make_handler(factory: Callable[[], Handler], name: str) -> Handler:
@@ -97,11 +127,13 @@ def describe_handlers(default: str | None, listeners: Sequence[ListenerConfig]) 
 def _where(exc: BaseException) -> str:
     """`` (file.py:12)``: the innermost frame of a traceback, so a one-line error says where."""
     tb = exc.__traceback__
-    if tb is None:
-        return ""
-    while tb.tb_next is not None:
+    found = ""
+    while tb is not None:  # importlib's own frames (<frozen ...>) are not where the user erred
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith("<frozen "):
+            found = f" ({os.path.basename(filename)}:{tb.tb_lineno})"
         tb = tb.tb_next
-    return f" ({os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+    return found
 
 
 def tls_context(process: ProcessConfig) -> ssl.SSLContext | None:

@@ -9,6 +9,7 @@ import sys
 import time
 
 from portside.config import LogFormat, LogLevel
+from portside.text import printable
 
 TEXT_FORMAT = "%(asctime)s [%(process)d%(role)s] %(levelname)s %(name)s: %(message)s"
 
@@ -27,6 +28,16 @@ class _Role(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, one record one line: the message is escaped (``text.printable``), so a
+    peer's text inside it can neither forge a line nor reach the terminal (a traceback, added
+    after the message, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, pid, worker, message (and exc)."""
 
@@ -38,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "pid": record.process,
             "worker": getattr(record, "worker", None),
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),  # JSON leaves C1 and DEL raw
         }
         if getattr(record, "role", "") == " supervisor":
             document["role"] = "supervisor"
@@ -60,7 +71,7 @@ def configure(level: LogLevel, log_format: LogFormat) -> None:
     handler.portside = True  # type: ignore[attr-defined]
     handler.addFilter(_role)
     handler.setFormatter(JsonFormatter() if log_format is LogFormat.JSON
-                         else logging.Formatter(TEXT_FORMAT))
+                         else TextFormatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.value.upper()))
 

@@ -5,7 +5,7 @@ Theory of operation. Listening sockets are bound here and inherited by every wor
 never close while the server runs: a worker can be replaced (crash, stuck loop, reload) without
 refusing or resetting a single connection, because the kernel's backlog belongs to the socket,
 not to a process. (With SO_REUSEPORT each worker would own its backlog, and connections queued
-to a worker that exits are reset; see README.) The supervisor runs portside's own epoll loop:
+to a worker that exits are reset; docs/operations.md.) The supervisor runs portside's own epoll loop:
 each worker is watched through a pidfd (readable when it exits) and linked by a socketpair that
 speaks the control protocol; a ``stats`` request every ``heartbeat_interval`` doubles as the
 heartbeat, and a worker's first reply means it booted. Signal handlers only enqueue; the loop
@@ -38,6 +38,7 @@ from typing import Any
 from portside.config import ListenerConfig, ProcessConfig, ServerConfig, address_label
 from portside.control import protocol
 from portside.control.fleet import SupervisorTarget
+from portside.control.paths import INHERIT_ENV as CONTROL_FD_ENV
 from portside.control.paths import ControlSocket
 from portside.control.server import ControlServer
 from portside.engine.activation import INHERIT_ENV
@@ -45,8 +46,10 @@ from portside.engine.epoll import EpollReactor
 from portside.engine.listener import bind_listener
 from portside.engine.reactor import TimerHandle
 from portside.errors import PortsideError, ProtocolError
-from portside.metrics import MetricsServer
+from portside.metrics import INHERIT_ENV as METRICS_FD_ENV
+from portside.metrics import MetricsServer, adopt_metrics
 from portside.server import resolve_engine
+from portside.statistics import Retired
 from portside.workers import logs, systemd
 from portside.workers.app import describe_handlers
 from portside.workers.worker import BOOT_FAILED, WORKER_ENV, worker_document
@@ -153,10 +156,15 @@ class Worker:
         return self.process.pid
 
     @property
-    def slot(self) -> int:
-        """Its place among the workers, from 0: the label its metrics series keep across
-        restarts (a replacement takes the slot of the worker it replaces)."""
-        return self.number - 1
+    def slot(self) -> str:
+        """Its number as ``ctl``, ``top`` and the metrics' ``worker`` label show it (the
+        number its log lines carry too): a replacement keeps it, so series survive restarts."""
+        return str(self.number)
+
+    @property
+    def name(self) -> str:
+        """How every supervisor line names it."""
+        return f"worker {self.number} (pid {self.pid})"
 
     def handle_read(self) -> None:  # the pidfd: readable once the process has exited
         self.exited()
@@ -213,7 +221,8 @@ class Supervisor:
         self._upgrade_fd = upgrade_fd
         self._successor: subprocess.Popen[bytes] | None = None
         self._handed_over = False  # an upgraded supervisor serves our sockets now
-        self._retired_totals = dict.fromkeys(("accepted", "bytes_in", "bytes_out"), 0)
+        #: What ended workers counted: every counter keeps it, so none goes backwards.
+        self.retired = Retired()
 
     @property
     def worker_count(self) -> int:
@@ -234,11 +243,10 @@ class Supervisor:
 
     def _open_side_services(self) -> None:
         if self.control_socket is not None:
-            if self.control_socket.closed:  # given away for an upgrade that failed
-                self.control_socket.reopen()
             self.control_server = ControlServer(self.control_socket, self.fleet)
         if self.plan.process.metrics:
-            self.metrics = MetricsServer(self.plan.process.metrics, self)
+            self.metrics = MetricsServer(self.plan.process.metrics, self,
+                                         sock=adopt_metrics(self.plan.process.metrics))
 
     def run(self) -> int:
         """Serve until shutdown; returns the exit status (0 after a graceful shutdown)."""
@@ -249,7 +257,8 @@ class Supervisor:
             previous[signum] = signal.signal(signum, self._on_signal)
         logs.set_role("supervisor")
         try:
-            self._attach_side_services()
+            if self._upgrade_fd is None:  # else once our workers serve (``_take_over``)
+                self._attach_side_services()
             for listener_config, sock in zip(self.plan.listeners, self.sockets, strict=True):
                 logger.info("listening on %s (%s)", _address(sock, listener_config),
                             listener_config.policy.value)
@@ -271,8 +280,8 @@ class Supervisor:
             self.reactor.close()
         logger.info("stopped after %.1f s: %d connection(s) accepted, %d bytes in, %d bytes "
                     "out (as last reported by the workers), %d worker restart(s), %d reload(s)",
-                    time.monotonic() - self.started_at, self._retired_totals["accepted"],
-                    self._retired_totals["bytes_in"], self._retired_totals["bytes_out"],
+                    time.monotonic() - self.started_at, self.retired.total("accepted"),
+                    self.retired.total("bytes_in"), self.retired.total("bytes_out"),
                     self.restarts, self.reloads)
         return self.exit_status
 
@@ -291,6 +300,14 @@ class Supervisor:
             self.metrics = None
 
     def _close_sockets(self) -> None:
+        self._close_listeners()
+        self._close_side_services()
+
+    def _close_listeners(self) -> None:
+        """Close our copies of the listening sockets. The kernel refuses new connections once
+        the last copy is closed, so a shutdown closes them at once here, and each worker its
+        own as it starts draining (as a single server does), rather than leaving connections
+        to wait in a backlog nobody will ever accept from."""
         for sock in self.sockets:
             sock.close()
         for listener_config in self.plan.listeners if self._bind else ():
@@ -298,7 +315,6 @@ class Supervisor:
             if listener_config.path is not None and not self._handed_over:
                 with contextlib.suppress(OSError):
                     os.unlink(listener_config.path)
-        self._close_side_services()
 
     def _watchdog(self, interval: float) -> None:
         systemd.notify("WATCHDOG=1")
@@ -335,7 +351,7 @@ class Supervisor:
         self.workers[process.pid] = worker
         self.reactor.register(worker.pidfd, worker, readable=True, writable=False)
         self.reactor.register(link.fd, link, readable=True, writable=False)
-        logger.info("started worker %d (pid %d)", number, process.pid)
+        logger.info("started %s", worker.name)
         self.ask(worker, "stats", lambda result: self._first_reply(worker, result))
         return worker
 
@@ -345,7 +361,7 @@ class Supervisor:
         worker.ready = True
         worker.last_stats = result
         self._boot_failures = 0
-        logger.info("worker %d (pid %d) is serving", worker.number, worker.pid)
+        logger.info("%s is serving", worker.name)
         self.fleet.replay(worker)  # what operators changed on the workers before this one
         callbacks, worker.on_ready = worker.on_ready, []
         for callback in callbacks:
@@ -372,10 +388,27 @@ class Supervisor:
                     plan.server.drain_timeout)
         systemd.notify("READY=1", f"MAINPID={os.getpid()}")
         if self._upgrade_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._upgrade_fd, b"serving\n")
-            os.close(self._upgrade_fd)
-            self._upgrade_fd = None
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """We were started by USR2 and serve: tell the supervisor being upgraded, then answer
+        on the control socket and metrics port it handed us (until now it answered). If it
+        gave up on us meanwhile (``upgrade_timeout``), it is still in charge: we stop."""
+        assert self._upgrade_fd is not None
+        try:
+            os.write(self._upgrade_fd, b"serving\n")
+            told = True
+        except OSError:
+            told = False
+        os.close(self._upgrade_fd)
+        self._upgrade_fd = None
+        if not told:
+            logger.error("upgrade: the supervisor that started us gave up on us; stopping")
+            self.shutdown()
+            return
+        if self.control_socket is not None:
+            self.control_socket.claim()
+        self._attach_side_services()
 
     def ask(self, worker: Worker, command: str, on_reply: Reply,
             args: dict[str, Any] | None = None) -> None:
@@ -396,11 +429,10 @@ class Supervisor:
         worker.link.fail_all()
         self.workers.pop(worker.pid, None)
         status = worker.process.wait()
-        self._count_totals(worker)
+        self.retired.add(worker.last_stats)
         lived = time.monotonic() - worker.started_at
         why = _describe_status(status)
-        # After its start line ("started worker N (pid P)"), a worker is named by its pid.
-        name = f"worker {worker.pid}"
+        name = worker.name
         if self.shutting_down or worker.retiring:
             logger.info("%s stopped (%s)", name, why)
         elif not worker.ready:
@@ -411,11 +443,6 @@ class Supervisor:
         if self.shutting_down and not self.workers:
             logger.info("all workers stopped")
             self.reactor.stop()
-
-    def _count_totals(self, worker: Worker) -> None:
-        for entry in (worker.last_stats or {}).get("listeners", []):
-            for key in self._retired_totals:
-                self._retired_totals[key] += entry.get(key, 0)
 
     def _boot_failed(self, worker: Worker, name: str, why: str) -> None:
         self._boot_failures += 1
@@ -459,8 +486,8 @@ class Supervisor:
             timeout = self.plan.process.heartbeat_timeout if worker.ready else \
                 max(self.plan.process.heartbeat_timeout, BOOT_TIMEOUT)
             if silent > timeout and not worker.retiring:
-                logger.warning("worker %d has not answered for %.1f s; replacing it",
-                               worker.pid, silent)
+                logger.warning("%s has not answered for %.1f s; replacing it",
+                               worker.name, silent)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             elif not worker.link.waiting:  # one heartbeat in flight at a time
@@ -495,6 +522,7 @@ class Supervisor:
         self.shutting_down = True
         if not self._handed_over:  # after an upgrade the service goes on, in our successor
             systemd.notify("STOPPING=1")
+        self._close_listeners()
         # Retiring workers were told already: a second SIGTERM would force them.
         self._kill_all(signal.SIGTERM, skip_retiring=True)
         if not self.workers:
@@ -548,8 +576,8 @@ class Supervisor:
             if not self.shutting_down and not retiree.retiring \
                     and self.workers.get(retiree.pid) is retiree:
                 retiree.retiring = True
-                logger.info("reload: retiring worker %d once its connections finish",
-                            retiree.pid)
+                logger.info("reload: retiring %s once its connections finish",
+                            retiree.name)
                 # Over the link, not SIGTERM: the worker drains without calling it a shutdown.
                 self.ask(retiree, "shutdown", lambda result: None)
 
@@ -576,7 +604,8 @@ class Supervisor:
 
     def upgrade(self) -> None:
         """USR2: start a new supervisor from the current installation on our sockets; once it
-        serves, drain and exit."""
+        serves, hand it the control socket and metrics port, drain and exit. One that is not
+        serving within ``upgrade_timeout`` is stopped, and we serve on."""
         if self._successor is not None or self.shutting_down:
             logger.info("USR2: an upgrade is already under way; ignored")
             return
@@ -587,34 +616,43 @@ class Supervisor:
         env[INHERIT_ENV] = ",".join(f"{fd}:{listener.name or ''}" for fd, listener in
                                     zip(fds, self.plan.listeners, strict=True))
         env[UPGRADE_FD_ENV] = str(write_end)
-        # The control socket and metrics port pass to the new supervisor: free them now.
-        self._close_side_services()
+        # The control socket and metrics port are handed over, not closed: we go on answering
+        # on them until the new supervisor serves (then it answers, and we let go).
+        side = self._side_fds()
+        env.update({name: str(fd) for name, fd in side.items()})
         try:
             for fd in fds:
                 os.set_inheritable(fd, True)
             successor = subprocess.Popen(
-                [sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=(*fds, write_end),
-                stdin=subprocess.DEVNULL)
+                [sys.executable, *sys.orig_argv[1:]], env=env,
+                pass_fds=(*fds, *side.values(), write_end), stdin=subprocess.DEVNULL)
         except OSError as exc:
+            os.close(read_end)
             logger.error("upgrade failed: cannot start a new supervisor: %s", exc)
-            self._reopen_side_services()
             return
         finally:
             os.close(write_end)
         self._successor = successor
-        logger.info("upgrade: new supervisor pid %d is starting", successor.pid)
+        timeout = self.plan.process.upgrade_timeout
+        logger.info("upgrade: new supervisor pid %d is starting (given up unless it serves "
+                    "within %g s)", successor.pid, timeout)
+
+        def stop_watching() -> None:
+            self.reactor.unregister(read_end)
+            os.close(read_end)  # a successor that reports later hears it is too late (EPIPE)
+            deadline.cancel()
 
         def on_pipe() -> None:
             try:
                 data = os.read(read_end, 64)
             except OSError:
                 data = b""
-            self.reactor.unregister(read_end)
-            os.close(read_end)
+            stop_watching()
             if data.startswith(b"serving"):
                 logger.info("upgrade: new supervisor pid %d is serving; draining and "
                             "exiting", successor.pid)
                 self._handed_over = True
+                self._release_side_services()
                 self.shutdown()
                 return
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -623,17 +661,69 @@ class Supervisor:
                          "(%s); still serving", successor.pid,
                          _describe_status(successor.returncode or 0))
             self._successor = None
-            self._reopen_side_services()
 
+        def give_up() -> None:
+            stop_watching()
+            logger.error("upgrade failed: the new supervisor pid %d is not serving after %g s "
+                         "(upgrade_timeout); stopping it; still serving", successor.pid,
+                         timeout)
+            self._successor = None  # a corrected USR2 may follow at once
+            self._stop_successor(successor)
+
+        deadline = self.reactor.call_later(timeout, give_up)
         self.reactor.register(read_end, _Readable(on_pipe), readable=True, writable=False)
 
-    def _reopen_side_services(self) -> None:
-        try:
-            self._open_side_services()
-        except PortsideError as exc:
-            logger.error("%s", exc)
-            return
-        self._attach_side_services()
+    def _stop_successor(self, successor: subprocess.Popen[bytes]) -> None:
+        """SIGTERM a successor given up (it stops its workers, hung imports included), SIGKILL
+        it if it has not gone within the drain period; reaped through a pidfd."""
+        pidfd = os.pidfd_open(successor.pid)
+        with contextlib.suppress(ProcessLookupError):
+            successor.send_signal(signal.SIGTERM)
+
+        def kill() -> None:
+            if successor.poll() is None:
+                logger.warning("upgrade: new supervisor pid %d ignored SIGTERM; killing it",
+                               successor.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    successor.kill()
+
+        timer = self.reactor.call_later(self.plan.server.drain_timeout + 5.0, kill)
+
+        def reaped() -> None:
+            self.reactor.unregister(pidfd)
+            os.close(pidfd)
+            timer.cancel()
+            status = successor.wait()
+            logger.info("upgrade: new supervisor pid %d stopped (%s)", successor.pid,
+                        _describe_status(status))
+
+        self.reactor.register(pidfd, _Readable(reaped), readable=True, writable=False)
+
+    def _side_fds(self) -> dict[str, int]:
+        """The control socket's and metrics port's descriptors, by the variable naming them
+        to a successor."""
+        found = {}
+        if self.control_server is not None:
+            fd = self.control_server.control.inheritable_fd()
+            if fd is not None:
+                found[CONTROL_FD_ENV] = fd
+        if self.metrics is not None:
+            os.set_inheritable(self.metrics.sock.fileno(), True)
+            found[METRICS_FD_ENV] = self.metrics.sock.fileno()
+        return found
+
+    def _release_side_services(self) -> None:
+        """The successor answers on the control socket and metrics port now: stop accepting
+        on them and close our copies, removing no file. Clients already connected are still
+        answered (a request in flight is not cut); they go when we exit."""
+        for service in (self.control_server, self.metrics):
+            if service is not None:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.reactor.unregister(service.sock.fileno())
+        if self.control_server is not None:
+            self.control_server.control.release()
+        if self.metrics is not None:
+            self.metrics.sock.close()
 
     def _kill_all(self, signum: int, skip_retiring: bool = False) -> None:
         for worker in self.workers.values():
@@ -645,6 +735,19 @@ class Supervisor:
     def control(self, request: protocol.Request, respond: Callable[[bytes], None]) -> None:
         """A control-socket command, carried out across every worker (``control.fleet``)."""
         self.fleet.control(request, respond)
+
+    def readiness(self) -> str | None:
+        """None while new connections are welcome (``/readyz``): every first worker served,
+        and no shutdown, drain or pause since; else why not."""
+        if self.shutting_down:
+            return "draining"
+        if not self._serving:
+            return "starting"
+        if not any(worker.ready and not worker.retiring for worker in self.workers.values()):
+            return "no worker serving"
+        if self.fleet.draining:
+            return "draining"
+        return "paused" if self.paused else None
 
     @property
     def listener_configs(self) -> tuple[ListenerConfig, ...]:

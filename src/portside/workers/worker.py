@@ -115,7 +115,7 @@ def main() -> int:
     try:
         server.run(install_signal_handlers=True)
     except Exception:
-        logger.exception("worker %d failed", os.getpid())
+        logger.exception("worker failed")  # the line's prefix names it: [pid worker N]
         return 1
     _log_totals(server)
     return 0
