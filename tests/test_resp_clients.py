@@ -258,4 +258,5 @@ def test_guide_snippet_works_as_written(portside_port: int) -> None:
     snippet = section[start:section.index("\n```", start)]
     assert "port=6380" in snippet
     redis.Redis(port=portside_port).flushall()
-    exec(compile(snippet.replace("port=6380", f"port={portside_port}"), "docs/guide.md", "exec"), {})
+    code = snippet.replace("port=6380", f"port={portside_port}")
+    exec(compile(code, "docs/guide.md", "exec"), {})
