@@ -250,12 +250,13 @@ def test_expired_keys_are_reclaimed_in_deadline_order_without_a_scan() -> None:
     assert len(handler._deadlines) <= 2 * len(handler.expires) + 1024
 
 
-def test_readme_snippet_works_as_written(portside_port: int) -> None:
-    """The README's redis-py snippet, run as it stands (only its port is this server's)."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_guide_snippet_works_as_written(portside_port: int) -> None:
+    """The guide's redis-py snippet, run as it stands (only its port is this server's)."""
+    readme = (Path(__file__).parent.parent / "docs" / "guide.md").read_text()
     section = readme[readme.index("### The RESP example"):]
     start = section.index("```python\n") + len("```python\n")
     snippet = section[start:section.index("\n```", start)]
     assert "port=6380" in snippet
     redis.Redis(port=portside_port).flushall()
-    exec(compile(snippet.replace("port=6380", f"port={portside_port}"), "README.md", "exec"), {})
+    code = snippet.replace("port=6380", f"port={portside_port}")
+    exec(compile(code, "docs/guide.md", "exec"), {})

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="portside",
         description="Run TCP and Unix-socket servers: the echo and Redis-protocol examples, or "
                     "your own Handler class; control and watch a running one.",
-        epilog="Every setting can also come from a PORTSIDE_... environment variable or a "
-               "--config TOML file: see docs/settings.md.")
+        epilog="Every setting can also come from a PORTSIDE_<NAME> environment variable or a "
+               "key of a --config TOML file (the flag's name, without its dashes); "
+               "'portside COMMAND --help' lists them.")
     parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="subcommand", parser_class=Parser, metavar="COMMAND")
     echo = commands.add_parser(

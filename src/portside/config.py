@@ -546,7 +546,7 @@ class ListenerConfig:
         "The send buffer of each accepted socket (SO_SNDBUF; nginx's sndbuf); 0 leaves the "
         "kernel's default and autotuning.")
     #: Serve TLS with this server-side context (None: plain TCP); the command line makes it from
-    #: --certfile and --keyfile. See README.
+    #: --certfile and --keyfile (docs/production.md).
     tls: ssl.SSLContext | None = None
     proxy_protocol: ProxyVersion = setting(  # noqa: RUF009 (a field(), made once)
         ProxyVersion.OFF, Choice(ProxyVersion, "PROXY protocol setting"),

@@ -156,7 +156,7 @@ def bind_listener(config: ListenerConfig) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if config.policy is AcceptPolicy.DATA_FIRST and config.defer_accept and \
                 hasattr(socket, "TCP_DEFER_ACCEPT"):
-            # The kernel keeps silent connections to itself for about this long (see README).
+            # The kernel keeps silent connections to itself for about this long (docs/listeners.md).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, config.defer_accept)
         sock.bind(address)
         sock.listen(config.backlog)
