@@ -6,11 +6,10 @@ never close while the server runs: a worker can be replaced (crash, stuck loop, 
 refusing or resetting a single connection, because the kernel's backlog belongs to the socket,
 not to a process. (With SO_REUSEPORT each worker would own its backlog, and connections queued
 to a worker that exits are reset: docs/operations.md.) The supervisor runs portside's own
-epoll loop:
-each worker is watched through a pidfd (readable when it exits) and linked by a socketpair that
-speaks the control protocol; a ``stats`` request every ``heartbeat_interval`` doubles as the
-heartbeat, and a worker's first reply means it booted. Signal handlers only enqueue; the loop
-acts.
+epoll loop: each worker is watched through a pidfd (readable when it exits) and linked by a
+socketpair that speaks the control protocol; a ``stats`` request every
+``heartbeat_interval`` doubles as the heartbeat, and a worker's first reply means it booted.
+Signal handlers only enqueue; the loop acts.
 
 Workers are fresh interpreters (``python -m portside.workers.worker``), so SIGHUP, which
 re-reads the settings and replaces the workers one by one, also loads the handler's new code.
