@@ -30,15 +30,17 @@ from types import FrameType
 from typing import Any, Protocol
 
 from portside.config import Engine, ListenerConfig, ServerConfig
+from portside.connection import ConnectAttempt, Connection, ListenerView
 from portside.engine.buffers import PoolStatistics
-from portside.engine.connection import CloseReason, Connection
+from portside.engine.connection import Connection as EngineConnection
 from portside.engine.core import EngineCore, Pools
 from portside.engine.epoll import EpollReactor
 from portside.engine.listener import Listener, bind_listener
-from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT, ConnectAttempt
+from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT
 from portside.engine.reactor import Reactor, TimerHandle
 from portside.errors import ConfigError, ServerStateError
 from portside.handler import Handler
+from portside.reasons import CloseReason
 from portside.statistics import ServerStatistics, UpstreamStatistics
 
 logger = logging.getLogger("portside")
@@ -231,9 +233,18 @@ class Server:
             service.attach(self._reactor)
 
     @property
-    def listeners(self) -> tuple[Listener, ...]:
+    def listeners(self) -> tuple[ListenerView, ...]:
         """The bound listeners (after ``start()``), in the order they were configured."""
         return tuple(self._listeners)
+
+    @property
+    def _engine_listeners(self) -> tuple[Listener, ...]:
+        """The engine's listeners, for the layers above the server (control, the CLI)."""
+        return tuple(self._listeners)
+
+    def _live(self) -> list[EngineConnection]:
+        """The engine's live connections, for the layers above the server (control)."""
+        return self._core.live() if self._core is not None else []
 
     def run(self, install_signal_handlers: bool = True) -> None:
         """Serve on the configured engine until shutdown; blocks the calling thread.
@@ -485,7 +496,7 @@ class Server:
 
     def connections(self) -> list[Connection]:
         """Live connections, pending ones included (call on the loop thread)."""
-        return self._core.live() if self._core is not None else []
+        return list(self._core.live()) if self._core is not None else []
 
     def statistics(self) -> ServerStatistics:
         """A frozen snapshot of every listener's counters and the pools."""
@@ -650,11 +661,6 @@ class IOPool:
                 handler for server in self._servers for handler in server.handlers])
         return self._engine
 
-    @property
-    def pools(self) -> Pools | None:
-        """The buffer and connection pools every server shares (None until the pool runs)."""
-        return self._pools
-
     def _add(self, server: Server) -> None:
         """A new server (from its constructor)."""
         if self.stopped.is_set() or self._stopping:
@@ -675,7 +681,7 @@ class IOPool:
             if reactor is None or pools is None:
                 return
             if self._stopping:
-                for listener in server.listeners:
+                for listener in server._listeners:
                     listener.close()
                 raise ServerStateError("this IOPool is stopping")
             _check_engine(self.engine, server.handlers)
@@ -731,7 +737,7 @@ class IOPool:
                     started.append(server)
         except BaseException:
             for server in started:  # every server binds, or none
-                for listener in server.listeners:
+                for listener in server._listeners:
                     listener.close()
                 server._listeners.clear()
                 server.state = ServerState.NEW
