@@ -17,17 +17,16 @@ from typing import Any
 
 from conftest import WAIT, Clients, RecordingHandler, ServeFactory, recv_exactly
 
-from portside import AcceptingReason, AcceptPolicy, ListenerConfig
-from portside.engine.listener import Listener
+from portside import AcceptingReason, AcceptPolicy, ListenerConfig, ListenerView
 
 R = AcceptingReason
 
 
 class AcceptingHandler(RecordingHandler):
-    def accepting_stopped(self, listener: Listener, reason: AcceptingReason) -> None:
+    def accepting_stopped(self, listener: ListenerView, reason: AcceptingReason) -> None:
         self.record("accepting", None, ("stopped", reason))
 
-    def accepting_started(self, listener: Listener, reason: AcceptingReason) -> None:
+    def accepting_started(self, listener: ListenerView, reason: AcceptingReason) -> None:
         self.record("accepting", None, ("started", reason))
 
     def changes(self) -> list[tuple[str, AcceptingReason]]:
@@ -125,7 +124,7 @@ def test_eviction_of_a_stale_pending_connection(serve: ServeFactory, clients: Cl
 def test_a_raising_callback_is_reported_and_harmless(serve: ServeFactory,
                                                      clients: Clients) -> None:
     class Raising(RecordingHandler):
-        def accepting_started(self, listener: Listener, reason: AcceptingReason) -> None:
+        def accepting_started(self, listener: ListenerView, reason: AcceptingReason) -> None:
             raise RuntimeError("oops")
 
     handler = Raising()

@@ -480,7 +480,7 @@ def test_unexpected_accept_error_stops_the_listener_without_spinning(
     stays readable: not a capacity error, so no backoff and retry (which would spin or retry
     forever), but one error line, and that listener stops; the others serve on."""
     rs = serve(ListenerConfig(), ListenerConfig())
-    broken = rs.server.listeners[0]
+    broken = rs.server._engine_listeners[0]
     on_loop(rs, lambda: broken.sock.shutdown(socket.SHUT_RDWR))
     wait_until(lambda: listener_stats(rs).accept_errors == 1, "the failed accept")
     time.sleep(NEGATIVE_WAIT)  # a negative check: a spinning loop would count more errors

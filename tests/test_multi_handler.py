@@ -23,11 +23,13 @@ from conftest import (
 from proc import PortsideProcess
 
 from portside import (
+    AcceptingReason,
     CloseReason,
     ConfigError,
     Connection,
     Engine,
     ListenerConfig,
+    ListenerView,
     Server,
     ServerConfig,
     StreamHandler,
@@ -35,7 +37,6 @@ from portside import (
     StreamWriter,
 )
 from portside.config import parse_listen
-from portside.engine.listener import AcceptingReason, Listener
 from portside.examples.echo import EchoHandler
 
 
@@ -124,13 +125,13 @@ def test_errors_go_to_the_listeners_handler(serve: ServeFactory, clients: Client
 class Hooked(RecordingHandler):
     """Overrides the listener-level hooks: they too belong to the listener's own handler."""
 
-    def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
+    def socket_accepted(self, listener: ListenerView, sock: socket.socket) -> None:
         self.record("socket_accepted", None, listener.address)
 
-    def accepting_started(self, listener: Listener, reason: AcceptingReason) -> None:
+    def accepting_started(self, listener: ListenerView, reason: AcceptingReason) -> None:
         self.record("accepting_started", None, reason)
 
-    def accepting_stopped(self, listener: Listener, reason: AcceptingReason) -> None:
+    def accepting_stopped(self, listener: ListenerView, reason: AcceptingReason) -> None:
         self.record("accepting_stopped", None, reason)
 
 
@@ -218,7 +219,7 @@ def test_epoll_engines_refuse_a_coroutine_handler_on_any_listener(engine: Engine
                     ServerConfig(engine=engine))
     with pytest.raises(ConfigError, match="AsyncUpper runs coroutines"):
         server.run(install_signal_handlers=False)
-    for listener in server.listeners:
+    for listener in server._engine_listeners:
         listener.close()
 
 

@@ -20,8 +20,8 @@ from typing import Any, cast
 import pytest
 from conftest import Clients, RecordingHandler, ServeFactory, recv_exactly, require
 
-from portside import CloseReason, Connection, ErrorOrigin, ListenerConfig
-from portside.engine.listener import Listener, socket_options
+from portside import CloseReason, Connection, ErrorOrigin, ListenerConfig, ListenerView
+from portside.engine.listener import socket_options
 from portside.errors import ConfigError
 from portside.settings import add_flags, resolve
 
@@ -48,7 +48,7 @@ class ShapingHandler(RecordingHandler):
         self.seen: list[dict[str, Any]] = []
         self.origins: list[ErrorOrigin] = []
 
-    def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
+    def socket_accepted(self, listener: ListenerView, sock: socket.socket) -> None:
         names = WATCHED if self.tcp else {key: WATCHED[key] for key in ("rcvbuf", "sndbuf")}
         options: dict[str, Any] = {name: sock.getsockopt(*where)
                                    for name, where in names.items()}
@@ -148,7 +148,7 @@ def test_what_the_hook_sets_stays_set(serve: ServeFactory, clients: Clients) -> 
     """The hook may shape the socket itself: what it sets is what the connection runs with."""
 
     class Hook(RecordingHandler):
-        def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
+        def socket_accepted(self, listener: ListenerView, sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9)
 
         def connection_made(self, conn: Connection, first_data: memoryview | None) -> None:

@@ -209,7 +209,7 @@ def test_epoll_engines_refuse_async_handlers(engine: Engine) -> None:
     server = Server(PlainEcho(), [ListenerConfig()], ServerConfig(engine=engine))
     with pytest.raises(ConfigError, match="asyncio or uvloop engine"):
         server.run(install_signal_handlers=False)
-    for listener in server.listeners:
+    for listener in server._engine_listeners:
         listener.close()
 
 

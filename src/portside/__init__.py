@@ -12,11 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from portside.config import KIB, SECONDS, AcceptPolicy, Engine, ListenerConfig, ServerConfig
-    from portside.connection import Connection
+    from portside.connection import ConnectAttempt, Connection, ListenerView, RateLimitedLog
     from portside.engine.buffers import PoolStatistics
-    from portside.engine.listener import AcceptingReason
-    from portside.engine.outbound import ConnectAttempt
-    from portside.engine.states import CloseReason
     from portside.errors import (
         ConfigError,
         ConnectionClosedError,
@@ -29,6 +26,7 @@ if TYPE_CHECKING:
     from portside.handler import Handler
     from portside.messages import MessageHandler
     from portside.protocols.framing import Framer, LengthPrefixFramer, LineFramer
+    from portside.reasons import AcceptingReason, CloseReason
     from portside.server import IOPool, Server, ServerState
     from portside.statistics import (
         ConnectionCounters,
@@ -42,9 +40,10 @@ _WHERE = {
     "KIB": "config", "SECONDS": "config", "AcceptPolicy": "config", "Engine": "config",
     "ListenerConfig": "config", "ServerConfig": "config",
     "PoolStatistics": "engine.buffers",
-    "CloseReason": "engine.states", "Connection": "connection",
-    "AcceptingReason": "engine.listener", "ErrorOrigin": "errors",
-    "ConnectAttempt": "engine.outbound",
+    "CloseReason": "reasons", "Connection": "connection",
+    "AcceptingReason": "reasons", "ErrorOrigin": "errors",
+    "ConnectAttempt": "connection", "ListenerView": "connection",
+    "RateLimitedLog": "connection",
     "ConfigError": "errors", "ConnectionClosedError": "errors", "ListenError": "errors",
     "PortsideError": "errors", "ProtocolError": "errors", "ServerStateError": "errors",
     "Handler": "handler",
@@ -93,11 +92,13 @@ __all__ = [
     "ListenError",
     "ListenerConfig",
     "ListenerStatistics",
+    "ListenerView",
     "MessageHandler",
     "OutboundStatistics",
     "PoolStatistics",
     "PortsideError",
     "ProtocolError",
+    "RateLimitedLog",
     "Server",
     "ServerConfig",
     "ServerState",

@@ -357,7 +357,7 @@ def _run_single(plan: Plan, control: Any) -> int:
     except BaseException:
         # A failed start leaves nothing behind: no listening socket (the control socket's
         # context removes its file).
-        for listener in server.listeners:
+        for listener in server._engine_listeners:
             listener.close()
         raise
     server.add_service(ControlServer(control, target))

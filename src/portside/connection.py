@@ -1,10 +1,13 @@
-"""What a handler sees of a connection: a typed interface, apart from the engine's internals.
+"""What a handler sees of a connection, of a listener and of an outbound connect: typed
+interfaces, apart from the engine's internals.
 
 Every engine's connection class (``engine/connection.py`` and its compiled twin) has more
 methods than these: the ones the engine drives it with (``attach``, ``establish``,
 ``handle_read``, ``close_for`` ...). Handlers are typed against ``Connection`` here, so a type
 checker stops a handler reaching for those; the layers portside builds on the engine
-(``MessageHandler``, ``StreamHandler``) use the slightly wider ``LayerConnection``.
+(``MessageHandler``, ``StreamHandler``) use the slightly wider ``LayerConnection``. The same
+holds for ``ListenerView`` (the engine's listeners and outbound connectors) and
+``ConnectAttempt`` (the engine's attempt, ``engine/outbound.py``).
 """
 
 from __future__ import annotations
@@ -16,25 +19,50 @@ if TYPE_CHECKING:
     import ssl
 
     from portside.config import ListenerConfig
-    from portside.engine.states import CloseReason
+    from portside.handler import Handler
     from portside.protocols.proxy import ProxyHeader
-    from portside.statistics import ConnectionCounters, ListenerStatistics
+    from portside.reasons import CloseReason
+    from portside.statistics import ConnectionCounters, ListenerStatistics, OutboundStatistics
 
 #: A (host, port[, flowinfo, scope_id]) tuple for TCP, a path string for Unix sockets.
 Address = Any
 
 
 class ListenerView(Protocol):
-    """The listener a connection arrived through, as a handler may see it."""
+    """What a handler may read of a listener (``Handler.accepting_started`` and friends,
+    ``Server.listeners``, ``conn.listener``). An outbound connection's ``conn.listener`` is
+    its connector: the ``ListenerConfig`` whose per-connection policies it runs under (its
+    listening fields do not apply), ``port`` 0, and ``OutboundStatistics``."""
 
     @property
     def address(self) -> str:
-        """``host:port`` or ``unix:PATH``, as logs and statistics name it."""
+        """``host:port`` or ``unix:PATH``, as logs and statistics name it (for an outbound
+        connector: its config's label)."""
+
+    @property
+    def port(self) -> int:
+        """The port the kernel bound (the chosen one when 0 was asked for); 0 for a Unix
+        socket and for an outbound connector."""
+
+    @property
+    def label(self) -> str:
+        """The config's name, else its address: how statistics and ``ctl`` name it."""
 
     @property
     def config(self) -> ListenerConfig: ...
 
-    def statistics(self) -> ListenerStatistics: ...
+    def statistics(self) -> ListenerStatistics | OutboundStatistics:
+        """A frozen snapshot of its counters: ``ListenerStatistics`` for a listener,
+        ``OutboundStatistics`` for an outbound connector."""
+
+
+class RateLimitedLog(Protocol):
+    """Log lines that cannot flood the log: a few lines per kind and interval, then one
+    summary line with the count of those left out."""
+
+    def log(self, kind: str, level: int, summary: str, message: str, *args: Any) -> None:
+        """Log ``message % args`` at ``level`` unless ``kind`` has used up its window; then
+        count it. ``summary`` is the summary's text, ``{count}`` where the number goes."""
 
 
 class Connection(Protocol):
@@ -153,6 +181,70 @@ class LayerConnection(Connection, Protocol):
     def close_for(self, reason: CloseReason) -> None: ...
 
     def abort_for(self, reason: CloseReason) -> None: ...
+
+
+class ConnectAttempt(Protocol):
+    """One ``Server.connect`` under way: the handle it returns, and what
+    ``Handler.connect_failed`` is given.
+
+    ``state`` is "connecting", then "connected" (``connection`` is the connection the handler
+    met in ``connection_made``) or "failed" (``error`` says why; the handler was told in
+    ``connect_failed``). ``user_data`` is given to the connection before ``connection_made``.
+    Methods must be called on the server's loop.
+    """
+
+    #: Given to the connection (``conn.user_data``) before ``connection_made``.
+    user_data: Any
+
+    @property
+    def state(self) -> str:
+        """"connecting", "connected" or "failed"."""
+
+    @property
+    def address(self) -> str:
+        """Where it connects, as logs show it: ``host:port`` or ``unix:path``."""
+
+    @property
+    def host(self) -> str | None:
+        """The host asked for; None for a Unix socket."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def timeout(self) -> float:
+        """Seconds for resolving, connecting and any TLS handshake, in all."""
+
+    @property
+    def handler(self) -> Handler: ...
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The client-side context the connection speaks TLS with; None: plain TCP."""
+
+    @property
+    def server_hostname(self) -> str | None:
+        """With TLS: the name sent as SNI and checked against the certificate."""
+
+    @property
+    def started_at(self) -> float:
+        """When it began, on the engine's monotonic clock (0 until it starts on the loop)."""
+
+    @property
+    def connection(self) -> Connection | None:
+        """Once "connected": the connection."""
+
+    @property
+    def error(self) -> OSError | None:
+        """Once "failed": why."""
+
+    @property
+    def log(self) -> RateLimitedLog:
+        """Rate-limited log lines for what happens to attempts like this one (a flood of
+        failures cannot flood the log)."""
+
+    def cancel(self) -> None:
+        """Give up (the handler still hears ``connect_failed``, with ConnectionAbortedError)."""
 
 
 def as_layer(conn: Connection) -> LayerConnection:

@@ -20,10 +20,8 @@ from portside.errors import ErrorOrigin
 if TYPE_CHECKING:
     import socket
 
-    from portside.connection import Connection
-    from portside.engine.listener import AcceptingReason, Listener
-    from portside.engine.outbound import ConnectAttempt
-    from portside.engine.states import CloseReason
+    from portside.connection import ConnectAttempt, Connection, ListenerView
+    from portside.reasons import AcceptingReason, CloseReason
     from portside.server import Server
 
 logger = logging.getLogger("portside")
@@ -46,18 +44,18 @@ class Handler:
     def server_stopped(self, server: Server) -> None:
         """Every connection has closed (``connection_closed`` came for each). Called once, last."""
 
-    def accepting_stopped(self, listener: Listener, reason: AcceptingReason) -> None:
+    def accepting_stopped(self, listener: ListenerView, reason: AcceptingReason) -> None:
         """``listener`` stopped accepting: paused, at its ceiling, backing off after a
         capacity error (EMFILE...), broken, or shutting down (``reason`` says which). Called
         once per change, not again while the reason changes with accepting still stopped."""
 
-    def accepting_started(self, listener: Listener, reason: AcceptingReason) -> None:
+    def accepting_started(self, listener: ListenerView, reason: AcceptingReason) -> None:
         """``listener`` accepts (again): at start, resumed, below its ceiling, or its back-off
         over (``reason`` says which). Called once per change."""
 
     # -- connection life cycle -------------------------------------------------------------------
 
-    def socket_accepted(self, listener: Listener, sock: socket.socket) -> None:
+    def socket_accepted(self, listener: ListenerView, sock: socket.socket) -> None:
         """A socket was accepted on ``listener``: shape it (``setsockopt``, ``getsockopt``)
         before portside uses it; the listener's socket options are already set. Do not close,
         keep or read from it. Called only when a handler overrides it (it costs a Python call

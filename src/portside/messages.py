@@ -33,11 +33,11 @@ from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from portside.config import address_label
 from portside.connection import Connection, LayerConnection, as_layer
-from portside.engine.states import CloseReason
 from portside.errors import ErrorOrigin, ProtocolError
 from portside.handler import Handler, report_error
 from portside.ordering import Outcome, ReplySequencer
 from portside.protocols.framing import Buffer, Framer, LineFramer
+from portside.reasons import CloseReason
 
 logger = logging.getLogger("portside")
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import importlib.util
 import logging
-import select
 import signal
 import socket
 import ssl
@@ -30,81 +28,25 @@ from types import FrameType
 from typing import Any, Protocol
 
 from portside.config import Engine, ListenerConfig, ServerConfig
+from portside.connection import ConnectAttempt, Connection, ListenerView
 from portside.engine.buffers import PoolStatistics
-from portside.engine.connection import CloseReason, Connection
+from portside.engine.connection import Connection as EngineConnection
 from portside.engine.core import EngineCore, Pools
-from portside.engine.epoll import EpollReactor
+from portside.engine.factory import EngineKind
+from portside.engine.factory import choose_engine as choose_engine
+from portside.engine.factory import resolve_engine as resolve_engine
 from portside.engine.listener import Listener, bind_listener
-from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT, ConnectAttempt
+from portside.engine.outbound import DEFAULT_CONNECT_TIMEOUT
 from portside.engine.reactor import Reactor, TimerHandle
 from portside.errors import ConfigError, ServerStateError
 from portside.handler import Handler
+from portside.reasons import CloseReason
 from portside.statistics import ServerStatistics, UpstreamStatistics
 
 logger = logging.getLogger("portside")
 
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _LAG_PROBE_INTERVAL = 0.5  # seconds between loop-lag probes
-
-
-def resolve_engine(engine: Engine) -> Engine:
-    """``auto``: the compiled engine where it imports, else portside's own epoll loop in pure
-    Python on Linux, else asyncio. Falling back is said once, in one log line."""
-    if engine is Engine.COMPILED:
-        from portside.engine import compiled
-
-        if not compiled.available():
-            raise ConfigError("the compiled engine is not available "
-                              f"({compiled.reason_unavailable()}): use --engine epoll")
-        return engine
-    if engine is not Engine.AUTO:
-        return engine
-    if not hasattr(select, "epoll"):
-        return Engine.ASYNCIO
-    from portside.engine import compiled
-
-    if compiled.available():
-        return Engine.COMPILED
-    global _fallback_reported
-    if not _fallback_reported:
-        _fallback_reported = True
-        logger.warning("compiled engine unavailable (%s); using the pure-Python epoll engine",
-                       compiled.reason_unavailable())
-    return Engine.EPOLL
-
-
-_fallback_reported = False
-
-
-def choose_engine(engine: Engine, handlers: Iterable[Handler]) -> Engine:
-    """The engine for a set of handlers: ``auto`` means an asyncio loop (uvloop where it is
-    installed) as soon as one handler runs coroutines, since every listener of one engine runs
-    on the same loop; plain handlers run on it unchanged. Otherwise as ``resolve_engine``."""
-    if engine is Engine.AUTO and any(_runs_coroutines(handler) for handler in handlers):
-        return Engine.UVLOOP if importlib.util.find_spec("uvloop") else Engine.ASYNCIO
-    return resolve_engine(engine)
-
-
-def _runs_coroutines(handler: Handler) -> bool:
-    return bool(getattr(handler, "requires_asyncio", False))
-
-
-def _check_engine(engine: Engine, handlers: Iterable[Handler]) -> None:
-    """A handler that runs coroutines on an epoll engine named explicitly: one clear error."""
-    if engine in (Engine.EPOLL, Engine.COMPILED):
-        for handler in handlers:
-            if _runs_coroutines(handler):
-                raise ConfigError(f"{type(handler).__name__} runs coroutines: use the asyncio "
-                                  "or uvloop engine (every listener of one engine shares it)")
-
-
-def _epoll_loop(engine: Engine) -> Any:
-    """A new loop of one of portside's own epoll engines."""
-    if engine is Engine.COMPILED:
-        from portside.engine import compiled
-
-        return compiled.Loop()
-    return EpollReactor()
 
 
 class Service(Protocol):
@@ -174,6 +116,7 @@ class Server:
         self._announcing = False  # shutdown_started is being called: do not finish meanwhile
         self.loop_lag = self.loop_lag_max = 0.0
         self._io_pool = io_pool
+        self._solo = False  # io_pool is the one-server pool run() made
         if io_pool is not None:
             io_pool._add(self)
         self._upstream_sources: list[Callable[[], Iterable[UpstreamStatistics]]] = []
@@ -200,7 +143,7 @@ class Server:
             for listener_config, sock in zip(self.listener_configs, self._given_sockets,
                                              strict=True):
                 sock.setblocking(False)
-                self._listeners.append(self._listener_class(listener_config, sock, owned=False))
+                self._listeners.append(self._kind.listener(listener_config, sock, owned=False))
             self.state = ServerState.STARTED
             if self._io_pool is not None:
                 self._io_pool._join(self)
@@ -208,7 +151,7 @@ class Server:
         try:
             for listener_config in self.listener_configs:
                 sock = bind_listener(listener_config)
-                self._listeners.append(self._listener_class(listener_config, sock))
+                self._listeners.append(self._kind.listener(listener_config, sock))
         except BaseException:
             for listener in self._listeners:
                 listener.close()
@@ -231,9 +174,18 @@ class Server:
             service.attach(self._reactor)
 
     @property
-    def listeners(self) -> tuple[Listener, ...]:
+    def listeners(self) -> tuple[ListenerView, ...]:
         """The bound listeners (after ``start()``), in the order they were configured."""
         return tuple(self._listeners)
+
+    @property
+    def _engine_listeners(self) -> tuple[Listener, ...]:
+        """The engine's listeners, for the layers above the server (control, the CLI)."""
+        return tuple(self._listeners)
+
+    def _live(self) -> list[EngineConnection]:
+        """The engine's live connections, for the layers above the server (control)."""
+        return self._core.live() if self._core is not None else []
 
     def run(self, install_signal_handlers: bool = True) -> None:
         """Serve on the configured engine until shutdown; blocks the calling thread.
@@ -241,44 +193,34 @@ class Server:
         With ``install_signal_handlers`` (and on the main thread), SIGINT and SIGTERM start a
         graceful shutdown, and a second one forces it.
         """
-        self._not_pooled()
-        self.start()
-        engine = self.engine
-        _check_engine(engine, self.handlers)
-        if engine in (Engine.EPOLL, Engine.COMPILED):
-            self._run_epoll(install_signal_handlers)
-        elif engine is Engine.ASYNCIO:
-            with asyncio.Runner() as runner:
-                runner.run(self._serve(install_signal_handlers))
-        else:
-            try:
-                import uvloop
-            except ImportError:
-                raise ConfigError("the uvloop engine needs the uvloop package "
-                                  "(pip install 'portside[uvloop]')") from None
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(self._serve(install_signal_handlers))
+        self._solo_pool().run(install_signal_handlers)
 
-    def _not_pooled(self) -> None:
-        if self._io_pool is not None:
+    def _solo_pool(self) -> IOPool:
+        """The one-server ``IOPool`` that ``run``/``serve`` run this server on: one way to run
+        an engine, whether it serves one server or several."""
+        if self._io_pool is not None and not self._solo:
             raise ServerStateError("this server runs on an IOPool: run the pool, not the server")
+        if self.state not in (ServerState.NEW, ServerState.STARTED):
+            raise ServerStateError(f"cannot run a server that is {self.state.value}")
+        pool = IOPool(self.config)
+        pool._chosen = self._kind
+        self._io_pool, self._solo = pool, True
+        pool._add(self)
+        return pool
 
     @functools.cached_property
     def engine(self) -> Engine:
         """The engine ``run()`` uses: the configured one, with ``auto`` resolved (when one of
         the handlers runs coroutines, ``auto`` means an asyncio loop: uvloop where it is
         installed); on an ``IOPool``, the pool's. Resolved once: statistics ask every second."""
+        return self._kind.engine
+
+    @functools.cached_property
+    def _kind(self) -> EngineKind:
+        """The engine, chosen once: what builds its listeners, core and loop."""
         if self._io_pool is not None:
-            return self._io_pool.engine
-        return choose_engine(self.config.engine, self.handlers)
-
-    @property
-    def _listener_class(self) -> type[Listener]:
-        if self.engine is Engine.COMPILED:
-            from portside.engine import compiled
-
-            return compiled.CompiledListener
-        return Listener
+            return self._io_pool._kind
+        return EngineKind.choose(self.config.engine, self.handlers)
 
     async def serve(self, install_signal_handlers: bool = False,
                     shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -289,7 +231,7 @@ class Server:
         ``serve()``: a graceful shutdown starts when the awaitable it returns completes (an
         ``asyncio.Event().wait``, say). Otherwise call ``shutdown()``.
         """
-        self._not_pooled()
+        pool = self._solo_pool()
         trigger: asyncio.Task[object] | None = None
         if shutdown_trigger is not None:
             async def watch() -> object:
@@ -298,60 +240,17 @@ class Server:
                 return result
             trigger = asyncio.ensure_future(watch())
         try:
-            await self._serve(install_signal_handlers)
+            await pool.serve(install_signal_handlers)
         finally:
             if trigger is not None and not trigger.done():
                 trigger.cancel()
 
-    def _run_epoll(self, install_signal_handlers: bool) -> None:
-        reactor = _epoll_loop(self.engine)
-        previous: dict[signal.Signals, object] = {}
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            def on_signal(signum: int, frame: FrameType | None) -> None:
-                reactor.call_soon_threadsafe(lambda: self._on_shutdown_signal(signum))
-            for signum in _SHUTDOWN_SIGNALS:  # SIGHUP is the application's (or a supervisor's)
-                previous[signum] = signal.signal(signum, on_signal)
-        try:
-            self._begin(reactor)
-            reactor.run()
-        finally:
-            for signum, old in previous.items():
-                signal.signal(signum, old)  # type: ignore[arg-type]
-            self._release()  # before the loop closes: services unregister from it
-            reactor.close()
-
-    async def _serve(self, install_signal_handlers: bool) -> None:
-        from portside.engine.asyncio_loop import AsyncioReactor
-
-        self.start()
-        loop = asyncio.get_running_loop()
-        reactor = AsyncioReactor(loop)
-        handled: list[signal.Signals] = []
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for signum in _SHUTDOWN_SIGNALS:
-                loop.add_signal_handler(signum, self._on_shutdown_signal, signum)
-                handled.append(signum)
-        try:
-            self._begin(reactor)
-            await reactor.stopped.wait()
-        finally:
-            for signum in handled:
-                loop.remove_signal_handler(signum)
-            self._release()
-
-    def _begin(self, reactor: Reactor, pools: Pools | None = None) -> None:
-        """Serve on ``reactor``: with the engine's shared ``pools`` on an IOPool, else with
-        pools of the server's own."""
+    def _begin(self, reactor: Reactor, pools: Pools) -> None:
+        """Serve on ``reactor`` with its engine's ``pools`` (shared by an IOPool's servers)."""
         if self.state is not ServerState.STARTED:
             raise ServerStateError(f"cannot run a server that is {self.state.value}")
         self._reactor = reactor
-        core_class: type[EngineCore] = EngineCore
-        if self.engine is Engine.COMPILED:
-            from portside.engine import compiled
-
-            core_class = compiled.CompiledCore
-        self._core = core_class(reactor, self.handler, self.config, on_idle=self._on_idle,
-                                compiled=self.engine is Engine.COMPILED, pools=pools)
+        self._core = self._kind.core(reactor, self.handler, self.config, self._on_idle, pools)
         for listener in self._listeners:
             if self._accepting_paused:
                 listener.paused = True
@@ -485,7 +384,7 @@ class Server:
 
     def connections(self) -> list[Connection]:
         """Live connections, pending ones included (call on the loop thread)."""
-        return self._core.live() if self._core is not None else []
+        return list(self._core.live()) if self._core is not None else []
 
     def statistics(self) -> ServerStatistics:
         """A frozen snapshot of every listener's counters and the pools."""
@@ -507,16 +406,6 @@ class Server:
         )
 
     # -- shutdown --------------------------------------------------------------------------------
-
-    def _on_shutdown_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        self._signals_seen += 1
-        if self._signals_seen == 1:
-            logger.info("%s: shutting down gracefully (again to force)", name)
-            self._shutdown(None)
-        else:
-            logger.info("%s: forcing shutdown", name)
-            self._force_close()
 
     def _shutdown(self, drain_timeout: float | None) -> None:
         if self.state is not ServerState.RUNNING:
@@ -588,12 +477,11 @@ class Server:
             self._drain_timer.cancel()
             self._drain_timer = None
         self._call_handlers("server_stopped")
-        if self._io_pool is not None:  # the loop goes on for the pool's other servers
-            self._release()
-            self._io_pool._server_stopped()
-            return
-        assert self._reactor is not None
-        self._reactor.stop()
+        # Released now: the loop goes on while the pool has other servers (a server's own
+        # one-server pool then ends its loop).
+        self._release()
+        assert self._io_pool is not None
+        self._io_pool._server_stopped()
 
     def _call_handlers(self, callback: str) -> None:
         """A server-level callback, once for each distinct handler; what one raises goes to
@@ -630,7 +518,7 @@ class IOPool:
         #: Set once the loop has ended and released everything.
         self.stopped = threading.Event()
         self._servers: list[Server] = []
-        self._engine: Engine | None = None
+        self._chosen: EngineKind | None = None
         self._reactor: Reactor | None = None
         self._pools: Pools | None = None
         self._stopping = False
@@ -645,15 +533,15 @@ class IOPool:
     def engine(self) -> Engine:
         """The pool's engine, resolved once, at first need, over the handlers of the servers
         attached by then (``auto`` picks an asyncio loop if one of them runs coroutines)."""
-        if self._engine is None:
-            self._engine = choose_engine(self.config.engine, [
-                handler for server in self._servers for handler in server.handlers])
-        return self._engine
+        return self._kind.engine
 
     @property
-    def pools(self) -> Pools | None:
-        """The buffer and connection pools every server shares (None until the pool runs)."""
-        return self._pools
+    def _kind(self) -> EngineKind:
+        """The engine, chosen once: what builds the loop, the pools and each server's core."""
+        if self._chosen is None:
+            self._chosen = EngineKind.choose(self.config.engine, [
+                handler for server in self._servers for handler in server.handlers])
+        return self._chosen
 
     def _add(self, server: Server) -> None:
         """A new server (from its constructor)."""
@@ -663,8 +551,8 @@ class IOPool:
         if named is not Engine.AUTO and named is not self.config.engine:
             raise ConfigError(f"a server on an IOPool runs on the pool's engine "
                               f"({self.config.engine.value}), not {named.value}")
-        if self._engine is not None:
-            _check_engine(self._engine, server.handlers)
+        if self._chosen is not None:
+            self._chosen.check(server.handlers)
         self._servers.append(server)
 
     def _join(self, server: Server) -> None:
@@ -675,17 +563,17 @@ class IOPool:
             if reactor is None or pools is None:
                 return
             if self._stopping:
-                for listener in server.listeners:
+                for listener in server._listeners:
                     listener.close()
                 raise ServerStateError("this IOPool is stopping")
-            _check_engine(self.engine, server.handlers)
+            self._kind.check(server.handlers)
             reactor.call_soon_threadsafe(lambda: self._begin(server))
 
     def _begin(self, server: Server) -> None:
         """Serve ``server`` on the loop, unless it is serving already (``_open`` and ``_join``
         may both have seen it started) or has stopped meanwhile."""
         if server.state is ServerState.STARTED and not self._stopping:
-            assert self._reactor is not None
+            assert self._reactor is not None and self._pools is not None
             server._begin(self._reactor, self._pools)
 
     # -- running ---------------------------------------------------------------------------------
@@ -694,19 +582,11 @@ class IOPool:
         """Serve every server on one loop until the last has stopped; blocks the calling
         thread. With ``install_signal_handlers`` (and on the main thread), SIGINT and SIGTERM
         shut every server down gracefully, and a second one forces it."""
-        engine = self._prepare()
-        if engine in (Engine.EPOLL, Engine.COMPILED):
-            self._run_epoll(engine, install_signal_handlers)
+        kind = self._prepare()
+        if kind.own_loop:
+            self._run_own_loop(kind, install_signal_handlers)
             return
-        loop_factory = None
-        if engine is Engine.UVLOOP:
-            try:
-                import uvloop
-            except ImportError:
-                raise ConfigError("the uvloop engine needs the uvloop package "
-                                  "(pip install 'portside[uvloop]')") from None
-            loop_factory = uvloop.new_event_loop
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=kind.loop_factory()) as runner:
             runner.run(self._serve(install_signal_handlers))
 
     async def serve(self, install_signal_handlers: bool = False) -> None:
@@ -715,14 +595,14 @@ class IOPool:
         self._prepare()
         await self._serve(install_signal_handlers)
 
-    def _prepare(self) -> Engine:
+    def _prepare(self) -> EngineKind:
         if self._reactor is not None or self.stopped.is_set():
             raise ServerStateError("an IOPool runs once")
         if not self._servers:
             raise ConfigError("an IOPool needs at least one server")
-        engine = self.engine
+        kind = self._kind
         for server in self._servers:
-            _check_engine(engine, server.handlers)
+            kind.check(server.handlers)
         started: list[Server] = []
         try:
             for server in self._servers:
@@ -731,20 +611,21 @@ class IOPool:
                     started.append(server)
         except BaseException:
             for server in started:  # every server binds, or none
-                for listener in server.listeners:
+                for listener in server._listeners:
                     listener.close()
                 server._listeners.clear()
                 server.state = ServerState.NEW
             raise
-        return engine
+        return kind
 
-    def _run_epoll(self, engine: Engine, install_signal_handlers: bool) -> None:
-        reactor = _epoll_loop(engine)
+    def _run_own_loop(self, kind: EngineKind, install_signal_handlers: bool) -> None:
+        """Run one of portside's own epoll loops on this thread."""
+        reactor = kind.new_loop()
         previous: dict[signal.Signals, object] = {}
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             def on_signal(signum: int, frame: FrameType | None) -> None:
                 reactor.call_soon_threadsafe(lambda: self._on_signal(signum))
-            for signum in _SHUTDOWN_SIGNALS:
+            for signum in _SHUTDOWN_SIGNALS:  # SIGHUP is the application's (or a supervisor's)
                 previous[signum] = signal.signal(signum, on_signal)
         try:
             self._open(reactor)
@@ -752,14 +633,12 @@ class IOPool:
         finally:
             for signum, old in previous.items():
                 signal.signal(signum, old)  # type: ignore[arg-type]
-            self._close()
+            self._close()  # before the loop closes: services unregister from it
             reactor.close()
 
     async def _serve(self, install_signal_handlers: bool) -> None:
-        from portside.engine.asyncio_loop import AsyncioReactor
-
         loop = asyncio.get_running_loop()
-        reactor = AsyncioReactor(loop)
+        reactor = self._kind.asyncio_reactor(loop)
         handled: list[signal.Signals] = []
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             for signum in _SHUTDOWN_SIGNALS:
@@ -774,7 +653,7 @@ class IOPool:
             self._close()
 
     def _open(self, reactor: Reactor) -> None:
-        pools = Pools(self.config, compiled=self.engine is Engine.COMPILED)
+        pools = self._kind.pools(self.config)
         with self._lock:
             self._reactor, self._pools = reactor, pools
             ready = [server for server in self._servers if server.state is ServerState.STARTED]
@@ -814,8 +693,9 @@ class IOPool:
         name = signal.Signals(signum).name
         self._signals_seen += 1
         forced = self._signals_seen > 1
+        every = " every server" if len(self._servers) > 1 else ""
         logger.info("%s: %s", name, "forcing shutdown" if forced
-                    else "shutting down every server gracefully (again to force)")
+                    else f"shutting down{every} gracefully (again to force)")
         for server in self._servers:
             if forced:
                 server._force_close()

@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 
 from portside.config import address_label
 from portside.connection import Connection, as_layer
-from portside.engine.states import CloseReason
 from portside.errors import ErrorOrigin, ProtocolError
 from portside.handler import Handler, report_error
 from portside.protocols.framing import Framer
+from portside.reasons import CloseReason
 
 logger = logging.getLogger("portside")
 

@@ -158,7 +158,7 @@ class ServerTarget:
         return "paused" if self.server.statistics().accepting_paused else None
 
     def _listeners(self, name: str | None) -> list[Listener]:
-        listeners = list(self.server.listeners)
+        listeners = list(self.server._engine_listeners)
         if name is None:
             return listeners
         chosen = [listener for listener in listeners if listener.config.label == name]
@@ -196,7 +196,7 @@ class ServerTarget:
     def _accepting(self) -> dict[str, Any]:
         return {"accepting_paused": self.server.statistics().accepting_paused,
                 "listeners": {listener.config.label: listener.accept_state
-                              for listener in self.server.listeners}}
+                              for listener in self.server._engine_listeners}}
 
     def do_drain(self, request: protocol.Request) -> dict[str, Any]:
         self.draining = True
@@ -206,12 +206,12 @@ class ServerTarget:
     def do_connections(self, request: protocol.Request) -> dict[str, Any]:
         pid = os.getpid()
         entries = [entry for entry in (connection_entry(conn, pid)
-                                       for conn in self.server.connections())
+                                       for conn in self.server._live())
                    if matches(entry, request)]
         return listing(entries, len(entries), request.get("limit") or DEFAULT_LIST)
 
     def _connection(self, ident: str) -> Connection:
-        for conn in self.server.connections():
+        for conn in self.server._live():
             if str(conn.id) == ident:
                 return conn
         raise LookupError(f"no open connection with id {ident!r}")

@@ -51,7 +51,7 @@ from portside.statistics import ConnectionCounters
 
 if TYPE_CHECKING:
     from portside.engine.core import EngineCore
-    from portside.engine.listener import Listener
+    from portside.engine.owner import ConnectionOwner
     from portside.engine.reactor import TimerHandle
     from portside.handler import Handler
 
@@ -144,11 +144,11 @@ class Connection:
 
     # -- life cycle, called by the listener ------------------------------------------------------
 
-    def attach(self, core: EngineCore, listener: Listener, sock: _socket.socket,
-               peer_address: Address, pending: bool, handler: Handler | None = None) -> None:
-        """Take over a socket, resetting everything a previous life left: one ``listener``
-        accepted, served by its handler; or, with ``handler``, one ``connect`` established
-        (outbound.py), whose ``Connector`` stands in for the listener."""
+    def attach(self, core: EngineCore, listener: ConnectionOwner, sock: _socket.socket,
+               peer_address: Address, pending: bool, handler: Handler) -> None:
+        """Take over a socket, resetting everything a previous life left: one a listener
+        accepted, or one a ``connect`` established (outbound.py), whose ``Connector`` owns it
+        as a listener does its own (``ConnectionOwner``); served by ``handler``."""
         self.id = next(_id_counter)
         self.user_data: Any = None
         self.listener = listener
@@ -158,7 +158,7 @@ class Connection:
         self.close_reason: CloseReason | None = None
         self._core = core
         # Each listener may speak its own protocol; an outbound connection names its own.
-        self._use_handler(listener.handler if handler is None else handler)
+        self._use_handler(handler)
         self._pool = core.buffers
         self._idle = listener.idle
         self._sock = sock

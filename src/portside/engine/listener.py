@@ -40,7 +40,6 @@ from __future__ import annotations
 import _socket
 import bisect
 import contextlib
-import enum
 import errno
 import ipaddress
 import logging
@@ -60,6 +59,7 @@ from portside.engine.tls import remember_server_names
 from portside.errors import ConfigError, ErrorOrigin, ListenError
 from portside.handler import Handler
 from portside.protocols.proxy import Version as ProxyVersion
+from portside.reasons import AcceptingReason
 from portside.statistics import TTFB_BUCKETS, ListenerStatistics
 
 if TYPE_CHECKING:
@@ -82,31 +82,6 @@ _SILENCE_LOOKS = 4
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SocketOption = tuple[int, int, int]  # (level, name, value) for setsockopt
-
-
-class AcceptingReason(enum.Enum):
-    """Why a listener stopped or started accepting (``Handler.accepting_stopped`` and
-    ``accepting_started``; the article's OnStopAcceptingConnections / OnStart...)."""
-
-    #: Stopped: ``Server.pause_accepting``.
-    PAUSED = "paused"
-    #: Stopped: ``max_connections`` open.
-    CEILING = "ceiling"
-    #: Stopped: accept() ran out of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM); retried
-    #: after ``accept_backoff``.
-    BACKOFF = "backoff"
-    #: Stopped: the listener closed (shutdown or reload).
-    SHUTDOWN = "shutdown"
-    #: Stopped: accept() failed in a way that means the listening socket is broken (logged).
-    ERROR = "error"
-    #: Started: the first time.
-    START = "start"
-    #: Started: ``Server.resume_accepting``.
-    RESUMED = "resumed"
-    #: Started: a connection closed (or the ceiling was raised) below ``max_connections``.
-    BELOW_CEILING = "below-ceiling"
-    #: Started: the back-off after a capacity error is over (accept() is tried again).
-    BACKOFF_OVER = "backoff-over"
 
 
 _STARTED_AFTER = {AcceptingReason.PAUSED: AcceptingReason.RESUMED,
@@ -329,6 +304,11 @@ class Listener:
                      address_label(conn.peer_address), self.address, self.config.read_timeout)
         conn.close_for(CloseReason.READ_TIMEOUT)
         return False
+
+    @property
+    def label(self) -> str:
+        """The config's name, else its address (``ListenerView.label``)."""
+        return self.config.label
 
     @property
     def first_data_timeouts(self) -> int:
@@ -579,7 +559,7 @@ class Listener:
             return
         self.accepted += 1
         conn = core.new_connection()
-        conn.attach(core, self, sock, peer, pending=self.starts_pending)
+        conn.attach(core, self, sock, peer, pending=self.starts_pending, handler=self.handler)
         if self.idle is not None:
             self.idle.start(conn)
         if self.starts_pending:
@@ -729,7 +709,7 @@ class Listener:
                 self.accepted += 1
                 sock.setblocking(False)
                 conn = core.new_connection()
-                conn.attach(core, self, sock, peer, pending=True)
+                conn.attach(core, self, sock, peer, pending=True, handler=self.handler)
                 self.pending_count += 1
             core.reactor.unregister(self.fd)
             if self._pressure_timer is not None:

@@ -1,7 +1,7 @@
 """Outbound connections: ``connect`` on a running engine, its deadline, and what an outbound
 connection has in place of a listener.
 
-Theory of operation. ``Connector.connect`` starts a ``ConnectAttempt``: a non-blocking socket
+Theory of operation. ``Connector.connect`` starts an ``Attempt``: a non-blocking socket
 whose ``connect(2)`` is under way, registered with the reactor for writability with the attempt
 itself as the target, so the connection's read and write paths never see a socket that is still
 connecting (on every engine, the compiled one included). Writable means the handshake ended and
@@ -27,9 +27,11 @@ with the SSL error (``strerror`` a plain sentence), and the connection closes un
 A host name is resolved off the loop (``getaddrinfo`` blocks), on a small thread pool; a numeric
 address is used as it is. The deadline (``timeout``) covers the resolution and every address.
 
-``conn.listener`` of an outbound connection is its ``Connector``: the per-connection policies
-(write water marks, ``write_limit``, idle and write timeouts, taken from a ``ListenerConfig``
-whose listening fields do not apply) and the counters of ``OutboundStatistics``.
+``conn.listener`` of an outbound connection is its ``Connector``, a ``ConnectionOwner``
+(``engine/owner.py``) as listeners are: the per-connection policies (write water marks,
+``write_limit``, idle and write timeouts, taken from a ``ListenerConfig`` whose listening fields
+do not apply) and the counters of ``OutboundStatistics``. ``Attempt`` implements the public
+``portside.ConnectAttempt`` protocol (``connection.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import os
 import socket
 import ssl
 import threading
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from portside.config import ListenerConfig, format_host_port
 from portside.engine.connection import CloseReason, Connection
@@ -57,7 +59,6 @@ from portside.statistics import TTFB_BUCKETS, OutboundStatistics
 
 if TYPE_CHECKING:
     from portside.engine.core import EngineCore
-    from portside.engine.listener import Listener
     from portside.engine.reactor import TimerHandle
     from portside.handler import Handler
 
@@ -69,8 +70,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds; HAProxy's examples use 5 s, Netty 30 
 _RESOLVERS = 4  # threads resolving host names, at most
 
 
-class ConnectAttempt:
-    """One ``connect`` under way: the handle ``Server.connect`` returns.
+class Attempt:
+    """One ``connect`` under way: the handle ``Server.connect`` returns (handlers see it as
+    the public ``portside.ConnectAttempt``).
 
     ``state`` is "connecting", then "connected" (``connection`` is the ``Connection``, which the
     handler met in ``connection_made``) or "failed" (``error`` says why; the handler was told
@@ -129,7 +131,7 @@ class ConnectAttempt:
         connector = self._connector
         reactor = connector.core.reactor
         self.started_at = reactor.time()
-        if connector.closed:
+        if connector.is_closed:
             self._fail(ConnectionAbortedError(errno.ECONNABORTED,
                                               "the server is shutting down"))
             return
@@ -222,8 +224,7 @@ class ConnectAttempt:
         except OSError:
             peer = self.address
         tls = self.tls
-        # The Connector has every field a connection reads of its listener.
-        conn.attach(core, cast("Listener", connector), sock, peer, pending=False,
+        conn.attach(core, connector, sock, peer, pending=False,
                     handler=self.handler if tls is None else _Handshaking(self))
         conn.user_data = self.user_data
         if self.preamble:
@@ -316,7 +317,7 @@ class ConnectAttempt:
             connector.core.report_error(None, raised, handler=self.handler)
 
     def __repr__(self) -> str:
-        return f"<ConnectAttempt {self.address} {self.state}>"
+        return f"<Attempt {self.address} {self.state}>"
 
 
 class _Handshaking(_Handler):
@@ -324,7 +325,7 @@ class _Handshaking(_Handler):
     attempt's own handler has not met the connection, so it hears nothing of its end but
     ``connect_failed``."""
 
-    def __init__(self, attempt: ConnectAttempt) -> None:
+    def __init__(self, attempt: Attempt) -> None:
         self.attempt = attempt
 
     def connection_closed(self, conn: Any, reason: CloseReason) -> None:
@@ -343,12 +344,14 @@ class Connector:
     """Outbound connections of one engine under one ``ListenerConfig``'s policies: makes the
     attempts, and is what their connections report to (``conn.listener``)."""
 
-    # Never a listener's: outbound connections are never pending, never behind a balancer.
+    # A ConnectionOwner's policies that never apply outbound: never pending, never behind a
+    # balancer, no read deadline (read_timeout is a listener's), no per-client limits.
     data_first = False
     proxy_protocol = None
-    silence = None
-    read = None
-    is_tcp = True
+    silence: TimeoutTracker | None = None
+    read: TimeoutTracker | None = None
+    admission = None
+    port = 0  #: no port of its own (ListenerView.port)
 
     def __init__(self, core: EngineCore, config: ListenerConfig) -> None:
         #: The config's client-side context: connections speak TLS unless told otherwise.
@@ -365,8 +368,9 @@ class Connector:
         #: What is set on each socket besides TCP_NODELAY (rcvbuf, sndbuf, keepalive, ...).
         self.tcp_options: tuple[SocketOption, ...] = socket_options(config, tcp=True)
         self.unix_options: tuple[SocketOption, ...] = socket_options(config, tcp=False)
-        self.attempts: set[ConnectAttempt] = set()
-        self.closed = False
+        self.attempts: set[Attempt] = set()
+        #: Shut down: new attempts fail at once.
+        self.is_closed = False
         self.connected = self.failed = self.timeouts = 0
         self.active_count = self.closed_count = 0
         self.bytes_in = self.bytes_out = 0
@@ -391,10 +395,10 @@ class Connector:
 
     def connect(self, handler: Handler, host: str | None, port: int, path: str | None,
                 timeout: float, user_data: Any, tls: ssl.SSLContext | bool | None = None,
-                server_hostname: str | None = None, preamble: bytes = b"") -> ConnectAttempt:
+                server_hostname: str | None = None, preamble: bytes = b"") -> Attempt:
         """Start connecting on the loop's next iteration (from any thread), so that no
         callback runs before the caller has the handle; see ``Server.connect``."""
-        attempt = ConnectAttempt(self, handler, host, port, path, timeout, user_data, tls,
+        attempt = Attempt(self, handler, host, port, path, timeout, user_data, tls,
                                  server_hostname, preamble)
         reactor = self.core.reactor
         if reactor.in_loop_thread():
@@ -403,7 +407,7 @@ class Connector:
             reactor.call_soon_threadsafe(attempt._start)
         return attempt
 
-    def resolve(self, attempt: ConnectAttempt) -> None:
+    def resolve(self, attempt: Attempt) -> None:
         """Resolve ``attempt``'s host name on a resolver thread; the answer comes back on the
         loop (``call_soon_threadsafe``). A late answer is ignored by the attempt."""
         if self._resolver is None:
@@ -426,7 +430,7 @@ class Connector:
     def close(self) -> None:
         """Shutdown: attempts under way fail (``connect_failed``), new ones fail at once.
         Connections already made are closed with the server's others."""
-        self.closed = True
+        self.is_closed = True
         for attempt in list(self.attempts):
             attempt._fail(ConnectionAbortedError(errno.ECONNABORTED,
                                                  "the server is shutting down"))
@@ -436,7 +440,15 @@ class Connector:
             resolver.shutdown(wait=False, cancel_futures=True)
         self.log.flush()
 
-    # -- what the connections report (the listener's interface) ----------------------------------
+    # -- what the connections report (the ConnectionOwner protocol) -------------------------------
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+    def admit_client(self, conn: Connection) -> bool:
+        """Never asked: outbound connections have no PROXY header (``admission`` is None)."""
+        return True
 
     def record_connect(self, seconds: float) -> None:
         self.connect_sum += seconds
@@ -460,8 +472,7 @@ class Connector:
         count_close(self.closed_by_reason, conn.close_reason)
 
     def statistics(self) -> OutboundStatistics:
-        me: object = self  # conn.listener is typed as a Listener; an outbound one is this
-        live = [conn for conn in self.core.live() if conn.listener is me]
+        live = [conn for conn in self.core.live() if conn.listener is self]
         return OutboundStatistics(
             name=self.config.label, connecting=len(self.attempts), active=self.active_count,
             connected=self.connected, connect_failed=self.failed,

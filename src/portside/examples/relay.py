@@ -42,11 +42,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from portside import CloseReason, Connection, Handler, ListenerConfig, Server
+from portside import CloseReason, ConnectAttempt, Connection, Handler, ListenerConfig, Server
 from portside.config import RelayConfig, address_label, format_host_port, parse_listen, settings_of
 from portside.connection import as_layer
 from portside.engine.lograte import LogLimiter
-from portside.engine.outbound import ConnectAttempt
 from portside.engine.reactor import Reactor, TimerHandle
 from portside.engine.timeouts import TimeoutTracker
 from portside.errors import ConfigError

@@ -21,8 +21,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator
 
-from portside.connection import Connection
-from portside.handler import Handler
+from portside import Connection, Handler
 
 MAX_LINE = 4096  # bytes a line may hold; a longer one closes the connection
 
