@@ -644,7 +644,8 @@ def engines() -> Any:
 
 def test_engines_agree(engines: Any) -> None:
     """Random event sequences give the same callbacks, counters and statistics on both."""
-    run_state_machine_as_test(Differential, settings=settings(
+    run: Callable[..., None] = run_state_machine_as_test  # typed only in newer hypothesis
+    run(Differential, settings=settings(
         max_examples=200, stateful_step_count=20, deadline=None, derandomize=True,
         database=None, suppress_health_check=[HealthCheck.too_slow,
                                               HealthCheck.filter_too_much]))
