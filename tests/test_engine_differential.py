@@ -699,13 +699,9 @@ def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
         assert not failure, failure
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the compiled engine notes which callbacks are Handler's defaults at a listener's first "
-    "accept (_compiled.pyx ListenerBase.handle_read: handler_defaults) and runs those inline "
-    "(ConnectionBase._call_c); the reference looks the callback up at every call "
-    "(connection.py Connection._call): a callback a handler takes over later is never called "
-    "on the compiled engine (issue 18's 'drift already visible')"))
 def test_a_callback_taken_over_later_is_called(engines: Any) -> None:
+    """A callback is looked up at each call on both engines: one taken over after the first
+    accept is called (the compiled engine once fixed Handler's defaults at the first accept)."""
     compiled, epoll = (eof_after_handler_changed(engine)
                        for engine in (Engine.COMPILED, Engine.EPOLL))
     assert epoll == [("data", b"y"), ("eof",)]

@@ -1021,34 +1021,34 @@ cdef class FdSocket:
         return received
 
 
-# Which of a handler's callbacks are Handler's own defaults: those the compiled paths do
-# inline instead of calling (Handler.connection_made passes first_data on, eof_received
-# closes, the others do nothing), so an echo costs one Python call per read and no more.
-cdef enum:
-    DEFAULT_MADE = 1
-    DEFAULT_EOF = 2
-    DEFAULT_CLOSED = 4
-    DEFAULT_RESET = 8
-    DEFAULT_DRAINED = 16
-    DEFAULT_PAUSE = 32
-    DEFAULT_RESUME = 64
+# Handler's own callbacks, which the compiled paths do inline instead of calling
+# (Handler.connection_made passes first_data on, eof_received closes, the others do nothing),
+# so an echo costs one Python call per read and no more.
+cdef object HANDLER_MADE = Handler.connection_made
+cdef object HANDLER_EOF = Handler.eof_received
+cdef object HANDLER_CLOSED = Handler.connection_closed
+cdef object HANDLER_RESET = Handler.connection_reset
+cdef object HANDLER_DRAINED = Handler.write_drained
+cdef object HANDLER_PAUSE = Handler.pause_writing
+cdef object HANDLER_RESUME = Handler.resume_writing
 
 cdef dict CALLBACK_DEFAULTS = {
-    "connection_made": DEFAULT_MADE, "eof_received": DEFAULT_EOF,
-    "connection_closed": DEFAULT_CLOSED, "connection_reset": DEFAULT_RESET,
-    "write_drained": DEFAULT_DRAINED, "pause_writing": DEFAULT_PAUSE,
-    "resume_writing": DEFAULT_RESUME,
+    "connection_made": HANDLER_MADE, "eof_received": HANDLER_EOF,
+    "connection_closed": HANDLER_CLOSED, "connection_reset": HANDLER_RESET,
+    "write_drained": HANDLER_DRAINED, "pause_writing": HANDLER_PAUSE,
+    "resume_writing": HANDLER_RESUME,
 }
 
 
-cdef int handler_defaults(handler):
-    """The DEFAULT_* bits of the callbacks ``handler`` leaves as Handler defines them."""
-    cdef int bits = 0
-    kind = type(handler)
-    for name, bit in CALLBACK_DEFAULTS.items():
-        if getattr(kind, name, None) is getattr(Handler, name) and name not in vars(handler):
-            bits |= bit
-    return bits
+cdef inline bint runs_default(handler, str name, default) except -1:
+    """Whether ``handler.<name>`` is Handler's own ``default`` right now: no subclass and no
+    instance attribute took it over. Asked at each call, as connection.py's ``_call`` looks
+    the callback up at each call (Handler's docstring states the rule): three C-level lookups,
+    no Python call and no allocation."""
+    if getattr(type(handler), name, None) is not default:
+        return False
+    instance = getattr(handler, "__dict__", None)
+    return instance is None or name not in <dict>instance
 
 
 # -- the connection (connection.py) --------------------------------------------------------------
@@ -1122,7 +1122,6 @@ cdef class ConnectionBase:
     cdef uint32_t _peer_flow
     cdef uint32_t _peer_scope
     cdef unsigned char _peer_ip[16]
-    cdef int _defaults
 
     def __cinit__(self):
         self._state = CLOSED
@@ -1233,7 +1232,6 @@ cdef class ConnectionBase:
         self.close_reason = None
         self._core = core
         self._handler = listener.handler  # each listener may speak its own protocol
-        self._defaults = listener._handler_defaults
         self._pool = core.buffers
         self._idle = listener.idle
         self._fd = fd
@@ -1256,10 +1254,9 @@ cdef class ConnectionBase:
         return 0
 
     def _use_handler(self, handler):
-        """The handler this connection's callbacks go to, and which of them are Handler's
-        defaults (an outbound connection names its own handler: outbound.py)."""
+        """The handler this connection's callbacks go to (an outbound connection names its
+        own handler: outbound.py)."""
         self._handler = handler
-        self._defaults = handler_defaults(handler)
 
     def establish(self, first_data):
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
@@ -1276,7 +1273,7 @@ cdef class ConnectionBase:
             self._read_mark = self.bytes_in
             silence.start(self)
         try:
-            if self._defaults & DEFAULT_MADE:
+            if runs_default(self._handler, "connection_made", HANDLER_MADE):
                 if first_data is not None:
                     self._handler.data_received(self, first_data)
             else:
@@ -1381,7 +1378,7 @@ cdef class ConnectionBase:
             self._finalize_c()
             return 0
         self._flags &= ~F_READING
-        self._call_c(DEFAULT_EOF, "eof_received")
+        self._call_c("eof_received", HANDLER_EOF)
         # Reading stops now, unless the callback closed the connection already: a close
         # right after the peer's FIN then costs no epoll_ctl at all.
         self._update_reading_c()
@@ -1530,7 +1527,7 @@ cdef class ConnectionBase:
                                          <= self.listener.config.write_low_water):
             self._flags &= ~F_FLOW_PAUSED
             self._update_reading_c()
-            self._call_c(DEFAULT_RESUME, "resume_writing")
+            self._call_c("resume_writing", HANDLER_RESUME)
         if not queue:
             self._set_writing_c(False)
             if self._state == CLOSING:
@@ -1539,7 +1536,7 @@ cdef class ConnectionBase:
                 if self._flags & F_WRITE_EOF:
                     (<object>self)._shutdown_write()  # the half-close write_eof asked for
                 if self._state == OPEN:
-                    self._call_c(DEFAULT_DRAINED, "write_drained")
+                    self._call_c("write_drained", HANDLER_DRAINED)
         return 0
 
     cdef inline void _count_sent(self, Py_ssize_t sent):
@@ -1691,7 +1688,7 @@ cdef class ConnectionBase:
                 self._set_reason_c(RESET_REASON)
             if first and self._state == OPEN:
                 # Reason set first: a write inside the callback fails again, quietly.
-                self._call_c(DEFAULT_RESET, "connection_reset")
+                self._call_c("connection_reset", HANDLER_RESET)
             self._finalize_c()
             return 0
         if self._state != CLOSED:
@@ -1740,15 +1737,11 @@ cdef class ConnectionBase:
             (<ListenerBase>listener)._connection_finished(self, not self._has(F_ESTABLISHED))
         else:
             listener.connection_finished(self, was_pending=not self._has(F_ESTABLISHED))
-        if not self._defaults & DEFAULT_CLOSED:
+        if not runs_default(self._handler, "connection_closed", HANDLER_CLOSED):
             try:
                 self._handler.connection_closed(self, self.close_reason)
             except Exception as exc:
                 core.report_error(self, exc)
-        # Its next life may start through the reference's attach (a listener closing takes
-        # its backlog, an outbound connection), which knows nothing of these bits, and for
-        # another listener's handler: none inlined until _attach_accepted says otherwise.
-        self._defaults = 0
         if self._extras is not None:  # not for the connection this object serves next
             self._extras.receiver = None
             self._extras.tls = None
@@ -1760,12 +1753,12 @@ cdef class ConnectionBase:
         return 0
 
     def _call(self, str callback):
-        self._call_c(CALLBACK_DEFAULTS.get(callback, 0), callback)
+        self._call_c(callback, CALLBACK_DEFAULTS.get(callback))
 
-    cdef int _call_c(self, int default_bit, str callback) except -1:
-        """Run a handler callback, or what Handler's default would do, inline."""
-        if self._defaults & default_bit:
-            if default_bit == DEFAULT_EOF:
+    cdef int _call_c(self, str callback, default) except -1:
+        """Run a handler callback, or what Handler's ``default`` would do, inline."""
+        if default is not None and runs_default(self._handler, callback, default):
+            if default is HANDLER_EOF:
                 self._close_c(CLOSED_REASON)
             return 0
         try:
@@ -1827,7 +1820,6 @@ cdef class ListenerBase:
     cdef public object socket_options
     cdef public object _socket_hook
     cdef public bint _probing
-    cdef int _handler_defaults
     # socket_options as C arrays, made at the first accept (the reference's tuple of
     # (level, name, value)); at the defaults there are none, so an accept costs no more.
     cdef int _option_count
@@ -1836,7 +1828,7 @@ cdef class ListenerBase:
     cdef int _option_value[8]
 
     def __cinit__(self):
-        self._handler_defaults = -1
+        self._option_count = -1  # socket_options are loaded at the first accept
 
     def handle_read(self):
         cdef Py_ssize_t limit = self._max_connections
@@ -1845,8 +1837,7 @@ cdef class ListenerBase:
         cdef int fd, code
         cdef sockaddr_storage addr
         cdef socklen_t length
-        if self._handler_defaults < 0:
-            self._handler_defaults = handler_defaults(self.handler)
+        if self._option_count < 0:
             self._load_options()
         for i in range(batch):
             if self._closed:

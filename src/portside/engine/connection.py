@@ -195,8 +195,7 @@ class Connection:
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
     def _use_handler(self, handler: Any) -> None:
-        """The handler this connection's callbacks go to (the compiled engine also notes
-        which of its callbacks are Handler's defaults)."""
+        """The handler this connection's callbacks go to."""
         self._handler = handler
 
     # -- who receives the bytes ------------------------------------------------------------------
@@ -984,6 +983,7 @@ class Connection:
             self._core.reactor.modify(self._fd, self._wants_read(), self._writing)
 
     def _call(self, callback: str) -> None:
+        """Run a handler callback, looked up now (the rule on ``Handler``'s docstring)."""
         try:
             getattr(self._handler, callback)(self)
         except Exception as exc:
