@@ -56,6 +56,9 @@ from portside import (
     Server,
     ServerConfig,
 )
+from portside.engine import states
+from portside.engine.listener import Listener
+from portside.engine.states import CLOSED, CLOSING, LINGERING, OPEN, PENDING
 
 T = TypeVar("T")
 
@@ -79,7 +82,7 @@ SOCKET_BUFFER = 16 * KIB
 #: Long timeouts: they never fire by themselves during an example; steps fire them.
 TIMEOUT = 120.0
 _LINGER_RST = struct.pack("ii", 1, 0)
-_PENDING, _OPEN, _CLOSING, _LINGERING, _CLOSED = range(5)
+_PENDING, _OPEN, _CLOSING, _LINGERING, _CLOSED = (PENDING, OPEN, CLOSING, LINGERING, CLOSED)
 
 
 def pattern(start: int, size: int) -> bytes:
@@ -706,3 +709,51 @@ def test_a_callback_taken_over_later_is_called(engines: Any) -> None:
                        for engine in (Engine.COMPILED, Engine.EPOLL))
     assert epoll == [("data", b"y"), ("eof",)]
     assert compiled == epoll
+
+
+# -- the twins' units --------------------------------------------------------------------------
+
+
+class Finished:
+    """What a listener reads of a connection that closed (hashable, as the trackers need)."""
+
+    def __init__(self, reason: CloseReason | None) -> None:
+        self.close_reason, self.bytes_in, self.bytes_out, self._fd = reason, 1, 2, -1
+
+
+def test_both_listeners_tally_closes_alike() -> None:
+    """Each close reason (and none) is counted the same by the compiled and the pure listener:
+    one tally, ``states.count_close``."""
+    require(HAVE_COMPILED, "the compiled engine")
+    from portside.engine.compiled import CompiledListener
+
+    tallies = []
+    for kind in (CompiledListener, Listener):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            listener: Any = kind(ListenerConfig(), sock, owned=False)
+            for reason in [*CloseReason, None, CloseReason.RESET]:
+                listener.active_count += 1
+                listener.connection_finished(Finished(reason), False)
+            tallies.append((dict(listener.closed_by_reason), listener.closed,
+                            listener.bytes_in, listener.bytes_out))
+    compiled, pure = tallies
+    assert pure[0]["reset"] == 2 and pure[0]["closed"] == 2 and pure[1] == len(CloseReason) + 2
+    assert compiled == pure
+
+
+def test_the_compiled_constants_are_states_py() -> None:
+    """The states, the accept errno sets and the sendmsg batch the compiled engine was built
+    with are states.py's, value by value (a stale build after states.py changed fails here)."""
+    require(HAVE_COMPILED, "the compiled engine")
+    import errno
+
+    from portside.engine import _compiled
+
+    built = _compiled.BUILT_CONSTANTS
+    assert built["State"] == {state.name: state.value for state in states.State}
+    assert built["SENDMSG_BATCH"] == states.SENDMSG_BATCH
+    for name in ("CAPACITY_ERRNOS", "SKIP_ERRNOS"):
+        expected: frozenset[int] = getattr(states, name)
+        assert {code for code in errno.errorcode
+                if _compiled.built_errno_test(name, code)} == expected, name

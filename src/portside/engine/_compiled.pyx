@@ -7,9 +7,18 @@ Theory of operation. The pure-Python engine is the reference; this module holds 
 per event: the epoll loop (``Loop``, the twin of ``EpollReactor``), the buffer pool, and the
 connection's read, write and flush paths and the listener's accept loop as extension-type bases
 (``ConnectionBase``, ``ListenerBase``). ``compiled.py`` derives the engine's classes from these
-bases and gives them every other method of the reference classes unchanged (closing, PROXY,
-TLS, timeouts, statistics): those run once per connection, not once per read, and keeping one
-copy of them keeps the two engines' behaviour the same by construction.
+bases and gives them every other method of the reference classes unchanged (PROXY, TLS, the
+timeouts' policies, statistics, admission): those are one copy, run by both engines.
+
+Written twice, on purpose: the read, write and flush paths, the close paths (``_close_c``,
+``_abort_c``, ``_finalize_c``: they run on every connection and touch the C state), the accept
+loop, the epoll loop, the pools and the deadline queues. ``tests/test_engine_differential.py``
+drives both engines through the same event sequences and compares what the handler sees,
+close reasons, counters and statistics; it is what keeps the twins the same, not their
+construction. What both need but must not differ on has one home, used from here: the states,
+the accept errno sets and the sendmsg batch (``states.py``, built into ``_constants.pxi``), the
+close tally (``states.count_close``), and the rule for Handler's default callbacks (looked up
+at each call, ``runs_default``).
 
 On the echo path a read is: ``epoll_wait`` -> ``recv`` into a pooled buffer -> one Python call
 (``handler.data_received``) -> ``conn.write``, a C method that ``send``s at once when nothing is
@@ -29,21 +38,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.ref cimport Py_REFCNT
 from libc.errno cimport (  # EWOULDBLOCK is EAGAIN on Linux
     EAGAIN,
-    ECONNABORTED,
-    EHOSTDOWN,
-    EHOSTUNREACH,
     EINTR,
-    EMFILE,
-    ENETDOWN,
-    ENFILE,
-    ENOBUFS,
-    ENOMEM,
-    ENETUNREACH,
-    ENONET,
-    ENOPROTOOPT,
-    EOPNOTSUPP,
-    EPERM,
-    EPROTO,
     errno,
 )
 from libc.stdint cimport uint32_t, uint64_t
@@ -58,7 +53,7 @@ from collections import deque
 from portside.engine.connection import _LINGER_RST
 from portside.engine.connection import layer_origin
 from portside.engine.connection import _id_counter as id_counter
-from portside.engine.states import CloseReason
+from portside.engine.states import CloseReason, count_close
 from portside.engine.core import _log_closed as log_closed
 from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError, ErrorOrigin
@@ -232,9 +227,12 @@ cdef extern from "<time.h>" nogil:
 
 logger = logging.getLogger("portside.engine")
 
+# The connection states, the accept errno sets (capacity_errno, skip_errno) and SENDMSG_BATCH:
+# states.py's, written here by setup.py at build time.
+include "_constants.pxi"
+
 cdef enum:
     MAX_EVENTS = 256
-    SENDMSG_BATCH = 64  # buffers per writev; far below IOV_MAX (1024 on Linux)
 
 # A registered descriptor's byte in Loop._masks.
 cdef enum:
@@ -243,13 +241,16 @@ cdef enum:
     INTEREST = 3
     KNOWN = 0x80
 
-# The connection states, as in connection.py's ``State``.
-cdef enum:
-    PENDING = 0
-    OPEN = 1
-    CLOSING = 2
-    LINGERING = 3
-    CLOSED = 4
+#: The constants as built, for the test that they still match states.py.
+BUILT_CONSTANTS = {"State": {"PENDING": PENDING, "OPEN": OPEN, "CLOSING": CLOSING,
+                             "LINGERING": LINGERING, "CLOSED": CLOSED},
+                   "SENDMSG_BATCH": SENDMSG_BATCH}
+
+
+def built_errno_test(str name, int code):
+    """``capacity_errno`` or ``skip_errno`` as built, for the test against states.py."""
+    return capacity_errno(code) if name == "CAPACITY_ERRNOS" else skip_errno(code)
+
 
 cdef char *FORMAT_BYTE = "B"
 cdef uint32_t READ = EPOLLIN
@@ -1771,18 +1772,6 @@ cdef class ConnectionBase:
 # -- the accept loop (listener.py) -------------------------------------------------------------
 
 
-cdef inline bint capacity_errno(int code) noexcept:
-    """Out of a resource right now: retry later, never spin and never die."""
-    return code == EMFILE or code == ENFILE or code == ENOBUFS or code == ENOMEM
-
-
-cdef inline bint skip_errno(int code) noexcept:
-    """Errors about one connection that died in the backlog: skip it and accept the next."""
-    return (code == ECONNABORTED or code == EPROTO or code == EPERM or code == ENETDOWN
-            or code == ENOPROTOOPT or code == EHOSTDOWN or code == ENONET
-            or code == EHOSTUNREACH or code == EOPNOTSUPP or code == ENETUNREACH)
-
-
 cdef class ListenerBase:
     """The accept loop of ``listener.Listener``, and its per-connection bookkeeping."""
 
@@ -1972,9 +1961,7 @@ cdef class ListenerBase:
         else:
             self.active_count -= 1
         self.closed += 1
-        # ``_value_`` is the member's own field; ``.value`` runs a Python-level property.
-        reason = conn.close_reason._value_ if conn.close_reason is not None else "closed"
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        count_close(self.closed_by_reason, conn.close_reason)  # the one tally (states.py)
         if (self._at_ceiling or self._probing) and (self.pending_count + self.active_count
                                                     < self._max_connections):
             self._at_ceiling = self._probing = False

@@ -41,7 +41,6 @@ import _socket
 import bisect
 import contextlib
 import enum
-import errno
 import ipaddress
 import logging
 import os
@@ -54,7 +53,7 @@ from portside.config import AcceptPolicy, ListenerConfig, address_label, parse_k
 from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
-from portside.engine.states import count_close
+from portside.engine.states import CAPACITY_ERRNOS, SKIP_ERRNOS, count_close
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
 from portside.engine.tls import remember_server_names
 from portside.errors import ConfigError, ErrorOrigin, ListenError
@@ -69,12 +68,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("portside")
 
-# Errors that mean "out of a resource right now": retry later, never spin and never die.
-_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Errors about one connection that died in the backlog: skip it and accept the next.
-_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
-                          errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
-                          errno.EOPNOTSUPP, errno.ENETUNREACH})
 _SHUTDOWN_ACCEPT_LIMIT = 4096  # connections taken from the backlog at shutdown to close cleanly
 # How often a connection under a read-silence deadline is looked at, per read_timeout: the
 # deadline fires after between read_timeout and (1 + 1/_SILENCE_LOOKS) read_timeout of silence.
@@ -465,9 +458,9 @@ class Listener:
             return False
         except OSError as exc:
             self.accept_errors += 1
-            if exc.errno in _SKIP_ERRNOS:
+            if exc.errno in SKIP_ERRNOS:
                 return True
-            if exc.errno in _CAPACITY_ERRNOS:
+            if exc.errno in CAPACITY_ERRNOS:
                 self._back_off(exc)
                 return False
             self._accept_broken(exc)
