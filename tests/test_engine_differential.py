@@ -364,9 +364,10 @@ class Side:
             if conn is None or self.closed_recorded():
                 return Snapshot(closed=True)
             listener: Any = conn.listener
-            deadlines = tuple(kind for kind in ("idle", "read", "write", "silence")
-                              if getattr(listener, kind) is not None
-                              and conn in getattr(listener, kind).queue)
+            trackers = {"idle": listener.idle_tracker, "read": listener.read_tracker,
+                        "write": listener.write_tracker, "silence": listener.silence}
+            deadlines = tuple(kind for kind, tracker in trackers.items()
+                              if tracker is not None and conn in tracker.queue)
             internal: Any = conn
             return Snapshot(
                 closed=False, state=int(internal._state), bytes_in=conn.bytes_in,
@@ -595,7 +596,7 @@ class Differential(RuleBasedStateMachine):
         timer would do this; read-silence looks until it decides, as its timer would)."""
         def fire(conn: Connection) -> None:
             listener: Any = conn.listener
-            tracker = getattr(listener, kind)
+            tracker = getattr(listener, "silence" if kind == "silence" else f"{kind}_tracker")
             for _ in range(8):
                 if conn not in tracker.queue:
                     return
@@ -735,7 +736,7 @@ def test_both_listeners_tally_closes_alike() -> None:
             for reason in [*CloseReason, None, CloseReason.RESET]:
                 listener.active_count += 1
                 listener.connection_finished(Finished(reason), False)
-            tallies.append((dict(listener.closed_by_reason), listener.closed,
+            tallies.append((dict(listener.closed_by_reason), listener.closed_count,
                             listener.bytes_in, listener.bytes_out))
     compiled, pure = tallies
     assert pure[0]["reset"] == 2 and pure[0]["closed"] == 2 and pure[1] == len(CloseReason) + 2

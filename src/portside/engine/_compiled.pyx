@@ -881,7 +881,7 @@ cdef class CoreBase:
     cdef public object handler
     cdef public object config
     cdef public object buffers
-    cdef public object connections
+    cdef public object connection_pool
     cdef public Py_ssize_t open
     cdef public Py_ssize_t miscounted
     cdef public list _to_recycle
@@ -894,7 +894,7 @@ cdef class CoreBase:
         return self._new_connection()
 
     cdef object _new_connection(self):
-        conn = (<ObjectPool>self.connections)._acquire()
+        conn = (<ObjectPool>self.connection_pool)._acquire()
         self.open += 1
         return conn
 
@@ -918,7 +918,7 @@ cdef class CoreBase:
 
     def _recycle(self):
         cdef list pending = self._to_recycle
-        cdef ObjectPool pool = <ObjectPool>self.connections
+        cdef ObjectPool pool = <ObjectPool>self.connection_pool
         self._to_recycle = []
         while pending:
             conn = pending.pop()
@@ -1234,7 +1234,7 @@ cdef class ConnectionBase:
         self._core = core
         self._handler = listener.handler  # each listener may speak its own protocol
         self._pool = core.buffers
-        self._idle = listener.idle
+        self._idle = listener.idle_tracker
         self._fd = fd
         self._state = PENDING if pending else OPEN
         self._flags = F_READING
@@ -1513,8 +1513,8 @@ cdef class ConnectionBase:
             return 0
         self._count_sent(sent)
         self._buffered -= sent
-        if sent and self.listener.write is not None:
-            self.listener.write.start(self)  # progress: the peer is reading
+        if sent and self.listener.write_tracker is not None:
+            self.listener.write_tracker.start(self)  # progress: the peer is reading
         while sent:
             head = <bytes>queue[0]
             size = PyBytes_GET_SIZE(head)
@@ -1554,7 +1554,7 @@ cdef class ConnectionBase:
             self._put(F_WRITING, writing)
             self._reactor_modify(self._wants_read_c(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
-            tracker = self.listener.write
+            tracker = self.listener.write_tracker
             if tracker is not None:
                 if writing:
                     tracker.start(self)
@@ -1781,7 +1781,7 @@ cdef class ListenerBase:
     cdef public Py_ssize_t active_count
     cdef public Py_ssize_t accepted
     cdef public Py_ssize_t accept_errors
-    cdef public Py_ssize_t closed
+    cdef public Py_ssize_t closed_count
     cdef public long long bytes_in
     cdef public long long bytes_out
     cdef public bint _at_ceiling
@@ -1791,7 +1791,7 @@ cdef class ListenerBase:
     cdef public bint starts_pending
     cdef public bint data_first
     cdef public object proxy_protocol
-    cdef public object idle
+    cdef public object idle_tracker
     cdef public object first_data
     cdef public object trackers
     cdef public dict closed_by_reason
@@ -1902,8 +1902,8 @@ cdef class ListenerBase:
         self.accepted += 1
         conn = (<CoreBase>core)._new_connection()
         conn._attach_accepted(self, fd, addr, length, self.starts_pending)
-        if self.idle is not None:
-            self.idle.start(conn)
+        if self.idle_tracker is not None:
+            self.idle_tracker.start(conn)
         if self.starts_pending:
             self.pending_count += 1
             self.first_data.start(conn)
@@ -1960,7 +1960,7 @@ cdef class ListenerBase:
             self.pending_count -= 1
         else:
             self.active_count -= 1
-        self.closed += 1
+        self.closed_count += 1
         count_close(self.closed_by_reason, conn.close_reason)  # the one tally (states.py)
         if (self._at_ceiling or self._probing) and (self.pending_count + self.active_count
                                                     < self._max_connections):

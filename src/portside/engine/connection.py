@@ -166,7 +166,7 @@ class Connection:
         # Each listener may speak its own protocol; an outbound connection names its own.
         self._use_handler(listener.handler if handler is None else handler)
         self._pool = core.buffers
-        self._idle = listener.idle
+        self._idle = listener.idle_tracker
         self._sock = sock
         self._fd = sock.fileno()
         self._state = State.PENDING if pending else State.OPEN
@@ -582,7 +582,7 @@ class Connection:
         read_timeout of silence); from the first call on, the handler decides what is owed.
         """
         listener = self.listener
-        tracker = listener.read
+        tracker = listener.read_tracker
         if tracker is None or self._state != State.OPEN:
             return
         if self._read_mark >= 0:
@@ -749,8 +749,8 @@ class Connection:
             return
         self._count_sent(sent)
         self._buffered -= sent
-        if sent and self.listener.write is not None:
-            self.listener.write.start(self)  # progress: the peer is reading
+        if sent and self.listener.write_tracker is not None:
+            self.listener.write_tracker.start(self)  # progress: the peer is reading
         while sent:
             head = queue[0]
             size = len(head) if not isinstance(head, memoryview) else head.nbytes
@@ -971,7 +971,7 @@ class Connection:
             self._writing = writing
             self._core.reactor.modify(self._fd, self._wants_read(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
-            tracker = self.listener.write
+            tracker = self.listener.write_tracker
             if tracker is not None:
                 if writing:
                     tracker.start(self)
