@@ -726,13 +726,9 @@ def test_both_listeners_tally_closes_alike() -> None:
     """Each close reason (and none) is counted the same by the compiled and the pure listener:
     one tally, ``states.count_close``."""
     require(HAVE_COMPILED, "the compiled engine")
-    from portside.engine.compiled import CompiledListener
-
     tallies = []
-    for kind in (CompiledListener, Listener):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            listener: Any = kind(ListenerConfig(), sock, owned=False)
+    for listener in listener_pair():
+        with listener.sock:
             for reason in [*CloseReason, None, CloseReason.RESET]:
                 listener.active_count += 1
                 listener.connection_finished(Finished(reason), False)
@@ -741,6 +737,40 @@ def test_both_listeners_tally_closes_alike() -> None:
     compiled, pure = tallies
     assert pure[0]["reset"] == 2 and pure[0]["closed"] == 2 and pure[1] == len(CloseReason) + 2
     assert compiled == pure
+
+
+def listener_pair() -> list[Any]:
+    """A compiled and a pure listener of the same config, on sockets bound to loopback."""
+    from portside.engine.compiled import CompiledListener
+
+    listeners = []
+    for kind in (CompiledListener, Listener):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        listeners.append(kind(ListenerConfig(), sock, owned=False))
+    return listeners
+
+
+def test_both_listeners_bucket_first_bytes_alike() -> None:
+    """Time to first byte falls into the same histogram bucket on both engines, at each
+    bound, just below and just above it (the compiled engine scans, the pure one bisects)."""
+    require(HAVE_COMPILED, "the compiled engine")
+    from portside.statistics import TTFB_BUCKETS
+
+    samples = [0.0, 1e-9, 1e9]
+    for bound in TTFB_BUCKETS[:-1]:
+        samples += [bound * 0.999, bound, bound * 1.001]
+    listeners = listener_pair()
+    try:
+        for listener in listeners:
+            for seconds in samples:
+                listener.record_first_byte(seconds)
+        compiled, pure = ((list(one.ttfb_buckets), one.ttfb_sum) for one in listeners)
+        assert compiled == pure
+        assert sum(pure[0]) == len(samples) and all(pure[0][:-1])
+    finally:
+        for listener in listeners:
+            listener.sock.close()
 
 
 def test_the_compiled_constants_are_states_py() -> None:
