@@ -657,11 +657,12 @@ def test_engines_agree(engines: Any) -> None:
 # -- a difference found -------------------------------------------------------------------------
 
 
-def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
+def eof_after_handler_changed(engine: Engine, on_class: bool = False) -> list[tuple[Any, ...]]:
     """A handler that leaves eof_received to Handler (close) serves one connection, then
-    takes over eof_received (an instance attribute, set on the loop): what the second
-    connection's FIN does."""
-    handler = DefaultsHandler()
+    takes over eof_received (an instance attribute, or its class's when ``on_class``, set on
+    the loop): what the second connection's FIN does."""
+    kind = type("Fresh", (DefaultsHandler,), {})  # its own class, changed alone
+    handler = kind()
     server = Server(handler, [ListenerConfig()], ServerConfig(engine=engine))
     server.start()
     failure: list[BaseException] = []
@@ -685,8 +686,12 @@ def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
         done = threading.Event()
 
         def take_over() -> None:
-            setattr(handler, "eof_received",  # noqa: B010 (an instance attribute, on purpose)
-                    lambda conn: handler.recorder.record("eof"))
+            if on_class:  # setattr: a method set on purpose, on a running server
+                setattr(kind, "eof_received",  # noqa: B010
+                        lambda self, conn: self.recorder.record("eof"))
+            else:
+                setattr(handler, "eof_received",  # noqa: B010
+                        lambda conn: handler.recorder.record("eof"))
             done.set()
 
         server.call_soon_threadsafe(take_over)
@@ -703,10 +708,11 @@ def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
         assert not failure, failure
 
 
-def test_a_callback_taken_over_later_is_called(engines: Any) -> None:
+@pytest.mark.parametrize("on_class", [False, True], ids=["instance", "class"])
+def test_a_callback_taken_over_later_is_called(engines: Any, on_class: bool) -> None:
     """A callback is looked up at each call on both engines: one taken over after the first
     accept is called (the compiled engine once fixed Handler's defaults at the first accept)."""
-    compiled, epoll = (eof_after_handler_changed(engine)
+    compiled, epoll = (eof_after_handler_changed(engine, on_class)
                        for engine in (Engine.COMPILED, Engine.EPOLL))
     assert epoll == [("data", b"y"), ("eof",)]
     assert compiled == epoll
