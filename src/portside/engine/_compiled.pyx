@@ -152,6 +152,8 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET6
         AF_UNIX
         IPPROTO_TCP_ "IPPROTO_TCP"
+        SOL_SOCKET_ "SOL_SOCKET"
+        SO_LINGER_ "SO_LINGER"
 
 cdef extern from "<netinet/in.h>" nogil:
     cdef struct in_addr:
@@ -1672,7 +1674,8 @@ cdef class ConnectionBase:
     cdef int _abort_c(self, reason) except -1:
         self._set_reason_c(reason)
         if self._fd >= 0 and self._state != CLOSED:
-            c_setsockopt(self._fd, 1, 13, PyBytes_AS_STRING(LINGER_RST), 8)  # SO_LINGER
+            c_setsockopt(self._fd, SOL_SOCKET_, SO_LINGER_, PyBytes_AS_STRING(LINGER_RST),
+                         <socklen_t>PyBytes_GET_SIZE(LINGER_RST))
         self._finalize_c()
         return 0
 
