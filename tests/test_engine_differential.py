@@ -56,6 +56,9 @@ from portside import (
     Server,
     ServerConfig,
 )
+from portside.engine import states
+from portside.engine.listener import Listener
+from portside.engine.states import CLOSED, CLOSING, LINGERING, OPEN, PENDING
 
 T = TypeVar("T")
 
@@ -79,7 +82,7 @@ SOCKET_BUFFER = 16 * KIB
 #: Long timeouts: they never fire by themselves during an example; steps fire them.
 TIMEOUT = 120.0
 _LINGER_RST = struct.pack("ii", 1, 0)
-_PENDING, _OPEN, _CLOSING, _LINGERING, _CLOSED = range(5)
+_PENDING, _OPEN, _CLOSING, _LINGERING, _CLOSED = (PENDING, OPEN, CLOSING, LINGERING, CLOSED)
 
 
 def pattern(start: int, size: int) -> bytes:
@@ -361,9 +364,10 @@ class Side:
             if conn is None or self.closed_recorded():
                 return Snapshot(closed=True)
             listener: Any = conn.listener
-            deadlines = tuple(kind for kind in ("idle", "read", "write", "silence")
-                              if getattr(listener, kind) is not None
-                              and conn in getattr(listener, kind).queue)
+            trackers = {"idle": listener.idle_tracker, "read": listener.read_tracker,
+                        "write": listener.write_tracker, "silence": listener.silence}
+            deadlines = tuple(kind for kind, tracker in trackers.items()
+                              if tracker is not None and conn in tracker.queue)
             internal: Any = conn
             return Snapshot(
                 closed=False, state=int(internal._state), bytes_in=conn.bytes_in,
@@ -592,7 +596,7 @@ class Differential(RuleBasedStateMachine):
         timer would do this; read-silence looks until it decides, as its timer would)."""
         def fire(conn: Connection) -> None:
             listener: Any = conn.listener
-            tracker = getattr(listener, kind)
+            tracker = getattr(listener, "silence" if kind == "silence" else f"{kind}_tracker")
             for _ in range(8):
                 if conn not in tracker.queue:
                     return
@@ -654,11 +658,12 @@ def test_engines_agree(engines: Any) -> None:
 # -- a difference found -------------------------------------------------------------------------
 
 
-def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
+def eof_after_handler_changed(engine: Engine, on_class: bool = False) -> list[tuple[Any, ...]]:
     """A handler that leaves eof_received to Handler (close) serves one connection, then
-    takes over eof_received (an instance attribute, set on the loop): what the second
-    connection's FIN does."""
-    handler = DefaultsHandler()
+    takes over eof_received (an instance attribute, or its class's when ``on_class``, set on
+    the loop): what the second connection's FIN does."""
+    kind = type("Fresh", (DefaultsHandler,), {})  # its own class, changed alone
+    handler = kind()
     server = Server(handler, [ListenerConfig()], ServerConfig(engine=engine))
     server.start()
     failure: list[BaseException] = []
@@ -682,8 +687,12 @@ def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
         done = threading.Event()
 
         def take_over() -> None:
-            setattr(handler, "eof_received",  # noqa: B010 (an instance attribute, on purpose)
-                    lambda conn: handler.recorder.record("eof"))
+            if on_class:  # setattr: a method set on purpose, on a running server
+                setattr(kind, "eof_received",  # noqa: B010
+                        lambda self, conn: self.recorder.record("eof"))
+            else:
+                setattr(handler, "eof_received",  # noqa: B010
+                        lambda conn: handler.recorder.record("eof"))
             done.set()
 
         server.call_soon_threadsafe(take_over)
@@ -700,14 +709,89 @@ def eof_after_handler_changed(engine: Engine) -> list[tuple[Any, ...]]:
         assert not failure, failure
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the compiled engine notes which callbacks are Handler's defaults at a listener's first "
-    "accept (_compiled.pyx ListenerBase.handle_read: handler_defaults) and runs those inline "
-    "(ConnectionBase._call_c); the reference looks the callback up at every call "
-    "(connection.py Connection._call): a callback a handler takes over later is never called "
-    "on the compiled engine (issue 18's 'drift already visible')"))
-def test_a_callback_taken_over_later_is_called(engines: Any) -> None:
-    compiled, epoll = (eof_after_handler_changed(engine)
+@pytest.mark.parametrize("on_class", [False, True], ids=["instance", "class"])
+def test_a_callback_taken_over_later_is_called(engines: Any, on_class: bool) -> None:
+    """A callback is looked up at each call on both engines: one taken over after the first
+    accept is called (the compiled engine once fixed Handler's defaults at the first accept)."""
+    compiled, epoll = (eof_after_handler_changed(engine, on_class)
                        for engine in (Engine.COMPILED, Engine.EPOLL))
     assert epoll == [("data", b"y"), ("eof",)]
     assert compiled == epoll
+
+
+# -- the twins' units --------------------------------------------------------------------------
+
+
+class Finished:
+    """What a listener reads of a connection that closed (hashable, as the trackers need)."""
+
+    def __init__(self, reason: CloseReason | None) -> None:
+        self.close_reason, self.bytes_in, self.bytes_out, self._fd = reason, 1, 2, -1
+
+
+def test_both_listeners_tally_closes_alike() -> None:
+    """Each close reason (and none) is counted the same by the compiled and the pure listener:
+    one tally, ``states.count_close``."""
+    require(HAVE_COMPILED, "the compiled engine")
+    tallies = []
+    for listener in listener_pair():
+        with listener.sock:
+            for reason in [*CloseReason, None, CloseReason.RESET]:
+                listener.active_count += 1
+                listener.connection_finished(Finished(reason), False)
+            tallies.append((dict(listener.closed_by_reason), listener.closed_count,
+                            listener.bytes_in, listener.bytes_out))
+    compiled, pure = tallies
+    assert pure[0]["reset"] == 2 and pure[0]["closed"] == 2 and pure[1] == len(CloseReason) + 2
+    assert compiled == pure
+
+
+def listener_pair() -> list[Any]:
+    """A compiled and a pure listener of the same config, on sockets bound to loopback."""
+    from portside.engine.compiled import CompiledListener
+
+    listeners = []
+    for kind in (CompiledListener, Listener):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        listeners.append(kind(ListenerConfig(), sock, owned=False))
+    return listeners
+
+
+def test_both_listeners_bucket_first_bytes_alike() -> None:
+    """Time to first byte falls into the same histogram bucket on both engines, at each
+    bound, just below and just above it (the compiled engine scans, the pure one bisects)."""
+    require(HAVE_COMPILED, "the compiled engine")
+    from portside.statistics import TTFB_BUCKETS
+
+    samples = [0.0, 1e-9, 1e9]
+    for bound in TTFB_BUCKETS[:-1]:
+        samples += [bound * 0.999, bound, bound * 1.001]
+    listeners = listener_pair()
+    try:
+        for listener in listeners:
+            for seconds in samples:
+                listener.record_first_byte(seconds)
+        compiled, pure = ((list(one.ttfb_buckets), one.ttfb_sum) for one in listeners)
+        assert compiled == pure
+        assert sum(pure[0]) == len(samples) and all(pure[0][:-1])
+    finally:
+        for listener in listeners:
+            listener.sock.close()
+
+
+def test_the_compiled_constants_are_states_py() -> None:
+    """The states, the accept errno sets and the sendmsg batch the compiled engine was built
+    with are states.py's, value by value (a stale build after states.py changed fails here)."""
+    require(HAVE_COMPILED, "the compiled engine")
+    import errno
+
+    from portside.engine import _compiled
+
+    built = _compiled.BUILT_CONSTANTS
+    assert built["State"] == {state.name: state.value for state in states.State}
+    assert built["SENDMSG_BATCH"] == states.SENDMSG_BATCH
+    for name in ("CAPACITY_ERRNOS", "SKIP_ERRNOS"):
+        expected: frozenset[int] = getattr(states, name)
+        assert {code for code in errno.errorcode
+                if _compiled.built_errno_test(name, code)} == expected, name

@@ -38,6 +38,26 @@ def test_the_compiled_engine_is_built() -> None:
     assert resolve_engine(ServerConfig().engine) is Engine.COMPILED
 
 
+def test_the_stub_says_what_the_extension_is() -> None:
+    """``_compiled.pyi`` names each class's real bases and only methods it has (a stub that
+    made the compiled bases subclasses of the reference classes hid what compiled.py adds)."""
+    import ast
+    from pathlib import Path
+
+    from portside.engine import _compiled
+
+    stub = ast.parse(Path(_compiled.__file__).with_name("_compiled.pyi").read_text())
+    for node in stub.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        runtime = getattr(_compiled, node.name)
+        assert [ast.unparse(base) for base in node.bases] == [
+            base.__name__ for base in runtime.__bases__ if base is not object], node.name
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef):
+                assert hasattr(runtime, item.name), f"{node.name}.{item.name}"
+
+
 @pytest.mark.parametrize(("reference", "twin_name"), [
     (Connection, "CompiledConnection"), (Listener, "CompiledListener"),
     (EngineCore, "CompiledCore")])

@@ -28,7 +28,11 @@ logger = logging.getLogger("portside")
 
 
 class Handler:
-    """Override the callbacks your protocol needs; the defaults do the sensible minimum."""
+    """Override the callbacks your protocol needs; the defaults do the sensible minimum.
+
+    A connection callback is looked up on the handler at each call, on every engine: one set
+    on the class or the instance later (even on a running server) is called from then on.
+    The compiled engine runs Handler's own defaults inline, with the same effect."""
 
     # -- server life cycle -----------------------------------------------------------------------
 

@@ -398,7 +398,7 @@ class Server:
             loop_lag_max=self.loop_lag_max,
             listeners=tuple(listener.statistics() for listener in self._listeners),
             buffer_pool=core.buffers.statistics() if core else empty,
-            connection_pool=core.connections.statistics() if core else empty,
+            connection_pool=core.connection_pool.statistics() if core else empty,
             # A copy first (one C call): another thread's connect() may add a connector.
             outbound=tuple(connector.statistics() for connector in list(core.connectors.values()))
             if core else (),

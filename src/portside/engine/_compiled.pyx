@@ -7,9 +7,18 @@ Theory of operation. The pure-Python engine is the reference; this module holds 
 per event: the epoll loop (``Loop``, the twin of ``EpollReactor``), the buffer pool, and the
 connection's read, write and flush paths and the listener's accept loop as extension-type bases
 (``ConnectionBase``, ``ListenerBase``). ``compiled.py`` derives the engine's classes from these
-bases and gives them every other method of the reference classes unchanged (closing, PROXY,
-TLS, timeouts, statistics): those run once per connection, not once per read, and keeping one
-copy of them keeps the two engines' behaviour the same by construction.
+bases and gives them every other method of the reference classes unchanged (PROXY, TLS, the
+timeouts' policies, statistics, admission): those are one copy, run by both engines.
+
+Written twice, on purpose: the read, write and flush paths, the close paths (``_close_c``,
+``_abort_c``, ``_finalize_c``: they run on every connection and touch the C state), the accept
+loop, the epoll loop, the pools and the deadline queues. ``tests/test_engine_differential.py``
+drives both engines through the same event sequences and compares what the handler sees,
+close reasons, counters and statistics; it is what keeps the twins the same, not their
+construction. What both need but must not differ on has one home, used from here: the states,
+the accept errno sets and the sendmsg batch (``states.py``, built into ``_constants.pxi``), the
+close tally (``states.count_close``), and the rule for Handler's default callbacks (looked up
+at each call, ``runs_default``).
 
 On the echo path a read is: ``epoll_wait`` -> ``recv`` into a pooled buffer -> one Python call
 (``handler.data_received``) -> ``conn.write``, a C method that ``send``s at once when nothing is
@@ -29,21 +38,7 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.ref cimport Py_REFCNT
 from libc.errno cimport (  # EWOULDBLOCK is EAGAIN on Linux
     EAGAIN,
-    ECONNABORTED,
-    EHOSTDOWN,
-    EHOSTUNREACH,
     EINTR,
-    EMFILE,
-    ENETDOWN,
-    ENFILE,
-    ENOBUFS,
-    ENOMEM,
-    ENETUNREACH,
-    ENONET,
-    ENOPROTOOPT,
-    EOPNOTSUPP,
-    EPERM,
-    EPROTO,
     errno,
 )
 from libc.stdint cimport uint32_t, uint64_t
@@ -58,7 +53,7 @@ from collections import deque
 from portside.engine.connection import _LINGER_RST
 from portside.engine.connection import layer_origin
 from portside.engine.connection import _id_counter as id_counter
-from portside.engine.states import CloseReason
+from portside.engine.states import CloseReason, count_close
 from portside.engine.core import _log_closed as log_closed
 from portside.engine.listener import _trusted as trusted_peer
 from portside.errors import ConnectionClosedError, ErrorOrigin
@@ -157,6 +152,8 @@ cdef extern from "<sys/socket.h>" nogil:
         AF_INET6
         AF_UNIX
         IPPROTO_TCP_ "IPPROTO_TCP"
+        SOL_SOCKET_ "SOL_SOCKET"
+        SO_LINGER_ "SO_LINGER"
 
 cdef extern from "<netinet/in.h>" nogil:
     cdef struct in_addr:
@@ -232,9 +229,12 @@ cdef extern from "<time.h>" nogil:
 
 logger = logging.getLogger("portside.engine")
 
+# The connection states, the accept errno sets (capacity_errno, skip_errno) and SENDMSG_BATCH:
+# states.py's, written here by setup.py at build time.
+include "_constants.pxi"
+
 cdef enum:
     MAX_EVENTS = 256
-    SENDMSG_BATCH = 64  # buffers per writev; far below IOV_MAX (1024 on Linux)
 
 # A registered descriptor's byte in Loop._masks.
 cdef enum:
@@ -243,13 +243,16 @@ cdef enum:
     INTEREST = 3
     KNOWN = 0x80
 
-# The connection states, as in connection.py's ``State``.
-cdef enum:
-    PENDING = 0
-    OPEN = 1
-    CLOSING = 2
-    LINGERING = 3
-    CLOSED = 4
+#: The constants as built, for the test that they still match states.py.
+BUILT_CONSTANTS = {"State": {"PENDING": PENDING, "OPEN": OPEN, "CLOSING": CLOSING,
+                             "LINGERING": LINGERING, "CLOSED": CLOSED},
+                   "SENDMSG_BATCH": SENDMSG_BATCH}
+
+
+def built_errno_test(str name, int code):
+    """``capacity_errno`` or ``skip_errno`` as built, for the test against states.py."""
+    return capacity_errno(code) if name == "CAPACITY_ERRNOS" else skip_errno(code)
+
 
 cdef char *FORMAT_BYTE = "B"
 cdef uint32_t READ = EPOLLIN
@@ -880,7 +883,7 @@ cdef class CoreBase:
     cdef public object handler
     cdef public object config
     cdef public object buffers
-    cdef public object connections
+    cdef public object connection_pool
     cdef public Py_ssize_t open
     cdef public Py_ssize_t miscounted
     cdef public list _to_recycle
@@ -893,7 +896,7 @@ cdef class CoreBase:
         return self._new_connection()
 
     cdef object _new_connection(self):
-        conn = (<ObjectPool>self.connections)._acquire()
+        conn = (<ObjectPool>self.connection_pool)._acquire()
         self.open += 1
         return conn
 
@@ -917,7 +920,7 @@ cdef class CoreBase:
 
     def _recycle(self):
         cdef list pending = self._to_recycle
-        cdef ObjectPool pool = <ObjectPool>self.connections
+        cdef ObjectPool pool = <ObjectPool>self.connection_pool
         self._to_recycle = []
         while pending:
             conn = pending.pop()
@@ -1021,34 +1024,34 @@ cdef class FdSocket:
         return received
 
 
-# Which of a handler's callbacks are Handler's own defaults: those the compiled paths do
-# inline instead of calling (Handler.connection_made passes first_data on, eof_received
-# closes, the others do nothing), so an echo costs one Python call per read and no more.
-cdef enum:
-    DEFAULT_MADE = 1
-    DEFAULT_EOF = 2
-    DEFAULT_CLOSED = 4
-    DEFAULT_RESET = 8
-    DEFAULT_DRAINED = 16
-    DEFAULT_PAUSE = 32
-    DEFAULT_RESUME = 64
+# Handler's own callbacks, which the compiled paths do inline instead of calling
+# (Handler.connection_made passes first_data on, eof_received closes, the others do nothing),
+# so an echo costs one Python call per read and no more.
+cdef object HANDLER_MADE = Handler.connection_made
+cdef object HANDLER_EOF = Handler.eof_received
+cdef object HANDLER_CLOSED = Handler.connection_closed
+cdef object HANDLER_RESET = Handler.connection_reset
+cdef object HANDLER_DRAINED = Handler.write_drained
+cdef object HANDLER_PAUSE = Handler.pause_writing
+cdef object HANDLER_RESUME = Handler.resume_writing
 
 cdef dict CALLBACK_DEFAULTS = {
-    "connection_made": DEFAULT_MADE, "eof_received": DEFAULT_EOF,
-    "connection_closed": DEFAULT_CLOSED, "connection_reset": DEFAULT_RESET,
-    "write_drained": DEFAULT_DRAINED, "pause_writing": DEFAULT_PAUSE,
-    "resume_writing": DEFAULT_RESUME,
+    "connection_made": HANDLER_MADE, "eof_received": HANDLER_EOF,
+    "connection_closed": HANDLER_CLOSED, "connection_reset": HANDLER_RESET,
+    "write_drained": HANDLER_DRAINED, "pause_writing": HANDLER_PAUSE,
+    "resume_writing": HANDLER_RESUME,
 }
 
 
-cdef int handler_defaults(handler):
-    """The DEFAULT_* bits of the callbacks ``handler`` leaves as Handler defines them."""
-    cdef int bits = 0
-    kind = type(handler)
-    for name, bit in CALLBACK_DEFAULTS.items():
-        if getattr(kind, name, None) is getattr(Handler, name) and name not in vars(handler):
-            bits |= bit
-    return bits
+cdef inline bint runs_default(handler, str name, default) except -1:
+    """Whether ``handler.<name>`` is Handler's own ``default`` right now: no subclass and no
+    instance attribute took it over. Asked at each call, as connection.py's ``_call`` looks
+    the callback up at each call (Handler's docstring states the rule): three C-level lookups,
+    no Python call and no allocation."""
+    if getattr(type(handler), name, None) is not default:
+        return False
+    instance = getattr(handler, "__dict__", None)
+    return instance is None or name not in <dict>instance
 
 
 # -- the connection (connection.py) --------------------------------------------------------------
@@ -1122,7 +1125,6 @@ cdef class ConnectionBase:
     cdef uint32_t _peer_flow
     cdef uint32_t _peer_scope
     cdef unsigned char _peer_ip[16]
-    cdef int _defaults
 
     def __cinit__(self):
         self._state = CLOSED
@@ -1233,9 +1235,8 @@ cdef class ConnectionBase:
         self.close_reason = None
         self._core = core
         self._handler = listener.handler  # each listener may speak its own protocol
-        self._defaults = listener._handler_defaults
         self._pool = core.buffers
-        self._idle = listener.idle
+        self._idle = listener.idle_tracker
         self._fd = fd
         self._state = PENDING if pending else OPEN
         self._flags = F_READING
@@ -1256,10 +1257,9 @@ cdef class ConnectionBase:
         return 0
 
     def _use_handler(self, handler):
-        """The handler this connection's callbacks go to, and which of them are Handler's
-        defaults (an outbound connection names its own handler: outbound.py)."""
+        """The handler this connection's callbacks go to (an outbound connection names its
+        own handler: outbound.py)."""
         self._handler = handler
-        self._defaults = handler_defaults(handler)
 
     def establish(self, first_data):
         """Hand the connection to the handler: ``connection_made`` (with data when data-first)."""
@@ -1276,7 +1276,7 @@ cdef class ConnectionBase:
             self._read_mark = self.bytes_in
             silence.start(self)
         try:
-            if self._defaults & DEFAULT_MADE:
+            if runs_default(self._handler, "connection_made", HANDLER_MADE):
                 if first_data is not None:
                     self._handler.data_received(self, first_data)
             else:
@@ -1381,7 +1381,7 @@ cdef class ConnectionBase:
             self._finalize_c()
             return 0
         self._flags &= ~F_READING
-        self._call_c(DEFAULT_EOF, "eof_received")
+        self._call_c("eof_received", HANDLER_EOF)
         # Reading stops now, unless the callback closed the connection already: a close
         # right after the peer's FIN then costs no epoll_ctl at all.
         self._update_reading_c()
@@ -1515,8 +1515,8 @@ cdef class ConnectionBase:
             return 0
         self._count_sent(sent)
         self._buffered -= sent
-        if sent and self.listener.write is not None:
-            self.listener.write.start(self)  # progress: the peer is reading
+        if sent and self.listener.write_tracker is not None:
+            self.listener.write_tracker.start(self)  # progress: the peer is reading
         while sent:
             head = <bytes>queue[0]
             size = PyBytes_GET_SIZE(head)
@@ -1530,7 +1530,7 @@ cdef class ConnectionBase:
                                          <= self.listener.config.write_low_water):
             self._flags &= ~F_FLOW_PAUSED
             self._update_reading_c()
-            self._call_c(DEFAULT_RESUME, "resume_writing")
+            self._call_c("resume_writing", HANDLER_RESUME)
         if not queue:
             self._set_writing_c(False)
             if self._state == CLOSING:
@@ -1539,7 +1539,7 @@ cdef class ConnectionBase:
                 if self._flags & F_WRITE_EOF:
                     (<object>self)._shutdown_write()  # the half-close write_eof asked for
                 if self._state == OPEN:
-                    self._call_c(DEFAULT_DRAINED, "write_drained")
+                    self._call_c("write_drained", HANDLER_DRAINED)
         return 0
 
     cdef inline void _count_sent(self, Py_ssize_t sent):
@@ -1556,7 +1556,7 @@ cdef class ConnectionBase:
             self._put(F_WRITING, writing)
             self._reactor_modify(self._wants_read_c(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
-            tracker = self.listener.write
+            tracker = self.listener.write_tracker
             if tracker is not None:
                 if writing:
                     tracker.start(self)
@@ -1674,7 +1674,8 @@ cdef class ConnectionBase:
     cdef int _abort_c(self, reason) except -1:
         self._set_reason_c(reason)
         if self._fd >= 0 and self._state != CLOSED:
-            c_setsockopt(self._fd, 1, 13, PyBytes_AS_STRING(LINGER_RST), 8)  # SO_LINGER
+            c_setsockopt(self._fd, SOL_SOCKET_, SO_LINGER_, PyBytes_AS_STRING(LINGER_RST),
+                         <socklen_t>PyBytes_GET_SIZE(LINGER_RST))
         self._finalize_c()
         return 0
 
@@ -1691,7 +1692,7 @@ cdef class ConnectionBase:
                 self._set_reason_c(RESET_REASON)
             if first and self._state == OPEN:
                 # Reason set first: a write inside the callback fails again, quietly.
-                self._call_c(DEFAULT_RESET, "connection_reset")
+                self._call_c("connection_reset", HANDLER_RESET)
             self._finalize_c()
             return 0
         if self._state != CLOSED:
@@ -1740,15 +1741,11 @@ cdef class ConnectionBase:
             (<ListenerBase>listener)._connection_finished(self, not self._has(F_ESTABLISHED))
         else:
             listener.connection_finished(self, was_pending=not self._has(F_ESTABLISHED))
-        if not self._defaults & DEFAULT_CLOSED:
+        if not runs_default(self._handler, "connection_closed", HANDLER_CLOSED):
             try:
                 self._handler.connection_closed(self, self.close_reason)
             except Exception as exc:
                 core.report_error(self, exc)
-        # Its next life may start through the reference's attach (a listener closing takes
-        # its backlog, an outbound connection), which knows nothing of these bits, and for
-        # another listener's handler: none inlined until _attach_accepted says otherwise.
-        self._defaults = 0
         if self._extras is not None:  # not for the connection this object serves next
             self._extras.receiver = None
             self._extras.tls = None
@@ -1760,12 +1757,12 @@ cdef class ConnectionBase:
         return 0
 
     def _call(self, str callback):
-        self._call_c(CALLBACK_DEFAULTS.get(callback, 0), callback)
+        self._call_c(callback, CALLBACK_DEFAULTS.get(callback))
 
-    cdef int _call_c(self, int default_bit, str callback) except -1:
-        """Run a handler callback, or what Handler's default would do, inline."""
-        if self._defaults & default_bit:
-            if default_bit == DEFAULT_EOF:
+    cdef int _call_c(self, str callback, default) except -1:
+        """Run a handler callback, or what Handler's ``default`` would do, inline."""
+        if default is not None and runs_default(self._handler, callback, default):
+            if default is HANDLER_EOF:
                 self._close_c(CLOSED_REASON)
             return 0
         try:
@@ -1778,18 +1775,6 @@ cdef class ConnectionBase:
 # -- the accept loop (listener.py) -------------------------------------------------------------
 
 
-cdef inline bint capacity_errno(int code) noexcept:
-    """Out of a resource right now: retry later, never spin and never die."""
-    return code == EMFILE or code == ENFILE or code == ENOBUFS or code == ENOMEM
-
-
-cdef inline bint skip_errno(int code) noexcept:
-    """Errors about one connection that died in the backlog: skip it and accept the next."""
-    return (code == ECONNABORTED or code == EPROTO or code == EPERM or code == ENETDOWN
-            or code == ENOPROTOOPT or code == EHOSTDOWN or code == ENONET
-            or code == EHOSTUNREACH or code == EOPNOTSUPP or code == ENETUNREACH)
-
-
 cdef class ListenerBase:
     """The accept loop of ``listener.Listener``, and its per-connection bookkeeping."""
 
@@ -1799,7 +1784,7 @@ cdef class ListenerBase:
     cdef public Py_ssize_t active_count
     cdef public Py_ssize_t accepted
     cdef public Py_ssize_t accept_errors
-    cdef public Py_ssize_t closed
+    cdef public Py_ssize_t closed_count
     cdef public long long bytes_in
     cdef public long long bytes_out
     cdef public bint _at_ceiling
@@ -1809,7 +1794,7 @@ cdef class ListenerBase:
     cdef public bint starts_pending
     cdef public bint data_first
     cdef public object proxy_protocol
-    cdef public object idle
+    cdef public object idle_tracker
     cdef public object first_data
     cdef public object trackers
     cdef public dict closed_by_reason
@@ -1827,7 +1812,6 @@ cdef class ListenerBase:
     cdef public object socket_options
     cdef public object _socket_hook
     cdef public bint _probing
-    cdef int _handler_defaults
     # socket_options as C arrays, made at the first accept (the reference's tuple of
     # (level, name, value)); at the defaults there are none, so an accept costs no more.
     cdef int _option_count
@@ -1836,7 +1820,7 @@ cdef class ListenerBase:
     cdef int _option_value[8]
 
     def __cinit__(self):
-        self._handler_defaults = -1
+        self._option_count = -1  # socket_options are loaded at the first accept
 
     def handle_read(self):
         cdef Py_ssize_t limit = self._max_connections
@@ -1845,8 +1829,7 @@ cdef class ListenerBase:
         cdef int fd, code
         cdef sockaddr_storage addr
         cdef socklen_t length
-        if self._handler_defaults < 0:
-            self._handler_defaults = handler_defaults(self.handler)
+        if self._option_count < 0:
             self._load_options()
         for i in range(batch):
             if self._closed:
@@ -1922,8 +1905,8 @@ cdef class ListenerBase:
         self.accepted += 1
         conn = (<CoreBase>core)._new_connection()
         conn._attach_accepted(self, fd, addr, length, self.starts_pending)
-        if self.idle is not None:
-            self.idle.start(conn)
+        if self.idle_tracker is not None:
+            self.idle_tracker.start(conn)
         if self.starts_pending:
             self.pending_count += 1
             self.first_data.start(conn)
@@ -1980,10 +1963,8 @@ cdef class ListenerBase:
             self.pending_count -= 1
         else:
             self.active_count -= 1
-        self.closed += 1
-        # ``_value_`` is the member's own field; ``.value`` runs a Python-level property.
-        reason = conn.close_reason._value_ if conn.close_reason is not None else "closed"
-        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        self.closed_count += 1
+        count_close(self.closed_by_reason, conn.close_reason)  # the one tally (states.py)
         if (self._at_ceiling or self._probing) and (self.pending_count + self.active_count
                                                     < self._max_connections):
             self._at_ceiling = self._probing = False

@@ -5,19 +5,24 @@ deadline queues, and extension-type bases with the per-read and per-write method
 cycle of ``Connection``, the accept loop of ``Listener`` and the per-connection methods of
 ``EngineCore``. Each class here derives from such a base and takes every method and property
 the base does not define from the pure-Python class, unchanged: the PROXY header, TLS, the
-timeouts' policies and statistics are written once and behave the same on both engines. Those
-borrowed methods are plain functions reading attributes by name; the bases declare every
-attribute of the reference classes, so the functions cannot tell the difference.
+timeouts' policies and statistics are written once and run on both engines. Those borrowed
+methods are plain functions reading attributes by name; the bases declare every attribute of
+the reference classes, so the functions cannot tell the difference. What the bases compile
+(read, write, close, accept) is a twin of the reference, kept equal by
+``tests/test_engine_differential.py`` (``_compiled.pyx``'s header lists what is shared).
 ``available()`` says whether the extension imports; ``reason_unavailable()`` why not.
 """
 
 from __future__ import annotations
 
 import types
+from typing import Any, TypeVar, cast
 
 from portside.engine.connection import Connection
 from portside.engine.core import EngineCore
 from portside.engine.listener import Listener
+
+T = TypeVar("T")
 
 try:
     from portside.engine._compiled import (
@@ -73,28 +78,41 @@ def _extra(field: str) -> property:
                     lambda conn, value: conn._set_extra(field, value))
 
 
+def _twin(compiled: type, reference: type[T]) -> type[T]:
+    """``compiled`` as the type checker may see it, ``reference``: true once every method,
+    property and attribute ``reference`` defines is ``compiled``'s too (else ImportError, and
+    ``auto`` runs the pure engine). The stub says what the bases are; this says the rest."""
+    missing = sorted(name for name in vars(reference)
+                     if name not in _NOT_BORROWED and not hasattr(compiled, name)
+                     and not isinstance(vars(reference)[name], types.MemberDescriptorType))
+    if missing:
+        raise ImportError(f"{compiled.__name__} lacks {reference.__name__}'s {missing}")
+    return cast("type[T]", compiled)
+
+
 if available():
-    class CompiledConnection(ConnectionBase):
-        """``Connection`` with compiled read, write and life-cycle paths."""
+    def _derive(name: str, base: type, doc: str, **attributes: Any) -> type:
+        return type(name, (base,), {"__doc__": doc, "__module__": __name__, **attributes})
 
-        __slots__ = ()
-
-    class CompiledListener(ListenerBase):
-        """``Listener`` with a compiled accept loop and deadline queues."""
-
-        tracker_class = TimeoutTracker
-
-    class CompiledCore(CoreBase):
-        """``EngineCore`` with compiled per-connection methods and pools."""
-
+    _connection = _derive("CompiledConnection", ConnectionBase,
+                          "``Connection`` with compiled read, write and life-cycle paths.",
+                          __slots__=())
+    _listener = _derive("CompiledListener", ListenerBase,
+                        "``Listener`` with a compiled accept loop and deadline queues.",
+                        tracker_class=TimeoutTracker)
+    _core = _derive("CompiledCore", CoreBase,
+                    "``EngineCore`` with compiled per-connection methods and pools.")
     for name, bit in FLAG_BITS.items():
-        setattr(CompiledConnection, name, _flag(bit))
+        setattr(_connection, name, _flag(bit))
     for name, field in EXTRA_FIELDS.items():
-        setattr(CompiledConnection, name, _extra(field))
-    _borrow(CompiledConnection, Connection, frozenset(vars(ConnectionBase)))
-    _borrow(CompiledListener, Listener, frozenset(vars(ListenerBase)))
-    _borrow(CompiledCore, EngineCore, frozenset(vars(CoreBase)))
-    set_connection_type(CompiledConnection)
+        setattr(_connection, name, _extra(field))
+    _borrow(_connection, Connection, frozenset(vars(ConnectionBase)))
+    _borrow(_listener, Listener, frozenset(vars(ListenerBase)))
+    _borrow(_core, EngineCore, frozenset(vars(CoreBase)))
+    set_connection_type(_connection)
+    CompiledConnection = _twin(_connection, Connection)
+    CompiledListener = _twin(_listener, Listener)
+    CompiledCore = _twin(_core, EngineCore)
 
 __all__ = ["BufferPool", "CompiledConnection", "CompiledCore", "CompiledListener", "Loop",
            "ObjectPool", "available", "reason_unavailable"]

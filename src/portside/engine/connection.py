@@ -37,8 +37,18 @@ from typing import TYPE_CHECKING, Any
 
 from portside.config import address_label
 from portside.engine.buffers import LOCAL_REFCOUNT
+from portside.engine.states import (
+    CLOSED,
+    CLOSING,
+    LINGERING,
+    OPEN,
+    PENDING,
+    SENDMSG_BATCH,
+)
 from portside.engine.states import CloseReason as CloseReason
-from portside.engine.states import State as State
+from portside.engine.states import (
+    State as State,
+)
 from portside.engine.tls import (
     TlsSession,
     check_context,
@@ -61,7 +71,6 @@ Receiver = Callable[["Connection", memoryview], None]
 
 logger = logging.getLogger("portside")
 
-_SENDMSG_BATCH = 64  # buffers per sendmsg call; far below IOV_MAX (1024 on Linux)
 _FLUSH_CHECKS = 4  # looks per linger_timeout at a closing connection's flush progress
 #: Where a lingering connection's last bytes are read and dropped (never lent to anyone, so
 #: loops in several threads may share it).
@@ -82,9 +91,6 @@ def _check_transport(header: ProxyHeader, raw: bytearray) -> None:
 
 
 _LOCALLY_CLOSED = frozenset({CloseReason.CLOSED, CloseReason.ABORTED})
-# The states as plain names for the hot paths (an IntEnum compares as an int).
-_PENDING, _OPEN, _CLOSING, _LINGERING, _CLOSED = (
-    State.PENDING, State.OPEN, State.CLOSING, State.LINGERING, State.CLOSED)
 _id_counter = itertools.count(1)
 
 
@@ -160,7 +166,7 @@ class Connection:
         # Each listener may speak its own protocol; an outbound connection names its own.
         self._use_handler(handler)
         self._pool = core.buffers
-        self._idle = listener.idle
+        self._idle = listener.idle_tracker
         self._sock = sock
         self._fd = sock.fileno()
         self._state = State.PENDING if pending else State.OPEN
@@ -195,8 +201,7 @@ class Connection:
         core.reactor.register(self._fd, self, readable=True, writable=False)
 
     def _use_handler(self, handler: Any) -> None:
-        """The handler this connection's callbacks go to (the compiled engine also notes
-        which of its callbacks are Handler's defaults)."""
+        """The handler this connection's callbacks go to."""
         self._handler = handler
 
     # -- who receives the bytes ------------------------------------------------------------------
@@ -355,8 +360,8 @@ class Connection:
         ``pause_writing`` is called. Raises ConnectionClosedError after close() or abort();
         writes to a connection the peer or an error closed are dropped silently.
         """
-        if self._state != _OPEN:
-            if self.close_reason in _LOCALLY_CLOSED or self._state == _PENDING:
+        if self._state != OPEN:
+            if self.close_reason in _LOCALLY_CLOSED or self._state == PENDING:
                 raise ConnectionClosedError(f"connection {self.id} is closed")
             return
         if self._tls is not None:
@@ -485,7 +490,7 @@ class Connection:
     def _send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes for the socket, in order: sent at once where possible, else queued."""
         size = data.nbytes if type(data) is memoryview else len(data)
-        if not size or self._state == _CLOSED:
+        if not size or self._state == CLOSED:
             return
         if self._queue:
             self._queue.append(data if type(data) is bytes else bytes(data))
@@ -549,7 +554,7 @@ class Connection:
     def uncork(self) -> None:
         """Send what was written since ``cork`` (``close`` uncorks by itself)."""
         corked, self._corked = self._corked, None
-        if corked and self._state == _OPEN:
+        if corked and self._state == OPEN:
             self.write(b"".join(corked))
 
     def pause_reading(self) -> None:
@@ -577,7 +582,7 @@ class Connection:
         read_timeout of silence); from the first call on, the handler decides what is owed.
         """
         listener = self.listener
-        tracker = listener.read
+        tracker = listener.read_tracker
         if tracker is None or self._state != State.OPEN:
             return
         if self._read_mark >= 0:
@@ -624,8 +629,8 @@ class Connection:
 
     def handle_read(self) -> None:
         state = self._state
-        if state >= _CLOSING:
-            if state == _LINGERING:
+        if state >= CLOSING:
+            if state == LINGERING:
                 self._discard_until_eof()
             return
         # The buffer pool, inlined: this runs once per read of every connection.
@@ -730,13 +735,13 @@ class Connection:
 
     def handle_write(self) -> None:
         queue = self._queue
-        if self._state == _CLOSED or not queue:
+        if self._state == CLOSED or not queue:
             return
         try:
             if len(queue) == 1:
                 sent = self._sock.send(queue[0])
             else:
-                sent = self._sock.sendmsg(itertools.islice(queue, _SENDMSG_BATCH))
+                sent = self._sock.sendmsg(itertools.islice(queue, SENDMSG_BATCH))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -744,8 +749,8 @@ class Connection:
             return
         self._count_sent(sent)
         self._buffered -= sent
-        if sent and self.listener.write is not None:
-            self.listener.write.start(self)  # progress: the peer is reading
+        if sent and self.listener.write_tracker is not None:
+            self.listener.write_tracker.start(self)  # progress: the peer is reading
         while sent:
             head = queue[0]
             size = len(head) if not isinstance(head, memoryview) else head.nbytes
@@ -962,11 +967,11 @@ class Connection:
     def _set_writing(self, writing: bool) -> None:
         # Closed (a callback such as resume_writing may close it just before): its descriptor
         # is gone, and the trackers have let it go.
-        if writing != self._writing and self._state != _CLOSED:
+        if writing != self._writing and self._state != CLOSED:
             self._writing = writing
             self._core.reactor.modify(self._fd, self._wants_read(), writing)
             # The write timeout runs while bytes wait for the peer to take them.
-            tracker = self.listener.write
+            tracker = self.listener.write_tracker
             if tracker is not None:
                 if writing:
                     tracker.start(self)
@@ -984,6 +989,7 @@ class Connection:
             self._core.reactor.modify(self._fd, self._wants_read(), self._writing)
 
     def _call(self, callback: str) -> None:
+        """Run a handler callback, looked up now (the rule on ``Handler``'s docstring)."""
         try:
             getattr(self._handler, callback)(self)
         except Exception as exc:

@@ -43,7 +43,7 @@ class Pools:
             kinds = (native.BufferPool, native.ObjectPool)
         self.connection_class = connection_class
         self.buffers: BufferPool = kinds[0](config.buffer_size, config.buffer_pool_max_free)
-        self.connections: ObjectPool[Connection] = kinds[1](
+        self.connection_pool: ObjectPool[Connection] = kinds[1](
             connection_class, config.connection_pool_max_free, config.connection_pool_size)
 
 
@@ -60,7 +60,7 @@ class EngineCore:
         self.config = config
         pools = pools or Pools(config, compiled)
         self.buffers = pools.buffers
-        self.connections = pools.connections
+        self.connection_pool = pools.connection_pool
         self._connection_class = pools.connection_class
         self.open = 0  # connections between attach and close
         #: Connections that finished when none was open (a bug in portside; see
@@ -90,7 +90,7 @@ class EngineCore:
 
     def new_connection(self) -> Connection:
         """A connection object, from the pool (a TLS session is made per connection)."""
-        conn = self.connections.acquire()
+        conn = self.connection_pool.acquire()
         self.open += 1
         return conn
 
@@ -128,7 +128,7 @@ class EngineCore:
         pending, self._to_recycle = self._to_recycle, []
         while pending:
             conn = pending.pop()
-            self.connections.recycle(conn)
+            self.connection_pool.recycle(conn)
             del conn
 
     def report_error(self, conn: Connection | None, exc: BaseException,

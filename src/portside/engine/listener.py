@@ -40,7 +40,6 @@ from __future__ import annotations
 import _socket
 import bisect
 import contextlib
-import errno
 import ipaddress
 import logging
 import os
@@ -53,7 +52,7 @@ from portside.config import AcceptPolicy, ListenerConfig, address_label, parse_k
 from portside.engine.admission import ClientAdmission, Refusal, describe_key
 from portside.engine.connection import _LINGER_RST, CloseReason, Connection, State
 from portside.engine.lograte import LogLimiter
-from portside.engine.states import count_close
+from portside.engine.states import CAPACITY_ERRNOS, SKIP_ERRNOS, count_close
 from portside.engine.timeouts import TimeoutTracker, closing_tracker
 from portside.engine.tls import remember_server_names
 from portside.errors import ConfigError, ErrorOrigin, ListenError
@@ -69,12 +68,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("portside")
 
-# Errors that mean "out of a resource right now": retry later, never spin and never die.
-_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Errors about one connection that died in the backlog: skip it and accept the next.
-_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
-                          errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
-                          errno.EOPNOTSUPP, errno.ENETUNREACH})
 _SHUTDOWN_ACCEPT_LIMIT = 4096  # connections taken from the backlog at shutdown to close cleanly
 # How often a connection under a read-silence deadline is looked at, per read_timeout: the
 # deadline fires after between read_timeout and (1 + 1/_SILENCE_LOOKS) read_timeout of silence.
@@ -206,19 +199,25 @@ class Listener:
                                or config.tls is not None)
         self.first_data = self.tracker_class(config.first_data_timeout, self._first_data_expired)
         self.pending = self.first_data.queue
-        # The optional timeouts: None when off, so the hot path pays one attribute test.
-        self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
-        self.read = self._optional(config.read_timeout, CloseReason.READ_TIMEOUT, abort=False)
-        self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
+        #: The optional timeouts' trackers: None when off, so the hot path pays one attribute
+        #: test (each one's ``expired`` is the statistics' idle/read/write_timeouts).
+        self.idle_tracker = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT,
+                                           abort=False)
+        self.read_tracker = self._optional(config.read_timeout, CloseReason.READ_TIMEOUT,
+                                           abort=False)
+        self.write_tracker = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT,
+                                            abort=True)
         #: read_timeout for connections whose handler never says what the peer owes (see
         #: ``Connection.awaiting_data``): looked at a few times per timeout, not on every read.
         self.silence = self.tracker_class(config.read_timeout / _SILENCE_LOOKS,
                                       self._silence_check) if config.read_timeout else None
         #: The timeouts in force, made once: every closing connection is taken out of each.
-        self.trackers = tuple(tracker for tracker in (self.first_data, self.idle, self.read,
-                                                      self.write, self.silence)
+        self.trackers = tuple(tracker for tracker in (self.first_data, self.idle_tracker,
+                                                      self.read_tracker, self.write_tracker,
+                                                      self.silence)
                               if tracker is not None)
-        self.accepted = self.closed = 0
+        #: Connections accepted, and closed (by reason: ``closed_by_reason``); counts.
+        self.accepted = self.closed_count = 0
         self.evicted = self.limited = self.accept_errors = self.proxy_errors = 0
         self.tls_failures = self.proxy_refused = self.client_refused = 0
         #: Rate-limited log lines about clients (timeouts, refusals, bad headers, handshakes).
@@ -295,8 +294,8 @@ class Listener:
             assert self.silence is not None
             self.silence.start(conn)
             return False
-        assert self.read is not None
-        self.read.expired += 1  # one read_timeouts figure, whichever way it ran
+        assert self.read_tracker is not None
+        self.read_tracker.expired += 1  # one read_timeouts figure, whichever way it ran
         self.log.log("read-silence", logging.INFO,
                      f"closed {{count}} more connections on {self.address}: no bytes for "
                      f"{self.config.read_timeout:g} s (read-timeout)",
@@ -445,9 +444,9 @@ class Listener:
             return False
         except OSError as exc:
             self.accept_errors += 1
-            if exc.errno in _SKIP_ERRNOS:
+            if exc.errno in SKIP_ERRNOS:
                 return True
-            if exc.errno in _CAPACITY_ERRNOS:
+            if exc.errno in CAPACITY_ERRNOS:
                 self._back_off(exc)
                 return False
             self._accept_broken(exc)
@@ -485,7 +484,7 @@ class Listener:
         client's count, if the per-client limits gave it one at accept (a socket hook runs
         after them), is given back: ``fd`` is its descriptor when ``sock`` may be closed."""
         self.accepted += 1
-        self.closed += 1
+        self.closed_count += 1
         count_close(self.closed_by_reason, reason)
         if self.admission is not None:
             self.admission.release(sock.fileno() if fd is None else fd)
@@ -560,8 +559,8 @@ class Listener:
         self.accepted += 1
         conn = core.new_connection()
         conn.attach(core, self, sock, peer, pending=self.starts_pending, handler=self.handler)
-        if self.idle is not None:
-            self.idle.start(conn)
+        if self.idle_tracker is not None:
+            self.idle_tracker.start(conn)
         if self.starts_pending:
             self.pending_count += 1
             self.first_data.start(conn)
@@ -674,7 +673,7 @@ class Listener:
             self.pending_count -= 1
         else:
             self.active_count -= 1
-        self.closed += 1
+        self.closed_count += 1
         count_close(self.closed_by_reason, conn.close_reason)
         open_now = self.pending_count + self.active_count
         if (self._at_ceiling or self._probing) and open_now < self._max_connections:
@@ -732,14 +731,14 @@ class Listener:
             accept_state=self.accept_state, max_connections=self._max_connections,
             peak_connections=self.peak_connections,
             accepted=self.accepted, pending=self.pending_count, active=self.active_count,
-            closed=self.closed, first_data_timeouts=self.first_data_timeouts,
+            closed=self.closed_count, first_data_timeouts=self.first_data_timeouts,
             evicted=self.evicted, limited=self.limited, accept_errors=self.accept_errors,
             proxy_errors=self.proxy_errors, tls_failures=self.tls_failures,
             proxy_refused=self.proxy_refused, client_refused=self.client_refused,
             clients_tracked=self.admission.tracked if self.admission is not None else 0,
-            idle_timeouts=self.idle.expired if self.idle else 0,
-            read_timeouts=self.read.expired if self.read else 0,
-            write_timeouts=self.write.expired if self.write else 0,
+            idle_timeouts=self.idle_tracker.expired if self.idle_tracker else 0,
+            read_timeouts=self.read_tracker.expired if self.read_tracker else 0,
+            write_timeouts=self.write_tracker.expired if self.write_tracker else 0,
             ttfb_buckets=tuple(self.ttfb_buckets), ttfb_sum=self.ttfb_sum,
             ttfb_count=sum(self.ttfb_buckets),
             bytes_in=self.bytes_in + sum(conn.bytes_in for conn in live),

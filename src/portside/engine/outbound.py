@@ -266,8 +266,8 @@ class Attempt:
         connector.connected += 1
         connector.active_count += 1
         connector.record_connect(core.reactor.time() - self.started_at)
-        if connector.idle is not None:
-            connector.idle.start(conn)
+        if connector.idle_tracker is not None:
+            connector.idle_tracker.start(conn)
         conn.establish(None)
 
     def _timed_out(self) -> None:
@@ -349,7 +349,7 @@ class Connector:
     data_first = False
     proxy_protocol = None
     silence: TimeoutTracker | None = None
-    read: TimeoutTracker | None = None
+    read_tracker: TimeoutTracker | None = None
     admission = None
     port = 0  #: no port of its own (ListenerView.port)
 
@@ -361,9 +361,11 @@ class Connector:
         self.config = config
         self.address = config.label
         self.log = LogLimiter(logger, core.reactor.time, core.reactor.call_later)
-        self.idle = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT, abort=False)
-        self.write = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT, abort=True)
-        self.trackers = tuple(tracker for tracker in (self.idle, self.write)
+        self.idle_tracker = self._optional(config.idle_timeout, CloseReason.IDLE_TIMEOUT,
+                                           abort=False)
+        self.write_tracker = self._optional(config.write_timeout, CloseReason.WRITE_TIMEOUT,
+                                            abort=True)
+        self.trackers = tuple(tracker for tracker in (self.idle_tracker, self.write_tracker)
                               if tracker is not None)
         #: What is set on each socket besides TCP_NODELAY (rcvbuf, sndbuf, keepalive, ...).
         self.tcp_options: tuple[SocketOption, ...] = socket_options(config, tcp=True)
@@ -477,8 +479,8 @@ class Connector:
             name=self.config.label, connecting=len(self.attempts), active=self.active_count,
             connected=self.connected, connect_failed=self.failed,
             connect_timeouts=self.timeouts, closed=self.closed_count,
-            idle_timeouts=self.idle.expired if self.idle else 0,
-            write_timeouts=self.write.expired if self.write else 0,
+            idle_timeouts=self.idle_tracker.expired if self.idle_tracker else 0,
+            write_timeouts=self.write_tracker.expired if self.write_tracker else 0,
             bytes_in=self.bytes_in + sum(conn.bytes_in for conn in live),
             bytes_out=self.bytes_out + sum(conn.bytes_out for conn in live),
             closed_by_reason=dict(self.closed_by_reason),

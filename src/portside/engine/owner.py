@@ -3,8 +3,8 @@ connections) or an outbound ``Connector`` (``Server.connect``). Both implement
 ``ConnectionOwner``; the connection is typed with it, so neither poses as the other.
 
 The policies an outbound connection has no use for are part of the protocol, answered
-"none" by the connector (``data_first`` False; ``proxy_protocol``, ``silence``, ``read`` and
-``admission`` None): the connection's paths test them anyway, once, where they begin.
+"none" by the connector (``data_first`` False; ``proxy_protocol``, ``silence``,
+``read_tracker`` and ``admission`` None): the connection's paths test them anyway, once, where they begin.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ class ConnectionOwner(Protocol):
         """Its rate-limited log lines about clients."""
 
     @property
-    def idle(self) -> TimeoutTracker | None: ...
+    def idle_tracker(self) -> TimeoutTracker | None: ...
 
     @property
-    def read(self) -> TimeoutTracker | None:
+    def read_tracker(self) -> TimeoutTracker | None:
         """The read deadline's tracker; None when off (always outbound)."""
 
     @property
-    def write(self) -> TimeoutTracker | None: ...
+    def write_tracker(self) -> TimeoutTracker | None: ...
 
     @property
     def silence(self) -> TimeoutTracker | None:
