@@ -66,7 +66,15 @@ def write_constants() -> None:
     numbers are this platform's, as the compiler's ``errno.h`` has them)."""
     import runpy
 
-    states = runpy.run_path(str(HERE / "src/portside/engine/states.py"))
+    # states.py imports portside.reasons: run it with this tree's src first on the path (a
+    # build environment has no portside installed).
+    sys.path.insert(0, str(HERE / "src"))
+    try:
+        states = runpy.run_path(str(HERE / "src/portside/engine/states.py"))
+    finally:
+        sys.path.remove(str(HERE / "src"))
+        for name in [name for name in sys.modules if name.split(".")[0] == "portside"]:
+            del sys.modules[name]  # no trace of this tree's modules in the build's process
 
     def test(name: str) -> str:
         return " or ".join(f"code == {code}" for code in sorted(states[name]))
