@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import join
 from proc import PortsideProcess, echo_once
 
 from portside.control import protocol
@@ -384,7 +385,7 @@ def control_server(tmp_path: Path) -> Iterator[str]:
         yield control.path
     finally:
         reactor.call_soon_threadsafe(reactor.stop)
-        thread.join(WAIT)
+        join(thread, WAIT)
         server.close()
         reactor.close()
     assert not os.path.exists(control.path)

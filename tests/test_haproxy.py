@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from conftest import join, require_tool
 from proc import PortsideProcess
 
 WAIT = 20.0
@@ -158,7 +158,7 @@ def test_graceful_restart_behind_haproxy(
         progress.wait_for(lambda: conversations[0] >= before + 40 or bool(errors), WAIT)
     done.set()
     for client in clients:
-        client.join(WAIT)
+        join(client)
     assert not errors, errors[:3]
     assert conversations[0] >= before + 40
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import join
 from proc import PortsideProcess, echo_once
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -174,7 +175,7 @@ def metrics_endpoint(head_timeout: float) -> Iterator[int]:
         yield int(server.sock.getsockname()[1])
     finally:
         reactor.call_soon_threadsafe(reactor.stop)
-        thread.join(WAIT)
+        join(thread, WAIT)
         server.close()
         reactor.close()
 
@@ -248,7 +249,7 @@ def test_silent_and_trickling_scrapers_cannot_lock_out_a_real_scrape(
             assert status == 200 and "portside_accepting_paused" in text
             assert time.monotonic() - started < 5.0  # long before any head deadline could help
         stop.set()
-        thread.join(WAIT)
+        join(thread, WAIT)
     finally:
         stop.set()
         for sock in held:

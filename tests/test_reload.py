@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import join
 from proc import WAIT, PortsideProcess, echo_once
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -100,7 +101,7 @@ class Stream:
     def finish(self) -> None:
         self.stop.set()
         for thread in self.threads:
-            thread.join(WAIT)
+            join(thread)
         self.long.close()
         assert not self.errors, self.errors
         assert self.rounds > 0

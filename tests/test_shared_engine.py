@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Clients, RecordingHandler, open_fds, recv_exactly
+from conftest import WAIT, Clients, RecordingHandler, join, open_fds, recv_exactly
 
 from portside import (
     ConfigError,
@@ -216,7 +216,7 @@ def test_a_pool_serves_from_a_running_asyncio_loop(clients: Clients, fds: None) 
     finally:
         clients.close_all()
         pool.shutdown(drain_timeout=0)
-        thread.join(WAIT)
+        join(thread)
     assert not thread.is_alive()
     assert [handler.names()[-1] for handler in handlers] == ["server_stopped"] * 2
 

@@ -13,6 +13,7 @@ from conftest import (
     WAIT,
     Clients,
     ServeFactory,
+    join,
     recv_exactly,
     recv_until_eof,
 )
@@ -136,7 +137,7 @@ def test_concurrent_streams_intact(serve: ServeFactory, clients: Clients,
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(WAIT)
+        join(thread)
     assert results == [b"".join(chunks) for chunks in streams]
     for sock in socks:
         sock.close()
@@ -158,7 +159,7 @@ def test_drain_bounds_memory_for_a_slow_reader(serve: ServeFactory, clients: Cli
     sender = threading.Thread(target=send)
     sender.start()
     assert recv_until_eof(sock) == payload
-    sender.join(WAIT)
+    join(sender)
     assert handler.max_buffered <= 64 * 1024 + 64 * 1024
 
 
@@ -227,7 +228,7 @@ def test_auto_runs_async_handlers_on_an_asyncio_loop(clients: Clients) -> None:
         assert recv_exactly(sock, 5) == b"hello"
     finally:
         server.shutdown(drain_timeout=0)
-        thread.join(WAIT)
+        join(thread)
     assert not thread.is_alive()
 
 
