@@ -380,6 +380,20 @@ def serve(engine: str, clients: Clients) -> Iterator[ServeFactory]:
     assert open_fds() <= fds_before, "file descriptors leaked"
 
 
+def wait_refused(address: tuple[str, int], timeout: float = WAIT) -> None:
+    """Wait until a connect to ``address`` is refused: the server has stopped accepting (a
+    shutdown or a drain has really begun, not merely been asked for). Nothing notifies a
+    client of that, so this re-tries, every 10 ms, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except ConnectionRefusedError:
+            return
+        assert time.monotonic() < deadline, f"{address} still accepts after {timeout} s"
+        time.sleep(0.01)
+
+
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
     chunks = bytearray()
     while len(chunks) < size:

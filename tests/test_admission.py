@@ -25,11 +25,11 @@ from conftest import (
     ServeFactory,
     assert_on_time,
     recv_exactly,
+    require_ipv6,
     seconds_until_closed,
 )
 from proc import PortsideProcess
 from prometheus_client.parser import text_string_to_metric_families
-from test_lifecycle import ipv6_loopback_available
 
 from portside import (
     AcceptPolicy,
@@ -128,8 +128,7 @@ def test_connection_rate_per_address(serve: ServeFactory, clients: Clients) -> N
 
 
 def test_ipv6_on_loopback(serve: ServeFactory, clients: Clients) -> None:
-    if not ipv6_loopback_available():
-        pytest.skip("::1 is not available on this machine")
+    require_ipv6()
     rs = serve(ListenerConfig(host="::1", max_connections_per_client=1))
     address = rs.address()
     held = connect_from(clients, "::1", address)

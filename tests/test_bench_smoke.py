@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import IN_CI
 
 REPO = Path(__file__).resolve().parents[1]
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 NO_COMPILER = shutil.which("gcc") is None and shutil.which("cc") is None
 
 pytestmark = [

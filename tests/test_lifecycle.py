@@ -23,6 +23,7 @@ from conftest import (
     ServeFactory,
     recv_exactly,
     recv_until_eof,
+    require_ipv6,
 )
 
 from portside import (
@@ -112,17 +113,6 @@ def reset(sock: socket.socket) -> None:
     """Close abortively: the peer gets RST instead of FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def ipv6_loopback_available() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # -- 1. every way a connection ends: connection_closed exactly once, with the right reason ------
@@ -304,8 +294,8 @@ def test_shutdown_without_connections_stops_at_once(serve: ServeFactory, clients
 # -- 3. IPv6 and Unix-socket listeners -------------------------------------------------------------
 
 
-@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
 def test_ipv6_listener_echo(serve: ServeFactory, clients: Clients) -> None:
+    require_ipv6()
     rs = serve(ListenerConfig(host="::1"))
     host, port = rs.address()
     assert host == "::1" and port > 0

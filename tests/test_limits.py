@@ -321,11 +321,15 @@ def test_first_data_deadline_with_the_default_defer_accept(
 
 def test_stale_pending_connections_are_evicted_for_a_real_client(
         serve: ServeFactory, clients: Clients) -> None:
-    flood = 20
+    """At the ceiling, a real client waits until the silent ones have been pending for
+    ``stale_pending_age`` (both sides, measured from the flood's first connect), and then gets
+    their place: the evicted ones are closed on the client side too."""
+    flood, age = 20, 0.8
     rs = serve(ListenerConfig(policy=AcceptPolicy.DATA_FIRST, defer_accept=0,
-                              max_connections=flood, stale_pending_age=0.2,
+                              max_connections=flood, stale_pending_age=age,
                               first_data_timeout=30))
     handler = rs.handler
+    flooded = time.monotonic()
     silent = [clients.connect(rs.address()) for _ in range(flood)]
     wait_until(lambda: listener_stats(rs).pending == flood, f"{flood} pending connections")
     assert listener_stats(rs).limited >= 1
@@ -333,6 +337,7 @@ def test_stale_pending_connections_are_evicted_for_a_real_client(
     real = clients.connect(rs.address())
     real.sendall(b"a real request")
     assert recv_exactly(real, 14) == b"a real request"
+    assert_on_time(time.monotonic() - flooded, age)
 
     assert list(handler.made.values()) == [b"a real request"]
     stats = listener_stats(rs)
@@ -341,7 +346,17 @@ def test_stale_pending_connections_are_evicted_for_a_real_client(
     assert stats.active == 1
     evicted = [reason for reason in reasons_of(handler) if reason is CloseReason.EVICTED]
     assert len(evicted) == stats.evicted
-    assert len(silent) == flood
+    for sock in silent:  # each evicted one was reset; the others are still open
+        sock.setblocking(False)
+    closed = 0
+    for sock in silent:
+        try:
+            closed += sock.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+        except BlockingIOError:
+            pass
+    assert closed == stats.evicted
 
 
 # -- 6. EMFILE: a real process with a low descriptor limit -----------------------------------------

@@ -19,9 +19,9 @@ from conftest import (
     assert_on_time,
     recv_exactly,
     recv_until_eof,
+    require_ipv6,
     seconds_until_closed,
 )
-from test_lifecycle import ipv6_loopback_available
 
 from portside import AcceptPolicy, CloseReason, ListenerConfig
 from portside.engine.listener import _trusted
@@ -183,8 +183,8 @@ def test_trust_matching_without_sockets() -> None:
     assert not _trusted("", networks)  # an unnamed Unix peer is never matched (nor checked)
 
 
-@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
 def test_trusted_ipv6_balancer(serve: ServeFactory, clients: Clients) -> None:
+    require_ipv6()
     rs = serve(ListenerConfig(host="::1", proxy_protocol="v2",  # type: ignore[arg-type]
                               trusted_proxies=("::1/128",)))
     sock = clients.connect(rs.address())

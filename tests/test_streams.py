@@ -16,6 +16,7 @@ from conftest import (
     join,
     recv_exactly,
     recv_until_eof,
+    wait_refused,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,7 @@ def test_shutdown_drains_async_connections(serve: ServeFactory, clients: Clients
     sock.sendall(b"before")
     assert recv_exactly(sock, 6) == b"before"
     rs.server.shutdown(drain_timeout=WAIT)
+    wait_refused(rs.address())  # the shutdown has begun: what follows is served draining
     sock.sendall(b"during")
     assert recv_exactly(sock, 6) == b"during"
     sock.shutdown(socket.SHUT_WR)
