@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import pytest
 from conftest import (
+    ALL_ENGINES,
     CLOCK_SLACK,
     WAIT,
     Clients,
@@ -29,6 +30,7 @@ from conftest import (
     assert_on_time,
     recv_exactly,
     recv_until_eof,
+    require_engine,
     seconds_until_closed,
 )
 from proc import PortsideProcess
@@ -370,10 +372,15 @@ def _limit_descriptors() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
 
 
-def test_echo_process_survives_running_out_of_descriptors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ALL_ENGINES)
+def test_echo_process_survives_running_out_of_descriptors(tmp_path: Path, engine: str) -> None:
+    """On every engine: each drives the accept loop's capacity-error back-off its own way
+    (the compiled engine's accept is in _compiled.pyx; asyncio and uvloop call it from their
+    loop's readiness callbacks)."""
+    require_engine(engine)
     log = PortsideProcess(["echo", "--host", "127.0.0.1", "--data-first-port", "0",
                            "--immediate-port", "0", "--log-level", "info", "--defer-accept", "0",
-                           "--control", str(tmp_path / "ctl")],
+                           "--control", str(tmp_path / "ctl"), "--engine", engine],
                           preexec_fn=_limit_descriptors)
     socks: list[socket.socket] = []
 
