@@ -56,6 +56,7 @@ def m(name: str, path: str, old: str, new: str, tests: str, what: str,
 
 TIMEOUTS = "test_timeouts.py"
 LIMITS = "test_limits.py"
+ADMISSION = "test_admission.py test_admission_policy.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- deadlines and timeouts (engine/deadlines.py, timeouts.py, listener.py) -----------------
     m("deadline-1.5x", "engine/deadlines.py", "self._due[item] = now + self.timeout",
@@ -64,10 +65,12 @@ MUTANTS: tuple[Mutant, ...] = (
     m("deadline-early", "engine/deadlines.py", "self._due[item] = now + self.timeout",
       "self._due[item] = now + self.timeout / 1.5", f"{TIMEOUTS} {LIMITS}",
       "every pure deadline 1.5x early"),
-    m("deadline-expire-flip", "engine/deadlines.py", "            if due > now:\n                break",
+    m("deadline-expire-flip", "engine/deadlines.py",
+      "            if due > now:\n                break",
       "            if due < now:\n                break", f"{TIMEOUTS} {LIMITS}",
       "pop_expired stops at the wrong end"),
-    m("stale-age-ignored", "engine/deadlines.py", "return self.pop_expired(now + self.timeout - age)",
+    m("stale-age-ignored", "engine/deadlines.py",
+      "return self.pop_expired(now + self.timeout - age)",
       "return self.pop_expired(now)", LIMITS, "the pressure sweep waits the full timeout"),
     m("tracker-no-rearm", "engine/timeouts.py", "        self._timer = None\n        self._arm()",
       "        self._timer = None", f"{TIMEOUTS} {LIMITS}",
@@ -115,7 +118,8 @@ MUTANTS: tuple[Mutant, ...] = (
       "            if self.pending_count + self.active_count > limit:", LIMITS,
       "one connection past max_connections"),
     m("evict-nothing", "engine/listener.py",
-      "        for conn in stale:\n            self.evicted += 1\n            conn.abort_for(CloseReason.EVICTED)",
+      "        for conn in stale:\n            self.evicted += 1\n"
+      "            conn.abort_for(CloseReason.EVICTED)",
       "        for conn in stale:\n            self.evicted += 1", LIMITS,
       "stale pending connections are counted but not closed"),
     m("stale-recheck-late", "engine/listener.py",
@@ -135,18 +139,19 @@ MUTANTS: tuple[Mutant, ...] = (
       "raising max_connections at run time does not resume accepting", k="compiled"),
     m("client-open-limit-off-by-one", "engine/admission.py",
       "if self.max_open and client.open >= self.max_open:",
-      "if self.max_open and client.open > self.max_open:", "test_admission.py test_admission_policy.py",
+      "if self.max_open and client.open > self.max_open:", ADMISSION,
       "one connection per client too many"),
     m("client-rate-ignored", "engine/admission.py",
       "elif self.max_rate and client.rate(now, self.period) + 1 > self.max_rate:",
-      "elif False:", "test_admission.py test_admission_policy.py", "the rate limit is off"),
-    m("client-release-leaks", "engine/admission.py", "        if client.open > 0:\n            return",
-      "        if client.open >= 0:\n            return", "test_admission.py test_admission_policy.py",
+      "elif False:", ADMISSION, "the rate limit is off"),
+    m("client-release-leaks", "engine/admission.py",
+      "        if client.open > 0:\n            return",
+      "        if client.open >= 0:\n            return", ADMISSION,
       "a client's place is never given back"),
     m("table-never-evicts", "engine/admission.py",
       "                    self._idle.popitem(last=False)\n                    self.evicted += 1",
       "                    self.untracked += 1\n                    return None",
-      "test_admission.py test_admission_policy.py", "a full table fails open at once"),
+      ADMISSION, "a full table fails open at once"),
     m("proxy-untrusted-accepted", "engine/listener.py",
       "        self.client_refused += 1\n", "        self.client_refused += 0\n",
       "test_admission.py", "client refusals not counted"),
@@ -174,7 +179,8 @@ MUTANTS: tuple[Mutant, ...] = (
       "        if len(pair.held) >= self.hold_limit and not pair.held_paused:",
       "        if False:", "test_relay.py", "the relay's hold-limit pause removed"),
     m("relay-reset-graceful", "examples/relay.py",
-      "        if reason in _ABRUPT:\n            pair.client.abort()\n        else:\n            pair.client.close()",
+      "        if reason in _ABRUPT:\n            pair.client.abort()\n        else:\n"
+      "            pair.client.close()",
       "        pair.client.close()", "test_relay.py",
       "an upstream reset becomes a graceful close of the client"),
     m("relay-no-next-upstream", "examples/relay.py",
@@ -184,7 +190,8 @@ MUTANTS: tuple[Mutant, ...] = (
       "            pair.upstream.write_eof()\n            pair.finish_if_done()",
       "            pair.finish_if_done()", "test_relay.py", "the client's FIN is not carried"),
     m("relay-no-backpressure", "examples/relay.py",
-      "        if pair.upstream is not None:  # the client reads slowly: stop reading the upstream\n"
+      "        if pair.upstream is not None:  # the client reads slowly: stop reading the "
+      "upstream\n"
       "            pair.upstream.pause_reading()",
       "        pass", "test_relay.py", "a slow client does not pause the upstream"),
     m("relay-held-lost", "examples/relay.py",
