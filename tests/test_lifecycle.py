@@ -21,6 +21,7 @@ from conftest import (
     RecordingHandler,
     RunningServer,
     ServeFactory,
+    assert_on_time,
     recv_exactly,
     recv_until_eof,
     require_ipv6,
@@ -264,12 +265,12 @@ def test_shutdown_drain_deadline_closes_with_fin(serve: ServeFactory, clients: C
     echo(sock, b"ping")
     sock.sendall(b"unread echo")  # echoed, but not read until after the shutdown
     started = time.monotonic()
-    rs.server.shutdown(drain_timeout=0.3)
+    rs.server.shutdown(drain_timeout=0.8)
     handler.wait(lambda: "shutdown_started" in handler.names(), "shutdown_started")
     # The client never half-closes: the server ends the conversation at the deadline, with FIN
     # after every echoed byte (a reset would raise here).
     assert recv_until_eof(sock) == b"unread echo"
-    assert time.monotonic() - started >= 0.25
+    assert_on_time(time.monotonic() - started, 0.8)
     assert conn_id not in handler.closed or handler.closed[conn_id] == [CloseReason.SHUTDOWN]
     sock.close()
     assert reasons_of(handler, conn_id) == [CloseReason.SHUTDOWN]

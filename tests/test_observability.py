@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ALL_ENGINES, HAVE_COMPILED, HAVE_UVLOOP, join, require
+from conftest import ALL_ENGINES, HAVE_COMPILED, HAVE_UVLOOP, assert_on_time, join, require
 from proc import PortsideProcess, echo_once
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -203,8 +203,8 @@ def metrics_endpoint(head_timeout: float) -> Iterator[int]:
 
 @pytest.fixture
 def endpoint() -> Iterator[int]:
-    """With a 0.5 s head deadline, to see it fire."""
-    with metrics_endpoint(0.5) as port:
+    """With a 0.8 s head deadline, to see it fire."""
+    with metrics_endpoint(0.8) as port:
         yield port
 
 
@@ -223,13 +223,13 @@ def test_a_silent_scraper_is_cut_off_on_time(endpoint: int) -> None:
             answer += chunk
         waited = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408")
-    assert 0.45 <= waited < 2.0, waited  # neither early nor late
+    assert_on_time(waited, 0.8)  # neither early nor late
 
 
 def test_a_slow_but_timely_scraper_is_answered(endpoint: int) -> None:
     with socket.create_connection(("127.0.0.1", endpoint), timeout=WAIT) as sock:
         for piece in (b"GET /metr", b"ics HTTP/1.1\r\n", b"Host: x\r\n\r\n"):
-            time.sleep(0.05)  # the scraper's own pace: 0.15 s in all, inside the 0.5 s
+            time.sleep(0.05)  # the scraper's own pace: 0.15 s in all, inside the 0.8 s
             sock.sendall(piece)
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200")
