@@ -4,10 +4,12 @@ sides: not before their time, and not long after."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
 
+import pytest
 from conftest import (
     WAIT,
     Clients,
@@ -153,14 +155,16 @@ def test_peer_that_does_not_read_hits_the_write_timeout(
     assert rs.server.statistics().listeners[0].write_timeouts == 1
 
 
-def test_a_reading_peer_outlives_the_write_timeout(
-        serve: ServeFactory, clients: Clients) -> None:
-    """Progress restarts the write deadline: a peer that takes a megabyte every timeout / 6
-    receives the whole 16 MiB over more than two write timeouts, and is not cut off."""
-    timeout = 0.6
+@pytest.mark.parametrize("kind", ["write_timeout", "idle_timeout"])
+def test_a_reading_peer_outlives_the_write_and_idle_timeouts(
+        serve: ServeFactory, clients: Clients, kind: str) -> None:
+    """Progress restarts the write deadline, and bytes sent restart the idle one: a peer that
+    only reads, a megabyte every timeout / 6, receives the whole 16 MiB over more than two
+    timeouts, and is not cut off."""
+    timeout = 0.8
     handler = Flooder()
-    rs = serve(ListenerConfig(write_timeout=timeout, write_high_water=64 << 20,
-                              write_low_water=1 << 19), handler=handler)
+    config = ListenerConfig(write_high_water=64 << 20, write_low_water=1 << 19)
+    rs = serve(dataclasses.replace(config, **{kind: timeout}), handler=handler)
     sock = clients.connect(rs.address())
     sock.sendall(b"go")
     started, received = time.monotonic(), 0
@@ -174,7 +178,8 @@ def test_a_reading_peer_outlives_the_write_timeout(
         received += burst
     assert time.monotonic() - started > 2 * timeout  # the test spanned several deadlines
     assert handler.closed_count() == 0
-    assert rs.server.statistics().listeners[0].write_timeouts == 0
+    stats = rs.server.statistics().listeners[0]
+    assert stats.write_timeouts == stats.idle_timeouts == 0
 
 
 class _Clock:
@@ -217,16 +222,16 @@ def test_read_timeout_without_framing_closes_a_silent_peer(
     talker = clients.connect(rs.address())
     done = threading.Event()
 
-    def chatter() -> None:  # a byte every timeout / 5: never silent for a whole timeout
-        while not done.wait(timeout / 5):
+    def chatter() -> None:  # a byte every 0.6 timeout: never silent for a whole timeout,
+        while not done.wait(0.6 * timeout):  # though silent through two looks at a time
             talker.sendall(b"x")
             assert recv_exactly(talker, 1) == b"x"
 
     thread = start_helper(chatter)
     try:
         assert_on_time(seconds_until_closed(silent, connected), timeout, 1.25 * timeout)
-        # The talker outlives two more timeouts.
-        time.sleep(2 * timeout)  # a negative check: only an early close can fail it
+        # The talker outlives three more timeouts.
+        time.sleep(3 * timeout)  # a negative check: only an early close can fail it
         assert thread.is_alive(), "the talker's connection ended"
     finally:
         done.set()
@@ -235,6 +240,25 @@ def test_read_timeout_without_framing_closes_a_silent_peer(
     assert list(rs.handler.closed.values()) == [[CloseReason.READ_TIMEOUT]]
     stats = rs.server.statistics().listeners[0]
     assert stats.read_timeouts == 1 and stats.active == 1
+
+
+def test_read_silence_counts_from_the_last_byte_at_most_a_quarter_late(
+        serve: ServeFactory, clients: Clients) -> None:
+    """The silence is looked at every read_timeout / 4 from the accept: a last byte just after
+    a look is closed read_timeout plus almost one look later (1.2 s here), never 1.5x (as
+    with looks every half timeout)."""
+    timeout = 1.0
+    rs = serve(ListenerConfig(read_timeout=timeout))
+    connected = time.monotonic()
+    sock = clients.connect(rs.address())
+    time.sleep(0.55 * timeout)  # just after the look at 0.5 (and at 0.5 with half-looks)
+    sock.sendall(b"z")
+    sent = time.monotonic()
+    assert recv_exactly(sock, 1) == b"z"
+    assert sent - connected < 0.7 * timeout, "the client was too slow to test the phase"
+    assert_on_time(seconds_until_closed(sock, sent), timeout, 1.25 * timeout)
+    rs.handler.wait(lambda: rs.handler.closed_count() == 1, "the close")
+    assert list(rs.handler.closed.values()) == [[CloseReason.READ_TIMEOUT]]
 
 
 class Managing(RecordingHandler):
