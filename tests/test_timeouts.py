@@ -164,7 +164,11 @@ def test_a_reading_peer_outlives_the_write_and_idle_timeouts(
     timeout = 0.8
     handler = Flooder()
     config = ListenerConfig(write_high_water=64 << 20, write_low_water=1 << 19)
-    rs = serve(dataclasses.replace(config, **{kind: timeout}), handler=handler)
+    if kind == "write_timeout":
+        config = dataclasses.replace(config, write_timeout=timeout)
+    else:
+        config = dataclasses.replace(config, idle_timeout=timeout)
+    rs = serve(config, handler=handler)
     sock = clients.connect(rs.address())
     sock.sendall(b"go")
     started, received = time.monotonic(), 0
