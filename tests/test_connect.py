@@ -357,24 +357,29 @@ def quiet_peer() -> Iterator[socket.socket]:
 def test_outbound_idle_timeout_on_both_sides(serve: ServeFactory,
                                              quiet_peer: socket.socket) -> None:
     """``config.idle_timeout`` applies to an outbound connection: closed with IDLE_TIMEOUT no
-    sooner than the timeout after its last byte, and not much later; counted per outbound."""
+    sooner than the timeout after it connected (when nothing moves) or after its last byte,
+    and not much later; counted per outbound."""
     rs = serve()
     client = Outbound()
     timeout = 0.8
     config = ListenerConfig(name="idle", idle_timeout=timeout)
-    attempt = rs.server.connect("127.0.0.1", quiet_peer.getsockname()[1], client, config=config)
-    client.wait(lambda: attempt.state == "connected", "connected")
-    peer, _ = quiet_peer.accept()
-    with peer:
-        peer.settimeout(WAIT)
-        peer.sendall(b"hello")  # a byte restarts the deadline: measured from here
-        sent = time.monotonic()
-        client.wait(lambda: bool(client.received), "the peer's bytes")
-        assert_on_time(seconds_until_closed(peer, sent), timeout)
-    client.wait(lambda: bool(client.closed), "connection_closed")
-    assert list(client.closed.values()) == [[CloseReason.IDLE_TIMEOUT]]
+    for talks in (False, True):
+        started = time.monotonic()  # the deadline runs from the connect, which follows
+        attempt = rs.server.connect("127.0.0.1", quiet_peer.getsockname()[1], client,
+                                    config=config)
+        client.wait(lambda a=attempt: a.state == "connected", "connected")  # type: ignore[misc]
+        peer, _ = quiet_peer.accept()
+        with peer:
+            peer.settimeout(WAIT)
+            if talks:
+                peer.sendall(b"hello")  # a byte restarts the deadline: measured from here
+                started = time.monotonic()
+                client.wait(lambda: bool(client.received), "the peer's bytes")
+            assert_on_time(seconds_until_closed(peer, started), timeout)
+    client.wait(lambda: len(client.closed) == 2, "connection_closed")
+    assert list(client.closed.values()) == [[CloseReason.IDLE_TIMEOUT]] * 2
     stats = rs.server.statistics().outbound[0]
-    assert (stats.name, stats.idle_timeouts, stats.write_timeouts) == ("idle", 1, 0)
+    assert (stats.name, stats.idle_timeouts, stats.write_timeouts) == ("idle", 2, 0)
 
 
 def test_outbound_write_timeout_on_both_sides(serve: ServeFactory,

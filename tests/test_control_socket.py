@@ -555,8 +555,11 @@ def test_max_connections_and_log_level_at_run_time(
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("release", ["close", "raise"])
 def test_a_lowered_ceiling_holds_newcomers_until_a_connection_closes(
-        served: tuple[PortsideProcess, dict[str, int], str]) -> None:
+        served: tuple[PortsideProcess, dict[str, int], str], release: str) -> None:
+    """At a ceiling lowered at run time, a newcomer waits in the backlog until a connection
+    closes, or until the ceiling is raised again (accepting resumes at once either way)."""
     _, ports, path = served
     workers = len(ctl_json({}, "--control", path, "stats")["workers"])
     ctl({}, "--control", path, "max-connections", "1", "--listener", "immediate")
@@ -578,7 +581,10 @@ def test_a_lowered_ceiling_holds_newcomers_until_a_connection_closes(
             with pytest.raises(TimeoutError):  # still in the backlog
                 waiting.recv(10)
             waiting.settimeout(WAIT)
-            held.pop().close()
+            if release == "close":
+                held.pop().close()
+            else:
+                ctl({}, "--control", path, "max-connections", "10", "--listener", "immediate")
             assert waiting.recv(10) == b"wait"
         peak = {entry["name"]: entry for entry in
                 ctl_json({}, "--control", path, "stats")["listeners"]}["immediate"]
