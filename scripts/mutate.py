@@ -108,6 +108,11 @@ MUTANTS: tuple[Mutant, ...] = (
       "        self.bytes_out += sent\n        if sent and self._idle is not None:",
       "        self.bytes_out += sent\n        if False and self._idle is not None:",
       TIMEOUTS, "sending does not restart the idle deadline", k=PURE),
+    m("idle-not-restarted-on-write", "engine/connection.py",
+      "            self.bytes_out += sent\n            if self._idle is not None:\n"
+      "                self._idle.start(self)",
+      "            self.bytes_out += sent", TIMEOUTS,
+      "a write the kernel takes at once does not restart the idle deadline", k=PURE),
     m("write-progress-ignored", "engine/connection.py",
       "            self.listener.write.start(self)  # progress: the peer is reading",
       "            pass  # progress: the peer is reading", TIMEOUTS,

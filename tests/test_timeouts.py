@@ -4,10 +4,12 @@ sides: not before their time, and not long after."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
 
+import pytest
 from conftest import (
     WAIT,
     Clients,
@@ -153,16 +155,22 @@ def test_peer_that_does_not_read_hits_the_write_timeout(
     assert rs.server.statistics().listeners[0].write_timeouts == 1
 
 
-def test_a_reading_peer_outlives_the_write_timeout(
-        serve: ServeFactory, clients: Clients) -> None:
-    """Progress restarts the write deadline: a peer that takes two megabytes every tenth of a
-    second receives the whole 32 MiB over more than the write timeout, and is not cut off.
-    (Fast enough that what the kernel buffers, some megabytes, drains well within it.)"""
+@pytest.mark.parametrize("kind", ["write_timeout", "idle_timeout"])
+def test_a_reading_peer_outlives_the_write_and_idle_timeouts(
+        serve: ServeFactory, clients: Clients, kind: str) -> None:
+    """Progress restarts the write deadline, and so do bytes flushed from the queue the idle
+    one: a peer that only reads, two megabytes every tenth of a second, receives the whole
+    32 MiB over more than the timeout, and is not cut off. (Fast enough that what the kernel
+    buffers, some megabytes, drains well within the timeout.)"""
     timeout = 1.0
     handler = Flooder()
     handler.size = 32 << 20
-    rs = serve(ListenerConfig(write_timeout=timeout, write_high_water=64 << 20,
-                              write_low_water=1 << 19), handler=handler)
+    config = ListenerConfig(write_high_water=64 << 20, write_low_water=1 << 19)
+    if kind == "write_timeout":
+        config = dataclasses.replace(config, write_timeout=timeout)
+    else:
+        config = dataclasses.replace(config, idle_timeout=timeout)
+    rs = serve(config, handler=handler)
     sock = clients.connect(rs.address())
     sock.sendall(b"go")
     started, received = time.monotonic(), 0
@@ -176,7 +184,8 @@ def test_a_reading_peer_outlives_the_write_timeout(
         received += burst
     assert time.monotonic() - started > timeout  # the test spanned the deadline
     assert handler.closed_count() == 0
-    assert rs.server.statistics().listeners[0].write_timeouts == 0
+    stats = rs.server.statistics().listeners[0]
+    assert stats.write_timeouts == stats.idle_timeouts == 0
 
 
 def test_bytes_sent_restart_the_idle_deadline(serve: ServeFactory, clients: Clients) -> None:
