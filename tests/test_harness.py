@@ -65,3 +65,35 @@ def test_one_ci_rule_everywhere() -> None:
     readers = [path.name for path in HERE.glob("*.py") if path.name != "conftest.py"
                and '"CI"' in path.read_text() and path.name != "test_harness.py"]
     assert readers == []
+
+
+def test_a_helper_threads_failure_fails_the_test_joined_or_not(suite: pytest.Pytester) -> None:
+    """``join`` re-raises a ``HelperThread``'s exception in the test; one never joined fails
+    the test when it ends; a helper still running after the join's timeout fails it too."""
+    suite.makepyfile(test_helpers="""
+        import threading
+        from conftest import join, start_helper
+
+        def test_joined():
+            def client():
+                assert 1 + 1 == 3, "joined and re-raised"
+            join(start_helper(client))
+
+        def test_forgotten():
+            def client():
+                assert 1 + 1 == 3, "never joined"
+            start_helper(client)
+
+        def test_stuck():
+            stop = threading.Event()
+            thread = start_helper(lambda: stop.wait(5))
+            try:
+                join(thread, timeout=0.1)
+            finally:
+                stop.set()
+    """)
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2, passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*joined and re-raised*"])
+    result.stdout.fnmatch_lines(["*never joined*"])
+    result.stdout.fnmatch_lines(["*still running after 0.1 s*"])
