@@ -406,6 +406,12 @@ def main() -> int:
     check_clean(mutants)
     # Python mutants first, the .pyx ones last (each rebuilds twice).
     mutants.sort(key=lambda mutant: mutant.path.endswith(".pyx"))
+    if any(mutant.path.endswith(".pyx") for mutant in mutants):
+        try:
+            import Cython  # noqa: F401  (setup.py build_ext needs it outside pip's isolation)
+        except ImportError:
+            raise SystemExit("the .pyx mutants rebuild in place: pip install 'Cython>=3.0' "
+                             "(or pass --skip-pyx)") from None
     outcomes: list[Outcome] = []
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -424,14 +430,15 @@ def main() -> int:
             finally:
                 path.write_text(original)
                 if mutant.path.endswith(".pyx"):
-                    rebuild()
+                    rebuild()  # the real extension back before anything else runs
             outcome = Outcome(mutant, verdict, time.monotonic() - started, detail)
             outcomes.append(outcome)
             print(f"[{index}/{len(mutants)}] {mutant.name}: {verdict} "
                   f"({outcome.seconds:.0f} s) {detail}", flush=True)
     except KeyboardInterrupt:
         print("interrupted: files restored; writing what ran", file=sys.stderr)
-    write_results(outcomes, args.note)
+    finally:
+        write_results(outcomes, args.note)
     judged = [o for o in outcomes if o.verdict != "broken"]
     killed = sum(o.verdict in ("killed", "timeout") for o in judged)
     print(f"{killed}/{len(judged)} killed; results in {RESULTS.relative_to(REPO)}")

@@ -485,9 +485,15 @@ def test_connections_are_listed_filtered_closed_and_aborted(
             sock.sendall(b"hello")
             assert sock.recv(5) == b"hello"
             socks.append(sock)
+            time.sleep(0.01)  # ages apart by more than the listing's millisecond rounding
         listing = ctl_json({}, "--control", path, "connections", "--listener", "immediate")
         assert listing["total"] == 3
         ours = {f"127.0.0.1:{sock.getsockname()[1]}": sock for sock in socks}
+        # The oldest first (a worker's connections, with workers: each lists its own in order).
+        if len(ctl_json({}, "--control", path, "stats")["workers"]) == 1:
+            assert [entry["peer"] for entry in listing["connections"]] == list(ours)
+        ages = [entry["age"] for entry in listing["connections"]]
+        assert ages == sorted(ages, reverse=True), ages
         entries = {entry["peer"]: entry for entry in listing["connections"]}
         assert set(entries) == set(ours)
         for entry in entries.values():
