@@ -176,7 +176,12 @@ def test_upstream_half_close_reaches_client(serve: ServeFactory, clients: Any,
     sock.sendall(b"the client still talks")
     sock.shutdown(socket.SHUT_WR)
     assert recv_until_eof(upstream) == b"the client still talks"
-    assert rs.server.statistics().listeners[0].active in (0, 1)
+    # Both directions have ended: the relay closes both sides (the client's FIN was the last).
+    deadline = time.monotonic() + WAIT
+    while on_loop(rs.server, lambda: rs.server.statistics().listeners[0].active) != 0:
+        assert time.monotonic() < deadline, "the relay kept the finished pair open"
+        time.sleep(0.01)
+    assert rs.server.statistics().outbound[0].active == 0
 
 
 def test_slow_client_pauses_upstream_and_memory_stays_bounded(
