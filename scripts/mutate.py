@@ -193,7 +193,8 @@ MUTANTS: tuple[Mutant, ...] = (
       "a failed upstream is not followed by the next"),
     m("relay-no-half-close", "examples/relay.py",
       "            pair.upstream.write_eof()\n            pair.finish_if_done()",
-      "            pair.finish_if_done()", "test_relay.py", "the client's FIN is not carried"),
+      "            pair.finish_if_done()", "test_relay.py", "the client's FIN is not carried",
+      k="half_close and epoll"),  # the property test would shrink for minutes on WAITs
     m("relay-no-backpressure", "examples/relay.py",
       "        if pair.upstream is not None:  # the client reads slowly: stop reading the "
       "upstream\n"
