@@ -7,6 +7,7 @@ per server that only shows the harness works (its numbers mean little).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -29,8 +30,8 @@ from bench.procfs import usable_cpus
 from bench.servers import SERVERS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-FULL = {"rounds": 3, "seconds": 5.0, "warmup": 0.5}
-QUICK = {"rounds": 1, "seconds": 0.3, "warmup": 0.2}
+FULL = {"rounds": 3, "seconds": 5.0, "warmup": 0.5, "first_data_timeout": 1.0}
+QUICK = {"rounds": 1, "seconds": 0.3, "warmup": 0.2, "first_data_timeout": 0.3}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure the pure-Python engine as it was at git revision "
                         "REV (portside_epoll@REV), side by side with the others")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the servers' order, shuffled every round (default: "
+                        "random; the report records it)")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="let a run of uncommitted code become latest.* (marked so in "
+                        "its title); without it such a run writes only its stamped files")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where results are written (default: bench/results)")
     return parser
@@ -111,6 +118,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         defer_accept=args.defer_accept, server_cpu=server_cpu, loadgen_cpu=loadgen_cpu,
         connect_timeout=10.0 if args.quick else 20.0,
         settle=0.2 if args.quick else 0.3,
+        seed=args.seed if args.seed is not None else random.randrange(1 << 31),
+        first_data_timeout=float(base["first_data_timeout"]),
     )
 
 
@@ -144,9 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except chart.ChartUnavailable as exc:
         chart_name, note = None, str(exc)
         print(f"warning: no chart: {exc}", file=sys.stderr)
-    ctx = report.Context(stamp, plan, info, measured, chart_name, note)
+    ctx = report.Context(stamp, plan, info, measured, chart_name, note,
+                         allow_dirty=args.allow_dirty)
     for path in report.write(result, ctx, results_dir):
         print(path)
+    if measured["dirty"] and not plan.quick:
+        print(f"warning: {len(measured['dirty'])} uncommitted change(s) were measured: "
+              + ("latest.* marked DIRTY" if args.allow_dirty else
+                 "latest.* left as it was (commit first, or pass --allow-dirty)"),
+              file=sys.stderr)
     print()
     print(report.markdown(result, ctx))
     return 1 if not result.measurements else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.figures import SLOWLORIS_TARGET, Figure, figures_for
+from bench.figures import SLOWLORIS_TARGET, Figure, figures_for, not_applicable
 from bench.results import RunResult
 from bench.servers import SERVERS, references, takes_part
 
@@ -61,7 +61,8 @@ def draw(result: RunResult, path: Path, title: str) -> None:
             ax.set_visible(False)
             continue
         figure = panels[index]
-        servers = [s for s in result.servers if takes_part(s, figure.scenario)]
+        servers = [s for s in result.servers if takes_part(s, figure.scenario)
+                   and not not_applicable(s, figure)]  # no bar rather than a 0
         values = [result.median(s, figure) or 0.0 for s in servers]
         rounds = [result.values(s, figure) or [0.0] for s in servers]
         low = [value - min(each) for value, each in zip(values, rounds, strict=True)]

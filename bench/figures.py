@@ -74,6 +74,12 @@ SLOWLORIS_FIGURES = (
 )
 
 
+def not_applicable(server: str, figure: Figure) -> bool:
+    """A figure that means nothing for this server (reported as n/a, drawn as no bar, never
+    shown as 0): the C server keeps no per-connection state in user space."""
+    return server == C_REFERENCE and figure.name == "rss_per_conn_b"
+
+
 def figures_for(scenario: str) -> tuple[Figure, ...]:
     if scenario == "a":
         return _load_figures("a", "req")

@@ -43,7 +43,8 @@ class Harness:
         self.log_dir = BUILD_DIR / "logs" / stamp
         self.loadgen = Loadgen.build(plan.loadgen_cpu, plan.connect_timeout,
                                      plan.source_addresses)
-        self.result = RunResult(plan.servers, plan.scenarios, plan.rounds)
+        self.result = RunResult(plan.servers, plan.scenarios, plan.rounds, smoke=plan.quick,
+                                orders=plan.server_orders())
 
     def say(self, text: str) -> None:
         print(text, file=self.progress, flush=True)
@@ -70,9 +71,13 @@ class Harness:
                 return scenarios.idle(plan, lg, s, n)
             out.append(Session(((f"d{count}", measure),), portside_args))
         if "e" in plan.scenarios and spec.is_portside:
+            # An earlier commit's server (--baseline) may not take the first-data timeout:
+            # it then runs with its own default, and (e) says so by its closed count.
+            timeout = () if spec.tree is not None else (
+                "--first-data-timeout", f"{plan.first_data_timeout:g}")
             out.append(Session((("e", lambda s: scenarios.slowloris(plan, lg, s)),),
                                (*portside_args, "--data-first",
-                                "--defer-accept", str(plan.defer_accept))))
+                                "--defer-accept", str(plan.defer_accept), *timeout)))
         return out
 
     def nofile(self) -> int:
@@ -82,13 +87,16 @@ class Harness:
     def session_budget(self) -> float:
         """An upper bound on one session's time: the server's own lifetime limit."""
         plan = self.plan
-        return plan.warmup + 4 * (plan.seconds + plan.connect_timeout) + 180
+        return plan.warmup + 4 * (plan.seconds + plan.connect_timeout) + \
+            plan.attack_settle() + 180
 
     def run(self) -> RunResult:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        for round_no in range(1, self.plan.rounds + 1):
-            for name in self.plan.servers:
+        for round_no, order in enumerate(self.result.orders, start=1):
+            self.say(f"round {round_no}/{self.plan.rounds}: {', '.join(order)} "
+                     f"(seed {self.plan.seed})")
+            for name in order:
                 spec = SERVERS[name]
                 for session in self.sessions(spec):
                     self._run_session(spec, session, round_no)
@@ -160,5 +168,6 @@ def _headline(scenario: str, figures: scenarios.Figures) -> str:
                 f"closed by server {get('closed_by_server', '.0f')}")
     return (f"{get('base_req_s', ',.0f')} -> {get('attack_req_s', ',.0f')} req/s "
             f"({get('throughput_ratio', '.2f')}x)  p99 {get('base_p99_us', ',.0f')} -> "
-            f"{get('attack_p99_us', ',.0f')} µs  silent {get('silent_connected', '.0f')}")
+            f"{get('attack_p99_us', ',.0f')} µs  silent {get('silent_connected', '.0f')}, "
+            f"closed by server {get('silent_closed', '.0f')}")
 

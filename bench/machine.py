@@ -38,22 +38,51 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> str:
+#: Results the benchmark writes itself: new files there do not make the measured code dirty.
+RESULTS_PREFIX = "bench/results/"
+
+
+def _git_raw(*args: str) -> str:
     try:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _git(*args: str) -> str:
+    return _git_raw(*args).strip()
+
+
+def dirty_paths(porcelain_z: str) -> list[str]:
+    """The paths of ``git status --porcelain -z`` output (``XY PATH``, NUL-terminated; a
+    rename's source path follows as an entry of its own), results files left out. Parsed
+    whole: stripping the output first cost the first path its first character (" M a" is a
+    change to ``a`` in the work tree)."""
+    entries = porcelain_z.split("\0")
+    paths: list[str] = []
+    index = 0
+    while index < len(entries):
+        entry = entries[index]
+        index += 1
+        if len(entry) < 4:
+            continue
+        status, path = entry[:2], entry[3:]
+        if "R" in status or "C" in status:
+            index += 1  # the source path of a rename or copy
+        if not path.startswith(RESULTS_PREFIX):
+            paths.append(path)
+    return paths
 
 
 def commit() -> dict[str, Any]:
-    """The commit measured; ``dirty`` lists files changed since it (they were measured too)."""
-    changed = [line[3:] for line in _git("status", "--porcelain").splitlines() if line]
+    """The commit measured; ``dirty`` lists files changed since it (they were measured too,
+    so such a run never becomes ``latest``: see report.write)."""
     return {"commit": _git("rev-parse", "HEAD") or "unknown",
             "short": _git("rev-parse", "--short", "HEAD") or "unknown",
             "subject": _git("log", "-1", "--format=%s"),
-            "dirty": changed}
+            "dirty": dirty_paths(_git_raw("status", "--porcelain", "-z"))}
 
 
 def machine(server_cpu: int | None, loadgen_cpu: int | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +32,29 @@ class Plan:
     server_cpu: int | None = 1
     loadgen_cpu: int | None = 0
     source_addresses: int = 250  # client source addresses 127.0.0.2 .. 127.0.0.251
+    #: Seeds the order servers run in, shuffled anew every round (recorded: a run can be
+    #: repeated in the same order).
+    seed: int = 0
+    #: (e)'s first-data timeout on the data-first port: shorter than the attack, so the
+    #: defence (closing silent connections) works while it is measured.
+    first_data_timeout: float = 1.0
+
+    def server_orders(self) -> list[tuple[str, ...]]:
+        """The servers' order in each round: a seeded shuffle per round, so no server always
+        runs first (cold machine) or last (warm, or throttled)."""
+        rng = random.Random(self.seed)
+        orders = []
+        for _ in range(self.rounds):
+            order = list(self.servers)
+            rng.shuffle(order)
+            orders.append(tuple(order))
+        return orders
+
+    def attack_settle(self) -> float:
+        """How long (e) holds the silent connections before it measures: the kernel's
+        TCP_DEFER_ACCEPT hold plus the first-data timeout plus a margin, so the measured
+        window sees the server closing them (and the attacker reopening them)."""
+        return self.defer_accept + self.first_data_timeout + max(self.settle, 0.5)
 
     def idle_counts(self) -> tuple[int, ...]:
         return tuple(int(s[1:]) for s in self.scenarios if s.startswith("d"))
@@ -48,7 +72,8 @@ class Plan:
             return f"{int(scenario[1:]):,} idle connections: server RSS per connection"
         if scenario == "e":
             return (f"slowloris: {self.slowloris_conns:,} silent connections on the data-first "
-                    f"port (defer_accept={self.defer_accept}) while {self.clients} clients "
+                    f"port (defer_accept={self.defer_accept} s, first_data_timeout="
+                    f"{self.first_data_timeout:g} s) while {self.clients} clients "
                     f"echo {self.small_size} B on the immediate port (portside only)")
         if scenario == "r":
             return (f"relay: persistent, {self.clients} clients, {self.small_size} B messages "

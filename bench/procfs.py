@@ -25,6 +25,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of stat
 
 
+def host_busy_seconds() -> float:
+    """The whole host's busy CPU time so far (every CPU, idle and iowait left out), from
+    /proc/stat; -1 when it cannot be read. The difference over a window, less what the
+    measured processes used, is the "other CPU" that makes a figure noisy."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(field) for field in fields[:8]]
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """utime + stime of this process's waited-for children (``getrusage``)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def fd_count(pid: int) -> int:
     """How many descriptors ``pid`` holds open."""
     return len(os.listdir(f"/proc/{pid}/fd"))

@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 
 from bench.machine import commit, machine
-from bench.procfs import child_setup, usable_cpus
+from bench.procfs import (
+    child_setup,
+    children_cpu_seconds,
+    cpu_seconds,
+    host_busy_seconds,
+    usable_cpus,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = {"plain": [], "pipelined -P 16": ["-P", "16"], "new connection per request -k 0":
@@ -62,12 +68,26 @@ def start(server: str, port: int, cpu: int | None) -> subprocess.Popen[bytes]:
 
 
 def run_benchmark(port: int, mode: list[str], requests: int, clients: int,
-                  cpu: int | None) -> dict[str, float]:
+                  cpu: int | None, server_pid: int | None = None) -> dict[str, float]:
+    """redis-benchmark's requests/s per test, and ``other_cpu``: the host's busy CPU over the
+    run less the server's and redis-benchmark's own, per second (2 cores = 2.00), which
+    says whether something else on the machine took a share of it (the figures are noise
+    then). Absent when /proc could not be read."""
     argv = ["redis-benchmark", "-p", str(port), "-t", "ping,set,get", "-n", str(requests),
             "-c", str(clients), "--csv", *mode]
+    busy_before, bench_before = host_busy_seconds(), children_cpu_seconds()
+    server_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
+    started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True,
                           preexec_fn=child_setup(cpu, 65536))
+    elapsed = time.monotonic() - started
+    busy = host_busy_seconds() - busy_before
+    ours = children_cpu_seconds() - bench_before
+    if server_pid is not None:
+        ours += cpu_seconds(server_pid) - server_before
     figures: dict[str, float] = {}
+    if busy_before >= 0 and elapsed > 0:
+        figures["other_cpu"] = max(0.0, busy - ours) / elapsed
     for line in done.stdout.splitlines():
         fields = [field.strip('"') for field in line.split(",")]
         if fields and fields[0] in TESTS:
@@ -95,7 +115,7 @@ def main() -> int:
     server_cpu, load_cpu = (cpus[1], cpus[0]) if len(cpus) > 1 else (None, None)
     servers = ("portside resp", "redis-server")
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
-        s: {m: {t: [] for t in TESTS} for m in MODES} for s in servers}
+        s: {m: {t: [] for t in (*TESTS, "other_cpu")} for m in MODES} for s in servers}
     for round_ in range(args.rounds):
         for server in servers:  # side by side in every round
             port = free_port()
@@ -103,14 +123,15 @@ def main() -> int:
             try:
                 for mode, flags in MODES.items():
                     requests = args.requests // 5 if "-k 0" in mode else args.requests
-                    figures = run_benchmark(port, flags, requests, args.clients, load_cpu)
+                    figures = run_benchmark(port, flags, requests, args.clients, load_cpu,
+                                            proc.pid)
                     for test, value in figures.items():
                         samples[server][mode][test].append(value)
                     print(f"round {round_ + 1} {server} {mode}: {figures}", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(20)
-    medians = {s: {m: {t: statistics.median(v) for t, v in tests.items()}
+    medians = {s: {m: {t: statistics.median(v) for t, v in tests.items() if v}
                    for m, tests in modes.items()} for s, modes in samples.items()}
     lines = ["# portside resp beside redis-server (redis-benchmark requests/s, medians of "
              f"{args.rounds} rounds)", "",
@@ -124,6 +145,13 @@ def main() -> int:
             ours, theirs = medians["portside resp"][mode][test], medians["redis-server"][mode][test]
             lines.append(f"| {mode} | {test} | {ours:,.0f} | {theirs:,.0f} | "
                          f"{ours / theirs:.2f} |")
+    lines += ["", "Other CPU (the host's busy time less the server's and redis-benchmark's, "
+              "per second, 2 cores = 2.00; highest round): "
+              + "; ".join(f"{server} {mode}: "
+                          + (f"{max(samples[server][mode]['other_cpu']):.2f}"
+                             if samples[server][mode]["other_cpu"] else "unknown")
+                          for server in servers for mode in MODES)
+              + ". Above 0.25 the figures are noise: rerun on a quiet machine."]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "resp-latest.md").write_text("\n".join(lines) + "\n")
     (args.results_dir / "resp-latest.json").write_text(json.dumps(

@@ -6,7 +6,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.figures import Figure, Target, figures_for, targets_for
+from bench.figures import Figure, Target, figures_for, not_applicable, targets_for
 from bench.servers import (
     C_REFERENCE,
     HELD_TO_TARGETS,
@@ -44,11 +44,21 @@ class TargetResult:
     target: Target
     server: str
     ratio: float | None  # None: not measured (a server or the reference missing)
+    #: The ratio in each round it could be taken: its spread, and how many rounds met it.
+    rounds: tuple[float, ...] = ()
+    #: A smoke run (``--quick``): windows too short for a verdict, so it gives none.
+    smoke: bool = False
+
+    @property
+    def rounds_met(self) -> int:
+        return sum(1 for ratio in self.rounds if self.target.met(ratio))
 
     @property
     def verdict(self) -> str:
         if self.ratio is None:
             return "n/a"
+        if self.smoke:
+            return "smoke"
         return "PASS" if self.target.met(self.ratio) else "MISS"
 
 
@@ -59,6 +69,8 @@ class RunResult:
     rounds: int
     measurements: list[Measurement] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    smoke: bool = False  # a --quick run: its targets get no PASS/MISS
+    orders: list[tuple[str, ...]] = field(default_factory=list)  # servers' order per round
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -75,13 +87,17 @@ class RunResult:
         values = self.values(server, figure)
         return statistics.median(values) if values else None
 
-    def ratio(self, server: str, figure: Figure, reference: str) -> float | None:
-        """The median over rounds of the per-round ratio to ``reference`` in the same round."""
+    def round_ratios(self, server: str, figure: Figure, reference: str) -> list[float]:
+        """The ratio to ``reference`` measured in the same round, for each round both ran."""
         ours = {m.round: m.figures.get(figure.name) for m in self._of(server, figure.scenario)}
         theirs = {m.round: m.figures.get(figure.name)
                   for m in self._of(reference, figure.scenario)}
-        ratios = [a / b for r, a in ours.items()
-                  if a is not None and (b := theirs.get(r)) is not None and b > 0]
+        return [a / b for r, a in sorted(ours.items())
+                if a is not None and (b := theirs.get(r)) is not None and b > 0]
+
+    def ratio(self, server: str, figure: Figure, reference: str) -> float | None:
+        """The median over rounds of the per-round ratio to ``reference`` in the same round."""
+        ratios = self.round_ratios(server, figure, reference)
         return statistics.median(ratios) if ratios else None
 
     # -- summaries -----------------------------------------------------------------------------
@@ -101,10 +117,11 @@ class RunResult:
                 if server != HELD_TO_TARGETS and HELD_TO_TARGETS in self.servers:
                     continue  # the targets hold to the default engine when it ran
                 if target.reference is None:
-                    ratio = self.median(server, figure)
+                    rounds = self.values(server, figure)
                 else:
-                    ratio = self.ratio(server, figure, target.reference)
-                out.append(TargetResult(target, server, ratio))
+                    rounds = self.round_ratios(server, figure, target.reference)
+                ratio = statistics.median(rounds) if rounds else None
+                out.append(TargetResult(target, server, ratio, tuple(rounds), self.smoke))
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -115,7 +132,7 @@ class RunResult:
             medians[server] = {}
             for figure in self.figures():
                 value = self.median(server, figure)
-                if value is not None:
+                if value is not None and not not_applicable(server, figure):
                     medians[server][figure.key] = value
                 if not figure.compared:
                     continue
@@ -127,8 +144,10 @@ class RunResult:
             "medians": medians,
             "ratios": ratios,
             "targets": [{"figure": t.target.figure, "requirement": t.target.requirement(),
-                         "server": t.server, "ratio": t.ratio, "verdict": t.verdict}
+                         "server": t.server, "ratio": t.ratio, "verdict": t.verdict,
+                         "rounds": list(t.rounds), "rounds_met": t.rounds_met}
                         for t in self.target_results()],
+            "orders": [list(order) for order in self.orders],
             "measurements": [asdict(m) for m in self.measurements],
             "failures": [asdict(f) for f in self.failures],
         }

@@ -112,10 +112,12 @@ def slowloris(plan: Plan, loadgen: Loadgen, server: RunningServer) -> Figures:
                            plan.seconds, server.pid)
 
     before = echo()
-    hold_for = plan.seconds + 2 * plan.connect_timeout + 30
+    hold_for = plan.seconds + plan.attack_settle() + 2 * plan.connect_timeout + 30
     with loadgen.hold_idle(server.data_first_port, plan.slowloris_conns, hold_for,
                            reconnect=True) as hold:
-        time.sleep(plan.settle)
+        # Past the kernel's deferral and the first-data deadline before measuring: the
+        # server is closing silent connections (and the attacker reopening them) throughout.
+        time.sleep(plan.attack_settle())
         attacked = echo()
     after = echo()
     base_seconds = before.seconds + after.seconds

@@ -43,8 +43,11 @@ ALL_ENGINES = ["compiled", "epoll", "asyncio", "uvloop"]
 HAVE_COMPILED = compiled_engine.available()
 ENGINES = [engine for engine in ALL_ENGINES
            if (engine != "uvloop" or HAVE_UVLOOP) and (engine != "compiled" or HAVE_COMPILED)]
-#: CI runs must test everything: there, a missing dependency fails instead of skipping.
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: CI runs must test everything: there, a missing dependency fails instead of skipping. The one
+#: rule for every test (``require``): CI is on when ``CI`` is 1, true or yes (any case); any other
+#: value (unset, empty, ``false``, ``0``) is a developer's machine.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+WAIT = 10.0  # seconds a condition may take before the test fails; generous for a loaded CI box
 
 
 def require(available: bool, what: str) -> None:
@@ -56,6 +59,61 @@ def require(available: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{message}; CI=true, so this is a failure, not a skip")
     pytest.skip(message)
+
+
+def ipv6_loopback_available() -> bool:
+    """Whether ``::1`` can be bound here (some containers have no IPv6 at all)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def require_ipv6() -> None:
+    """Skip (or in CI fail) a test that needs the IPv6 loopback."""
+    require(ipv6_loopback_available(), "the IPv6 loopback (::1)")
+
+
+def join(thread: threading.Thread, timeout: float = WAIT) -> None:
+    """Join a helper thread and fail the test if it is still running after ``timeout``; an
+    exception it died of is re-raised here (``HelperThread``) or fails the test at teardown
+    (any other thread, through ``thread_failures_fail_the_test``)."""
+    thread.join(timeout)
+    assert not thread.is_alive(), f"helper thread {thread.name} still running after {timeout} s"
+    if isinstance(thread, HelperThread) and thread.failure is not None:
+        failure, thread.failure = thread.failure, None  # reported once, here
+        raise failure
+
+
+_helpers: list[HelperThread] = []  # this test's helpers, checked when it ends
+
+
+class HelperThread(threading.Thread):
+    """A test's helper thread whose exception (a failed assertion, say) is re-raised in the
+    test by ``join``, with its own traceback, instead of being printed and forgotten."""
+
+    def __init__(self, target: Callable[[], object], name: str = "test-helper") -> None:
+        super().__init__(name=name, daemon=True)
+        self._body = target
+        self.failure: BaseException | None = None
+        _helpers.append(self)
+
+    def run(self) -> None:
+        try:
+            self._body()
+        except BaseException as exc:  # re-raised by join(), in the test's thread
+            self.failure = exc
+
+
+def start_helper(target: Callable[[], object], name: str = "test-helper") -> HelperThread:
+    """Start ``target`` in a ``HelperThread``; the test must ``join`` it."""
+    thread = HelperThread(target, name)
+    thread.start()
+    return thread
 
 
 def require_tool(name: str) -> str:
@@ -79,10 +137,19 @@ def thread_failures_fail_the_test() -> Iterator[None]:
             args.exc_type, args.exc_value, args.exc_traceback)))
 
     threading.excepthook = hook
+    _helpers.clear()
     try:
         yield
     finally:
         threading.excepthook = previous
+    for thread in _helpers:
+        thread.join(WAIT)
+        if thread.failure is not None:  # a helper whose failure the test never joined
+            caught.append(f"in thread {thread.name}: " + "".join(
+                traceback.format_exception(thread.failure)))
+        elif thread.is_alive():
+            caught.append(f"helper thread {thread.name} still running when the test ended")
+    _helpers.clear()
     if caught:
         pytest.fail("a helper thread raised " + "\n".join(caught), pytrace=False)
 
@@ -103,11 +170,24 @@ def _warm_up_uvloop() -> None:
 
 
 _warm_up_uvloop()
-WAIT = 10.0  # seconds a condition may take before the test fails; generous for a loaded CI box
 #: How early a deadline may seem to fire, measured from the test's clock: uvloop's clock counts
 #: milliseconds and is read once per loop iteration. A deadline that fires early by any real
 #: amount (a tenth of its value, say) still fails the test.
 CLOCK_SLACK = 0.02
+
+
+def assert_on_time(elapsed: float, timeout: float, latest: float | None = None) -> None:
+    """``elapsed`` seconds, measured from the event that starts a deadline of ``timeout``
+    seconds (designed to fire by ``latest``, ``timeout`` unless the deadline is looked at
+    lazily), is on time on both sides: not early beyond the clock's slack, and not late beyond
+    some scheduling noise (at most 0.25 s, and never enough to let a deadline 1.5x too long
+    pass). Use timeouts of 0.6 s or more, so the noise of a loaded machine stays small."""
+    latest = timeout if latest is None else latest
+    slack = min(0.3 * timeout, 0.25, 1.45 * timeout - latest)
+    assert slack > 0.05, f"a timeout of {timeout} s is too short to bound both sides"
+    assert timeout - CLOCK_SLACK <= elapsed < latest + slack, (
+        f"a {timeout} s deadline fired after {elapsed:.3f} s; "
+        f"expected {timeout - CLOCK_SLACK:.3f} to {latest + slack:.3f} s")
 
 
 @dataclass
@@ -218,12 +298,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def require_engine(engine: str) -> None:
+    """Skip (or in CI fail) a test on an engine that cannot run here."""
+    if engine == "uvloop":
+        require(HAVE_UVLOOP, "uvloop (the uvloop engine)")
+    if engine == "compiled":
+        require(HAVE_COMPILED, "the compiled engine (pip install -e . builds it)")
+
+
 @pytest.fixture(params=ALL_ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        require(HAVE_UVLOOP, "uvloop (the uvloop engine)")
-    if request.param == "compiled":
-        require(HAVE_COMPILED, "the compiled engine (pip install -e . builds it)")
+    require_engine(str(request.param))
     return str(request.param)
 
 
@@ -298,6 +383,20 @@ def serve(engine: str, clients: Clients) -> Iterator[ServeFactory]:
             assert len(reasons) == 1, f"connection {conn_id} closed {len(reasons)} times"
     gc.collect()
     assert open_fds() <= fds_before, "file descriptors leaked"
+
+
+def wait_refused(address: tuple[str, int], timeout: float = WAIT) -> None:
+    """Wait until a connect to ``address`` is refused: the server has stopped accepting (a
+    shutdown or a drain has really begun, not merely been asked for). Nothing notifies a
+    client of that, so this re-tries, every 10 ms, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except ConnectionRefusedError:
+            return
+        assert time.monotonic() < deadline, f"{address} still accepts after {timeout} s"
+        time.sleep(0.01)
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -12,15 +12,24 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Clients, RecordingHandler, RunningServer, ServeFactory, recv_exactly
+from conftest import (
+    Clients,
+    RecordingHandler,
+    RunningServer,
+    ServeFactory,
+    assert_on_time,
+    recv_exactly,
+    require_ipv6,
+    seconds_until_closed,
+)
 from proc import PortsideProcess
 from prometheus_client.parser import text_string_to_metric_families
-from test_lifecycle import ipv6_loopback_available
 
 from portside import (
     AcceptPolicy,
@@ -119,8 +128,7 @@ def test_connection_rate_per_address(serve: ServeFactory, clients: Clients) -> N
 
 
 def test_ipv6_on_loopback(serve: ServeFactory, clients: Clients) -> None:
-    if not ipv6_loopback_available():
-        pytest.skip("::1 is not available on this machine")
+    require_ipv6()
     rs = serve(ListenerConfig(host="::1", max_connections_per_client=1))
     address = rs.address()
     held = connect_from(clients, "::1", address)
@@ -215,7 +223,7 @@ def test_every_ending_gives_the_place_back(serve: ServeFactory, clients: Clients
     reset, the first-data deadline, behind a balancer too) the client may connect again, and
     nothing stays counted."""
     rs = serve(ListenerConfig(policy=AcceptPolicy.DATA_FIRST, defer_accept=0,
-                              first_data_timeout=0.3, max_connections_per_client=1),
+                              first_data_timeout=0.8, max_connections_per_client=1),
                ListenerConfig(proxy_protocol="v1", trusted_proxies=TRUST,  # type: ignore[arg-type]
                               max_connections_per_client=1))
     address = rs.address()
@@ -235,7 +243,9 @@ def test_every_ending_gives_the_place_back(serve: ServeFactory, clients: Clients
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
     ended()
+    connected = time.monotonic()
     silent = connect_from(clients, "127.0.0.6", address)  # says nothing: the deadline ends it
+    assert_on_time(seconds_until_closed(silent, connected), 0.8)
     ended()
     assert list(rs.handler.closed.values())[-1] == [CloseReason.FIRST_DATA_TIMEOUT]
     silent.close()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENGINES, WAIT, recv_exactly, recv_until_eof
+from conftest import ENGINES, WAIT, join, recv_exactly, recv_until_eof
 from proc import PortsideProcess, echo_once
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -357,7 +357,7 @@ def test_echo_command_serves_and_stops_on_sigterm(env: Env, engine: str) -> None
             sender = threading.Thread(target=send)
             sender.start()
             assert recv_until_eof(talker) == payload
-            sender.join(WAIT)
+            join(sender)
             assert not errors, errors
 
         assert cli.wait_exit() == 0, cli.lines

@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import IN_CI
 
 from portside.cli import build_parser, make_plan
 
 DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _blocks(language: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from conftest import Clients, ServeFactory, recv_exactly, recv_until_eof
+from conftest import Clients, ServeFactory, join, recv_exactly, recv_until_eof
 
 from portside import AcceptPolicy, CloseReason, ListenerConfig
 
@@ -64,4 +64,4 @@ def test_large_transfer_is_intact(serve: ServeFactory, clients: Clients) -> None
     sender = threading.Thread(target=send_all)
     sender.start()
     assert recv_until_eof(sock) == payload
-    sender.join()
+    join(sender)

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Clients, ServeFactory, recv_exactly
+from conftest import WAIT, Clients, ServeFactory, join, recv_exactly
 from test_tls import certificate, client, server_context  # noqa: F401 (the fixture)
 
 from portside import ListenerConfig
@@ -53,7 +53,7 @@ def test_backpressure_holds_under_tls(serve: ServeFactory, clients: Clients,
     received = b""
     while len(received) < len(payload):
         received += sock.recv(1 << 20)
-    sender.join(WAIT)
+    join(sender)
     assert received == payload
     assert "resume_writing" in rs.handler.names()
 

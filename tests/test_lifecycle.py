@@ -26,8 +26,10 @@ from conftest import (
     RecordingHandler,
     RunningServer,
     ServeFactory,
+    assert_on_time,
     recv_exactly,
     recv_until_eof,
+    require_ipv6,
 )
 from proc import PortsideProcess
 
@@ -118,17 +120,6 @@ def reset(sock: socket.socket) -> None:
     """Close abortively: the peer gets RST instead of FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def ipv6_loopback_available() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # -- 1. every way a connection ends: connection_closed exactly once, with the right reason ------
@@ -280,12 +271,12 @@ def test_shutdown_drain_deadline_closes_with_fin(serve: ServeFactory, clients: C
     echo(sock, b"ping")
     sock.sendall(b"unread echo")  # echoed, but not read until after the shutdown
     started = time.monotonic()
-    rs.server.shutdown(drain_timeout=0.3)
+    rs.server.shutdown(drain_timeout=0.8)
     handler.wait(lambda: "shutdown_started" in handler.names(), "shutdown_started")
     # The client never half-closes: the server ends the conversation at the deadline, with FIN
     # after every echoed byte (a reset would raise here).
     assert recv_until_eof(sock) == b"unread echo"
-    assert time.monotonic() - started >= 0.25
+    assert_on_time(time.monotonic() - started, 0.8)
     assert conn_id not in handler.closed or handler.closed[conn_id] == [CloseReason.SHUTDOWN]
     sock.close()
     assert reasons_of(handler, conn_id) == [CloseReason.SHUTDOWN]
@@ -310,8 +301,8 @@ def test_shutdown_without_connections_stops_at_once(serve: ServeFactory, clients
 # -- 3. IPv6 and Unix-socket listeners -------------------------------------------------------------
 
 
-@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
 def test_ipv6_listener_echo(serve: ServeFactory, clients: Clients) -> None:
+    require_ipv6()
     rs = serve(ListenerConfig(host="::1"))
     host, port = rs.address()
     assert host == "::1" and port > 0

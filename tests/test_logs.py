@@ -4,6 +4,7 @@ JSON for log shippers; and the library's own signal handling (serve() and run())
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 import signal
@@ -13,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ENGINES, WAIT
+from conftest import ENGINES, WAIT, require
 from proc import PortsideProcess, echo_once
 
 from portside import Engine, ListenerConfig, Server, ServerConfig
@@ -76,7 +77,8 @@ def test_json_log_under_workers(tmp_path: Path) -> None:
 
 
 def test_process_titles(tmp_path: Path) -> None:
-    pytest.importorskip("setproctitle")
+    require(importlib.util.find_spec("setproctitle") is not None,
+            "setproctitle (pip install -e '.[test]')")
     proc = PortsideProcess(["echo", "--listen", "immediate@:0", "--workers", "1",
                             "--control", str(tmp_path / "ctl")])
     try:

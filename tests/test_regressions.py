@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Clients, RecordingHandler, ServeFactory, recv_until_eof
+from conftest import WAIT, Clients, RecordingHandler, ServeFactory, join, recv_until_eof
 from test_streams import ASYNC_ENGINES, PlainEcho
 from test_tls import certificate, server_context  # noqa: F401 (the fixture)
 
@@ -71,7 +71,7 @@ def test_shutdown_asked_before_run_is_honoured() -> None:
     server.shutdown()
     runner = threading.Thread(target=lambda: server.run(install_signal_handlers=False))
     runner.start()
-    runner.join(WAIT)
+    join(runner)
     assert not runner.is_alive()
 
 

@@ -9,11 +9,21 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import WAIT, RunningServer, ServeFactory, recv_exactly, recv_until_eof
+from conftest import (
+    WAIT,
+    RunningServer,
+    ServeFactory,
+    assert_on_time,
+    join,
+    recv_exactly,
+    recv_until_eof,
+    start_helper,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_connect import free_port, on_loop
@@ -124,7 +134,7 @@ def test_bytes_intact_both_ways(serve: ServeFactory, clients: Any) -> None:
         sender = threading.Thread(target=send, name="relay-sender")
         sender.start()
         assert recv_until_eof(sock) == payload
-        sender.join(WAIT)
+        join(sender)
         sock.close()
 
     check()
@@ -166,7 +176,12 @@ def test_upstream_half_close_reaches_client(serve: ServeFactory, clients: Any,
     sock.sendall(b"the client still talks")
     sock.shutdown(socket.SHUT_WR)
     assert recv_until_eof(upstream) == b"the client still talks"
-    assert rs.server.statistics().listeners[0].active in (0, 1)
+    # Both directions have ended: the relay closes both sides (the client's FIN was the last).
+    deadline = time.monotonic() + WAIT
+    while on_loop(rs.server, lambda: rs.server.statistics().listeners[0].active) != 0:
+        assert time.monotonic() < deadline, "the relay kept the finished pair open"
+        time.sleep(0.01)
+    assert rs.server.statistics().outbound[0].active == 0
 
 
 def test_slow_client_pauses_upstream_and_memory_stays_bounded(
@@ -234,6 +249,10 @@ def test_all_upstreams_refuse(serve: ServeFactory, clients: Any,
 
 def test_stalled_upstream_is_skipped_at_the_connect_timeout(
         serve: ServeFactory, clients: Any) -> None:
+    """An upstream that never answers the SYN is given up at the connect timeout (both sides:
+    the first byte comes back through the next upstream no sooner and not much later), and
+    meanwhile the client's bytes are held up to the hold limit, with its reading paused."""
+    timeout, hold_limit = 0.8, 16 * 1024
     stalled = socket.socket()
     stalled.bind(("127.0.0.1", 0))
     stalled.listen(0)
@@ -241,13 +260,29 @@ def test_stalled_upstream_is_skipped_at_the_connect_timeout(
     try:
         rs = start_relay(serve, [Upstream("127.0.0.1", stalled.getsockname()[1], None),
                                  echo_upstream(serve)],
-                         connect_timeout=0.3, hold_limit=16 * 1024)
+                         connect_timeout=timeout, hold_limit=hold_limit)
+        started = time.monotonic()  # the relay dials when it accepts, after this
         sock = clients.connect(rs.address())
         payload = bytes(range(256)) * 1024  # more than the hold limit: reading pauses
-        sender = threading.Thread(target=sock.sendall, args=(payload,), name="relay-sender")
-        sender.start()
-        assert recv_exactly(sock, len(payload)) == payload
-        sender.join(WAIT)
+        sender = start_helper(lambda: sock.sendall(payload), name="relay-sender")
+
+        def holding() -> list[tuple[int, bool]]:
+            looks: list[tuple[int, bool]] = on_loop(rs.server, lambda: [
+                (len(conn.user_data.held), conn.reading_paused)
+                for conn in rs.server.connections() if conn.listener.config.name != "upstream"
+                and conn.user_data is not None and conn.user_data.upstream is None])
+            return looks
+
+        deadline = started + timeout / 2
+        while not any(paused for _, paused in holding()):
+            assert time.monotonic() < deadline, f"reading never paused: {holding()}"
+            time.sleep(0.01)
+        ((held, _),) = holding()
+        assert hold_limit <= held <= hold_limit + rs.server.config.buffer_size, held
+        first = recv_exactly(sock, 1)
+        assert_on_time(time.monotonic() - started, timeout)
+        assert first + recv_exactly(sock, len(payload) - 1) == payload
+        join(sender)
         assert rs.server.statistics().outbound[0].connect_timeouts == 1
     finally:
         filler.close()
@@ -265,8 +300,8 @@ def test_upstream_dies_mid_stream(serve: ServeFactory, clients: Any,
     assert recv_exactly(sock, 7) == b"partial"
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     upstream.close()  # RST: the upstream died
-    with contextlib.suppress(ConnectionResetError):
-        assert sock.recv(100) == b""
+    with pytest.raises(ConnectionResetError):  # and the client hears a reset, not an end
+        sock.recv(100)
     on_loop(rs.server, lambda: None)
     assert rs.server.statistics().outbound[0].closed_by_reason.get("reset") == 1
 

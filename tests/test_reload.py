@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ALL_ENGINES, join, require_engine
 from proc import WAIT, PortsideProcess, echo_once
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -100,7 +101,7 @@ class Stream:
     def finish(self) -> None:
         self.stop.set()
         for thread in self.threads:
-            thread.join(WAIT)
+            join(thread)
         self.long.close()
         assert not self.errors, self.errors
         assert self.rounds > 0
@@ -117,6 +118,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_sighup_loads_new_code_and_rereads_the_config_file(app: Path) -> None:
+    """On the default engine only: the supervisor does the reload, and a worker's graceful
+    retirement under SIGHUP runs on every engine in test_workers (sighup_restarts_workers)."""
     config = app / "portside.toml"
     config.write_text("workers = 2\n")
     # A long drain: the old workers must outlast the conversation, however slow this machine.
@@ -181,11 +184,16 @@ def _wait_gone(pid: int) -> None:
         os.close(fd)
 
 
-def test_usr2_upgrades_the_supervisor_without_dropping_a_connection(app: Path) -> None:
+@pytest.mark.parametrize("engine", ALL_ENGINES)
+def test_usr2_upgrades_the_supervisor_without_dropping_a_connection(app: Path,
+                                                                    engine: str) -> None:
+    """On every engine: the new supervisor's workers take the inherited sockets over."""
+    require_engine(engine)
     control = app / "ctl.sock"
     proc = PortsideProcess(["serve", "tagged:Tagged", "--listen", ":0", "--listen",
                             f"unix:{app / 'app.sock'}", "--workers", "1", "--drain-timeout",
-                            "60", "--control", str(control)], env=_env(app), cwd=app)
+                            "60", "--control", str(control), "--engine", engine],
+                           env=_env(app), cwd=app)
     successor = None
     stream = None
     try:
@@ -404,11 +412,16 @@ def _next(sock: socket.socket, wanted: str) -> str:
             return message
 
 
-@pytest.mark.parametrize("workers", [None, "1"])
+#: In one process the engine's loop sends READY and the watchdog's pings: every engine. With
+#: workers the supervisor (no engine) sends them: the default engine is enough.
+@pytest.mark.parametrize(("workers", "engine"), [*((None, engine) for engine in ALL_ENGINES),
+                                                 ("1", "auto")])
 def test_systemd_notify(tmp_path: Path, notify_socket: tuple[socket.socket, str],
-                        workers: str | None) -> None:
+                        workers: str | None, engine: str) -> None:
+    require_engine(engine)
     sock, path = notify_socket
-    args = ["echo", "--listen", ":0", "--control", str(tmp_path / "ctl.sock")]
+    args = ["echo", "--listen", ":0", "--control", str(tmp_path / "ctl.sock"),
+            "--engine", engine]
     if workers:
         args += ["--workers", workers]
     proc = PortsideProcess(args, env={**_env(tmp_path), "NOTIFY_SOCKET": path,

@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Clients, RecordingHandler, open_fds, recv_exactly
+from conftest import (
+    WAIT,
+    Clients,
+    RecordingHandler,
+    join,
+    open_fds,
+    recv_exactly,
+    wait_refused,
+)
 
 from portside import (
     ConfigError,
@@ -216,7 +224,7 @@ def test_a_pool_serves_from_a_running_asyncio_loop(clients: Clients, fds: None) 
     finally:
         clients.close_all()
         pool.shutdown(drain_timeout=0)
-        thread.join(WAIT)
+        join(thread)
     assert not thread.is_alive()
     assert [handler.names()[-1] for handler in handlers] == ["server_stopped"] * 2
 
@@ -257,6 +265,7 @@ def test_sigterm_stops_every_server_of_a_pool(engine: str, tmp_path: Path) -> No
             resp.sendall(b"PING\r\n")
             assert recv_exactly(resp, 7) == b"+PONG\r\n"
             proc.send_signal(signal.SIGTERM)
+            wait_refused(("127.0.0.1", ports[0]))  # the SIGTERM was handled: draining now
             # Draining: the open connections still converse, until their clients leave.
             _echo(echo, b"during")
         rest = proc.stderr.read()

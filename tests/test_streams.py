@@ -13,8 +13,10 @@ from conftest import (
     WAIT,
     Clients,
     ServeFactory,
+    join,
     recv_exactly,
     recv_until_eof,
+    wait_refused,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -136,7 +138,7 @@ def test_concurrent_streams_intact(serve: ServeFactory, clients: Clients,
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(WAIT)
+        join(thread)
     assert results == [b"".join(chunks) for chunks in streams]
     for sock in socks:
         sock.close()
@@ -158,7 +160,7 @@ def test_drain_bounds_memory_for_a_slow_reader(serve: ServeFactory, clients: Cli
     sender = threading.Thread(target=send)
     sender.start()
     assert recv_until_eof(sock) == payload
-    sender.join(WAIT)
+    join(sender)
     assert handler.max_buffered <= 64 * 1024 + 64 * 1024
 
 
@@ -196,6 +198,7 @@ def test_shutdown_drains_async_connections(serve: ServeFactory, clients: Clients
     sock.sendall(b"before")
     assert recv_exactly(sock, 6) == b"before"
     rs.server.shutdown(drain_timeout=WAIT)
+    wait_refused(rs.address())  # the shutdown has begun: what follows is served draining
     sock.sendall(b"during")
     assert recv_exactly(sock, 6) == b"during"
     sock.shutdown(socket.SHUT_WR)
@@ -227,7 +230,7 @@ def test_auto_runs_async_handlers_on_an_asyncio_loop(clients: Clients) -> None:
         assert recv_exactly(sock, 5) == b"hello"
     finally:
         server.shutdown(drain_timeout=0)
-        thread.join(WAIT)
+        join(thread)
     assert not thread.is_alive()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ENGINES
+from conftest import ENGINES, join
 from proc import PortsideProcess, echo_once
 
 WAIT = 20.0
@@ -215,7 +215,7 @@ def test_sighup_restarts_workers_without_breaking_a_live_echo(
     for _ in range(10):
         assert echo_once(ports["immediate"]) == b"ping"
     stop.set()
-    talker.join(WAIT)
+    join(talker)
     assert not errors, errors
     assert rounds[0] > 0
     sock.shutdown(socket.SHUT_WR)

@@ -23,6 +23,9 @@ def main() -> None:
     cli.add_argument("--defer-accept", type=int,
                      default=default_of(ListenerConfig, "defer_accept"),
                      help="TCP_DEFER_ACCEPT seconds on the data-first listener (0: off)")
+    cli.add_argument("--first-data-timeout", type=float,
+                     default=default_of(ListenerConfig, "first_data_timeout"),
+                     help="seconds a data-first connection may stay silent")
     cli.add_argument("--max-connections", type=int,
                      default=default_of(ListenerConfig, "max_connections"),
                      help="per-listener ceiling on open connections")
@@ -36,6 +39,7 @@ def main() -> None:
         listeners.append(ListenerConfig(host=HOST, port=0, policy=AcceptPolicy.DATA_FIRST,
                                         name="data-first", backlog=BACKLOG,
                                         defer_accept=args.defer_accept,
+                                        first_data_timeout=args.first_data_timeout,
                                         max_connections=args.max_connections))
     server = Server(EchoHandler(), listeners,
                     ServerConfig(engine=Engine(args.engine), drain_timeout=1.0))

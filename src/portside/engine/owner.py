@@ -4,7 +4,8 @@ connections) or an outbound ``Connector`` (``Server.connect``). Both implement
 
 The policies an outbound connection has no use for are part of the protocol, answered
 "none" by the connector (``data_first`` False; ``proxy_protocol``, ``silence``,
-``read_tracker`` and ``admission`` None): the connection's paths test them anyway, once, where they begin.
+``read_tracker`` and ``admission`` None): the connection's paths test them anyway, once, where
+they begin.
 """
 
 from __future__ import annotations
