@@ -7,6 +7,7 @@ upgrade (backpressure through TLS)."""
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLOCK_SLACK, WAIT, Clients, ServeFactory, recv_exactly
+from conftest import CLOCK_SLACK, WAIT, Clients, ServeFactory
 from test_tls_outbound import client_context, make_certificate, server_context
 
 from portside import CloseReason, Connection, ListenerConfig
@@ -80,6 +81,39 @@ def read_line(sock: socket.socket | ssl.SSLSocket) -> bytes:
     return bytes(line)
 
 
+def tls_duplex(sock: ssl.SSLSocket, payload: bytes, size: int) -> bytes:
+    """Send ``payload`` while reading ``size`` bytes back, from this one thread. Never
+    sendall in one thread while recv runs in another on the same SSLSocket: CPython lets go
+    of the GIL inside OpenSSL, which forbids using one SSL object from two threads at once;
+    it fails now and then (a read that sees EOF or hangs) against any TLS server."""
+    sock.setblocking(False)
+    view = memoryview(payload)
+    sent = 0
+    got = bytearray()
+    deadline = time.monotonic() + WAIT
+    while len(got) < size:
+        progress = False
+        if sent < len(view):
+            with contextlib.suppress(ssl.SSLWantWriteError, ssl.SSLWantReadError,
+                                     BlockingIOError):
+                sent += sock.send(view[sent:sent + 65536])
+                progress = True
+        try:
+            chunk = sock.recv(size - len(got))
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        else:
+            if not chunk:
+                raise AssertionError(f"EOF after {len(got)} of {size} bytes")
+            got += chunk
+            progress = True
+        if not progress:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out after {len(got)} of {size} bytes"
+            select.select([sock], [sock] if sent < len(view) else [], [], left)
+    return bytes(got)
+
+
 def test_portside_client_to_portside_server(serve: ServeFactory,
                                             certificate: tuple[Path, Path]) -> None:
     handler = Server(server_context(certificate))
@@ -113,10 +147,7 @@ def test_python_ssl_client_upgrades(serve: ServeFactory, clients: Clients,
     lines = [b"%06d " % i + b"y" * 500 + b"\n" for i in range(2000)]
     payload = b"".join(lines)
     expected = b"".join(b"tls " + line for line in lines)
-    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
-    sender.start()
-    assert recv_exactly(sock, len(expected)) == expected
-    sender.join(WAIT)
+    assert tls_duplex(sock, payload, len(expected)) == expected
     sock.close()
     handler.wait(lambda: handler.closed, "the server side closed")
     assert len(handler.established) == 1
