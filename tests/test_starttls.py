@@ -243,3 +243,33 @@ def test_starttls_handshake_deadline(serve: ServeFactory, clients: Clients,
         assert read_line(sock) == b"tls late\n"
         assert not handler.closed
         sock.close()
+
+
+def test_stuck_tls_peer_does_not_keep_the_server_from_stopping(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    """A client that sends through TLS and never reads (the server's echo backs up and it
+    pauses reading) is closed at the drain deadline and reset once its flush makes no progress
+    for linger_timeout: shutdown ends within drain + linger, not never."""
+    drain, linger = 0.3, 0.5
+    handler = Server(server_context(certificate))
+    rs = serve(ListenerConfig(), handler=handler, linger_timeout=linger)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost")
+    handler.wait(lambda: handler.established, "tls_established")
+    sock.setblocking(False)
+    line = b"y" * 500 + b"\n"
+    with contextlib.suppress(ssl.SSLWantWriteError, BlockingIOError):
+        for _ in range(100_000):  # until the kernel buffers both ways are full (bounded)
+            sock.send(line * 100)
+    started = time.monotonic()
+    rs.server.shutdown(drain)
+    rs.thread.join(WAIT)
+    elapsed = time.monotonic() - started
+    assert not rs.thread.is_alive(), "server did not stop"
+    assert elapsed >= drain - CLOCK_SLACK, f"stopped early, after {elapsed:.3f} s"
+    assert elapsed < (drain + linger * 1.25) * 1.5, f"stopped late, after {elapsed:.3f} s"
+    assert handler.closed in ([CloseReason.SHUTDOWN], [CloseReason.WRITE_TIMEOUT])
+    sock.close()
