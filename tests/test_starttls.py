@@ -273,3 +273,68 @@ def test_stuck_tls_peer_does_not_keep_the_server_from_stopping(
     assert elapsed < (drain + linger * 1.25) * 1.5, f"stopped late, after {elapsed:.3f} s"
     assert handler.closed in ([CloseReason.SHUTDOWN], [CloseReason.WRITE_TIMEOUT])
     sock.close()
+
+
+class HalfClosing(Server):
+    """Answers as the example does, then half-closes after ``BYE`` and keeps what comes
+    after it."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(context)
+        self.after_eof = bytearray()
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        if conn.tls is not None and conn.user_data == b"EOF":
+            with self.cond:
+                self.after_eof += data
+                self.cond.notify_all()
+            return
+        super().data_received(conn, data)
+        if conn.tls is not None and bytes(data) == b"BYE\n":
+            conn.write_eof()
+            conn.user_data = b"EOF"
+
+
+def test_write_eof_on_tls_sends_close_notify_first(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    """write_eof on TLS: the peer sees close_notify (a clean end of our stream, not the
+    truncation a bare FIN looks like), and the connection still reads."""
+    handler = HalfClosing(server_context(certificate))
+    rs = serve(ListenerConfig(), handler=handler)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost",
+                                                   suppress_ragged_eofs=False)
+    sock.sendall(b"BYE\n")
+    assert read_line(sock) == b"tls BYE\n"
+    assert sock.recv(4096) == b""  # close_notify; a bare FIN raises SSLEOFError here
+    sock.sendall(b"still reading\n")
+    handler.wait(lambda: handler.after_eof == b"still reading\n", "the bytes after write_eof")
+    sock.close()
+    handler.wait(lambda: handler.closed, "the close")
+    assert handler.closed == [CloseReason.CLOSED]
+
+
+class WritesAfterEof(HalfClosing):
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        super().data_received(conn, data)
+        if conn.user_data == b"EOF":
+            conn.write(b"too late\n")  # refused as on plain TCP: a reset, not an exception
+
+
+def test_write_after_write_eof_on_tls_resets(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    handler = WritesAfterEof(server_context(certificate))
+    rs = serve(ListenerConfig(), handler=handler)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost")
+    sock.sendall(b"BYE\n")
+    assert read_line(sock) == b"tls BYE\n"
+    handler.wait(lambda: handler.closed, "the reset")
+    assert handler.closed == [CloseReason.RESET]
+    sock.close()
