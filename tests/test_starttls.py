@@ -338,3 +338,53 @@ def test_write_after_write_eof_on_tls_resets(
     handler.wait(lambda: handler.closed, "the reset")
     assert handler.closed == [CloseReason.RESET]
     sock.close()
+
+
+class WritesBeforeHandshake(Server):
+    """Writes ``size`` bytes, in 1000-byte lines, right after start_tls: they wait for the
+    handshake, held against write_limit."""
+
+    def __init__(self, context: ssl.SSLContext, size: int) -> None:
+        super().__init__(context)
+        self.size = size
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        was_plain = conn.tls is None
+        super().data_received(conn, data)
+        if was_plain and conn.tls is not None:
+            line = b"z" * 999 + b"\n"
+            for _ in range(self.size // len(line)):
+                conn.write(line)
+            conn.write(b"z" * (self.size % len(line)))
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_writes_before_the_handshake_are_held_up_to_write_limit(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path],
+        over: int) -> None:
+    """What the handler writes between start_tls and the end of the handshake waits in the
+    session; up to write_limit it goes out encrypted once the handshake is done, one byte past
+    it resets the connection (OUTPUT_LIMIT) as a plain write queue does."""
+    limit = 64 * 1024
+    handler = WritesBeforeHandshake(server_context(certificate), limit + over)
+    rs = serve(ListenerConfig(write_high_water=limit, write_low_water=limit // 2,
+                              write_limit=limit), handler=handler)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    if over:
+        handler.wait(lambda: handler.closed, "the reset")
+        assert handler.closed == [CloseReason.OUTPUT_LIMIT] and not handler.established
+        with contextlib.suppress(ConnectionResetError):
+            assert raw.recv(4096) == b""
+        return
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost")
+    received = bytearray()
+    while len(received) < limit:
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF after {len(received)} of {limit} bytes"
+        received += chunk
+    assert len(received) == limit and received.count(b"z") == limit - limit // 1000
+    assert not handler.closed
+    sock.close()
