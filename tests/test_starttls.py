@@ -7,6 +7,7 @@ upgrade (backpressure through TLS)."""
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLOCK_SLACK, WAIT, Clients, ServeFactory, recv_exactly
+from conftest import CLOCK_SLACK, WAIT, Clients, ServeFactory
 from test_tls_outbound import client_context, make_certificate, server_context
 
 from portside import CloseReason, Connection, ListenerConfig
@@ -80,6 +81,39 @@ def read_line(sock: socket.socket | ssl.SSLSocket) -> bytes:
     return bytes(line)
 
 
+def tls_duplex(sock: ssl.SSLSocket, payload: bytes, size: int) -> bytes:
+    """Send ``payload`` while reading ``size`` bytes back, from this one thread. Never
+    sendall in one thread while recv runs in another on the same SSLSocket: CPython lets go
+    of the GIL inside OpenSSL, which forbids using one SSL object from two threads at once;
+    it fails now and then (a read that sees EOF or hangs) against any TLS server."""
+    sock.setblocking(False)
+    view = memoryview(payload)
+    sent = 0
+    got = bytearray()
+    deadline = time.monotonic() + WAIT
+    while len(got) < size:
+        progress = False
+        if sent < len(view):
+            with contextlib.suppress(ssl.SSLWantWriteError, ssl.SSLWantReadError,
+                                     BlockingIOError):
+                sent += sock.send(view[sent:sent + 65536])
+                progress = True
+        try:
+            chunk = sock.recv(size - len(got))
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        else:
+            if not chunk:
+                raise AssertionError(f"EOF after {len(got)} of {size} bytes")
+            got += chunk
+            progress = True
+        if not progress:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out after {len(got)} of {size} bytes"
+            select.select([sock], [sock] if sent < len(view) else [], [], left)
+    return bytes(got)
+
+
 def test_portside_client_to_portside_server(serve: ServeFactory,
                                             certificate: tuple[Path, Path]) -> None:
     handler = Server(server_context(certificate))
@@ -113,10 +147,7 @@ def test_python_ssl_client_upgrades(serve: ServeFactory, clients: Clients,
     lines = [b"%06d " % i + b"y" * 500 + b"\n" for i in range(2000)]
     payload = b"".join(lines)
     expected = b"".join(b"tls " + line for line in lines)
-    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
-    sender.start()
-    assert recv_exactly(sock, len(expected)) == expected
-    sender.join(WAIT)
+    assert tls_duplex(sock, payload, len(expected)) == expected
     sock.close()
     handler.wait(lambda: handler.closed, "the server side closed")
     assert len(handler.established) == 1
@@ -212,3 +243,148 @@ def test_starttls_handshake_deadline(serve: ServeFactory, clients: Clients,
         assert read_line(sock) == b"tls late\n"
         assert not handler.closed
         sock.close()
+
+
+def test_stuck_tls_peer_does_not_keep_the_server_from_stopping(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    """A client that sends through TLS and never reads (the server's echo backs up and it
+    pauses reading) is closed at the drain deadline and reset once its flush makes no progress
+    for linger_timeout: shutdown ends within drain + linger, not never."""
+    drain, linger = 0.3, 0.5
+    handler = Server(server_context(certificate))
+    rs = serve(ListenerConfig(), handler=handler, linger_timeout=linger)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost")
+    handler.wait(lambda: handler.established, "tls_established")
+    sock.setblocking(False)
+    line = b"y" * 500 + b"\n"
+    with contextlib.suppress(ssl.SSLWantWriteError, BlockingIOError):
+        for _ in range(100_000):  # until the kernel buffers both ways are full (bounded)
+            sock.send(line * 100)
+    started = time.monotonic()
+    rs.server.shutdown(drain)
+    rs.thread.join(WAIT)
+    elapsed = time.monotonic() - started
+    assert not rs.thread.is_alive(), "server did not stop"
+    assert elapsed >= drain - CLOCK_SLACK, f"stopped early, after {elapsed:.3f} s"
+    assert elapsed < (drain + linger * 1.25) * 1.5, f"stopped late, after {elapsed:.3f} s"
+    assert handler.closed in ([CloseReason.SHUTDOWN], [CloseReason.WRITE_TIMEOUT])
+    sock.close()
+
+
+class HalfClosing(Server):
+    """Answers as the example does, then half-closes after ``BYE`` and keeps what comes
+    after it."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(context)
+        self.after_eof = bytearray()
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        if conn.tls is not None and conn.user_data == b"EOF":
+            with self.cond:
+                self.after_eof += data
+                self.cond.notify_all()
+            return
+        super().data_received(conn, data)
+        if conn.tls is not None and bytes(data) == b"BYE\n":
+            conn.write_eof()
+            conn.user_data = b"EOF"
+
+
+def test_write_eof_on_tls_sends_close_notify_first(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    """write_eof on TLS: the peer sees close_notify (a clean end of our stream, not the
+    truncation a bare FIN looks like), and the connection still reads."""
+    handler = HalfClosing(server_context(certificate))
+    rs = serve(ListenerConfig(), handler=handler)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost",
+                                                   suppress_ragged_eofs=False)
+    sock.sendall(b"BYE\n")
+    assert read_line(sock) == b"tls BYE\n"
+    assert sock.recv(4096) == b""  # close_notify; a bare FIN raises SSLEOFError here
+    sock.sendall(b"still reading\n")
+    handler.wait(lambda: handler.after_eof == b"still reading\n", "the bytes after write_eof")
+    sock.close()
+    handler.wait(lambda: handler.closed, "the close")
+    assert handler.closed == [CloseReason.CLOSED]
+
+
+class WritesAfterEof(HalfClosing):
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        super().data_received(conn, data)
+        if conn.user_data == b"EOF":
+            conn.write(b"too late\n")  # refused as on plain TCP: a reset, not an exception
+
+
+def test_write_after_write_eof_on_tls_resets(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path]) -> None:
+    handler = WritesAfterEof(server_context(certificate))
+    rs = serve(ListenerConfig(), handler=handler)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost")
+    sock.sendall(b"BYE\n")
+    assert read_line(sock) == b"tls BYE\n"
+    handler.wait(lambda: handler.closed, "the reset")
+    assert handler.closed == [CloseReason.RESET]
+    sock.close()
+
+
+class WritesBeforeHandshake(Server):
+    """Writes ``size`` bytes, in 1000-byte lines, right after start_tls: they wait for the
+    handshake, held against write_limit."""
+
+    def __init__(self, context: ssl.SSLContext, size: int) -> None:
+        super().__init__(context)
+        self.size = size
+
+    def data_received(self, conn: Connection, data: memoryview) -> None:
+        was_plain = conn.tls is None
+        super().data_received(conn, data)
+        if was_plain and conn.tls is not None:
+            line = b"z" * 999 + b"\n"
+            for _ in range(self.size // len(line)):
+                conn.write(line)
+            conn.write(b"z" * (self.size % len(line)))
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_writes_before_the_handshake_are_held_up_to_write_limit(
+        serve: ServeFactory, clients: Clients, certificate: tuple[Path, Path],
+        over: int) -> None:
+    """What the handler writes between start_tls and the end of the handshake waits in the
+    session; up to write_limit it goes out encrypted once the handshake is done, one byte past
+    it resets the connection (OUTPUT_LIMIT) as a plain write queue does."""
+    limit = 64 * 1024
+    handler = WritesBeforeHandshake(server_context(certificate), limit + over)
+    rs = serve(ListenerConfig(write_high_water=limit, write_low_water=limit // 2,
+                              write_limit=limit), handler=handler)
+    raw = clients.connect(rs.address())
+    assert read_line(raw) == b"READY\n"
+    raw.sendall(b"STARTTLS\n")
+    assert read_line(raw) == b"GO\n"
+    if over:
+        handler.wait(lambda: handler.closed, "the reset")
+        assert handler.closed == [CloseReason.OUTPUT_LIMIT] and not handler.established
+        with contextlib.suppress(ConnectionResetError):
+            assert raw.recv(4096) == b""
+        return
+    sock = client_context(certificate).wrap_socket(raw, server_hostname="localhost")
+    received = bytearray()
+    while len(received) < limit:
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF after {len(received)} of {limit} bytes"
+        received += chunk
+    assert len(received) == limit and received.count(b"z") == limit - limit // 1000
+    assert not handler.closed
+    sock.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import errno
 import itertools
 import logging
 import socket
@@ -595,13 +596,17 @@ class Connection:
             tracker.start(self)
 
     def write_eof(self) -> None:
-        """Half-close (asyncio's ``write_eof``): send every queued byte, then FIN, and go on
-        reading. Write nothing after it (the kernel refuses: the connection then resets);
-        ``close()`` ends the connection as usual."""
+        """Half-close (asyncio's ``write_eof``): send every queued byte (on TLS then
+        close_notify), then FIN, and go on reading. Write nothing after it (the kernel
+        refuses: the connection then resets); ``close()`` ends the connection as usual."""
         if self._state != State.OPEN or self._write_eof:
             return
         if self._corked is not None:
             self.uncork()
+        if self._tls is not None:  # close_notify before the FIN: a TLS peer then sees the
+            self._tls.close_notify(self)  # end of our stream, not a truncation
+            if self._state != State.OPEN:
+                return
         self._write_eof = True
         if not self._queue:
             self._shutdown_write()
@@ -610,6 +615,8 @@ class Connection:
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
+            if exc.errno == errno.ENOTCONN:  # the peer's RST came first (to a close_notify)
+                exc = ConnectionResetError(errno.ECONNRESET, "reset by the peer")
             self._socket_failed(exc)
 
     def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:

@@ -26,6 +26,7 @@ handler as ``eof_received``; ``conn.tls_close_notify_received`` tells them apart
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import ssl
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from portside.config import address_label
 from portside.engine.states import CLOSED, CLOSING, OPEN, PENDING, CloseReason
-from portside.errors import ConfigError
+from portside.errors import ConfigError, ErrorOrigin
 
 if TYPE_CHECKING:
     from portside.engine.connection import Connection
@@ -219,7 +220,12 @@ class TlsSession:
         if not self.handshaken:  # start_tls: the handshake is under way
             self._waiting.append(bytes(data))  # copied: ``data`` may be a lent buffer
             return
-        self.obj.write(data)
+        try:
+            self.obj.write(data)
+        except ssl.SSLError:  # after write_eof's close_notify: as the kernel refuses plain TCP
+            conn._socket_failed(BrokenPipeError(errno.EPIPE, "write after write_eof"),
+                                ErrorOrigin.WRITE)
+            return
         self.flush(conn)
 
     def waiting(self) -> int:
