@@ -289,7 +289,11 @@ class RunningServer:
     def stop(self, drain_timeout: float | None = None) -> None:
         if self.thread.is_alive():
             self.server.shutdown(drain_timeout)
-            self.thread.join(WAIT)
+            # The server's own deadlines bound its stop: the drain, then a closing connection's
+            # linger (or its flush deadline, 1.25 linger); WAIT on top for a loaded machine.
+            config = self.server.config
+            drain = config.drain_timeout if drain_timeout is None else drain_timeout
+            self.thread.join(drain + 1.25 * config.linger_timeout + WAIT)
         assert not self.thread.is_alive(), "server did not stop"
         assert not self.failure, f"server thread raised: {self.failure!r}"
 
