@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import portside
 from portside import ConfigError, ListenerConfig, ServerConfig
 from portside.engine.buffers import BufferPool, ObjectPool
 from portside.engine.deadlines import DeadlineQueue
@@ -99,18 +98,3 @@ def test_bad_server_settings_are_config_errors() -> None:
         ServerConfig(engine="nope")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="drain_timeout"):
         ServerConfig(drain_timeout=-1)
-
-
-def test_public_api_is_exactly_what_init_exports() -> None:
-    assert sorted(portside.__all__) == sorted([
-        "KIB", "SECONDS", "AcceptPolicy", "CloseReason", "ConfigError", "Connection",
-        "ConnectionClosedError", "ConnectionCounters", "Engine", "Framer", "Handler", "IOPool",
-        "LengthPrefixFramer", "LineFramer", "ListenError", "ListenerConfig",
-        "ListenerStatistics", "MessageHandler", "PoolStatistics", "PortsideError",
-        "ProtocolError", "Server", "ServerConfig", "ServerState", "ServerStateError",
-        "ServerStatistics", "StreamHandler", "StreamReader", "StreamWriter",
-        "AcceptingReason", "ErrorOrigin",
-        "ConnectAttempt", "OutboundStatistics",
-    ])
-    for name in portside.__all__:
-        assert getattr(portside, name) is not None
