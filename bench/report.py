@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import Figure, figures_for, not_applicable
-from bench.plan import Plan
+from bench.plan import Plan, letter_of
 from bench.results import RunResult
 from bench.servers import (
     C_REFERENCE,
@@ -62,7 +62,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
 
 def _scenario_section(result: RunResult, plan: Plan, scenario: str) -> list[str]:
     figures = figures_for(scenario)
-    title = f"## ({scenario[0]}) {plan.describe(scenario)}"
+    title = f"## ({letter_of(scenario)}) {plan.describe(scenario)}"
     out = [title, ""]
     main = figures[0]
     servers = [s for s in result.servers if takes_part(s, scenario)]
