@@ -15,6 +15,7 @@ from bench.results import RunResult
 from bench.servers import (
     C_REFERENCE,
     HELD_TO_TARGETS,
+    RELAY_HELD_TO_TARGETS,
     RELAY_REFERENCE,
     SERVERS,
     UVLOOP_REFERENCE,
@@ -150,7 +151,8 @@ def _targets_section(result: RunResult) -> list[str]:
             "Ratios are medians of per-round ratios, per server CPU-second where the figure "
             "says /CPU-s; the verdict is the median's, and the spread and rounds met show "
             f"how firm it is. Only `{HELD_TO_TARGETS}` (portside's default engine) is held to "
-            "the targets; the other engines are shown for comparison.", ""]
+            f"the targets, and `{RELAY_HELD_TO_TARGETS}` to the relay's; the other engines are "
+            "shown for comparison.", ""]
 
 
 def _baseline_section(result: RunResult) -> list[str]:
