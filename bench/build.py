@@ -32,19 +32,22 @@ def compiler_version() -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def build(source: Path, build_dir: Path = BUILD_DIR) -> Path:
-    """The binary for ``source``, compiled unless an up-to-date one exists (keyed by a hash)."""
+def build(source: Path, build_dir: Path = BUILD_DIR, libs: tuple[str, ...] = ()) -> Path:
+    """The binary for ``source``, compiled unless an up-to-date one exists (keyed by a hash),
+    linked with ``libs`` (``-lssl`` ...)."""
     cc = compiler()
     text = source.read_bytes()
-    key = hashlib.sha256(text + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join((cc, *CFLAGS, *libs)).encode()).hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
     binary = build_dir / f"{source.stem}-{key}"
     if binary.exists():
         return binary
     partial = binary.with_name(binary.name + ".tmp")
-    result = subprocess.run([cc, *CFLAGS, "-o", str(partial), str(source)],
+    result = subprocess.run([cc, *CFLAGS, "-o", str(partial), str(source), *libs],
                             capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
-        raise BuildError(f"{cc} failed on {source.name}:\n{result.stderr.strip()}")
+        hint = ("\n(the TLS load generator needs OpenSSL's headers: apt-get install libssl-dev)"
+                if "-lssl" in libs and "openssl/" in result.stderr else "")
+        raise BuildError(f"{cc} failed on {source.name}:\n{result.stderr.strip()}{hint}")
     partial.replace(binary)
     return binary

@@ -21,7 +21,8 @@ def _panels(result: RunResult) -> list[Figure]:
     """The figures worth a panel, in scenario order: per server CPU-second where the server's
     own cost is the point (the machine is shared), RSS per connection for (d)."""
     wanted = {"a": ("req_cpu_s", "p99_us"), "b": ("req_cpu_s",), "c": ("conn_cpu_s",),
-              "r": ("req_cpu_s",)}
+              "r": ("req_cpu_s",), "t64": ("req_cpu_s",), "t4k": ("req_cpu_s",),
+              "hfull": ("conn_cpu_s",), "hresume": ("conn_cpu_s",), "rt": ("req_cpu_s",)}
     panels: list[Figure] = []
     for scenario in result.scenarios:
         if not any(takes_part(server, scenario) for server in result.servers):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.servers import C_REFERENCE, UVLOOP_REFERENCE
+from bench.servers import C_REFERENCE, RELAY_REFERENCE, UVLOOP_REFERENCE
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,16 @@ def _load_figures(scenario: str, unit: str) -> tuple[Figure, ...]:
         Figure(scenario, "p50_us", "p50 µs", higher_is_better=False),
         Figure(scenario, "p99_us", "p99 µs", higher_is_better=False),
     ]
-    if scenario == "b":
+    if scenario in ("b", "t4k"):
         figures.insert(1, Figure(scenario, "mb_s", "MB/s", decimals=1))
+    if scenario in ("hfull", "hresume"):
+        figures.append(Figure(scenario, "resumed_share", "resumed", decimals=2,
+                              compared=False))
     figures += [
         Figure(scenario, "srv_cpu", "server CPU", decimals=2, compared=False),
         Figure(scenario, "lg_cpu", "loadgen CPU", decimals=2, compared=False),
         *([Figure(scenario, "upstream_cpu", "upstream CPU", decimals=2, compared=False)]
-          if scenario == "r" else []),
+          if scenario in ("r", "rt") else []),
         Figure(scenario, "other_cpu", "other CPU", decimals=2, compared=False),
         Figure(scenario, "failures", "failures", higher_is_better=False, compared=False),
     ]
@@ -91,8 +94,10 @@ def figures_for(scenario: str) -> tuple[Figure, ...]:
         return idle_figures(scenario)
     if scenario == "e":
         return SLOWLORIS_FIGURES
-    if scenario == "r":
-        return _load_figures("r", "req")
+    if scenario in ("r", "t64", "t4k", "rt"):
+        return _load_figures(scenario, "req")
+    if scenario in ("hfull", "hresume"):
+        return _load_figures(scenario, "conn")
     raise KeyError(scenario)
 
 
@@ -103,8 +108,11 @@ class Target:
     figure: str  # a figure key
     bound: float
     at_least: bool  # True: ratio >= bound; False: ratio <= bound
-    #: the server the ratio is taken against; None: the figure is already a ratio
+    #: the server the ratio is taken against; None: the figure is already a ratio, or ...
     reference: str | None = UVLOOP_REFERENCE
+    #: ... a figure key of the same server (per CPU-second): the ratio is then the cost of one
+    #: unit in ``figure`` to its cost in ``own`` (own / figure), round by round
+    own: str | None = None
 
     @property
     def scenario(self) -> str:
@@ -112,6 +120,8 @@ class Target:
 
     def requirement(self) -> str:
         sign = ">=" if self.at_least else "<="
+        if self.own:
+            return f"cost per request {sign} {self.bound:g}x its own {self.own}"
         against = f"{self.reference}" if self.reference else "own no-attack figure"
         return f"{sign} {self.bound:g}x {against}"
 
@@ -139,4 +149,16 @@ def targets_for(scenarios: tuple[str, ...]) -> tuple[Target, ...]:
             out.append(Target(f"{scenario}.rss_per_conn_b", 0.25, False))
         elif scenario == "e":
             out.append(SLOWLORIS_TARGET)
+        # issue 20: TLS, per server (relay) CPU-second
+        elif scenario == "t64":
+            out.append(Target("t64.req_cpu_s", 1.25, True))
+            if "a" in scenarios:  # TLS costs at most twice plain, per request
+                out.append(Target("t64.req_cpu_s", 2.0, False, reference=None,
+                                  own="a.req_cpu_s"))
+        elif scenario == "hfull":
+            out.append(Target("hfull.conn_cpu_s", 1.0, True))
+        elif scenario == "hresume":
+            out.append(Target("hresume.conn_cpu_s", 1.2, True))
+        elif scenario == "rt":
+            out.append(Target("rt.req_cpu_s", 0.8, True, reference=RELAY_REFERENCE))
     return tuple(out)

@@ -3,7 +3,9 @@
 A session is one server process: started pinned to the server CPU, warmed up with unmeasured
 connection churn, then measured. Scenarios a, b and c share a session; each idle count (d) gets
 its own fresh server, so RSS "before" is not inflated by what earlier scenarios left in the
-allocator; the slowloris scenario (e) runs portside servers with a data-first listener added.
+allocator; the slowloris scenario (e) runs portside servers with a data-first listener added;
+the TLS scenarios (t64, t4k, hfull, hresume; rt for relays) share one session of a server
+started with the run's throwaway certificate (``--certfile``/``--keyfile``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from bench import scenarios
+from bench import scenarios, tlscert
 from bench.build import BUILD_DIR, BuildError
 from bench.loadgen import Loadgen, LoadgenError
 from bench.plan import Plan
 from bench.results import Failure, Measurement, RunResult
 from bench.serverproc import RunningServer, ServerStartError, running
-from bench.servers import RELAY_SCENARIO, SERVERS, ServerSpec
+from bench.servers import (
+    RELAY_SCENARIO,
+    SERVERS,
+    TLS_RELAY_SCENARIO,
+    TLS_SCENARIOS,
+    ServerSpec,
+    takes_part,
+)
 
 Scenario = Callable[[RunningServer], scenarios.Figures]
 MEASURE_ERRORS = (LoadgenError, ServerStartError, BuildError, OSError, ValueError)
@@ -34,6 +43,8 @@ class Session:
 
     scenarios: tuple[tuple[str, Scenario], ...]
     server_args: tuple[str, ...] = ()
+    #: The server speaks TLS (started with the run's certificate): so does the warm-up.
+    tls: bool = False
 
 
 class Harness:
@@ -45,17 +56,25 @@ class Harness:
                                      plan.source_addresses)
         self.result = RunResult(plan.servers, plan.scenarios, plan.rounds, smoke=plan.quick,
                                 orders=plan.server_orders())
+        wants_tls = any(takes_part(server, scenario) for server in plan.servers
+                        for scenario in plan.scenarios if scenario in TLS_SCENARIOS)
+        self.tls = tlscert.make(stamp) if wants_tls else None
 
     def say(self, text: str) -> None:
         print(text, file=self.progress, flush=True)
 
     def sessions(self, spec: ServerSpec) -> list[Session]:
         plan, lg = self.plan, self.loadgen
-        if spec.relays_to is not None:  # a relay is measured in (r) only
-            if RELAY_SCENARIO not in plan.scenarios:
-                return []
-            return [Session(((RELAY_SCENARIO, lambda s: scenarios.persistent(
-                plan, lg, s, plan.small_size)),))]
+        tls_args = self.tls.server_args() if self.tls is not None else ()
+        if spec.relays_to is not None:  # a relay is measured in (r) and (rt) only
+            out = []
+            if RELAY_SCENARIO in plan.scenarios:
+                out.append(Session(((RELAY_SCENARIO, lambda s: scenarios.persistent(
+                    plan, lg, s, plan.small_size)),)))
+            if TLS_RELAY_SCENARIO in plan.scenarios and spec.tls and self.tls is not None:
+                out.append(Session(((TLS_RELAY_SCENARIO, lambda s: scenarios.persistent(
+                    plan, lg, s, plan.small_size, tls=True)),), tls_args, tls=True))
+            return out
         load: list[tuple[str, Scenario]] = []
         if "a" in plan.scenarios:
             load.append(("a", lambda s: scenarios.persistent(plan, lg, s, plan.small_size)))
@@ -64,6 +83,20 @@ class Harness:
         if "c" in plan.scenarios:
             load.append(("c", lambda s: scenarios.short_lived(plan, lg, s)))
         out = [Session(tuple(load))] if load else []
+        if spec.tls and self.tls is not None:
+            secure: list[tuple[str, Scenario]] = []
+            if "t64" in plan.scenarios:
+                secure.append(("t64", lambda s: scenarios.persistent(
+                    plan, lg, s, plan.small_size, tls=True)))
+            if "t4k" in plan.scenarios:
+                secure.append(("t4k", lambda s: scenarios.persistent(
+                    plan, lg, s, plan.large_size, tls=True)))
+            if "hfull" in plan.scenarios:
+                secure.append(("hfull", lambda s: scenarios.handshakes(plan, lg, s, False)))
+            if "hresume" in plan.scenarios:
+                secure.append(("hresume", lambda s: scenarios.handshakes(plan, lg, s, True)))
+            if secure:
+                out.append(Session(tuple(secure), tls_args, tls=True))
         ceiling = max((*plan.idle_counts(), plan.slowloris_conns)) * 2
         portside_args = ("--max-connections", str(ceiling)) if spec.is_portside else ()
         for count in plan.idle_counts():
@@ -122,7 +155,7 @@ class Harness:
                     max_seconds=self.session_budget(), log=log, extra=extra))
                 if spec.relays_to is not None:
                     server = dataclasses.replace(server, upstream_pid=upstream.pid)
-                warm = scenarios.warm_up(plan, self.loadgen, server)
+                warm = scenarios.warm_up(plan, self.loadgen, server, tls=session.tls)
                 if warm.completed == 0:
                     raise LoadgenError(f"warm-up completed no connection "
                                        f"({warm.failures} failures)")
@@ -155,12 +188,14 @@ def _headline(scenario: str, figures: scenarios.Figures) -> str:
     """One progress line's worth of a measurement."""
     def get(name: str, fmt: str) -> str:
         return format(figures[name], fmt) if name in figures else "-"
-    if scenario in ("a", "b", "r"):
+    if scenario in ("a", "b", "r", "t64", "t4k", "rt"):
         return (f"{get('req_s', ',.0f')} req/s  p99 {get('p99_us', ',.0f')} µs  "
                 f"srv {get('srv_cpu', '.0%')} lg {get('lg_cpu', '.0%')}  "
                 f"failures {get('failures', '.0f')}")
-    if scenario == "c":
-        return (f"{get('conn_s', ',.0f')} conn/s  p99 {get('p99_us', ',.0f')} µs  "
+    if scenario in ("c", "hfull", "hresume"):
+        resumed = (f"resumed {get('resumed_share', '.0%')}  " if scenario.startswith("h")
+                   else "")
+        return (f"{resumed}{get('conn_s', ',.0f')} conn/s  p99 {get('p99_us', ',.0f')} µs  "
                 f"srv {get('srv_cpu', '.0%')} lg {get('lg_cpu', '.0%')}  "
                 f"failures {get('failures', '.0f')}")
     if scenario.startswith("d"):

@@ -13,6 +13,13 @@
  *               connection the server closes is opened again (slowloris), at most
  *               --max-reconnects times.
  *
+ * TLS (--tls, persistent and short modes): every connection runs a TLS handshake (OpenSSL,
+ * certificate not verified: the servers' certificates are throwaway self-signed ones) before
+ * its first message, and messages go through SSL_write/SSL_read, checked byte for byte as in
+ * plain mode. With --resume each new connection offers the session its slot (or, before the
+ * slot has one, any connection) last received (TLS 1.3 tickets, TLS 1.2 session reuse); the
+ * report counts the handshakes that resumed. A finished connection sends close_notify.
+ *
  * Output: one JSON object on the last line of stdout. CPU figures: the generator's own
  * utime+stime (getrusage) over the window, and, with --server-pid, the server's utime+stime from
  * /proc/PID/stat and the whole host's busy time from /proc/stat over the same window.
@@ -38,6 +45,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
@@ -53,7 +63,7 @@
 #define IDLE_CONNECTS_IN_FLIGHT 64
 
 enum mode { PERSISTENT, SHORT, IDLE };
-enum state { FREE, CONNECTING, SENDING, READING, HELD };
+enum state { FREE, CONNECTING, HANDSHAKE, SENDING, READING, HELD };
 
 struct conn {
     int fd;
@@ -62,6 +72,10 @@ struct conn {
     size_t off;        /* offset of the current message in the pattern */
     size_t sent, got;  /* bytes of the current message sent / received back */
     uint64_t t0;       /* ns: when the current message (or connection) started */
+    SSL *ssl;          /* --tls: the connection's TLS state */
+    SSL_SESSION *sess; /* --resume: the session this slot last received */
+    uint32_t want;     /* the epoll events the last would-block asked for */
+    uint32_t events;   /* the epoll events registered now */
 };
 
 static struct {
@@ -77,7 +91,9 @@ static struct {
     long long max_requests;
     int reconnect;
     long long max_reconnects;
-} opt = {PERSISTENT, "127.0.0.1", 0, 50, 64, 1.0, 10.0, 2, 250, 0, 1000000000000LL, 0, 100000};
+    int tls, resume;
+} opt = {PERSISTENT, "127.0.0.1", 0, 50, 64, 1.0, 10.0, 2, 250, 0, 1000000000000LL, 0, 100000,
+         0, 0};
 
 static unsigned char pattern[PATTERN_SIZE + MAX_SIZE];
 static unsigned char scratch[MAX_SIZE];
@@ -89,6 +105,9 @@ static uint32_t src_next;
 
 static long long completed, errors, verify_errors, connect_errors, unexpected_bytes;
 static long long closed_by_server, reconnects;
+static long long handshakes, resumed, tls_errors;
+static SSL_CTX *tls_ctx;
+static SSL_SESSION *last_session; /* --resume: the newest session any connection received */
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -105,7 +124,7 @@ static void usage(const char *msg) {
     fprintf(stderr, "loadgen: %s\nusage: loadgen persistent|short|idle --port P [--host H] "
             "[--conns N] [--size M] [--seconds T] [--connect-timeout S] [--src-base B] "
             "[--src-count K] [--server-pid PID] [--max-requests N] [--reconnect] "
-            "[--max-reconnects N]\n", msg);
+            "[--max-reconnects N] [--tls] [--resume]\n", msg);
     exit(2);
 }
 
@@ -194,9 +213,23 @@ static struct cpu_sample sample_cpu(void) {
 static void set_events(struct conn *c, uint32_t events, int op) {
     struct epoll_event ev = {.events = events, .data.u32 = (uint32_t)(c - table)};
     if (epoll_ctl(epfd, op, c->fd, &ev) < 0) die("epoll_ctl");
+    c->events = events;
+}
+
+/* Waits for `events` on a registered connection: one epoll_ctl only when they change. */
+static void watch(struct conn *c, uint32_t events) {
+    if (c->events != events) set_events(c, events, EPOLL_CTL_MOD);
 }
 
 static void drop(struct conn *c) {
+    if (c->ssl) {
+        /* close_notify once, without waiting for the peer's: what a well-behaved client
+           sends, and it keeps OpenSSL from marking the session unresumable */
+        if (SSL_is_init_finished(c->ssl)) (void)SSL_shutdown(c->ssl);
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+        ERR_clear_error();
+    }
     if (c->fd >= 0) close(c->fd); /* closing removes it from the epoll set */
     c->fd = -1;
     c->state = FREE;
@@ -247,6 +280,118 @@ static int connect_finished(struct conn *c) {
     return 0;
 }
 
+/* -- TLS ------------------------------------------------------------------------------------ */
+
+/* OpenSSL hands every session a server sends (TLS 1.3: its tickets) here; the slot keeps the
+   newest, and so does the whole generator (for slots that have none yet). */
+static int new_session(SSL *ssl, SSL_SESSION *sess) {
+    struct conn *c = SSL_get_app_data(ssl);
+    if (c) {
+        if (c->sess) SSL_SESSION_free(c->sess);
+        SSL_SESSION_up_ref(sess);
+        c->sess = sess;
+    }
+    if (last_session) SSL_SESSION_free(last_session);
+    last_session = sess; /* the reference OpenSSL passed us (we return 1) */
+    return 1;
+}
+
+static void tls_init(void) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx) {
+        fprintf(stderr, "loadgen: SSL_CTX_new failed\n");
+        exit(2);
+    }
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL); /* throwaway self-signed certificates */
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    if (opt.resume) {
+        SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+        SSL_CTX_sess_set_new_cb(tls_ctx, new_session);
+    } else {
+        SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+    }
+}
+
+/* The events to wait for after an SSL call returned `ret`: EPOLLIN/EPOLLOUT, or 0 when the
+   connection failed (counted in tls_errors). */
+static uint32_t tls_want(struct conn *c, int ret) {
+    switch (SSL_get_error(c->ssl, ret)) {
+    case SSL_ERROR_WANT_READ: return EPOLLIN;
+    case SSL_ERROR_WANT_WRITE: return EPOLLOUT;
+    default:
+        tls_errors++;
+        ERR_clear_error();
+        return 0;
+    }
+}
+
+/* Starts (or goes on with) the handshake: 1 done, 0 waiting (events set), -1 failed (dropped). */
+static int handshake(struct conn *c) {
+    if (!c->ssl) {
+        c->ssl = SSL_new(tls_ctx);
+        if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+            tls_errors++;
+            drop(c);
+            return -1;
+        }
+        SSL_set_app_data(c->ssl, c);
+        SSL_set_connect_state(c->ssl);
+        SSL_SESSION *offer = c->sess ? c->sess : last_session;
+        if (opt.resume && offer) SSL_set_session(c->ssl, offer);
+        c->state = HANDSHAKE;
+    }
+    int ret = SSL_do_handshake(c->ssl);
+    if (ret == 1) {
+        handshakes++;
+        if (SSL_session_reused(c->ssl)) resumed++;
+        return 1;
+    }
+    uint32_t want = tls_want(c, ret);
+    if (!want) {
+        drop(c);
+        return -1;
+    }
+    watch(c, want);
+    return 0;
+}
+
+/* send()/recv() or their TLS twins: bytes moved (> 0), 0 to wait for c->want, -1 failed. */
+static ssize_t io_send(struct conn *c, const void *buf, size_t len) {
+    if (c->ssl) {
+        int n = SSL_write(c->ssl, buf, (int)len);
+        if (n > 0) return n;
+        c->want = tls_want(c, n);
+        return c->want ? 0 : -1;
+    }
+    for (;;) {
+        ssize_t n = send(c->fd, buf, len, MSG_NOSIGNAL);
+        if (n > 0) return n;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            c->want = EPOLLOUT;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+static ssize_t io_recv(struct conn *c, void *buf, size_t len) {
+    if (c->ssl) {
+        int n = SSL_read(c->ssl, buf, (int)len);
+        if (n > 0) return n;
+        c->want = tls_want(c, n);
+        return c->want ? 0 : -1;
+    }
+    ssize_t n = recv(c->fd, buf, len, 0);
+    if (n > 0) return n;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        c->want = EPOLLIN;
+        return 0;
+    }
+    return -1; /* EOF or reset */
+}
+
 static size_t message_offset(size_t index, uint32_t seq) {
     return ((size_t)index * 7919u + (size_t)seq * 131u) % (PATTERN_SIZE - 1);
 }
@@ -254,27 +399,21 @@ static size_t message_offset(size_t index, uint32_t seq) {
 /* Sends what is left of the current message; -1 when the connection failed. */
 static int send_rest(struct conn *c) {
     while (c->sent < opt.size) {
-        ssize_t n = send(c->fd, pattern + c->off + c->sent, opt.size - c->sent, MSG_NOSIGNAL);
+        ssize_t n = io_send(c, pattern + c->off + c->sent, opt.size - c->sent);
         if (n > 0) {
             c->sent += (size_t)n;
-        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            if (c->state != SENDING) {
-                c->state = SENDING;
-                set_events(c, EPOLLOUT, EPOLL_CTL_MOD);
-            }
+        } else if (n == 0) {
+            c->state = SENDING;
+            watch(c, c->want);
             return 0;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
         } else {
             errors++;
             drop(c);
             return -1;
         }
     }
-    if (c->state != READING) {
-        c->state = READING;
-        set_events(c, EPOLLIN, EPOLL_CTL_MOD);
-    }
+    c->state = READING;
+    watch(c, EPOLLIN);
     return 0;
 }
 
@@ -287,21 +426,29 @@ static void begin_message(struct conn *c) {
 
 /* Reads once; returns 1 when the whole echo arrived and matched, 0 for more to come, -1 failed. */
 static int read_echo(struct conn *c) {
-    size_t want = opt.size - c->got;
-    ssize_t n = recv(c->fd, scratch, want, 0);
-    if (n > 0) {
-        if (memcmp(scratch, pattern + c->off + c->got, (size_t)n) != 0) {
-            verify_errors++;
+    /* a TLS record already decrypted and buffered would raise no epoll event: read it all */
+    int reads = 0;
+    do {
+        ssize_t n = io_recv(c, scratch, opt.size - c->got);
+        if (n > 0) {
+            if (memcmp(scratch, pattern + c->off + c->got, (size_t)n) != 0) {
+                verify_errors++;
+                drop(c);
+                return -1;
+            }
+            c->got += (size_t)n;
+            if (c->got == opt.size) return 1;
+        } else if (n == 0) {
+            watch(c, c->want); /* EPOLLOUT only when TLS must write to read */
+            return 0;
+        } else {
+            errors++; /* EOF, reset or a TLS error before the whole echo: a failed request */
             drop(c);
             return -1;
         }
-        c->got += (size_t)n;
-        return c->got == opt.size ? 1 : 0;
-    }
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
-    errors++; /* EOF or reset before the whole echo: a failed request */
-    drop(c);
-    return -1;
+        reads++;
+    } while (c->ssl && SSL_pending(c->ssl) > 0 && reads < 64);
+    return 0;
 }
 
 static void record(uint64_t t0) {
@@ -325,11 +472,23 @@ static int connect_all(int in_flight, uint64_t deadline, uint32_t held_events) {
         int n = epoll_wait(epfd, evs, MAX_EVENTS, WAIT_MS);
         for (int i = 0; i < n; i++) {
             struct conn *c = &table[evs[i].data.u32];
-            if (c->state != CONNECTING) continue;
+            int ready;
+            if (c->state == CONNECTING) {
+                if (connect_finished(c) < 0) {
+                    pending--;
+                    continue;
+                }
+                ready = opt.tls ? handshake(c) : 1;
+            } else if (c->state == HANDSHAKE) {
+                ready = handshake(c);
+            } else {
+                continue;
+            }
+            if (ready == 0) continue;
             pending--;
-            if (connect_finished(c) == 0) {
+            if (ready == 1) {
                 c->state = HELD;
-                set_events(c, held_events, EPOLL_CTL_MOD);
+                watch(c, held_events);
                 up++;
             }
         }
@@ -392,13 +551,11 @@ static void run_short(void) {
         int n = epoll_wait(epfd, evs, MAX_EVENTS, WAIT_MS);
         for (int i = 0; i < n; i++) {
             struct conn *c = &table[evs[i].data.u32];
+            int ready = 0;
             if (c->state == CONNECTING) {
-                if (connect_finished(c) == 0) {
-                    c->seq++;
-                    c->off = message_offset((size_t)(c - table), c->seq);
-                    c->state = HELD; /* so send_rest switches to EPOLLIN */
-                    send_rest(c);
-                }
+                if (connect_finished(c) == 0) ready = opt.tls ? handshake(c) : 1;
+            } else if (c->state == HANDSHAKE) {
+                ready = handshake(c);
             } else if (c->state == SENDING) {
                 send_rest(c);
             } else if (c->state == READING) {
@@ -407,6 +564,11 @@ static void run_short(void) {
                     record(c->t0);
                     drop(c);
                 }
+            }
+            if (ready == 1) {
+                c->seq++;
+                c->off = message_offset((size_t)(c - table), c->seq);
+                send_rest(c);
             }
         }
         /* every slot that finished or failed starts its next connection */
@@ -497,6 +659,8 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--reconnect") == 0) { opt.reconnect = 1; continue; }
+        if (strcmp(a, "--tls") == 0) { opt.tls = 1; continue; }
+        if (strcmp(a, "--resume") == 0) { opt.resume = 1; continue; }
         if (!v) usage("option without a value");
         i++;
         if (strcmp(a, "--host") == 0) opt.host = v;
@@ -520,6 +684,8 @@ int main(int argc, char **argv) {
     if (opt.src_count < 0 || opt.src_base < 1 || opt.src_base + opt.src_count > 255)
         usage("source addresses must stay within 127.0.0.1-254");
     if (opt.max_requests < 1 || opt.max_reconnects < 0) usage("bad count");
+    if ((opt.tls || opt.resume) && opt.mode == IDLE) usage("idle mode speaks no TLS");
+    if (opt.resume && !opt.tls) usage("--resume needs --tls");
     /* the loopback network only: nothing here may reach another machine */
     dest.sin_family = AF_INET;
     dest.sin_port = htons((uint16_t)opt.port);
@@ -541,6 +707,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < opt.conns; i++) table[i].fd = -1;
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0) die("epoll_create1");
+    if (opt.tls) tls_init();
 
     if (opt.mode == PERSISTENT) run_persistent();
     else if (opt.mode == SHORT) run_short();
@@ -557,12 +724,18 @@ int main(int argc, char **argv) {
            "\"completed\": %lld, \"errors\": %lld, \"verify_errors\": %lld, "
            "\"connect_errors\": %lld, \"p50_us\": %.1f, \"p99_us\": %.1f, \"max_bucket_us\": %.1f, "
            "\"loadgen_cpu_s\": %.4f, \"server_cpu_s\": %.4f, \"host_busy_s\": %.4f, "
-           "\"closed_by_server\": %lld, \"reconnects\": %lld, \"unexpected_bytes\": %lld}\n",
+           "\"closed_by_server\": %lld, \"reconnects\": %lld, \"unexpected_bytes\": %lld, "
+           "\"tls\": %d, \"handshakes\": %lld, \"resumed\": %lld, \"tls_errors\": %lld}\n",
            argv[1], opt.conns, opt.size, elapsed, completed, errors, verify_errors, connect_errors,
            percentile_us(0.50), percentile_us(0.99), percentile_us(1.0), self_cpu, server, host,
-           closed_by_server, reconnects, unexpected_bytes);
+           closed_by_server, reconnects, unexpected_bytes, opt.tls, handshakes, resumed,
+           tls_errors);
     fflush(stdout);
     close(epfd);
+    for (int i = 0; i < opt.conns; i++)
+        if (table[i].sess) SSL_SESSION_free(table[i].sess);
+    if (last_session) SSL_SESSION_free(last_session);
+    if (tls_ctx) SSL_CTX_free(tls_ctx);
     free(table);
     return 0;
 }

@@ -19,6 +19,7 @@ from bench.pipes import read_line
 from bench.procfs import child_setup
 
 SOURCE = Path(__file__).resolve().parent / "loadgen.c"
+LIBS = ("-lssl", "-lcrypto")  # OpenSSL, for the TLS scenarios (Debian: libssl-dev)
 HOST = "127.0.0.1"
 
 
@@ -45,6 +46,10 @@ class LoadgenReport:
     closed_by_server: int
     reconnects: int
     unexpected_bytes: int
+    tls: int  # 1: the connections spoke TLS
+    handshakes: int  # TLS handshakes completed
+    resumed: int  # ... of which resumed a session
+    tls_errors: int  # TLS handshakes or records that failed
 
     @classmethod
     def parse(cls, text: str) -> LoadgenReport:
@@ -56,8 +61,8 @@ class LoadgenReport:
 
     @property
     def failures(self) -> int:
-        """Requests that failed: errors, mismatched echoes and failed connects."""
-        return self.errors + self.verify_errors + self.connect_errors
+        """Requests that failed: errors, mismatched echoes, failed connects and handshakes."""
+        return self.errors + self.verify_errors + self.connect_errors + self.tls_errors
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Loadgen:
 
     @classmethod
     def build(cls, cpu: int | None, connect_timeout: float, source_addresses: int) -> Loadgen:
-        return cls(build(SOURCE), cpu, connect_timeout, source_addresses)
+        return cls(build(SOURCE, libs=LIBS), cpu, connect_timeout, source_addresses)
 
     def _argv(self, mode: str, port: int, conns: int, size: int, seconds: float,
               server_pid: int | None, extra: tuple[str, ...] = ()) -> list[str]:
@@ -84,9 +89,15 @@ class Loadgen:
         return argv + list(extra)
 
     def run(self, mode: str, port: int, conns: int, size: int, seconds: float,
-            server_pid: int | None = None) -> LoadgenReport:
-        """One window of ``persistent`` or ``short`` load; returns the generator's report."""
-        argv = self._argv(mode, port, conns, size, seconds, server_pid)
+            server_pid: int | None = None, tls: bool = False,
+            resume: bool = False) -> LoadgenReport:
+        """One window of ``persistent`` or ``short`` load; returns the generator's report.
+
+        ``tls``: every connection speaks TLS; ``resume``: new connections resume a session.
+        """
+        flags = ("--tls",) if tls else ()
+        argv = self._argv(mode, port, conns, size, seconds, server_pid,
+                          flags + (("--resume",) if resume else ()))
         limit = self.connect_timeout + seconds + 30
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=limit,

@@ -8,8 +8,10 @@ from typing import Any
 
 from bench.servers import DEFAULT_SERVERS, QUICK_SERVERS, SERVERS
 
-#: Scenario letters as the command line takes them; "d" expands to one scenario per idle count.
-SCENARIO_LETTERS = ("a", "b", "c", "d", "e", "r")
+#: Scenario letters as the command line takes them; "d" expands to one scenario per idle count,
+#: "t" to its two message sizes (t64, t4k), "h" to full and resumed handshakes (hfull, hresume).
+SCENARIO_LETTERS = ("a", "b", "c", "d", "e", "r", "t", "h", "rt")
+EXPANDS = {"t": ("t64", "t4k"), "h": ("hfull", "hresume")}
 FULL_IDLE_COUNTS = (1_000, 10_000)
 QUICK_IDLE_COUNTS = (1_000,)
 
@@ -61,6 +63,20 @@ class Plan:
 
     def describe(self, scenario: str) -> str:
         """One line saying what a scenario does, for the report."""
+        if scenario in ("t64", "t4k"):
+            size = self.small_size if scenario == "t64" else self.large_size
+            return (f"TLS persistent, {self.clients} clients, {size} B messages "
+                    "(TLS servers only)")
+        if scenario == "hfull":
+            return (f"TLS handshakes: connect, full handshake, send {self.small_size} B, read "
+                    f"echo, close; {self.clients} slots, no session offered (TLS servers only)")
+        if scenario == "hresume":
+            return ("TLS handshakes as hfull, each connection resuming the session (TLS 1.3 "
+                    "ticket) its slot last received (TLS servers only)")
+        if scenario == "rt":
+            return (f"TLS relay: persistent, {self.clients} clients, {self.small_size} B "
+                    "messages, TLS to the relay, plain from it to the C echo server "
+                    "(relays only)")
         if scenario == "a":
             return f"persistent, {self.clients} clients, {self.small_size} B messages"
         if scenario == "b":
@@ -95,9 +111,19 @@ def expand_scenarios(letters: tuple[str, ...], idle_counts: tuple[int, ...]) -> 
             continue
         if letter == "d":
             out.extend(f"d{n}" for n in dict.fromkeys(idle_counts))
+        elif letter in EXPANDS:
+            out.extend(EXPANDS[letter])
         else:
             out.append(letter)
     return tuple(out)
+
+
+def letter_of(scenario: str) -> str:
+    """The command-line letter a scenario came from: d1000 -> d, t64 -> t, rt -> rt."""
+    if scenario in SCENARIO_LETTERS:
+        return scenario
+    return next((letter for letter, names in EXPANDS.items() if scenario in names),
+                scenario[0])
 
 
 def check_servers(names: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import Figure, figures_for, not_applicable
-from bench.plan import Plan
+from bench.plan import Plan, letter_of
 from bench.results import RunResult
 from bench.servers import (
     C_REFERENCE,
     HELD_TO_TARGETS,
+    RELAY_HELD_TO_TARGETS,
     RELAY_REFERENCE,
     SERVERS,
     UVLOOP_REFERENCE,
@@ -62,7 +63,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
 
 def _scenario_section(result: RunResult, plan: Plan, scenario: str) -> list[str]:
     figures = figures_for(scenario)
-    title = f"## ({scenario[0]}) {plan.describe(scenario)}"
+    title = f"## ({letter_of(scenario)}) {plan.describe(scenario)}"
     out = [title, ""]
     main = figures[0]
     servers = [s for s in result.servers if takes_part(s, scenario)]
@@ -150,7 +151,8 @@ def _targets_section(result: RunResult) -> list[str]:
             "Ratios are medians of per-round ratios, per server CPU-second where the figure "
             "says /CPU-s; the verdict is the median's, and the spread and rounds met show "
             f"how firm it is. Only `{HELD_TO_TARGETS}` (portside's default engine) is held to "
-            "the targets; the other engines are shown for comparison.", ""]
+            f"the targets, and `{RELAY_HELD_TO_TARGETS}` to the relay's; the other engines are "
+            "shown for comparison.", ""]
 
 
 def _baseline_section(result: RunResult) -> list[str]:

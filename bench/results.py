@@ -10,6 +10,7 @@ from bench.figures import Figure, Target, figures_for, not_applicable, targets_f
 from bench.servers import (
     C_REFERENCE,
     HELD_TO_TARGETS,
+    RELAY_HELD_TO_TARGETS,
     RELAY_REFERENCE,
     SERVERS,
     UVLOOP_REFERENCE,
@@ -95,6 +96,14 @@ class RunResult:
         return [a / b for r, a in sorted(ours.items())
                 if a is not None and (b := theirs.get(r)) is not None and b > 0]
 
+    def cost_ratios(self, server: str, figure: Figure, own: Figure) -> list[float]:
+        """The server's cost per unit in ``figure`` to its cost in ``own`` (both per
+        CPU-second, so own / figure), for each round both were measured."""
+        ours = {m.round: m.figures.get(figure.name) for m in self._of(server, figure.scenario)}
+        base = {m.round: m.figures.get(own.name) for m in self._of(server, own.scenario)}
+        return [b / a for r, a in sorted(ours.items())
+                if a is not None and a > 0 and (b := base.get(r)) is not None]
+
     def ratio(self, server: str, figure: Figure, reference: str) -> float | None:
         """The median over rounds of the per-round ratio to ``reference`` in the same round."""
         ratios = self.round_ratios(server, figure, reference)
@@ -113,10 +122,16 @@ class RunResult:
         out: list[TargetResult] = []
         for target in targets_for(self.scenarios):
             figure = by_key[target.figure]
-            for server in self.portside_servers():
-                if server != HELD_TO_TARGETS and HELD_TO_TARGETS in self.servers:
+            held = self.portside_servers()
+            if target.reference == RELAY_REFERENCE:  # a relay's target: portside's relay
+                held = [RELAY_HELD_TO_TARGETS] if RELAY_HELD_TO_TARGETS in self.servers else []
+            for server in held:
+                if server != HELD_TO_TARGETS and HELD_TO_TARGETS in self.servers \
+                        and target.reference != RELAY_REFERENCE:
                     continue  # the targets hold to the default engine when it ran
-                if target.reference is None:
+                if target.own is not None:
+                    rounds = self.cost_ratios(server, figure, by_key[target.own])
+                elif target.reference is None:
                     rounds = self.values(server, figure)
                 else:
                     rounds = self.round_ratios(server, figure, target.reference)

@@ -17,10 +17,12 @@ Figures = dict[str, float]
 FD_WAIT = 15.0  # seconds the server may take to accept every idle connection
 
 
-def warm_up(plan: Plan, loadgen: Loadgen, server: RunningServer) -> LoadgenReport:
+def warm_up(plan: Plan, loadgen: Loadgen, server: RunningServer,
+            tls: bool = False) -> LoadgenReport:
     """Unmeasured connection churn, so no server is measured cold (a fresh asyncio server is
-    3-4x slower until its first 256 KiB read buffer has been freed)."""
-    return loadgen.run("short", server.port, plan.clients, plan.small_size, plan.warmup)
+    3-4x slower until its first 256 KiB read buffer has been freed); TLS to a TLS server."""
+    return loadgen.run("short", server.port, plan.clients, plan.small_size, plan.warmup,
+                       tls=tls)
 
 
 def _cpu_figures(report: LoadgenReport, upstream_cpu_s: float | None = None) -> Figures:
@@ -52,12 +54,14 @@ def _load_figures(report: LoadgenReport, unit: str,
     return figures
 
 
-def persistent(plan: Plan, loadgen: Loadgen, server: RunningServer, size: int) -> Figures:
-    """(a) and (b): ``plan.clients`` connections, one ``size``-byte message in flight each."""
+def persistent(plan: Plan, loadgen: Loadgen, server: RunningServer, size: int,
+               tls: bool = False) -> Figures:
+    """(a), (b), (r) and over TLS (t64, t4k, rt): ``plan.clients`` connections, one
+    ``size``-byte message in flight each (the TLS handshakes happen before the window)."""
     upstream = server.upstream_pid
     before = cpu_seconds(upstream) if upstream is not None else 0.0
     report = loadgen.run("persistent", server.port, plan.clients, size, plan.seconds,
-                         server.pid)
+                         server.pid, tls=tls)
     # A relay's upstream works beside the load generator: its CPU is counted, not noise.
     upstream_cpu = cpu_seconds(upstream) - before if upstream is not None else None
     figures = _load_figures(report, "req", upstream_cpu)
@@ -71,6 +75,17 @@ def short_lived(plan: Plan, loadgen: Loadgen, server: RunningServer) -> Figures:
     report = loadgen.run("short", server.port, plan.clients, plan.small_size, plan.seconds,
                          server.pid)
     return _load_figures(report, "conn")
+
+
+def handshakes(plan: Plan, loadgen: Loadgen, server: RunningServer, resume: bool) -> Figures:
+    """(h): as (c) over TLS, a handshake per connection: full, or resuming the session the
+    slot last received. ``resumed_share`` says how many handshakes did resume."""
+    report = loadgen.run("short", server.port, plan.clients, plan.small_size, plan.seconds,
+                         server.pid, tls=True, resume=resume)
+    figures = _load_figures(report, "conn")
+    if report.handshakes:
+        figures["resumed_share"] = report.resumed / report.handshakes
+    return figures
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:

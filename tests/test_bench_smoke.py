@@ -1,7 +1,7 @@
 """Smoke test of the benchmark harness: ``python -m bench --quick`` runs end to end.
 
 It checks that the harness works (files written, every figure measured and non-zero, every
-echoed byte correct), never how fast anything is: a benchmark is not a timed test.
+echoed byte correct, over TLS too), never how fast anything is: a benchmark is not a timed test.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from conftest import IN_CI
 REPO = Path(__file__).resolve().parents[1]
 
 NO_COMPILER = shutil.which("gcc") is None and shutil.which("cc") is None
+TLS_SCENARIOS = ("t64", "t4k", "hfull", "hresume")
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the harness needs Linux"),
@@ -34,6 +35,14 @@ pytestmark = [
 
 def test_ci_has_a_c_compiler() -> None:
     assert not NO_COMPILER, "no gcc or cc in CI: scripts/test installs gcc"
+
+
+def test_ci_has_openssl_for_the_tls_scenarios() -> None:
+    """The load generator links OpenSSL (libssl-dev) and the run makes its certificate with
+    the openssl command: both are there (scripts/test installs them)."""
+    assert shutil.which("openssl"), "no openssl command: scripts/test installs openssl"
+    assert any(Path(d, "openssl", "ssl.h").is_file() for d in (
+        "/usr/include", "/usr/local/include")), "no OpenSSL headers: install libssl-dev"
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +92,21 @@ def test_every_figure_measured_without_failures(quick_run: tuple[Path, dict[str,
         for scenario in ("a", "b", "c"):
             if scenario in scenarios:
                 assert figures[f"{scenario}.failures"] == 0, (server, scenario)
+        tls = server in ("uvloop_proto", "asyncio_proto", "portside_compiled", "portside_epoll")
+        for scenario in TLS_SCENARIOS:
+            assert scenario in scenarios  # the default run measures TLS too
+            if not tls:  # the C server speaks no TLS: no figure, not a 0
+                assert not any(key.startswith(f"{scenario}.") for key in figures), server
+                continue
+            assert figures[f"{scenario}.failures"] == 0, (server, scenario)
+            unit = "req" if scenario.startswith("t") else "conn"
+            assert figures[f"{scenario}.{unit}_s"] > 0, (server, scenario)
+            assert figures[f"{scenario}.{unit}_cpu_s"] > 0, (server, scenario)
+        if tls:
+            assert figures["t4k.mb_s"] > 0, server
+            assert figures["hfull.resumed_share"] == 0, server  # no session offered
+            # Most handshakes resumed (each slot's first may not: it has no ticket yet).
+            assert figures["hresume.resumed_share"] > 0.5, server
         for scenario in (s for s in scenarios if s.startswith("d")):
             assert figures[f"{scenario}.held"] == int(scenario[1:]), (server, scenario)
             if server == "c_epoll":  # no user-space state per connection: n/a, not 0
@@ -101,14 +125,15 @@ def test_every_figure_measured_without_failures(quick_run: tuple[Path, dict[str,
 
 
 def test_relay_scenario_runs_side_by_side_with_haproxy(tmp_path: Path) -> None:
-    """(r): portside's relay and HAProxy (mode tcp), each relaying to the C echo server, in
-    one quick run: both measured, no failure, every echoed byte checked by the loadgen."""
+    """(r) and (rt): portside's relay and HAProxy (mode tcp; ``ssl crt`` on its bind line in
+    rt), each relaying to the C echo server, in one quick run: both measured, no failure,
+    every echoed byte checked by the loadgen; rt's target held by portside's relay."""
     if shutil.which("haproxy") is None:
         if IN_CI:
             pytest.fail("haproxy is missing in CI (scripts/test installs it)")
         pytest.skip("haproxy is missing (scripts/test installs it)")
     done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--servers",
-                           "relay_portside,relay_haproxy", "--scenarios", "r",
+                           "relay_portside,relay_haproxy", "--scenarios", "r,rt",
                            "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -116,11 +141,57 @@ def test_relay_scenario_runs_side_by_side_with_haproxy(tmp_path: Path) -> None:
     assert document["failures"] == []
     for server in ("relay_portside", "relay_haproxy"):
         figures = document["medians"][server]
-        assert figures["r.req_s"] > 0 and figures["r.req_cpu_s"] > 0, server
-        assert figures["r.failures"] == 0, server
-    assert "r.req_cpu_s" in document["ratios"]["relay_haproxy"]["relay_portside"]
+        for scenario in ("r", "rt"):
+            assert figures[f"{scenario}.req_s"] > 0, (server, scenario)
+            assert figures[f"{scenario}.req_cpu_s"] > 0, (server, scenario)
+            assert figures[f"{scenario}.failures"] == 0, (server, scenario)
+    for key in ("r.req_cpu_s", "rt.req_cpu_s"):
+        assert key in document["ratios"]["relay_haproxy"]["relay_portside"]
+    (target,) = [t for t in document["targets"] if t["figure"] == "rt.req_cpu_s"]
+    assert target["server"] == "relay_portside" and target["verdict"] == "smoke"
     markdown = (tmp_path / "quick-latest.md").read_text()
     assert "vs HAProxy" in markdown
+
+
+def test_tls_loadgen_fails_clearly_against_a_plain_server() -> None:
+    """A TLS load generator pointed at a plain echo server (which echoes the ClientHello)
+    ends in time and reports failed handshakes, never a completed request."""
+    from bench.build import build
+    from bench.loadgen import Loadgen, LoadgenReport
+    from bench.servers import SERVERS
+
+    source = SERVERS["c_epoll"].c_source
+    assert source is not None
+    server = subprocess.Popen([str(build(source)), "--port", "0", "--max-seconds", "30"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        loadgen = Loadgen.build(cpu=None, connect_timeout=5.0, source_addresses=4)
+        report: LoadgenReport = loadgen.run("short", port, 4, 64, 0.3, tls=True)
+        assert report.completed == 0 and report.tls == 1
+        assert report.tls_errors > 0 and report.failures >= report.tls_errors
+    finally:
+        server.terminate()  # our own child, by its handle
+        server.wait(timeout=10)
+
+
+def test_tls_cost_target_is_own_a_over_own_t64() -> None:
+    """'portside's TLS costs at most 2x its plain (a) per request': per round, the server's
+    a.req_cpu_s over its t64.req_cpu_s, against nobody else's figure."""
+    from bench.results import Measurement, RunResult
+
+    result = RunResult(("uvloop_proto", "portside_compiled"), ("a", "t64"), 2)
+    for round_no, (plain, tls) in {1: (300.0, 100.0), 2: (300.0, 200.0)}.items():
+        result.measurements += [
+            Measurement("portside_compiled", "a", round_no, {"req_cpu_s": plain}),
+            Measurement("portside_compiled", "t64", round_no, {"req_cpu_s": tls}),
+            Measurement("uvloop_proto", "a", round_no, {"req_cpu_s": 1.0}),
+            Measurement("uvloop_proto", "t64", round_no, {"req_cpu_s": 1.0})]
+    (cost,) = [t for t in result.target_results() if t.target.own == "a.req_cpu_s"]
+    assert cost.server == "portside_compiled" and cost.rounds == (3.0, 1.5)
+    assert cost.rounds_met == 1 and cost.verdict == "MISS"  # median 2.25 > 2
+    assert cost.target.requirement() == "cost per request <= 2x its own a.req_cpu_s"
 
 
 def test_baseline_unpacks_an_earlier_commit_and_registers_its_server(tmp_path: Path) -> None:

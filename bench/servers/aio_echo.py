@@ -1,4 +1,5 @@
-"""Minimal asyncio and uvloop echo servers: ``Protocol``, ``BufferedProtocol`` or streams.
+"""Minimal asyncio and uvloop echo servers: ``Protocol``, ``BufferedProtocol`` or streams,
+plain or, with ``--certfile``/``--keyfile``, TLS (the loop's own TLS transport).
 
 ``python -m bench.servers.aio_echo --loop uvloop --style protocol`` listens on 127.0.0.1, prints
 its port as one JSON line, and serves until SIGTERM or ``--max-seconds``.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from collections.abc import Callable
 from typing import cast
 
-from bench.servers.common import BACKLOG, HOST, READ_SIZE, announce, parser
+from bench.servers.common import BACKLOG, HOST, READ_SIZE, announce, parser, server_context
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -61,15 +63,17 @@ async def _echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-async def _serve(style: str, port: int, max_seconds: float) -> None:
+async def _serve(style: str, port: int, max_seconds: float,
+                 tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     server: asyncio.Server
     if style == "streams":
-        server = await asyncio.start_server(_echo_stream, HOST, port, backlog=BACKLOG)
+        server = await asyncio.start_server(_echo_stream, HOST, port, backlog=BACKLOG,
+                                            ssl=tls)
     else:
         factory: Callable[[], asyncio.BaseProtocol] = (
             EchoProtocol if style == "protocol" else EchoBufferedProtocol)
-        server = await loop.create_server(factory, HOST, port, backlog=BACKLOG)
+        server = await loop.create_server(factory, HOST, port, backlog=BACKLOG, ssl=tls)
     bound = int(server.sockets[0].getsockname()[1])
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -85,14 +89,17 @@ def main() -> None:
     cli.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     cli.add_argument("--style", choices=("protocol", "buffered", "streams"), default="protocol")
     args = cli.parse_args()
+    if bool(args.certfile) != bool(args.keyfile):
+        cli.error("--certfile and --keyfile go together")
+    tls = server_context(args.certfile, args.keyfile) if args.certfile else None
     if args.loop == "uvloop":
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(args.style, args.port, args.max_seconds))
+            runner.run(_serve(args.style, args.port, args.max_seconds, tls))
     else:
         with asyncio.Runner() as runner:
-            runner.run(_serve(args.style, args.port, args.max_seconds))
+            runner.run(_serve(args.style, args.port, args.max_seconds, tls))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """portside's echo example as a benchmark server: ``EchoHandler`` on the chosen engine.
 
 An immediate listener always; with ``--data-first`` also a data-first one (the slowloris
-scenario's target). Prints both ports as one JSON line, then serves until SIGTERM (portside's
-graceful shutdown) or ``--max-seconds``.
+scenario's target); with ``--certfile``/``--keyfile`` they serve TLS, with the context
+``portside --certfile`` makes. Prints both ports as one JSON line, then serves until SIGTERM
+(portside's graceful shutdown) or ``--max-seconds``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import threading
 
 from bench.servers.common import BACKLOG, HOST, announce, parser
 from portside import AcceptPolicy, Engine, ListenerConfig, Server, ServerConfig
-from portside.config import default_of
+from portside.config import ProcessConfig, default_of
 from portside.examples.echo import EchoHandler
+from portside.workers.app import tls_context
 
 
 def main() -> None:
@@ -31,16 +33,17 @@ def main() -> None:
                      help="per-listener ceiling on open connections")
     args = cli.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tls = tls_context(ProcessConfig(certfile=args.certfile, keyfile=args.keyfile))
 
     listeners = [ListenerConfig(host=HOST, port=args.port, policy=AcceptPolicy.IMMEDIATE,
                                 name="immediate", backlog=BACKLOG,
-                                max_connections=args.max_connections)]
+                                max_connections=args.max_connections, tls=tls)]
     if args.data_first:
         listeners.append(ListenerConfig(host=HOST, port=0, policy=AcceptPolicy.DATA_FIRST,
                                         name="data-first", backlog=BACKLOG,
                                         defer_accept=args.defer_accept,
                                         first_data_timeout=args.first_data_timeout,
-                                        max_connections=args.max_connections))
+                                        max_connections=args.max_connections, tls=tls))
     server = Server(EchoHandler(), listeners,
                     ServerConfig(engine=Engine(args.engine), drain_timeout=1.0))
     server.start()
