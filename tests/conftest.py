@@ -399,6 +399,10 @@ def wait_refused(address: tuple[str, int], timeout: float = WAIT) -> None:
             socket.create_connection(address, timeout=timeout).close()
         except ConnectionRefusedError:
             return
+        except ConnectionResetError:
+            # The connect raced the listening socket's close: the kernel resets what was still
+            # in its backlog, which also says the listener is gone.
+            return
         assert time.monotonic() < deadline, f"{address} still accepts after {timeout} s"
         time.sleep(0.01)
 
