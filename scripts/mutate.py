@@ -372,6 +372,17 @@ def write_results(outcomes: list[Outcome], note: str) -> None:
     RESULTS.write_text("\n".join(lines))
 
 
+def check_installed_here() -> None:
+    """The tests import the installed portside: it must be this tree's, or every mutant would
+    survive unseen (an editable install of another checkout, say)."""
+    found = subprocess.run([sys.executable, "-c", "import portside; print(portside.__file__)"],
+                           capture_output=True, text=True, cwd=REPO / "tests")
+    path = Path(found.stdout.strip() or "/nonexistent").resolve()
+    if not path.is_relative_to(SRC):
+        raise SystemExit(f"the portside the tests import is {path}, not this tree's {SRC}: "
+                         "pip install -e . here first")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,6 +420,7 @@ def main() -> int:
         print(f"{len(mutants)} mutants apply cleanly")
         return 0
     check_clean(mutants)
+    check_installed_here()
     # Python mutants first, the .pyx ones last (each rebuilds twice).
     mutants.sort(key=lambda mutant: mutant.path.endswith(".pyx"))
     if any(mutant.path.endswith(".pyx") for mutant in mutants):
